@@ -1,0 +1,24 @@
+# Set-up and test entry points. Every target builds or reuses the cached venv first
+# (scripts/setup_env.sh: outside the clone, keyed by the dependency files).
+SHELL := /bin/bash
+PYTEST_ARGS ?=
+
+.PHONY: test test-fast setup lock
+
+test:  ## everything CI runs, integration tests included
+	@venv=$$(scripts/setup_env.sh) || exit 1; \
+	"$$venv/bin/python" -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests, which is a failure" >&2; fi; \
+	exit $$rc
+
+test-fast:  ## skip the tests that start processes (gloo, Ray, DeepSpeed)
+	@$(MAKE) --no-print-directory test PYTEST_ARGS='-m "not integration" $(PYTEST_ARGS)'
+
+setup:  ## build (or find) the venv and print its path
+	@scripts/setup_env.sh
+
+lock:  ## re-pin requirements/lock.txt from the current venv after editing requirements/base.txt
+	@venv=$$(scripts/setup_env.sh) || exit 1; \
+	{ sed -n '1,3p' requirements/lock.txt; \
+	  "$$venv/bin/python" -m pip freeze --exclude-editable | grep -viE '^(torch|hamu-ray)=='; \
+	} > requirements/lock.txt.new && mv requirements/lock.txt.new requirements/lock.txt

@@ -1,0 +1,1 @@
+"""hamu-ray: hardness-aware multi-objective unlearning on Ray."""

@@ -1,0 +1,144 @@
+"""Per-block gradient statistics and the result every rule returns.
+
+Sign convention (the one place it is written down; every rule follows it):
+  g_r  gradient of the retain loss, which the step should keep low.
+  g_f  gradient of the forget loss, which unlearning should *raise* (e.g. cross-entropy on the
+       forget set). Objectives that are minimised to forget (NPO, SimNPO, ...) hand in their
+       negated gradient, so "forget quality improves" always means g_f·Δ > 0.
+  A rule returns coefficients (a_b, c_b) per block; the optimizer gradient of block b is
+  d_b = a_b·g_r,b + c_b·g_f,b and plain SGD at learning rate lr applies Δ = −lr·d.
+  The unlearning direction (the gradient of the loss that is *descended* to forget) is u = −g_f.
+  Retain and unlearning *conflict* when descending u raises the retain loss: g_r·(−u) = rf > 0.
+
+This module does not reduce anything across processes, does not touch parameters, and imports
+neither Ray nor DeepSpeed: the caller sums the local statistics and hands them in.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+DTYPE = torch.float64
+
+
+class StopReason(str, enum.Enum):
+    """Why a rule asks the loop to stop (a typed value, logged as a metric code)."""
+
+    INFEASIBLE = "infeasible"  # no step of radius R can gain the constraint B
+    CRITERION = "criterion"  # B exceeds the stopping rhs: retain damage is unavoidable
+
+    @property
+    def code(self) -> int:
+        return list(StopReason).index(self) + 1
+
+
+class NonFiniteStatsError(FloatingPointError):
+    """A NaN or Inf reached the gradient statistics (a diverged loss or gradient)."""
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """rr = ‖g_r,b‖², ff = ‖g_f,b‖², rf = g_r,b·g_f,b for K blocks, float64 tensors of shape [K]."""
+
+    rr: torch.Tensor
+    ff: torch.Tensor
+    rf: torch.Tensor
+
+    @classmethod
+    def from_grads(
+        cls, retain_grads: Sequence[torch.Tensor], forget_grads: Sequence[torch.Tensor]
+    ) -> "BlockStats":
+        """Statistics of two equally long sequences of gradient tensors, one pair per block.
+
+        On a sharded gradient these are partial sums; their sum over ranks is the global value.
+        """
+        if len(retain_grads) != len(forget_grads):
+            raise ValueError(
+                f"retain_grads has {len(retain_grads)} blocks but forget_grads has {len(forget_grads)}"
+            )
+        rows = [_dot3(r, f) for r, f in zip(retain_grads, forget_grads)]
+        return cls.from_tensor(torch.stack(rows) if rows else torch.zeros(0, 3, dtype=DTYPE))
+
+    @classmethod
+    def from_tensor(cls, stats: torch.Tensor) -> "BlockStats":
+        """From a [K, 3] tensor with columns (rr, ff, rf): what an all_reduce(SUM) returns."""
+        if stats.ndim != 2 or stats.shape[1] != 3:
+            raise ValueError(f"expected a [K, 3] tensor of (rr, ff, rf), got shape {tuple(stats.shape)}")
+        stats = stats.to(DTYPE)
+        return cls(rr=stats[:, 0].clone(), ff=stats[:, 1].clone(), rf=stats[:, 2].clone())
+
+    def to_tensor(self) -> torch.Tensor:
+        """[K, 3] float64 (rr, ff, rf): the payload of the single hardness all-reduce."""
+        return torch.stack([self.rr, self.ff, self.rf], dim=1)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.rr.numel())
+
+    def total(self) -> "BlockStats":
+        """The whole model as one block (full-gradient mode): sums are exact over blocks."""
+        return BlockStats(rr=self.rr.sum(0, keepdim=True), ff=self.ff.sum(0, keepdim=True),
+                          rf=self.rf.sum(0, keepdim=True))
+
+    def cosine(self) -> torch.Tensor:
+        """Per-block cos(g_r, g_f): the hardness (1 = fully aligned, the hardest to forget)."""
+        return self.rf / torch.sqrt(self.rr * self.ff).clamp_min(TINY)
+
+    def check_finite(self) -> None:
+        bad = ~torch.isfinite(self.to_tensor()).all(dim=1)
+        if bad.any():
+            blocks = bad.nonzero().flatten().tolist()
+            raise NonFiniteStatsError(
+                f"gradient statistics are NaN/Inf in block(s) {blocks[:10]} of {self.num_blocks}: "
+                "the retain or forget loss diverged; lower the learning rate or check the data"
+            )
+
+
+def _dot3(retain: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
+    if retain.shape != forget.shape:
+        raise ValueError(f"block shapes differ: retain {tuple(retain.shape)} vs forget {tuple(forget.shape)}")
+    r = retain.detach().reshape(-1).to(DTYPE)
+    f = forget.detach().reshape(-1).to(DTYPE)
+    return torch.stack([torch.dot(r, r), torch.dot(f, f), torch.dot(r, f)])
+
+
+# Squared norms at or below this are zero (norms below 1e-15): far under any real gradient,
+# far above float64 underflow, so tiny-but-real gradients keep their exact solution.
+TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """Coefficients per block plus what the step needs to log.
+
+    retain_coef, forget_coef: float64 [K]; d_b = retain_coef[b]·g_r,b + forget_coef[b]·g_f,b.
+    branch: the branch name taken per block. stop: a StopReason, or None to keep going.
+    diagnostics: scalars and [K] tensors; always holds cosine, forget_gain (predicted first-order
+    g_f·Δ summed over blocks), retain_change (g_r·Δ summed) and step_norm ([K], ‖Δ_b‖).
+    """
+
+    retain_coef: torch.Tensor
+    forget_coef: torch.Tensor
+    branch: tuple[str, ...]
+    stop: StopReason | None = None
+    diagnostics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+def predicted_effects(stats: BlockStats, retain_coef: torch.Tensor, forget_coef: torch.Tensor,
+                      lr: float) -> dict[str, torch.Tensor | float]:
+    """First-order effects of Δ = −lr·(a·g_r + c·g_f), computed from the statistics alone."""
+    a, c = retain_coef, forget_coef
+    forget_gain = -lr * (a * stats.rf + c * stats.ff)  # g_f·Δ per block
+    retain_change = -lr * (a * stats.rr + c * stats.rf)  # g_r·Δ per block
+    norm_sq = lr**2 * (a * a * stats.rr + 2 * a * c * stats.rf + c * c * stats.ff)
+    return {
+        "cosine": stats.cosine(),
+        "forget_gain": float(forget_gain.sum()),
+        "retain_change": float(retain_change.sum()),
+        "forget_gain_per_block": forget_gain,
+        "step_norm": torch.sqrt(norm_sq.clamp_min(0.0)),
+    }

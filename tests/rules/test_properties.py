@@ -1,0 +1,161 @@
+"""Properties every rule must keep, on random gradients drawn by hypothesis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hamu_ray.rules import BlockStats, StopReason, get_rule
+from tests.rules.helpers import dot, random_blocks, stats_of, step_of
+
+LR = 0.05
+seeds = st.integers(0, 2**32 - 1)
+hamu_hparams = st.fixed_dictionaries({
+    "radius": st.one_of(st.just("lr"), st.floats(1e-3, 2.0)),
+    "constraint_split": st.sampled_from(["equal", "grad_norm", "exp_dot"]),
+    "full_grad": st.booleans(),
+    "on_infeasible": st.sampled_from(["stop", "ascent"]),
+    "stop_on_criterion": st.booleans(),
+})
+
+
+def _hamu_q_case(seed, hparams, fraction):
+    rng = np.random.default_rng(seed)
+    retain, forget = random_blocks(rng)
+    stats = stats_of(retain, forget)
+    probe = get_rule("hamu-q", radius=hparams["radius"], full_grad=hparams["full_grad"])(stats, LR)
+    constraint = fraction * float(probe.diagnostics["stop_rhs"] + 1e-12)
+    rule = get_rule("hamu-q", constraint=constraint, **hparams)
+    return retain, forget, stats, rule(stats, LR), constraint
+
+
+@settings(max_examples=300, deadline=None)
+@given(seeds, hamu_hparams, st.floats(0.0, 3.0))
+def test_feasible_steps_keep_the_guarantee(seed, hparams, fraction):
+    retain, forget, stats, result, constraint = _hamu_q_case(seed, hparams, fraction)
+    if result.stop is not None or "ascent" in result.branch:
+        return
+    deltas = step_of(result, retain, forget, LR)
+    gain = sum(dot(f, d) for f, d in zip(forget, deltas))
+    scale = sum(float(r.norm() * f.norm()) for r, f in zip(retain, forget)) * LR + constraint
+    assert gain >= constraint - 1e-9 * scale
+    assert result.diagnostics["forget_gain"] == pytest.approx(gain, rel=1e-9, abs=1e-12 * scale)
+    radius = result.diagnostics["radius"]
+    if hparams["full_grad"]:
+        total = float(torch.sqrt(sum((d * d).sum() for d in deltas)))
+        assert total <= float(radius[0]) * (1 + 1e-9)
+    else:
+        for d, r in zip(deltas, radius.tolist()):
+            assert float(d.norm()) <= r * (1 + 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seeds, hamu_hparams, st.floats(0.0, 3.0))
+def test_hamu_u_is_hamu_q_on_the_swapped_negated_pair(seed, hparams, fraction):
+    rng = np.random.default_rng(seed)
+    retain, forget = random_blocks(rng)
+    constraint = fraction * LR * sum(float(r.norm() * f.norm()) for r, f in zip(retain, forget))
+    u = get_rule("hamu-u", constraint=constraint, **hparams)(stats_of(retain, forget), LR)
+    swapped_r, swapped_f = [-f for f in forget], [-r for r in retain]
+    q = get_rule("hamu-q", constraint=constraint, **hparams)(stats_of(swapped_r, swapped_f), LR)
+    assert u.stop == q.stop and u.branch == q.branch
+    for d_u, d_q in zip(step_of(u, retain, forget, LR), step_of(q, swapped_r, swapped_f, LR)):
+        torch.testing.assert_close(d_u, d_q, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seeds, st.floats(-1.0, 1.0))
+def test_surgery_bounds_the_first_order_retain_increase(seed, epsilon):
+    rng = np.random.default_rng(seed)
+    retain, forget = random_blocks(rng)
+    result = get_rule("surgery", epsilon=epsilon)(stats_of(retain, forget), LR)
+    d = [a * r + c * f for r, f, a, c in zip(retain, forget, result.retain_coef.tolist(),
+                                              result.forget_coef.tolist())]
+    increase = -sum(dot(r, x) for r, x in zip(retain, d))  # g_r·(−d), a unit step
+    scale = sum(float(r.norm() * f.norm()) for r, f in zip(retain, forget))
+    assert increase <= epsilon + 1e-9 * scale
+    if result.diagnostics["surgery_multiplier"] > 0:  # the bound is active: it is tight
+        assert increase == pytest.approx(epsilon, abs=1e-9 * scale)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seeds, st.booleans())
+def test_projection_rules_only_change_conflicting_pairs(seed, full_grad):
+    rng = np.random.default_rng(seed)
+    retain, forget = random_blocks(rng)
+    stats = stats_of(retain, forget)
+    gru = get_rule("gru", full_grad=full_grad)(stats, LR)
+    pcgrad = get_rule("pcgrad", full_grad=full_grad)(stats, LR)
+    ga, gdiff = get_rule("ga")(stats, LR), get_rule("gdiff")(stats, LR)
+    solved = stats.total() if full_grad else stats
+    conflict = (solved.rf > 0).expand(stats.num_blocks) if full_grad else solved.rf > 0
+    for b in range(stats.num_blocks):
+        if not conflict[b]:
+            assert (gru.retain_coef[b], gru.forget_coef[b]) == (ga.retain_coef[b], ga.forget_coef[b])
+            assert (pcgrad.retain_coef[b], pcgrad.forget_coef[b]) == (
+                gdiff.retain_coef[b], gdiff.forget_coef[b])
+    # on conflict GRU's direction is orthogonal to g_r (per block, or over the whole model)
+    d = [a * r + c * f for r, f, a, c in zip(retain, forget, gru.retain_coef.tolist(),
+                                              gru.forget_coef.tolist())]
+    dots = [dot(r, x) for r, x in zip(retain, d)]
+    scale = sum(float(r.norm() * f.norm()) for r, f in zip(retain, forget))
+    if full_grad and bool(conflict[0]):
+        assert abs(sum(dots)) <= 1e-9 * scale
+    for b in range(stats.num_blocks):
+        if not full_grad and conflict[b]:
+            assert abs(dots[b]) <= 1e-9 * scale
+
+
+@settings(max_examples=100, deadline=None)
+@given(seeds, st.integers(2, 5))
+def test_shard_partial_sums_equal_the_unsharded_statistics(seed, shards):
+    rng = np.random.default_rng(seed)
+    retain, forget = random_blocks(rng)
+    whole = stats_of(retain, forget).to_tensor()
+    # split every block into contiguous shards (as ZeRO partitions it) and sum the partial stats
+    parts = [stats_of([r.tensor_split(shards)[i] for r in retain],
+                      [f.tensor_split(shards)[i] for f in forget]).to_tensor() for i in range(shards)]
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_full_grad_equals_one_concatenated_block():
+    rng = np.random.default_rng(7)
+    retain, forget = random_blocks(rng, k=5)
+    hparams = dict(constraint=0.02, radius=0.3, stop_on_criterion=False)
+    blocks = get_rule("hamu-q", full_grad=True, **hparams)(stats_of(retain, forget), LR)
+    one = get_rule("hamu-q", **hparams)(stats_of([torch.cat(retain)], [torch.cat(forget)]), LR)
+    assert blocks.branch == one.branch * 5
+    torch.testing.assert_close(torch.cat(step_of(blocks, retain, forget, LR)),
+                               step_of(one, [torch.cat(retain)], [torch.cat(forget)], LR)[0])
+
+
+def test_criterion_stops_when_constraint_exceeds_rhs():
+    # conflicting pair: the most gain with g_r·Δ ≤ 0 is R·‖g_f‖·sin θ
+    retain = [torch.tensor([1.0, 0.0], dtype=torch.float64)]
+    forget = [torch.tensor([1.0, 1.0], dtype=torch.float64)]
+    R = 0.5
+    rhs = R * 2**0.5 * np.sin(np.pi / 4)
+    below = get_rule("hamu-q", constraint=0.9 * rhs, radius=R)(stats_of(retain, forget), LR)
+    above = get_rule("hamu-q", constraint=1.1 * rhs, radius=R)(stats_of(retain, forget), LR)
+    assert below.diagnostics["stop_rhs"] == pytest.approx(rhs)
+    assert below.stop is None and below.diagnostics["stop_margin"] > 0
+    assert above.stop is StopReason.CRITERION and above.diagnostics["stop_margin"] < 0
+    assert above.retain_coef.abs().sum() == 0 and above.forget_coef.abs().sum() == 0
+    logged = get_rule("hamu-q", constraint=1.1 * rhs, radius=R, stop_on_criterion=False)(
+        stats_of(retain, forget), LR)
+    assert logged.stop is None and logged.diagnostics["stop_margin"] < 0
+
+
+def test_constraint_split_weights():
+    stats = BlockStats.from_tensor(torch.tensor([[1.0, 4.0, 1.0], [9.0, 1.0, -2.0]]))
+    from hamu_ray.rules.hamu import split_constraint
+
+    torch.testing.assert_close(split_constraint(stats, 1.0, "equal"), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(split_constraint(stats, 1.0, "grad_norm"),
+                               torch.tensor([2 / 5, 3 / 5], dtype=torch.float64))  # ‖g_r‖‖g_f‖ = 2, 3
+    e = np.exp([-1.0, 2.0])
+    torch.testing.assert_close(split_constraint(stats, 1.0, "exp_dot"),
+                               torch.tensor(e / e.sum(), dtype=torch.float64))
