@@ -1,23 +1,34 @@
 """Where gradients live: the only module that knows how each backend stores them.
 
-A gradient access object exposes, for every block (a trainable parameter tensor), this
-process's local piece of the reduced gradient as a writable tensor, plus backward / zero / step.
-The unlearning step (hamu_ray.step) is written against this interface only.
+A gradient access object exposes, for every block (a trainable parameter tensor), this process's
+local piece of the reduced gradient, lets the step write a new value back, and runs backward,
+zero and step. The unlearning step (hamu_ray.step) is written against this interface only.
+
+  backend                 local piece of block b                         stats need a reduction
+  TorchGrads              p.grad (one process)                           no
+  DeepSpeed ZeRO-0        p.grad, already all-reduced on every rank      no (identical on all ranks)
+  DeepSpeed ZeRO-1/2      this rank's fp32 fragment of the partitioned   yes: disjoint shards
+                          gradient (empty where the rank holds none)
+  DeepSpeed ZeRO-3        safe_get_local_grad(p) (padded local shard)    yes: disjoint shards
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 
 class GradAccess(Protocol):
+    holds_full_gradient: bool  # True: local statistics are already global, no reduction
+
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def local_grads(self) -> list[torch.Tensor]:
-        """One writable tensor per block, in a fixed order identical on every rank."""
+        """One tensor per block, the same K blocks in the same order on every rank."""
         ...
+
+    def write_local_grads(self, grads: list[torch.Tensor]) -> None: ...
 
     def zero_grads(self) -> None: ...
 
@@ -27,6 +38,8 @@ class GradAccess(Protocol):
 class TorchGrads:
     """A plain torch model and optimizer in one process: the local piece is the whole p.grad."""
 
+    holds_full_gradient = True
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer
@@ -35,10 +48,10 @@ class TorchGrads:
         loss.backward()
 
     def local_grads(self) -> list[torch.Tensor]:
-        for p in self.params:
-            if p.grad is None:  # unused by this loss: its gradient is exactly zero
-                p.grad = torch.zeros_like(p)
-        return [p.grad for p in self.params]
+        return [_grad_or_zeros(p) for p in self.params]
+
+    def write_local_grads(self, grads: list[torch.Tensor]) -> None:
+        _copy_unless_same(self.local_grads(), grads)
 
     def zero_grads(self) -> None:
         for p in self.params:
@@ -47,3 +60,75 @@ class TorchGrads:
 
     def step(self) -> None:
         self.optimizer.step()
+
+
+class DeepSpeedGrads:
+    """A DeepSpeed engine, ZeRO stage 0 to 3, fp32 or bf16.
+
+    With gradient_accumulation_steps = 1 a second backward replaces the ZeRO-1/2 fragments but
+    adds into ZeRO-3's: zero_grads() between the two backwards is required, not cosmetic.
+    In bf16 the gradient buffers are bf16: statistics are only bf16-accurate.
+    """
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        stage = engine.zero_optimization_stage()
+        if stage == 3:
+            self.mode = "zero3"
+        elif any(hasattr(p, "_hp_mapping") for p in self.params):
+            self.mode = "fragments"  # ZeRO-1/2, and the bf16 optimizer at stage 0
+        else:
+            self.mode = "replicated"
+        self.holds_full_gradient = self.mode == "replicated"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def local_grads(self) -> list[torch.Tensor]:
+        if self.mode == "zero3":
+            from deepspeed.utils import safe_get_local_grad
+
+            return [safe_get_local_grad(p) for p in self.params]
+        if self.mode == "fragments":
+            return [self._fragment(p) for p in self.params]
+        return [_grad_or_zeros(p) for p in self.params]
+
+    def write_local_grads(self, grads: list[torch.Tensor]) -> None:
+        if self.mode == "zero3":
+            from deepspeed.utils import safe_set_local_grad
+
+            for p, g in zip(self.params, grads):
+                safe_set_local_grad(p, g)
+        else:
+            _copy_unless_same(self.local_grads(), grads)
+
+    def zero_grads(self) -> None:
+        if self.mode == "replicated":
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.zero_()
+        else:
+            self.engine.optimizer.zero_grad()
+
+    def step(self) -> None:
+        self.engine.step()
+
+    @staticmethod
+    def _fragment(p: torch.nn.Parameter) -> torch.Tensor:
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:  # this rank holds no piece of p: an empty block keeps K aligned
+            return torch.zeros(0, dtype=torch.float32, device=p.device)
+        return mapping.get_lp_grad_fragment(p._index_in_param_group)
+
+
+def _grad_or_zeros(p: torch.nn.Parameter) -> torch.Tensor:
+    if p.grad is None:  # unused by this loss: its gradient is exactly zero
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+def _copy_unless_same(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    for dst, src in zip(targets, sources):
+        if dst.data_ptr() != src.data_ptr() or dst.shape != src.shape:
+            dst.copy_(src)

@@ -1,12 +1,18 @@
 """One unlearning step: two backwards, local statistics, one reduction, the rule, write back, step.
 
 Backend-neutral: gradients are reached through a GradAccess (hamu_ray.grads), losses through
-callables, and the only collective is `reduce_stats` on a [K, 3] float64 tensor. The same function
-is the single-process reference (identity reduction) and the distributed step (all_reduce SUM).
+callables, and the only collective added to plain training is `reduce_stats` on a [K, 3] float64
+tensor (skipped when every rank already holds the full gradient). The same function is the
+single-process reference and the distributed step.
+
+Clipping (optional `clip_norm`): g_r and g_f are each clipped to that global L2 norm *before*
+the rule, g ← g·min(1, clip_norm/‖g‖). The norms come from the reduced statistics, so clipping
+only rescales the statistics the rule sees and the coefficients it returns; no gradient is touched.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,17 +29,30 @@ StatsReduce = Callable[[torch.Tensor], torch.Tensor]
 class StepOutput:
     retain_loss: float  # this process's retain-batch loss
     forget_loss: float  # this process's forget-batch loss (the one unlearning raises)
-    stats: BlockStats  # global statistics after the reduction
-    result: RuleResult
+    stats: BlockStats  # global statistics of the gradients the rule saw (after clipping)
+    result: RuleResult  # coefficients as the rule returned them (for the clipped gradients)
+    retain_scale: float  # clipping factors applied to g_r and g_f (1.0: not clipped)
+    forget_scale: float
+    reduced_values: int  # floats this step's statistics reduction sent (K×3, or 0)
     stepped: bool  # False when the rule asked to stop: parameters are unchanged
 
 
-def no_reduction(stats: torch.Tensor) -> torch.Tensor:
-    return stats
+class SumAcrossRanks:
+    """all_reduce(SUM) of the statistics: the one collective HAMU adds to data-parallel training."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def __call__(self, stats: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
+        return stats
 
 
 def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: LossFn,
-                    forget_loss: LossFn, reduce_stats: StatsReduce = no_reduction) -> StepOutput:
+                    forget_loss: LossFn, reduce_stats: StatsReduce | None = None,
+                    clip_norm: float | None = None) -> StepOutput:
     """g_r then g_f on this process's micro-batches, d_b = a_b·g_r,b + c_b·g_f,b, optimizer step.
 
     `lr` must be the optimizer's learning rate: the rule's guarantee is for Δ = −lr·d (plain SGD).
@@ -44,22 +63,47 @@ def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: Lo
     grads.backward(loss_r)
     retain = [g.detach().clone() for g in grads.local_grads()]
 
-    # forget pass: g_f stays in the gradient buffers
+    # forget pass: g_f stays in (or is copied out of) the gradient buffers
     grads.zero_grads()
     loss_f = forget_loss()
     grads.backward(loss_f)
     forget = grads.local_grads()
 
     # hardness: local partial sums, one reduction of K×3 floats, the rule on the global values
-    local = BlockStats.from_grads(retain, forget).to_tensor()
-    stats = BlockStats.from_tensor(reduce_stats(local))
+    stats = BlockStats.from_grads(retain, forget).to_tensor()
+    reduced_values = 0
+    if not grads.holds_full_gradient:
+        if reduce_stats is None:
+            raise ValueError("this gradient backend holds shards: pass reduce_stats=SumAcrossRanks()")
+        stats = reduce_stats(stats)
+        reduced_values = stats.numel()
+    stats = BlockStats.from_tensor(stats)
+    retain_scale, forget_scale = clip_scales(stats, clip_norm)
+    stats = stats.scaled(retain_scale, forget_scale)
     result = rule(stats, lr)
+    out = StepOutput(loss_r.item(), loss_f.item(), stats, result, retain_scale, forget_scale,
+                     reduced_values, stepped=result.stop is None)
     if result.stop is not None:
         grads.zero_grads()
-        return StepOutput(loss_r.item(), loss_f.item(), stats, result, stepped=False)
+        return out
 
     # combine in place: the forget buffer becomes d_b, then the optimizer steps on it
-    for g_r, g_f, a, c in zip(retain, forget, result.retain_coef.tolist(), result.forget_coef.tolist()):
+    retain_coef = (result.retain_coef * retain_scale).tolist()
+    forget_coef = (result.forget_coef * forget_scale).tolist()
+    for g_r, g_f, a, c in zip(retain, forget, retain_coef, forget_coef):
         g_f.mul_(c).add_(g_r, alpha=a)
+    grads.write_local_grads(forget)
     grads.step()
-    return StepOutput(loss_r.item(), loss_f.item(), stats, result, stepped=True)
+    return out
+
+
+def clip_scales(stats: BlockStats, clip_norm: float | None) -> tuple[float, float]:
+    """min(1, clip_norm/‖g‖) for g_r and g_f, from the global squared norms in the statistics."""
+    if clip_norm is None:
+        return 1.0, 1.0
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"clip_norm must be a number > 0, got {clip_norm!r}")
+    retain_norm = math.sqrt(float(stats.rr.sum()))
+    forget_norm = math.sqrt(float(stats.ff.sum()))
+    return (min(1.0, clip_norm / retain_norm) if retain_norm > 0 else 1.0,
+            min(1.0, clip_norm / forget_norm) if forget_norm > 0 else 1.0)

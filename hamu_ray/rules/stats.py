@@ -84,6 +84,11 @@ class BlockStats:
         return BlockStats(rr=self.rr.sum(0, keepdim=True), ff=self.ff.sum(0, keepdim=True),
                           rf=self.rf.sum(0, keepdim=True))
 
+    def scaled(self, retain_scale: float, forget_scale: float) -> "BlockStats":
+        """The statistics of (s_r·g_r, s_f·g_f): how clipping both gradients changes them."""
+        return BlockStats(rr=self.rr * retain_scale**2, ff=self.ff * forget_scale**2,
+                          rf=self.rf * (retain_scale * forget_scale))
+
     def cosine(self) -> torch.Tensor:
         """Per-block cos(g_r, g_f): the hardness (1 = fully aligned, the hardest to forget)."""
         return self.rf / torch.sqrt(self.rr * self.ff).clamp_min(TINY)

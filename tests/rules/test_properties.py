@@ -43,13 +43,17 @@ def test_feasible_steps_keep_the_guarantee(seed, hparams, fraction):
     scale = sum(float(r.norm() * f.norm()) for r, f in zip(retain, forget)) * LR + constraint
     assert gain >= constraint - 1e-9 * scale
     assert result.diagnostics["forget_gain"] == pytest.approx(gain, rel=1e-9, abs=1e-12 * scale)
+    # ‖g_r⊥‖ comes from rr·ff − rf², which loses precision as ε/sin²θ on nearly colinear pairs
+    solved = stats.total() if hparams["full_grad"] else stats
+    sin2 = ((solved.rr * solved.ff - solved.rf**2) / (solved.rr * solved.ff)).clamp_min(1e-12)
+    rtol = 1e-9 + 1e-14 / sin2
     radius = result.diagnostics["radius"]
     if hparams["full_grad"]:
         total = float(torch.sqrt(sum((d * d).sum() for d in deltas)))
-        assert total <= float(radius[0]) * (1 + 1e-9)
+        assert total <= float(radius[0]) * (1 + float(rtol[0]))
     else:
-        for d, r in zip(deltas, radius.tolist()):
-            assert float(d.norm()) <= r * (1 + 1e-9)
+        for d, r, tol in zip(deltas, radius.tolist(), rtol.tolist()):
+            assert float(d.norm()) <= r * (1 + tol)
 
 
 @settings(max_examples=200, deadline=None)
