@@ -1,0 +1,137 @@
+"""Driver side of an unlearning job: check inputs, start or join Ray, fit, publish the output.
+
+The output directory appears only when the run succeeds: everything is written to a staging
+directory beside it and renamed at the end, so a failed run leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hamu_ray import data
+from hamu_ray.config import UnlearnConfig
+from hamu_ray.worker import EXPORT_INFO, EXPORT_LOG, EXPORT_WEIGHTS, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+# No telemetry, no token file, CPU DeepSpeed unless a GPU says otherwise (DESIGN §5).
+RUNTIME_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                        "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
+@dataclass(frozen=True)
+class UnlearnResult:
+    output_dir: Path
+    steps: int
+    stop: str
+    resumed_from_step: int  # 0 unless a failed worker group restarted from a checkpoint
+    sets: dict[str, data.SetInfo]
+
+
+def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
+    out = Path(cfg.output_dir)
+    if out.exists():
+        raise FileExistsError(f"output_dir {out} already exists; choose a new one (nothing is overwritten)")
+    sets = check_inputs(cfg)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        with ray_session(cfg):
+            result = fit(cfg, sets, staging / "ray")
+        summary = publish(cfg, sets, result, staging)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return UnlearnResult(out, summary["steps"], summary["stop"], summary["resumed_from_step"], sets)
+
+
+def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
+    """Every set readable, with its columns, non-empty, large enough for one batch per worker."""
+    columns = [cfg.data.input_column, cfg.data.label_column]
+    paths = {"forget": cfg.data.forget, "retain": cfg.data.retain, "eval": cfg.data.eval}
+    sets = {name: data.inspect_set(name, path, columns) for name, path in paths.items() if path}
+    for name, batch in (("forget", cfg.data.forget_batch_size), ("retain", cfg.data.retain_batch_size)):
+        per_worker = sets[name].num_rows // cfg.cluster.num_workers
+        if per_worker < batch:
+            raise data.DataError(
+                f"{name} set {sets[name].path}: {sets[name].num_rows} rows give {per_worker} per worker, "
+                f"fewer than data.{name}_batch_size={batch}")
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        raise FileNotFoundError(f"model.weights: no such file {cfg.model.weights}")
+    for info in sets.values():  # counts and digests only: never the rows
+        log.info("%s set: %d rows, sha256 %s", info.name, info.num_rows, info.digest)
+    return sets
+
+
+@contextlib.contextmanager
+def ray_session(cfg: UnlearnConfig):
+    """Join $RAY_ADDRESS or cluster.address; otherwise start an embedded local Ray for this run."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    for key, value in RUNTIME_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    env_vars = {**RUNTIME_ENV_DEFAULTS, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    else:
+        # Logical CPUs = cores: workers take fractions (cluster.cpus_per_worker) so Ray Data
+        # always has a CPU left; with whole CPUs on 2 cores the job hangs silently (DESIGN §5).
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=os.path.join(tempfile.gettempdir(), "hamu-ray"),
+                 runtime_env={"env_vars": env_vars})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def fit(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], storage: Path):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.cluster.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.model_dump(),
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        datasets={name: data.read_set(sets[name], cfg.data.shuffle_seed) for name in ("retain", "forget")},
+        run_config=RunConfig(name="unlearn", storage_path=str(storage.resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()
+
+
+def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: Path) -> dict:
+    """Copy the final export out of the Ray checkpoint and write the run summary."""
+    if result.checkpoint is None:
+        raise RuntimeError("the run reported no final checkpoint")
+    with result.checkpoint.as_directory() as exported:
+        for name in (EXPORT_WEIGHTS, EXPORT_LOG):
+            shutil.copy2(Path(exported) / name, staging / name)
+        info = json.loads((Path(exported) / EXPORT_INFO).read_text())
+    summary = {
+        **info,
+        "rule": cfg.method.rule,
+        "sets": {name: {k: v for k, v in asdict(info).items()} for name, info in sets.items()},
+        "config": cfg.model_dump(),
+    }
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,137 @@
+"""The whole engine on a real local Ray: Ray Data reads parquet, TorchTrainer workers run DeepSpeed.
+
+Full-batch steps (batch = each worker's whole shard) make the result independent of how Ray Data
+orders and splits rows, so it must equal the single-process step on all rows exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from hamu_ray.config import parse_config
+from hamu_ray.driver import run_unlearning
+from hamu_ray.grads import TorchGrads
+from hamu_ray.rules import NonFiniteStatsError, get_rule
+from hamu_ray.step import unlearning_step
+
+pytestmark = pytest.mark.integration
+
+SIZES, LR, STEPS = [12, 9, 5], 0.1, 5
+RULE = ("hamu-q", {"constraint": 0.02, "radius": 0.1})
+NUM_BLOCKS = 4
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "init.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    rows = {}
+    for name, n in (("retain", 8), ("forget", 4)):
+        x, y = torch.randn(n, 12, generator=gen), torch.randint(5, (n,), generator=gen)
+        pq.write_table(pa.table({"x": [r.tolist() for r in x], "y": y.tolist()}), root / f"{name}.parquet")
+        rows[name] = (x, y)
+    return root, rows
+
+
+def config(root, out, *, workers=2, **train):
+    return parse_config({
+        "data": {"forget": str(root / "forget.parquet"), "retain": str(root / "retain.parquet"),
+                 "retain_batch_size": 8 // workers, "forget_batch_size": 4 // workers,
+                 "shuffle_seed": None},
+        "model": {"sizes": SIZES, "weights": str(root / "init.safetensors")},
+        "method": {"rule": RULE[0], "hparams": RULE[1]},
+        "train": {"lr": LR, "epochs": STEPS, "zero_stage": 3, **train},
+        "cluster": {"num_workers": workers, "max_failures": 1},
+        "output_dir": str(out),
+    })
+
+
+def reference(root, rows):
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5))
+    model.load_state_dict(load_file(root / "init.safetensors"))
+    grads = TorchGrads(model, torch.optim.SGD(model.parameters(), lr=LR))
+    (xr, yr), (xf, yf) = rows["retain"], rows["forget"]
+    for _ in range(STEPS):
+        unlearning_step(grads, get_rule(RULE[0], **RULE[1]), lr=LR,
+                        retain_loss=lambda: F.cross_entropy(model(xr), yr),
+                        forget_loss=lambda: F.cross_entropy(model(xf), yf))
+    return model.state_dict()
+
+
+def assert_same_weights(result_dir, expected):
+    got = load_file(result_dir / "model.safetensors")
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_cluster, inputs, tmp_path_factory):
+    root, _ = inputs
+    digest = hashlib.sha256((root / "init.safetensors").read_bytes()).hexdigest()
+    result = run_unlearning(config(root, tmp_path_factory.mktemp("runs") / "two", checkpoint_every=2))
+    assert hashlib.sha256((root / "init.safetensors").read_bytes()).hexdigest() == digest
+    return result
+
+
+def test_two_zero3_workers_match_the_single_process_step(two_worker_run, inputs):
+    root, rows = inputs
+    assert two_worker_run.steps == STEPS and two_worker_run.stop == "none"
+    assert two_worker_run.resumed_from_step == 0
+    assert_same_weights(two_worker_run.output_dir, reference(root, rows))
+    log = [json.loads(line) for line in (two_worker_run.output_dir / "step_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, STEPS + 1))
+    assert all(row["comm/stats_values"] == NUM_BLOCKS * 3 for row in log)
+    assert all(row["guarantee/forget_gain"] >= 0.02 * (1 - 1e-6) for row in log)
+    summary = json.loads((two_worker_run.output_dir / "summary.json").read_text())
+    assert summary["sets"]["forget"]["num_rows"] == 4 and len(summary["sets"]["forget"]["digest"]) == 16
+
+
+def test_one_worker_matches_two_workers(ray_cluster, inputs, two_worker_run, tmp_path):
+    root, _ = inputs
+    one = run_unlearning(config(root, tmp_path / "one", workers=1))
+    assert_same_weights(one.output_dir, load_file(two_worker_run.output_dir / "model.safetensors"))
+
+
+def test_a_crashed_run_resumes_from_its_checkpoint(ray_cluster, inputs, two_worker_run, tmp_path):
+    root, _ = inputs
+    resumed = run_unlearning(config(root, tmp_path / "resumed", checkpoint_every=2, fail_after_step=3))
+    assert resumed.steps == STEPS and resumed.resumed_from_step == 2
+    assert_same_weights(resumed.output_dir, load_file(two_worker_run.output_dir / "model.safetensors"))
+
+
+def test_a_nan_loss_fails_clearly_and_writes_no_model(ray_cluster, inputs, tmp_path):
+    root, rows = inputs
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    x, y = rows["retain"]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    pq.write_table(pa.table({"x": [r.tolist() for r in x], "y": y.tolist()}), bad / "retain.parquet")
+    cfg = config(root, tmp_path / "nan-out").model_copy(update={"data": config(root, tmp_path).data.model_copy(
+        update={"retain": str(bad / "retain.parquet")})})
+    with pytest.raises(Exception) as info:
+        run_unlearning(cfg)
+    assert "NaN" in str(info.value) or isinstance(info.value, NonFiniteStatsError)
+    assert not (tmp_path / "nan-out").exists()
+    assert not any(p.name.startswith(".nan-out") for p in tmp_path.iterdir())
