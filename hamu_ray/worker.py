@@ -48,6 +48,7 @@ def train_loop_per_worker(config: dict) -> None:
     for _ in range(start_step):
         next(pairs)
 
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     step = start_step
     for retain_batch, forget_batch in pairs:
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
@@ -56,8 +57,8 @@ def train_loop_per_worker(config: dict) -> None:
         # the step: both gradients on this worker's micro-batches, statistics all-reduced
         out = unlearning_step(
             grads, rule, lr=cfg.train.lr, reduce_stats=reduce, clip_norm=cfg.train.clip_norm,
-            retain_loss=lambda: F.cross_entropy(engine(retain_batch["x"]), retain_batch["y"]),
-            forget_loss=lambda: F.cross_entropy(engine(forget_batch["x"]), forget_batch["y"]))
+            retain_loss=lambda: classifier_loss(engine, retain_batch, dtype),
+            forget_loss=lambda: classifier_loss(engine, forget_batch, dtype))
         record = step_record(step, out)
         step_log.append(record)
 
@@ -82,6 +83,10 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             export(tmp, state, step_log, summary)
         ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def classifier_loss(engine, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+    return F.cross_entropy(engine(batch["x"].to(dtype)).float(), batch["y"])
 
 
 def step_record(step: int, out: StepOutput) -> dict:

@@ -28,6 +28,7 @@ CASES = {
     "gdiff": ("gdiff", {}),
 }
 STAGES = (0, 1, 2, 3)
+BF16_STAGES = (2, 3)
 
 
 def make_model() -> torch.nn.Module:
@@ -95,6 +96,19 @@ def _worker(rank: int, port: int, out_path: str) -> None:
                 reduced.append(out.reduced_values)
             results[(stage, case)] = {"state": eng.full_state_dict(engine), "sent": list(sent),
                                       "reduced": reduced, "mode": grads.mode}
+    # bf16: the gradient buffers are bf16, so only bf16 accuracy is expected
+    for stage in BF16_STAGES:
+        model = make_model()
+        engine = eng.initialize(model, eng.deepspeed_config(stage=stage, lr=LR, micro_batch_size=4, bf16=True))
+        grads = DeepSpeedGrads(engine)
+        for (xr, yr), (xf, yf) in make_batches():
+            xr, xf = xr[rank::WORLD].bfloat16(), xf[rank::WORLD].bfloat16()
+            yr, yf = yr[rank::WORLD], yf[rank::WORLD]
+            unlearning_step(grads, get_rule("hamu-q", constraint=0.02, radius=0.1), lr=LR,
+                            retain_loss=lambda: F.cross_entropy(engine(xr).float(), yr),
+                            forget_loss=lambda: F.cross_entropy(engine(xf).float(), yf),
+                            reduce_stats=SumAcrossRanks())
+        results[(stage, "bf16")] = {"state": eng.full_state_dict(engine), "mode": grads.mode}
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
@@ -136,3 +150,11 @@ def test_zero_stage_matches_the_single_process_step(distributed_results, stage, 
 def test_every_stage_used_its_own_gradient_layout(distributed_results):
     modes = {stage: distributed_results[(stage, "gdiff")]["mode"] for stage in STAGES}
     assert modes == {0: "replicated", 1: "fragments", 2: "fragments", 3: "zero3"}
+
+
+@pytest.mark.parametrize("stage", BF16_STAGES)
+def test_bf16_tracks_the_fp32_reference_to_bf16_accuracy(distributed_results, stage):
+    reference = run_reference(*CASES["hamu-q"])
+    for name, expected in reference.items():
+        torch.testing.assert_close(distributed_results[(stage, "bf16")]["state"][name], expected,
+                                   rtol=0, atol=2e-2, msg=name)

@@ -101,3 +101,29 @@ def test_a_stop_leaves_the_parameters_unchanged(trained):
     assert not out.stepped and out.result.stop is StopReason.INFEASIBLE
     for p0, p1 in zip(model.parameters(), unlearned.parameters()):
         assert torch.equal(p0, p1)
+
+
+def test_clipping_equals_stepping_on_pre_clipped_gradients(trained):
+    """clip_norm rescales g_r and g_f each to at most that global norm before the rule."""
+    model, retain, forget = trained
+    lr = 0.1
+    rule = get_rule("hamu-q", constraint=0.001, radius=0.05)
+    xr, yr, xf, yf = retain[0][:64], retain[1][:64], forget[0][:32], forget[1][:32]
+    norms = []
+    for x, y in ((xr, yr), (xf, yf)):
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        norms.append(float(torch.sqrt(sum((t * t).sum() for t in g))))
+    clip = 0.5 * min(norms)  # both gradients really are clipped, by different factors
+    scale_r, scale_f = (clip / n for n in norms)
+
+    clipped, manual = copy.deepcopy(model), copy.deepcopy(model)
+    out = unlearning_step(TorchGrads(clipped, torch.optim.SGD(clipped.parameters(), lr=lr)), rule, lr=lr,
+                          clip_norm=clip,
+                          retain_loss=lambda: F.cross_entropy(clipped(xr), yr),
+                          forget_loss=lambda: F.cross_entropy(clipped(xf), yf))
+    unlearning_step(TorchGrads(manual, torch.optim.SGD(manual.parameters(), lr=lr)), rule, lr=lr,
+                    retain_loss=lambda: scale_r * F.cross_entropy(manual(xr), yr),
+                    forget_loss=lambda: scale_f * F.cross_entropy(manual(xf), yf))
+    assert out.retain_scale == pytest.approx(scale_r) and out.forget_scale == pytest.approx(scale_f)
+    for p1, p2 in zip(clipped.parameters(), manual.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-7)
