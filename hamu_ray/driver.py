@@ -130,7 +130,7 @@ def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: 
     summary = {
         **info,
         "rule": cfg.method.rule,
-        "sets": {name: {k: v for k, v in asdict(info).items()} for name, info in sets.items()},
+        "sets": {name: asdict(info) for name, info in sets.items()},
         "config": cfg.model_dump(),
     }
     (staging / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -6,6 +6,7 @@ gradient clipping stays off (hamu_ray.step clips g_r and g_f before the rule ins
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -47,14 +48,7 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     module = engine.module
     params = list(module.parameters())
     gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-              if engine.zero_optimization_stage() == 3 else _nullcontext())
+              if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
     with gather:
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
