@@ -83,7 +83,7 @@ class ConfigError(ValueError):
     """Every problem in one message, each line naming the file and the field."""
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
+def load_config(path: str | Path) -> UnlearnConfig:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -91,7 +91,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Un
         raise ConfigError(f"{path}: cannot read the pipeline: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return parse_config({**raw, **(overrides or {})}, source=str(path))
+    return parse_config(raw, source=str(path))
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> UnlearnConfig:
