@@ -8,7 +8,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hamu_ray.objectives import METHODS, Method, check_objective_params
 from hamu_ray.rules import get_rule
+from hamu_ray.rules.surgery import ImplicitSurgeryParams
 
 
 class Section(BaseModel):
@@ -16,7 +18,7 @@ class Section(BaseModel):
 
 
 class DataSection(Section):
-    forget: str  # parquet or jsonl: a local path or any URI pyarrow's filesystems accept
+    forget: str | None  # parquet or jsonl, a local path or a URI; None: plain training on retain
     retain: str
     eval: str | None = None
     input_column: str = "x"  # list of floats per row
@@ -28,19 +30,51 @@ class DataSection(Section):
 
 
 class ModelSection(Section):
-    kind: Literal["mlp"] = "mlp"
-    sizes: list[int] = Field(min_length=2)  # [inputs, hidden..., classes]
+    kind: Literal["mlp", "cnn"] = "mlp"  # hamu_ray.models.MODELS
+    sizes: list[int] = Field(min_length=2)  # mlp: [inputs, hidden..., classes]; cnn: [inputs, classes]
+    channels: list[int] = Field(default_factory=lambda: [16, 32])  # cnn: one residual block each
     weights: str | None = None  # safetensors of the model to unlearn; read, never written
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ModelSection":
+        if self.kind == "cnn":
+            side = round(self.sizes[0] ** 0.5)
+            if side * side != self.sizes[0] or len(self.sizes) != 2 or not self.channels:
+                raise ValueError("a cnn takes square images: sizes [side², classes] and channels "
+                                 f"[c1, ...]; got sizes {self.sizes}, channels {self.channels}")
+        return self
 
 
 class MethodSection(Section):
-    rule: str
-    hparams: dict[str, Any] = Field(default_factory=dict)
+    name: str  # a method of hamu_ray.objectives.METHODS: a rule with its two objectives
+    rule: str | None = None  # another rule for the method's objectives (e.g. npo with hamu-q)
+    hparams: dict[str, Any] = Field(default_factory=dict)  # the rule's (or implicit surgery's)
+    objective: dict[str, Any] = Field(default_factory=dict)  # objective hyper-parameters (beta, ...)
 
     @model_validator(mode="after")
-    def _rule_exists(self) -> "MethodSection":
-        get_rule(self.rule, **self.hparams)  # ValueError names the bad rule or hyper-parameter
+    def _method_exists(self) -> "MethodSection":
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; valid methods: {', '.join(METHODS)}")
+        if self.spec.implicit:
+            if self.rule is not None:
+                raise ValueError(f"{self.name} is one-backprop and takes no rule")
+            try:
+                ImplicitSurgeryParams(**self.hparams)  # ValueError names the bad value
+            except TypeError as exc:  # an unknown keyword
+                raise ValueError(f"{self.name}: {exc}; valid: epsilon, dual_lr, initial_weight, "
+                                 "fast") from None
+        else:  # ValueError names the bad rule or hyper-parameter
+            get_rule(self.rule_name, **self.hparams)
+        check_objective_params(self.spec, self.objective)
         return self
+
+    @property
+    def spec(self) -> Method:
+        return METHODS[self.name]
+
+    @property
+    def rule_name(self) -> str | None:
+        return self.rule or self.spec.rule
 
 
 class TrainSection(Section):
@@ -53,6 +87,7 @@ class TrainSection(Section):
     bf16: bool = False
     seed: int = 0
     checkpoint_every: int | None = Field(None, gt=0)  # steps; None: only the final export
+    progress_every: int = Field(50, gt=0)  # the driver prints a progress line every so many steps
     fail_after_step: int | None = Field(None, gt=0)  # TEST ONLY: crash once after this step
 
 
@@ -76,6 +111,9 @@ class UnlearnConfig(Section):
     def _cross_checks(self) -> "UnlearnConfig":
         if self.train.fail_after_step and not self.train.checkpoint_every:
             raise ValueError("train.fail_after_step needs train.checkpoint_every to resume from")
+        if self.data.forget is None and self.method.name != "ft":
+            raise ValueError(f"data.forget is missing: method {self.method.name} needs a forget set "
+                             "(only ft trains on the retain set alone)")
         return self
 
 
@@ -84,21 +122,113 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path) -> UnlearnConfig:
+    return parse_config(read_yaml(path), source=str(path))
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    return parse_config(read_yaml(path), source=str(path), schema=PipelineConfig)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the pipeline: {exc}") from exc
+        raise ConfigError(f"{path}: cannot read it: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return parse_config(raw, source=str(path))
+    return raw
 
 
-def parse_config(raw: dict[str, Any], source: str = "<config>") -> UnlearnConfig:
+def parse_config(raw: dict[str, Any], source: str = "<config>", schema: type[Section] | None = None):
     try:
-        return UnlearnConfig.model_validate(raw)
+        return (schema or UnlearnConfig).model_validate(raw)
     except ValidationError as exc:
         lines = [f"{source}: {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
                  + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
                  for err in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines: prepare → train the original → train the retain-only oracle → unlearn per method →
+# evaluate → compare. Each training stage becomes an UnlearnConfig for the engine.
+
+class ForgetRequest(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    kind: Literal["class", "random"] = "class"
+    forget_class: int = Field(0, alias="class", ge=0)  # kind class: the class to forget
+    rho: float = Field(0.0, ge=0, le=1)  # share of the forget set drawn from other classes
+    fraction: float | None = Field(None, gt=0, lt=1)  # kind random: share of the training split
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "ForgetRequest":
+        if self.kind == "random" and self.fraction is None:
+            raise ValueError("kind random needs fraction (the share of the training split to forget)")
+        return self
+
+
+class DatasetSection(Section):
+    source: Literal["fashion-mnist", "digits"]
+    root: str | None = None  # fashion-mnist: the IDX files' folder (default: the Debian package's)
+    forget: ForgetRequest = ForgetRequest()
+    max_train_rows: int | None = Field(None, gt=0)  # a stratified subset, for quick runs
+    seed: int = 0
+    batch_size: int = Field(64, gt=0)  # per worker; forget and retain alike unless a method says
+
+
+class StageTrain(Section):
+    """Optimisation settings of one training or unlearning stage."""
+    lr: float = Field(gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    optimizer: Literal["SGD", "AdamW"] = "SGD"
+    clip_norm: float | None = Field(None, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    bf16: bool = False
+    checkpoint_every: int | None = Field(None, gt=0)
+    progress_every: int = Field(50, gt=0)
+
+
+class MethodEntry(MethodSection):
+    label: str | None = None  # its name in tables and runs (default: the method's name)
+    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the pipeline's unlearn settings
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class TrackingSection(Section):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the output directory
+    experiment: str = "hamu-ray"
+
+
+class PipelineConfig(Section):
+    name: str
+    output_dir: str  # stages are cached here by a hash of their inputs: a re-run skips them
+    data: DatasetSection
+    model: ModelSection
+    train: StageTrain  # the original model and the retrain oracle
+    unlearn: StageTrain  # every method, unless its entry overrides a field
+    methods: list[MethodEntry] = Field(min_length=1)
+    cluster: ClusterSection = ClusterSection()
+    tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        keys = [m.key for m in self.methods]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"methods: labels must be unique, got {keys}; set label: on repeats")
+        if self.model.weights is not None:
+            raise ValueError("model.weights: a pipeline trains its own original model; leave it out")
+        for m in self.methods:  # overrides are validated here, not at the method's stage
+            try:
+                StageTrain.model_validate({**self.unlearn.model_dump(), **m.train})
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"method {m.key}: train overrides: {problems}") from None
+        return self
+
+    def unlearn_settings(self, entry: MethodEntry) -> StageTrain:
+        return StageTrain.model_validate({**self.unlearn.model_dump(), **entry.train})

@@ -81,7 +81,13 @@ def paired_batches(retain_shard, forget_shard, *, retain_batch_size: int, forget
     """(retain_batch, forget_batch) pairs: the anchor set's epochs define the run, the other cycles.
 
     Shards are Ray Data iterators (`ray.train.get_dataset_shard`); batches are dicts of tensors.
+    Without a forget shard (plain training) the pairs are (retain_batch, None).
     """
+    if forget_shard is None:
+        for _ in range(epochs):
+            for batch in _batches(retain_shard, retain_batch_size, columns):
+                yield batch, None
+        return
     anchored, cycled = (retain_shard, forget_shard) if anchor == "retain" else (forget_shard, retain_shard)
     sizes = (retain_batch_size, forget_batch_size) if anchor == "retain" else (forget_batch_size, retain_batch_size)
     cycle = _cycle(cycled, sizes[1], columns)

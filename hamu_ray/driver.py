@@ -12,12 +12,16 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ray.train import UserCallback as UserCallbackBase
+
 from hamu_ray import data
-from hamu_ray.config import UnlearnConfig
+from hamu_ray.config import ClusterSection, UnlearnConfig
 from hamu_ray.worker import EXPORT_INFO, EXPORT_LOG, EXPORT_WEIGHTS, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -36,17 +40,19 @@ class UnlearnResult:
     sets: dict[str, data.SetInfo]
 
 
-def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
+def run_unlearning(cfg: UnlearnConfig, progress: str | None = None) -> UnlearnResult:
+    """Run one job; with `progress` (a label) print a line every train.progress_every steps."""
     out = Path(cfg.output_dir)
     if out.exists():
         raise FileExistsError(f"output_dir {out} already exists; choose a new one (nothing is overwritten)")
     sets = check_inputs(cfg)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
+    started = time.perf_counter()
     try:
-        with ray_session(cfg):
-            result = fit(cfg, sets, staging / "ray")
-        summary = publish(cfg, sets, result, staging)
+        with ray_session(cfg.cluster):
+            result = fit(cfg, sets, staging / "ray", progress)
+        summary = publish(cfg, sets, result, staging, wall_s=time.perf_counter() - started)
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -59,7 +65,8 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
     columns = [cfg.data.input_column, cfg.data.label_column]
     paths = {"forget": cfg.data.forget, "retain": cfg.data.retain, "eval": cfg.data.eval}
     sets = {name: data.inspect_set(name, path, columns) for name, path in paths.items() if path}
-    for name, batch in (("forget", cfg.data.forget_batch_size), ("retain", cfg.data.retain_batch_size)):
+    batches = {"forget": cfg.data.forget_batch_size, "retain": cfg.data.retain_batch_size}
+    for name, batch in ((name, batches[name]) for name in batches if name in sets):
         per_worker = sets[name].num_rows // cfg.cluster.num_workers
         if per_worker < batch:
             raise data.DataError(
@@ -73,7 +80,7 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
 
 
 @contextlib.contextmanager
-def ray_session(cfg: UnlearnConfig):
+def ray_session(cluster: ClusterSection):
     """Join $RAY_ADDRESS or cluster.address; otherwise start an embedded local Ray for this run."""
     import ray
 
@@ -82,7 +89,7 @@ def ray_session(cfg: UnlearnConfig):
         return
     for key, value in RUNTIME_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
     env_vars = {**RUNTIME_ENV_DEFAULTS, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
@@ -98,11 +105,13 @@ def ray_session(cfg: UnlearnConfig):
         ray.shutdown()
 
 
-def fit(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], storage: Path):
+def fit(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], storage: Path, progress: str | None = None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
 
+    queue = Queue(actor_options={"num_cpus": 0}) if progress else None
     use_gpu = cfg.cluster.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -111,15 +120,56 @@ def fit(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], storage: Path):
         train_loop_config=cfg.model_dump(),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-        datasets={name: data.read_set(sets[name], cfg.data.shuffle_seed) for name in ("retain", "forget")},
+        datasets={name: data.read_set(sets[name], cfg.data.shuffle_seed)
+                  for name in ("retain", "forget") if name in sets},
         run_config=RunConfig(name="unlearn", storage_path=str(storage.resolve()),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[ProgressCallback(queue)] if queue is not None else None),
     )
-    return trainer.fit()
+    return trainer.fit() if queue is None else fit_showing_progress(trainer, queue, progress)
 
 
-def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: Path) -> dict:
+class ProgressCallback(UserCallbackBase):
+    """Runs in Ray Train's controller (maybe on another node): sends progress lines to the
+    driver through a Ray queue. The worker reports every train.progress_every steps."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if metrics:
+            self.queue.put_nowait(progress_line(metrics[0]))
+
+
+PROGRESS_KEYS = {"loss/retain": "retain", "loss/forget": "forget", "hardness/cosine_mean": "cos",
+                 "stop/margin": "margin", "surgery/weight": "w"}
+
+
+def progress_line(row: dict) -> str:
+    if row.get("final"):
+        return f"done: {row['steps']} steps, stop {row['stop']}"
+    parts = [f"{short} {row[key]:.4g}" for key, short in PROGRESS_KEYS.items() if key in row]
+    if row.get("stop", "none") != "none":
+        parts.append(f"stop {row['stop']}")
+    return f"step {row.get('step')}: " + ", ".join(parts)
+
+
+def fit_showing_progress(trainer, queue, label: str):
+    from ray.util.queue import Empty
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(trainer.fit)
+        while not (future.done() and queue.empty()):
+            try:
+                print(f"  [{label}] {queue.get(timeout=0.5)}", flush=True)
+            except Empty:
+                pass
+        return future.result()
+
+
+def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: Path,
+            wall_s: float) -> dict:
     """Copy the final export out of the Ray checkpoint and write the run summary."""
     if result.checkpoint is None:
         raise RuntimeError("the run reported no final checkpoint")
@@ -129,7 +179,9 @@ def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: 
         info = json.loads((Path(exported) / EXPORT_INFO).read_text())
     summary = {
         **info,
-        "rule": cfg.method.rule,
+        "method": cfg.method.name,
+        "rule": cfg.method.rule_name,
+        "wall_s": round(wall_s, 1),
         "sets": {name: asdict(info) for name, info in sets.items()},
         "config": cfg.model_dump(),
     }

@@ -52,3 +52,27 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     with gather:
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
 
+
+
+def reference_model(model: torch.nn.Module, *, stage: int, bf16: bool, micro_batch_size: int):
+    """The frozen original for KL/NPO/SCRUB objectives, called as `reference(x) -> logits`.
+
+    Under ZeRO-3 it is partitioned like the trained model (an engine without optimizer, so no
+    rank holds it whole); at stages 0–2 every rank holds the trained model whole anyway.
+    """
+    model.requires_grad_(False).eval()
+    if stage == 3:
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": micro_batch_size,
+                  "zero_optimization": {"stage": 3}, "bf16": {"enabled": bf16},
+                  "steps_per_print": 10**9}
+        model, *_ = deepspeed.initialize(model=model, config=config)
+    elif bf16:
+        model = model.to(torch.bfloat16)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    @torch.no_grad()
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(dtype)).float()
+    return reference

@@ -1,4 +1,5 @@
 """One unlearning step: two backwards, local statistics, one reduction, the rule, write back, step.
+Also the one-backprop implicit-surgery step, which needs only the retain losses reduced.
 
 Backend-neutral: gradients are reached through a GradAccess (hamu_ray.grads), losses through
 callables, and the only collective added to plain training is `reduce_stats` on a [K, 3] float64
@@ -20,6 +21,7 @@ import torch
 
 from hamu_ray.grads import GradAccess
 from hamu_ray.rules import BlockStats, Rule, RuleResult
+from hamu_ray.rules.surgery import ImplicitSurgeryParams, dual_update
 
 LossFn = Callable[[], torch.Tensor]
 StatsReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -48,6 +50,18 @@ class SumAcrossRanks:
 
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
         return stats
+
+
+class MeanAcrossRanks:
+    """all_reduce(AVG) of a few scalars (the retain losses implicit surgery's dual weight needs),
+    so that every rank keeps the same weight."""
+
+    def __call__(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return (t / dist.get_world_size()).tolist()
 
 
 def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: LossFn,
@@ -97,6 +111,15 @@ def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: Lo
     return out
 
 
+def descent_step(grads: GradAccess, loss: LossFn) -> float:
+    """Plain training (the original model, the retrain oracle): one backward, one step."""
+    grads.zero_grads()
+    value = loss()
+    grads.backward(value)
+    grads.step()
+    return value.item()
+
+
 def clip_scales(stats: BlockStats, clip_norm: float | None) -> tuple[float, float]:
     """min(1, clip_norm/‖g‖) for g_r and g_f, from the global squared norms in the statistics."""
     if clip_norm is None:
@@ -107,3 +130,48 @@ def clip_scales(stats: BlockStats, clip_norm: float | None) -> tuple[float, floa
     forget_norm = math.sqrt(float(stats.ff.sum()))
     return (min(1.0, clip_norm / retain_norm) if retain_norm > 0 else 1.0,
             min(1.0, clip_norm / forget_norm) if forget_norm > 0 else 1.0)
+
+
+class ImplicitSurgery:
+    """Loop state of implicit surgery: the dual weight w, and in the fast variant the previous
+    step's retain loss (its "before"), whose "after" is the next step's retain loss."""
+
+    def __init__(self, params: ImplicitSurgeryParams):
+        self.params = params
+        self.weight = float(params.initial_weight)
+        self.pending_before: float | None = None
+
+
+@dataclass(frozen=True)
+class ImplicitStepOutput:
+    retain_loss: float  # this process's batch losses
+    forget_loss: float
+    weight: float  # the dual weight this step used
+    retain_before: float  # mean over ranks of the retain loss before the step
+    retain_after: float | None  # ... after it, on the same batches (None in the fast variant)
+    next_weight: float
+
+
+def implicit_surgery_step(grads: GradAccess, state: ImplicitSurgery, *, lr: float,
+                          retain_loss: LossFn, forget_loss: LossFn,
+                          reduce_mean: Callable[[list[float]], list[float]] | None = None
+                          ) -> ImplicitStepOutput:
+    """One backward on L_u + w·L_r with L_u = −forget loss, an optimizer step, then the dual update
+    of w from the measured retain-loss change (an extra forward, no backward, unless fast)."""
+    mean = reduce_mean or (lambda values: values)
+    grads.zero_grads()
+    loss_r, loss_f = retain_loss(), forget_loss()
+    (before,) = mean([loss_r.item()])
+    if state.params.fast and state.pending_before is not None:
+        state.weight = dual_update(state.weight, state.pending_before, before, lr, state.params)
+    weight = state.weight
+    grads.backward(weight * loss_r - loss_f)
+    grads.step()
+    after = None
+    if state.params.fast:
+        state.pending_before = before
+    else:
+        with torch.no_grad():
+            (after,) = mean([retain_loss().item()])
+        state.weight = dual_update(weight, before, after, lr, state.params)
+    return ImplicitStepOutput(loss_r.item(), loss_f.item(), weight, before, after, state.weight)

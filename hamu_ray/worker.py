@@ -8,13 +8,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from hamu_ray import data, engine as eng, models
+from hamu_ray import data, engine as eng, models, objectives
 from hamu_ray.config import UnlearnConfig
 from hamu_ray.grads import DeepSpeedGrads
 from hamu_ray.rules import get_rule
-from hamu_ray.step import StepOutput, SumAcrossRanks, unlearning_step
+from hamu_ray.rules.surgery import ImplicitSurgeryParams
+from hamu_ray.step import (ImplicitStepOutput, ImplicitSurgery, MeanAcrossRanks, StepOutput,
+                           SumAcrossRanks, descent_step, implicit_surgery_step, unlearning_step)
 
 log = logging.getLogger(__name__)
 DS_TAG = "ds"  # the DeepSpeed checkpoint tag inside every Ray checkpoint
@@ -34,41 +35,44 @@ def train_loop_per_worker(config: dict) -> None:
     engine = eng.initialize(model, eng.deepspeed_config(
         stage=cfg.train.zero_stage, lr=cfg.train.lr, micro_batch_size=cfg.data.retain_batch_size,
         bf16=cfg.train.bf16, optimizer=cfg.train.optimizer))
-    grads, reduce = DeepSpeedGrads(engine), SumAcrossRanks()
-    rule = get_rule(cfg.method.rule, **cfg.method.hparams)
+    reference = None
+    if cfg.data.forget is not None and objectives.needs_reference(cfg.method.spec):
+        reference = eng.reference_model(models.build_model(cfg.model), stage=cfg.train.zero_stage,
+                                        bf16=cfg.train.bf16, micro_batch_size=cfg.data.retain_batch_size)
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    losses = objectives.loss_fns(cfg.method.spec, cfg.method.objective,
+                                 lambda x: engine(x.to(dtype)).float(), reference)
 
     # resume: weights and optimizer state from the latest checkpoint, then skip the steps done
     start_step, step_log = restore(engine, ray.train.get_checkpoint())
     resumed = start_step > 0
+    take_step = step_function(cfg, DeepSpeedGrads(engine), *losses, step_log)
+    forget_shard = ray.train.get_dataset_shard("forget") if cfg.data.forget is not None else None
     pairs = data.paired_batches(
-        ray.train.get_dataset_shard("retain"), ray.train.get_dataset_shard("forget"),
+        ray.train.get_dataset_shard("retain"), forget_shard,
         retain_batch_size=cfg.data.retain_batch_size, forget_batch_size=cfg.data.forget_batch_size,
         anchor=cfg.data.anchor, epochs=cfg.train.epochs,
         columns=(cfg.data.input_column, cfg.data.label_column))
     for _ in range(start_step):
         next(pairs)
 
-    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     step = start_step
     for retain_batch, forget_batch in pairs:
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         step += 1
-        # the step: both gradients on this worker's micro-batches, statistics all-reduced
-        out = unlearning_step(
-            grads, rule, lr=cfg.train.lr, reduce_stats=reduce, clip_norm=cfg.train.clip_norm,
-            retain_loss=lambda: classifier_loss(engine, retain_batch, dtype),
-            forget_loss=lambda: classifier_loss(engine, forget_batch, dtype))
-        record = step_record(step, out)
+        record = take_step(step, retain_batch, forget_batch)
         step_log.append(record)
 
-        # report every step; checkpoint every k steps (every worker saves its shard, then reports)
-        stop = out.result.stop is not None
+        # checkpoint every k steps (every worker saves its shard, then reports); otherwise report
+        # only every progress_every steps: a report is a barrier through Ray Train's controller
+        # (~1 s here), and every row reaches the driver in the exported step log anyway
+        stop = record["stop"] != "none"
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not stop:
             with tempfile.TemporaryDirectory() as tmp:
                 save(engine, tmp, step, step_log, rank)
                 ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
+        elif stop or step % cfg.train.progress_every == 0:
             ray.train.report(record)
         if cfg.train.fail_after_step == step and not resumed:
             raise RuntimeError(f"injected failure after step {step} (train.fail_after_step)")
@@ -82,11 +86,54 @@ def train_loop_per_worker(config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             export(tmp, state, step_log, summary)
-        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        ray.train.report({**summary, "final": True},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
-def classifier_loss(engine, batch: dict, dtype: torch.dtype) -> torch.Tensor:
-    return F.cross_entropy(engine(batch["x"].to(dtype)).float(), batch["y"])
+def step_function(cfg: UnlearnConfig, grads: DeepSpeedGrads, retain_loss, forget_loss,
+                  step_log: list[dict]):
+    """`take_step(step, retain_batch, forget_batch) -> record` for this job: plain training
+    (no forget set), one-backprop implicit surgery, or the two-backward rule step."""
+    if cfg.data.forget is None:
+        def train(step: int, retain_batch: dict, _) -> dict:
+            return {"step": step, "loss/retain": descent_step(grads, lambda: retain_loss(retain_batch)),
+                    "stop": "none"}
+        return train
+
+    if cfg.method.spec.implicit:
+        state = ImplicitSurgery(ImplicitSurgeryParams(**cfg.method.hparams))
+        if step_log:  # resumed: the dual weight (and the fast variant's pending loss) carry over
+            state.weight = step_log[-1]["surgery/next_weight"]
+            state.pending_before = step_log[-1]["surgery/retain_before"] if state.params.fast else None
+        reduce_mean = MeanAcrossRanks()
+
+        def implicit(step: int, retain_batch: dict, forget_batch: dict) -> dict:
+            out = implicit_surgery_step(
+                grads, state, lr=cfg.train.lr, reduce_mean=reduce_mean,
+                retain_loss=lambda: retain_loss(retain_batch),
+                forget_loss=lambda: forget_loss(forget_batch))
+            return implicit_record(step, out)
+        return implicit
+
+    rule, reduce = get_rule(cfg.method.rule_name, **cfg.method.hparams), SumAcrossRanks()
+
+    def two_backward(step: int, retain_batch: dict, forget_batch: dict) -> dict:
+        # both gradients on this worker's micro-batches, statistics all-reduced
+        out = unlearning_step(
+            grads, rule, lr=cfg.train.lr, reduce_stats=reduce, clip_norm=cfg.train.clip_norm,
+            retain_loss=lambda: retain_loss(retain_batch),
+            forget_loss=lambda: forget_loss(forget_batch))
+        return step_record(step, out)
+    return two_backward
+
+
+def implicit_record(step: int, out: ImplicitStepOutput) -> dict:
+    record = {"step": step, "loss/retain": out.retain_loss, "loss/forget": out.forget_loss,
+              "surgery/weight": out.weight, "surgery/next_weight": out.next_weight,
+              "surgery/retain_before": out.retain_before, "stop": "none"}
+    if out.retain_after is not None:
+        record["surgery/retain_after"] = out.retain_after
+    return record
 
 
 def step_record(step: int, out: StepOutput) -> dict:

@@ -23,7 +23,7 @@ def sets(tmp_path):
 def raw(tmp_path, **data):
     return {"data": {"forget": str(tmp_path / "forget.parquet"), "retain": str(tmp_path / "retain.parquet"),
                      "retain_batch_size": 2, "forget_batch_size": 2, **data},
-            "model": {"sizes": [2, 2]}, "method": {"rule": "hamu-q"}, "train": {"lr": 0.1},
+            "model": {"sizes": [2, 2]}, "method": {"name": "hamu-q"}, "train": {"lr": 0.1},
             "output_dir": str(tmp_path / "out")}
 
 
@@ -69,7 +69,7 @@ def test_too_few_rows_for_the_workers(sets):
 def test_config_errors_name_the_file_and_every_field(sets):
     bad = raw(sets)
     bad["train"] = {"lr": -1, "zero_stage": 4}
-    bad["method"] = {"rule": "hamu-q", "hparams": {"radius": -2}}
+    bad["method"] = {"name": "hamu-q", "hparams": {"radius": -2}}
     bad["surprise"] = 1
     path = sets / "pipeline.yaml"
     import yaml

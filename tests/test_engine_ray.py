@@ -59,7 +59,7 @@ def config(root, out, *, workers=2, **train):
                  "retain_batch_size": 8 // workers, "forget_batch_size": 4 // workers,
                  "shuffle_seed": None},
         "model": {"sizes": SIZES, "weights": str(root / "init.safetensors")},
-        "method": {"rule": RULE[0], "hparams": RULE[1]},
+        "method": {"name": RULE[0], "hparams": RULE[1]},
         "train": {"lr": LR, "epochs": STEPS, "zero_stage": 3, **train},
         "cluster": {"num_workers": workers, "max_failures": 1},
         "output_dir": str(out),

@@ -29,6 +29,14 @@ CASES = {
 }
 STAGES = (0, 1, 2, 3)
 BF16_STAGES = (2, 3)
+# objectives with a frozen reference model (partitioned under ZeRO-3) and one-backprop surgery
+METHOD_CASES = {
+    "npo-hamu": {"name": "npo", "rule": "hamu-q", "hparams": {"constraint": 0.02, "radius": 0.1},
+                 "objective": {"beta": 0.5}},
+    "scrub": {"name": "scrub", "objective": {"temperature": 2.0}},
+    "implicit": {"name": "surgery-implicit", "hparams": {"dual_lr": 0.3, "epsilon": 0.05}},
+}
+METHOD_STAGES = (0, 3)
 
 
 def make_model() -> torch.nn.Module:
@@ -58,6 +66,36 @@ def run_reference(rule_name, hparams):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def run_method(case: str, grads, logits_of, reference, rank=0, world=1, reduce=None, reduce_mean=None):
+    """METHOD_CASES[case] for STEPS steps through the worker's own step function."""
+    from hamu_ray import objectives
+    from hamu_ray.config import MethodSection
+    from hamu_ray.rules.surgery import ImplicitSurgeryParams
+    from hamu_ray.step import ImplicitSurgery, implicit_surgery_step
+
+    method = MethodSection(**METHOD_CASES[case])
+    retain_loss, forget_loss = objectives.loss_fns(method.spec, method.objective, logits_of, reference)
+    state = ImplicitSurgery(ImplicitSurgeryParams(**method.hparams)) if method.spec.implicit else None
+    for (xr, yr), (xf, yf) in make_batches():
+        retain = {"x": xr[rank::world], "y": yr[rank::world]}
+        forget = {"x": xf[rank::world], "y": yf[rank::world]}
+        if state is not None:
+            implicit_surgery_step(grads, state, lr=LR, retain_loss=lambda: retain_loss(retain),
+                                  forget_loss=lambda: forget_loss(forget), reduce_mean=reduce_mean)
+        else:
+            unlearning_step(grads, get_rule(method.rule_name, **method.hparams), lr=LR,
+                            retain_loss=lambda: retain_loss(retain),
+                            forget_loss=lambda: forget_loss(forget), reduce_stats=reduce)
+    return state.weight if state else None
+
+
+def run_method_reference(case: str):
+    model, frozen = make_model(), make_model().requires_grad_(False)
+    grads = TorchGrads(model, torch.optim.SGD(model.parameters(), lr=LR))
+    weight = run_method(case, grads, model, frozen)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, weight
+
+
 def _worker(rank: int, port: int, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
@@ -66,7 +104,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 
     from hamu_ray import engine as eng
     from hamu_ray.grads import DeepSpeedGrads
-    from hamu_ray.step import SumAcrossRanks
+    from hamu_ray.step import MeanAcrossRanks, SumAcrossRanks
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     sent = []  # spy (not a mock): every all_reduce goes through; hamu-ray's own are recorded
@@ -109,6 +147,13 @@ def _worker(rank: int, port: int, out_path: str) -> None:
                             forget_loss=lambda: F.cross_entropy(engine(xf).float(), yf),
                             reduce_stats=SumAcrossRanks())
         results[(stage, "bf16")] = {"state": eng.full_state_dict(engine), "mode": grads.mode}
+    for stage in METHOD_STAGES:
+        for case in METHOD_CASES:
+            engine = eng.initialize(make_model(), eng.deepspeed_config(stage=stage, lr=LR, micro_batch_size=4))
+            reference = eng.reference_model(make_model(), stage=stage, bf16=False, micro_batch_size=4)
+            weight = run_method(case, DeepSpeedGrads(engine), engine, reference, rank, WORLD,
+                                SumAcrossRanks(), MeanAcrossRanks())
+            results[(stage, case)] = {"state": eng.full_state_dict(engine), "weight": weight}
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
@@ -158,3 +203,16 @@ def test_bf16_tracks_the_fp32_reference_to_bf16_accuracy(distributed_results, st
     for name, expected in reference.items():
         torch.testing.assert_close(distributed_results[(stage, "bf16")]["state"][name], expected,
                                    rtol=0, atol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("stage", METHOD_STAGES)
+@pytest.mark.parametrize("case", METHOD_CASES)
+def test_objectives_and_implicit_surgery_match_the_single_process_run(distributed_results, stage, case):
+    """Reference-model objectives (the frozen original partitioned under ZeRO-3) and the dual
+    weight of implicit surgery (retain losses averaged over ranks) reproduce one process."""
+    reference, weight = run_method_reference(case)
+    result = distributed_results[(stage, case)]
+    for name, expected in reference.items():
+        torch.testing.assert_close(result["state"][name], expected, rtol=0, atol=1e-5, msg=name)
+    if weight is not None:
+        assert result["weight"] == pytest.approx(weight, abs=1e-6) and weight != 1.0

@@ -4,10 +4,14 @@ With the unlearning direction u = −g_f, the step d = u + λ*·g_r with
 λ* = max(0, (−g_r·u − ε)/‖g_r‖²) keeps the first-order retain increase of a unit step,
 g_r·(−d), at or below ε (ε ≥ 0 allows an increase, ε < 0 demands a decrease); SGD at lr then
 raises the retain loss by at most lr·ε to first order. λ* is computed on the whole model
-(one multiplier, as in the paper). The one-backprop "implicit" variant is a loop-level method:
-it keeps a dual weight across steps and so is not a per-step rule.
+(one multiplier, as in the paper).
 
-Not here: reducing statistics across ranks, the dual-weight update, logging.
+Implicit surgery (one backprop) solves the same problem by dual ascent: each step descends
+L_u + w·L_r (L_u = −forget loss), then `dual_update` raises w when the measured retain rise per
+unit step, (ℓ_r after − ℓ_r before)/lr, exceeds ε and lowers it (not below 0) otherwise. In the
+paper's form: δ = (ℓ_r before − ℓ_r after)/lr + ε, w ← max(0, w − β·δ). Same ε sign as above.
+
+Not here: reducing statistics across ranks, logging.
 """
 
 from __future__ import annotations
@@ -27,6 +31,30 @@ class SurgeryParams:
     def __post_init__(self) -> None:
         if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon)):
             raise ValueError(f"epsilon must be a finite number, got {self.epsilon!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImplicitSurgeryParams:
+    epsilon: float = 0.0  # allowed retain-loss rise per unit step, as in SurgeryParams
+    dual_lr: float = 1.0  # β: step size of the dual ascent on w
+    initial_weight: float = 1.0  # w at step 1
+    fast: bool = False  # measure "after" on the next step's retain batch: no extra forward
+
+    def __post_init__(self) -> None:
+        SurgeryParams(epsilon=self.epsilon)
+        for name in ("dual_lr", "initial_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.fast, bool):
+            raise ValueError(f"fast must be true or false, got {self.fast!r}")
+
+
+def dual_update(weight: float, retain_before: float, retain_after: float, lr: float,
+                params: ImplicitSurgeryParams) -> float:
+    """The dual weight for the next step: w ← max(0, w − β·((ℓ_before − ℓ_after)/lr + ε))."""
+    delta = (retain_before - retain_after) / lr + params.epsilon
+    return max(0.0, weight - params.dual_lr * delta)
 
 
 def surgery(stats: BlockStats, lr: float, params: SurgeryParams) -> RuleResult:

@@ -1,0 +1,82 @@
+"""MLflow: one parent run per pipeline invocation, a child run per stage and per method.
+
+Only numbers, configs, digests and counts are logged: never a row of the forget set.
+Default store: sqlite inside the pipeline's output directory, with artifacts beside it;
+`tracking.uri` in the pipeline or $MLFLOW_TRACKING_URI overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+def tracking_uri(configured: str | None, output_dir: Path) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir.resolve()}/mlflow.db"
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → {"train.lr": "0.1", ...} (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+        import mlflow
+
+        self.mlflow, self.uri = mlflow, uri
+        mlflow.set_tracking_uri(uri)
+        self.client = mlflow.MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:  # our own sqlite store keeps its artifacts beside it, not in the cwd
+            location = artifact_root.resolve().as_uri() if artifact_root else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+
+    @contextlib.contextmanager
+    def run(self, name: str, *, params: dict[str, Any] | None = None,
+            tags: dict[str, str] | None = None) -> Iterator[str]:
+        """A run (nested under the active one, if any); yields its id."""
+        nested = self.mlflow.active_run() is not None
+        with self.mlflow.start_run(experiment_id=self.experiment_id, run_name=name, nested=nested,
+                                   tags=tags) as active:
+            if params:
+                self.mlflow.log_params(flatten(params))
+            yield active.info.run_id
+
+    def log_steps(self, run_id: str, step_log: list[dict]) -> int:
+        """The engine's per-step rows as MLflow metrics (numbers only); returns how many."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, int(row["step"]))
+                   for row in step_log for key, value in row.items()
+                   if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)]
+        for i in range(0, len(metrics), BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i:i + BATCH])
+        return len(metrics)
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and math.isfinite(v)})
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.mlflow.log_artifact(str(path), artifact_path=folder)
