@@ -1,0 +1,114 @@
+"""The digits pipeline end to end on the real local Ray, DeepSpeed and a sqlite MLflow store,
+then a re-run with one method edited: only that method's stage runs again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from hamu_ray.config import ConfigError, PipelineConfig, load_pipeline, parse_config
+
+PIPELINE = Path(__file__).parent.parent / "pipelines" / "digits.yaml"
+STAGES = ["prepare", "original", "oracle", "unlearn-hamu-q", "unlearn-gdiff"]
+
+
+def digits_config(output_dir: Path, edit=None) -> PipelineConfig:
+    raw = yaml.safe_load(PIPELINE.read_text())
+    raw["output_dir"] = str(output_dir)
+    if edit:
+        edit(raw)
+    return parse_config(raw, source=str(PIPELINE), schema=PipelineConfig)
+
+
+def runs_of(uri: str, parent_id: str) -> dict[str, mlflow.entities.Run]:
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {run.info.run_name: run for run in children}
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory):
+    from hamu_ray.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("digits") / "run"
+    first = run_pipeline(digits_config(out))
+
+    def slower_gdiff(raw):
+        raw["methods"][1]["train"] = {"lr": 0.005}
+    second = run_pipeline(digits_config(out, slower_gdiff))
+    return out, first, second
+
+
+@pytest.mark.integration
+def test_hamu_q_forgets_the_class_and_keeps_the_retained_classes(pipeline_runs):
+    _, first, _ = pipeline_runs
+    rows = {row["model"]: row for row in first.rows}
+    assert list(rows) == ["original", "oracle", "hamu-q", "gdiff"]
+    original, hamu = rows["original"], rows["hamu-q"]
+    assert hamu["forget_acc"] <= original["forget_acc"] - 0.30
+    assert abs(hamu["test_acc_retained"] - original["test_acc_retained"]) <= 0.05
+    assert rows["oracle"]["forget_acc"] < 0.05  # whole-class forgetting: the oracle never saw a 3
+
+
+@pytest.mark.integration
+def test_mlflow_holds_the_parent_children_metrics_and_plots(pipeline_runs):
+    out, first, _ = pipeline_runs
+    assert first.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
+    children = runs_of(first.tracking_uri, first.parent_run_id)
+    assert sorted(children) == sorted(STAGES)
+    client = mlflow.MlflowClient(first.tracking_uri)
+
+    hamu = children["unlearn-hamu-q"]
+    steps = int(hamu.data.metrics["steps"])
+    for key in ("loss/forget", "hardness/cosine_mean", "guarantee/forget_gain", "stop/margin"):
+        history = client.get_metric_history(hamu.info.run_id, key)
+        assert len(history) == steps and [m.step for m in history] == list(range(1, steps + 1)), key
+    assert hamu.data.params["method.name"] == "hamu-q" and hamu.data.tags["cached"] == "False"
+    assert [a.path for a in client.list_artifacts(hamu.info.run_id, "model")] == ["model/model.safetensors"]
+
+    parent_artifacts = {a.path for a in client.list_artifacts(first.parent_run_id)}
+    assert {"tradeoff.png", "hardness.png", "comparison.csv", "comparison.md", "config.yaml"} <= parent_artifacts
+    for name in ("tradeoff.png", "hardness.png"):
+        assert (first.report_dir / name).read_bytes()[:4] == b"\x89PNG"
+    parent = client.get_run(first.parent_run_id)
+    assert parent.data.metrics["hamu-q/forget_acc"] == pytest.approx(first.rows[2]["forget_acc"])
+
+    # the forget set appears only as counts and digests
+    prepare = children["prepare"]
+    assert prepare.data.metrics["rows/forget"] > 0 and len(prepare.data.tags["digest/forget"]) == 16
+
+
+@pytest.mark.integration
+def test_a_rerun_skips_finished_stages_and_reruns_the_edited_one(pipeline_runs):
+    out, first, second = pipeline_runs
+    children = runs_of(second.tracking_uri, second.parent_run_id)
+    cached = {name: run.data.tags["cached"] for name, run in children.items()}
+    assert cached == {"prepare": "True", "original": "True", "oracle": "True",
+                      "unlearn-hamu-q": "True", "unlearn-gdiff": "False"}
+    gdiff_dirs = sorted(p.name for p in (out / "stages").glob("unlearn-gdiff-*"))
+    assert len(gdiff_dirs) == 2  # the first result is kept, not overwritten
+    assert not list((out / "stages").glob(".*partial*"))
+    rows = {row["model"]: row for row in second.rows}
+    assert rows["hamu-q"] == {row["model"]: row for row in first.rows}["hamu-q"]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda raw: raw["data"]["forget"].update(rho=1.5), "data.forget.rho: Input should be less than or equal to 1"),
+    (lambda raw: raw["data"].update(source="cifar"), "data.source: Input should be 'fashion-mnist' or 'digits'"),
+    (lambda raw: raw["methods"].append({"name": "gdiff"}), "labels must be unique"),
+    (lambda raw: raw["methods"][0].update(train={"lr": -1}), "method hamu-q: train overrides: lr: Input should be greater than 0"),
+    (lambda raw: raw["methods"][0].update(name="hamu-z"), "methods.0: Value error, unknown method 'hamu-z'"),
+])
+def test_pipeline_errors_name_the_file_and_the_field(tmp_path, edit, needle):
+    raw = yaml.safe_load(PIPELINE.read_text())
+    edit(raw)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path)
+    assert f"{path}: " in str(err.value) and needle in str(err.value), str(err.value)
