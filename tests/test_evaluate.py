@@ -126,6 +126,20 @@ def test_forget_quality_identical_and_separated():
     assert ev.forget_quality(np.zeros(50), np.ones(50)) < 1e-10
 
 
+def test_ks_statistic_still_ranks_when_p_underflows():
+    oracle = np.linspace(0, 1, 6000)
+    near, far = ev.compare_to_oracle(*_metrics_for(oracle + 0.5), oracle), ev.compare_to_oracle(
+        *_metrics_for(oracle + 0.9), oracle)
+    assert near["forget_quality"] == far["forget_quality"] == 0.0  # both underflow
+    assert near["forget_ks_stat"] == pytest.approx(0.5, abs=1e-3)
+    assert far["forget_ks_stat"] == pytest.approx(0.9, abs=1e-3)
+
+
+def _metrics_for(forget_losses):
+    metrics = {name: 0.5 for name in ("forget_acc", "retain_acc", "test_acc", "test_acc_retained", "mia_auc")}
+    return metrics, forget_losses, metrics
+
+
 def test_forget_quality_known_p_values():
     # fully separated 3 vs 3: only 2 of the C(6,3) = 20 splits reach D = 1
     assert ev.forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(2 / 20)
@@ -187,7 +201,8 @@ def test_compare_to_oracle_gaps_by_hand():
     out = ev.compare_to_oracle(metrics, np.array([1.0, 2.0, 5.0]), oracle, np.array([3.0, 4.0, 6.0]))
     expected = {"gap_forget_acc": 0.20, "gap_retain_acc": 0.05, "gap_test_acc": 0.02,
                 "gap_test_acc_retained": 0.01, "gap_mia_auc": 0.10,
-                "avg_gap": (0.20 + 0.05 + 0.02) / 3, "forget_quality": 12 / 20}
+                "avg_gap": (0.20 + 0.05 + 0.02) / 3, "forget_quality": 12 / 20,
+                "forget_ks_stat": 2 / 3}  # {1,2,5} vs {3,4,6}: the CDFs differ by 2/3 at 2
     assert set(out) == set(expected)
     for name, value in expected.items():
         assert out[name] == pytest.approx(value), name
