@@ -26,9 +26,11 @@ from hamu_ray.worker import EXPORT_INFO, EXPORT_LOG, EXPORT_WEIGHTS, train_loop_
 
 log = logging.getLogger(__name__)
 
-# No telemetry, no token file, CPU DeepSpeed unless a GPU says otherwise (DESIGN §5).
+# No telemetry, no token file (DESIGN §5).
 RUNTIME_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                         "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+# Set by Ray's job supervisor in a submitted job's driver: the job's runtime env, as JSON.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,9 @@ class UnlearnResult:
     sets: dict[str, data.SetInfo]
 
 
-def run_unlearning(cfg: UnlearnConfig, progress: str | None = None) -> UnlearnResult:
-    """Run one job; with `progress` (a label) print a line every train.progress_every steps."""
+def run_unlearning(cfg: UnlearnConfig, progress: str | None = None, callbacks=()) -> UnlearnResult:
+    """Run one job; with `progress` (a label) print a line every train.progress_every steps.
+    `callbacks`: more Ray Train UserCallbacks (a Tune trial forwards the reports with one)."""
     out = Path(cfg.output_dir)
     if out.exists():
         raise FileExistsError(f"output_dir {out} already exists; choose a new one (nothing is overwritten)")
@@ -51,7 +54,7 @@ def run_unlearning(cfg: UnlearnConfig, progress: str | None = None) -> UnlearnRe
     started = time.perf_counter()
     try:
         with ray_session(cfg.cluster):
-            result = fit(cfg, sets, staging / "ray", progress)
+            result = fit(cfg, sets, staging / "ray", progress, callbacks)
         summary = publish(cfg, sets, result, staging, wall_s=time.perf_counter() - started)
         staging.rename(out)
     except BaseException:
@@ -90,9 +93,11 @@ def ray_session(cluster: ClusterSection):
     for key, value in RUNTIME_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     address = cluster.address or os.environ.get("RAY_ADDRESS")
-    env_vars = {**RUNTIME_ENV_DEFAULTS, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    # DeepSpeed picks cuda on GPU nodes and cpu elsewhere by itself; pass only an explicit choice
+    accelerator = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}
+    env_vars = {**RUNTIME_ENV_DEFAULTS, **accelerator}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+        ray.init(address=address, runtime_env=joining_runtime_env(env_vars), log_to_driver=False)
     else:
         # Logical CPUs = cores: workers take fractions (cluster.cpus_per_worker) so Ray Data
         # always has a CPU left; with whole CPUs on 2 cores the job hangs silently (DESIGN §5).
@@ -105,7 +110,23 @@ def ray_session(cluster: ClusterSection):
         ray.shutdown()
 
 
-def fit(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], storage: Path, progress: str | None = None):
+def joining_runtime_env(env_vars: dict[str, str]) -> dict | None:
+    """The runtime_env for ray.init when joining a cluster.
+
+    Inside a submitted Ray job, Ray merges ray.init's runtime_env into the job's (its working_dir,
+    py_modules and env_vars stay) but refuses any env var both set, even to the same value; so
+    pass only the variables the job's runtime env lacks.
+    """
+    job_config = os.environ.get(JOB_CONFIG_ENV)
+    if not job_config:
+        return {"env_vars": env_vars}
+    job_vars = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+    missing = {key: value for key, value in env_vars.items() if key not in job_vars}
+    return {"env_vars": missing} if missing else None
+
+
+def fit(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], storage: Path, progress: str | None = None,
+        callbacks=()):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -125,7 +146,7 @@ def fit(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], storage: Path, progre
         run_config=RunConfig(name="unlearn", storage_path=str(storage.resolve()),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=[ProgressCallback(queue)] if queue is not None else None),
+                             callbacks=[*callbacks, *([ProgressCallback(queue)] if queue is not None else [])]),
     )
     return trainer.fit() if queue is None else fit_showing_progress(trainer, queue, progress)
 
