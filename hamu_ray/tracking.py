@@ -13,12 +13,42 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
+
+from hamu_ray.config import ConfigError
 
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 
 
 def tracking_uri(configured: str | None, output_dir: Path) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir.resolve()}/mlflow.db"
+
+
+def is_local_store(uri: str) -> bool:
+    """A store on this machine's disk: a plain path, file:, or sqlite: (any SQLAlchemy driver)."""
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's names for hosted stores
+        return False
+    scheme = urlparse(uri).scheme.lower()
+    return scheme in ("", "file") or scheme.split("+")[0] == "sqlite" or len(scheme) == 1  # C:\\…
+
+
+def refuse_local_store_on_cluster(uri: str, nodes: list[dict] | None = None) -> None:
+    """On a Ray cluster with more than one alive node, a local store is an error: it lives on
+    the driver's node only, so the other nodes (and anyone browsing the results after the job)
+    cannot reach it. `nodes`: ray.nodes() of the connected cluster (read here when None)."""
+    if not is_local_store(uri):
+        return
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    alive = sum(1 for node in nodes if node.get("Alive"))
+    if alive > 1:
+        raise ConfigError(
+            f"tracking.uri: {uri} is a local MLflow store, but this Ray cluster has {alive} nodes: "
+            "a file or sqlite store on one node cannot be reached from the others. Use an MLflow "
+            "server URI (e.g. http://mlflow.internal:5000) via tracking.uri, --tracking-uri or "
+            "$MLFLOW_TRACKING_URI")
 
 
 def ui_command(uri: str) -> str:
@@ -45,19 +75,22 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         self.client = mlflow.MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
-        if found is None:  # our own sqlite store keeps its artifacts beside it, not in the cwd
-            location = artifact_root.resolve().as_uri() if artifact_root else None
+        if found is None:
+            # A local store keeps its artifacts beside it, not in the cwd; a server keeps them
+            # where it was told to (--artifacts-destination), reachable from every node.
+            local = artifact_root is not None and is_local_store(uri)
+            location = artifact_root.resolve().as_uri() if local else None
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
 
     @contextlib.contextmanager
     def run(self, name: str, *, params: dict[str, Any] | None = None,
-            tags: dict[str, str] | None = None) -> Iterator[str]:
-        """A run (nested under the active one, if any); yields its id."""
+            tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[str]:
+        """A run (nested under the active one, if any); yields its id. `run_id` reopens a run."""
         nested = self.mlflow.active_run() is not None
-        with self.mlflow.start_run(experiment_id=self.experiment_id, run_name=name, nested=nested,
-                                   tags=tags) as active:
+        with self.mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id, run_name=name,
+                                   nested=nested, tags=tags) as active:
             if params:
                 self.mlflow.log_params(flatten(params))
             yield active.info.run_id
