@@ -15,12 +15,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from hamu_ray import data, datasets, evaluate, plots
 from hamu_ray.config import PipelineConfig, StageTrain, UnlearnConfig
 from hamu_ray.driver import ray_session, run_unlearning
-from hamu_ray.tracking import Tracker, tracking_uri, ui_command
+from hamu_ray.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
 from hamu_ray.worker import EXPORT_LOG, EXPORT_WEIGHTS
 
 PREPARE_VERSION = 1  # bump when the prepared files change for the same config
@@ -33,6 +34,10 @@ class StageOutput:
     directory: Path
     cached: bool
     summary: dict
+
+    @classmethod
+    def read(cls, directory: Path, cached: bool = True) -> "StageOutput":
+        return cls(directory.name, directory, cached, json.loads((directory / "summary.json").read_text()))
 
     @property
     def weights(self) -> Path:
@@ -64,11 +69,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     with tracker.run(cfg.name, params=cfg.model_dump(by_alias=True), tags={"kind": "pipeline"}) as parent:
         tracker.log_artifact(report / "config.yaml")
         prepared = prepare(cfg, out, tracker)
-        stages: dict[str, StageOutput] = {}
         with ray_session(cfg.cluster):
-            for name, retain in (("original", "train"), ("oracle", "retain")):
-                job = training_job(cfg, prepared[retain])
-                stages[name] = run_stage(name, job, out, tracker)
+            refuse_local_store_on_cluster(uri)
+            stages = train_references(cfg, prepared, out, tracker)
             for entry in cfg.methods:
                 job = unlearning_job(cfg, entry, prepared, stages["original"].weights)
                 stages[entry.key] = run_stage(f"unlearn-{entry.key}", job, out, tracker, final_model=True)
@@ -132,6 +135,13 @@ def forget_classes(cfg: PipelineConfig) -> list[int]:
     return [cfg.data.forget.forget_class] if cfg.data.forget.kind == "class" else []
 
 
+def train_references(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
+                     tracker: Tracker) -> dict[str, StageOutput]:
+    """The original model (trained on everything) and the oracle (retain set only)."""
+    return {name: run_stage(name, training_job(cfg, prepared[split]), out, tracker)
+            for name, split in (("original", "train"), ("oracle", "retain"))}
+
+
 def training_job(cfg: PipelineConfig, retain: str) -> dict:
     return job_dict(cfg, cfg.train, data={"forget": None, "retain": retain},
                     method={"name": "ft"}, weights=None)
@@ -175,25 +185,46 @@ def run_stage(name: str, job: dict, out: Path, tracker: Tracker, final_model: bo
 
 # ---- evaluation and report -----------------------------------------------------------------
 
-def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput]) -> list[dict]:
-    from hamu_ray import models
+@dataclass(frozen=True)
+class Yardstick:
+    """What every model is measured against: the sets and the oracle's results on them."""
+    sets: dict[str, tuple]
+    forget_classes: list[int]
+    oracle: dict[str, float]
+    oracle_forget_losses: np.ndarray
 
+
+def yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle_weights: Path) -> Yardstick:
     splits = {name: datasets.read_split(prepared[name]) for name in ("forget", "retain", "test")}
     sets = {name: (split.x, split.y) for name, split in splits.items()}
-    results: dict[str, dict] = {}
-    oracle_forget_losses = None
-    for name in ("oracle", "original", *[k for k in stages if k not in REFERENCES]):
-        model = models.build_model(cfg.model.model_copy(update={"weights": str(stages[name].weights)}))
-        metrics, predictions = evaluate.evaluate(model, sets, forget_classes=forget_classes(cfg))
-        forget_losses = predictions["forget"].losses
-        if name == "oracle":
-            oracle_metrics, oracle_forget_losses = metrics, forget_losses
-        metrics.update(evaluate.compare_to_oracle(metrics, forget_losses, oracle_metrics, oracle_forget_losses))
-        summary = stages[name].summary
-        results[name] = {**metrics, "steps": summary["steps"], "stop": summary["stop"],
-                         "wall_s": summary["wall_s"]}
-    ordered = {name: results[name] for name in stages}  # original, oracle, then the methods
-    return evaluate.comparison_rows(ordered)
+    metrics, predictions = evaluate.evaluate(load_weights(cfg, oracle_weights), sets,
+                                             forget_classes=forget_classes(cfg))
+    return Yardstick(sets, forget_classes(cfg), metrics, predictions["forget"].losses)
+
+
+def measure(cfg: PipelineConfig, ruler: Yardstick, weights: Path) -> dict[str, float]:
+    """Accuracies, losses, MIA, and the comparison to the oracle (forget quality, gaps)."""
+    metrics, predictions = evaluate.evaluate(load_weights(cfg, weights), ruler.sets,
+                                             forget_classes=ruler.forget_classes)
+    metrics.update(evaluate.compare_to_oracle(metrics, predictions["forget"].losses,
+                                              ruler.oracle, ruler.oracle_forget_losses))
+    return metrics
+
+
+def load_weights(cfg: PipelineConfig, weights: Path):
+    from hamu_ray import models
+
+    return models.build_model(cfg.model.model_copy(update={"weights": str(weights)}))
+
+
+def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput]) -> list[dict]:
+    ruler = yardstick(cfg, prepared, stages["oracle"].weights)
+    results = {}
+    for name, stage in stages.items():  # original, oracle, then the methods
+        summary = stage.summary
+        results[name] = {**measure(cfg, ruler, stage.weights), "steps": summary["steps"],
+                         "stop": summary["stop"], "wall_s": summary["wall_s"]}
+    return evaluate.comparison_rows(results)
 
 
 def write_report(rows: list[dict], stages: dict[str, StageOutput], report: Path) -> str:

@@ -49,6 +49,39 @@ def hardness(step_logs: dict[str, list[dict]], path: Path) -> None:
     _save(fig, path)
 
 
+def pareto(rows: list[dict], floor: float, path: Path) -> None:
+    """Search trials: forget quality (KS p-value, log scale) against test accuracy on the
+    retained classes; the Pareto front of the finished trials, the utility floor, the choice."""
+    done = [r for r in rows if r.get("forget_quality") is not None and r.get("test_acc_retained") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    tiny = 1e-300  # p-values underflow to 0 with large forget sets: keep them on the log axis
+    points = [(100 * r["test_acc_retained"], max(r["forget_quality"], tiny), r) for r in done]
+    for x, y, r in points:
+        ax.scatter(x, y, marker="*" if r["chosen"] else "o", s=160 if r["chosen"] else 30,
+                   color="tab:red" if r["chosen"] else ("tab:blue" if r["feasible"] else "grey"), zorder=3)
+    front = pareto_front([(x, y) for x, y, _ in points])
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="tab:blue", linewidth=1, label="Pareto front")
+    ax.axvline(100 * floor, color="grey", linestyle="--", linewidth=0.8, label="utility floor")
+    if points:
+        ax.set_yscale("log")
+    ax.set_xlabel("test accuracy on retained classes (%)")
+    ax.set_ylabel("forget quality (KS p vs oracle)")
+    ax.set_title("threshold search: the chosen trial is the red star")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (both maximised), by increasing x."""
+    front = []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):  # best utility first
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return sorted(front)
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")

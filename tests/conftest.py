@@ -13,3 +13,13 @@ from hypothesis import settings
 settings.register_profile("default", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", max_examples=3000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_run_dir(tmp_path_factory):
+    """One output directory for the digits pipeline and search tests: stages are cached by
+    content, so whichever runs second reuses the sets, the original and the oracle (~80 s)."""
+    return tmp_path_factory.mktemp("digits") / "run"

@@ -32,10 +32,10 @@ def runs_of(uri: str, parent_id: str) -> dict[str, mlflow.entities.Run]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_runs(tmp_path_factory):
+def pipeline_runs(digits_run_dir):
     from hamu_ray.pipeline import run_pipeline
 
-    out = tmp_path_factory.mktemp("digits") / "run"
+    out = digits_run_dir
     first = run_pipeline(digits_config(out))
 
     def slower_gdiff(raw):

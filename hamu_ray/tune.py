@@ -1,0 +1,359 @@
+"""`hamu-ray tune`: Ray Tune searches one method's threshold (HAMU's B as a ratio of lr, or
+surgery's epsilon, optionally lr and the radius mode) for the best forget quality that keeps
+test accuracy on the retained classes within a floor of the original model's.
+
+Each trial is a Tune function trainable that fits one engine job (a TorchTrainer; with Ray Train
+V2, `Tuner(TorchTrainer)` is not supported) and forwards its step reports to Tune, so ASHA can
+stop weak trials early; a finished trial ends with one report of its evaluation. The search
+lives in `output_dir/tune/search-<key>`: running the same command again resumes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from hamu_ray import pipeline, plots
+from hamu_ray.config import PipelineConfig, TuneSection, UnlearnConfig
+from hamu_ray.driver import ray_session, run_unlearning
+from hamu_ray.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
+
+TRIAL_MEMORY = 512 * 2**20  # bytes Ray reserves for each trial's own process
+DATA_CPUS = 1  # a Ray Data read task asks for one whole CPU
+JOURNAL = "journal.jsonl"  # one line per trial start and end: what ran, and how often
+PARENT_FILE = "mlflow_parent_run"  # the search's parent run, reopened on resume
+TRIAL_COLUMNS = ("trial", "status", "params", "steps", "stop", "forget_acc", "test_acc_retained",
+                 "forget_quality", "forget_ks_stat", "mia_auc", "feasible", "chosen")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    trials: list[dict]
+    chosen: dict | None
+    report_dir: Path
+    tracking_uri: str
+    complete: bool  # False: interrupted; the same command resumes it
+
+
+def run_search(cfg: PipelineConfig) -> SearchResult:
+    if cfg.tune is None:
+        raise ValueError(f"pipeline {cfg.name} has no tune: section; see README (Threshold search)")
+    out = Path(cfg.output_dir).resolve()
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    directory = out / "tune" / f"search-{search_key(cfg)}"
+    report = directory / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(cfg.tracking.uri, out)
+    tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
+    pipeline.write_atomic(report / "config.yaml", yaml.safe_dump(cfg.model_dump(by_alias=True), sort_keys=False))
+
+    with tracker.run(f"{cfg.name}-tune", run_id=previous_parent(directory),
+                     params=None if (directory / PARENT_FILE).exists() else cfg.model_dump(by_alias=True),
+                     tags={"kind": "tune", "search": directory.name}) as parent:
+        (directory / PARENT_FILE).write_text(parent)
+        prepared = pipeline.prepare(cfg, out, tracker)
+        with ray_session(cfg.cluster):
+            refuse_local_store_on_cluster(uri)
+            references = pipeline.train_references(cfg, prepared, out, tracker)
+            context = TrialContext(cfg.model_dump(by_alias=True), prepared, str(out), str(directory),
+                                   str(references["original"].weights), str(references["oracle"].weights))
+            results, complete = fit_search(cfg.tune, context, directory)
+        original = pipeline.measure(cfg, pipeline.yardstick(cfg, prepared, references["oracle"].weights),
+                                    references["original"].weights)
+        trials, chosen = choose(results, original["test_acc_retained"], cfg.tune.utility_floor)
+        log_trials(tracker, parent, trials, out)
+        write_search_report(trials, chosen, original["test_acc_retained"], cfg.tune, report)
+        for name in ("trials.csv", "trials.md", "pareto.png", "best.json", "config.yaml"):
+            tracker.log_artifact(report / name)
+
+    print("\n" + render_text(trials))
+    print("\n" + describe_choice(chosen, cfg.tune, original["test_acc_retained"]))
+    if not complete:
+        print("the search was interrupted; run the same command again to resume it", flush=True)
+    print(f"report: {report}\nMLflow: {ui_command(uri)}", flush=True)
+    return SearchResult(trials, chosen, report, uri, complete)
+
+
+def search_key(cfg: PipelineConfig) -> str:
+    """The search's identity: its tune section and the job of the method it starts from."""
+    entry = cfg.method_entry(cfg.tune.method)
+    spec = {"tune": cfg.tune.model_dump(), "entry": entry.model_dump(), "unlearn": cfg.unlearn.model_dump(),
+            "data": cfg.data.model_dump(by_alias=True), "model": cfg.model.model_dump(),
+            "train": cfg.train.model_dump()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def previous_parent(directory: Path) -> str | None:
+    path = directory / PARENT_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
+# ---- the search ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs, as plain values (it travels to the trial's process)."""
+    pipeline: dict
+    prepared: dict[str, str]
+    output_dir: str
+    search_dir: str
+    original_weights: str
+    oracle_weights: str
+
+
+def tune_space(tune: TuneSection) -> dict:
+    from ray import tune as ray_tune
+
+    space = {}
+    for name, domain in tune.space.items():
+        if domain.values is not None:
+            space[name] = ray_tune.choice(domain.values)
+        elif domain.log:
+            space[name] = ray_tune.loguniform(domain.low, domain.high)
+        else:
+            space[name] = ray_tune.uniform(domain.low, domain.high)
+    return space
+
+
+def fit_search(tune_cfg: TuneSection, context: TrialContext, directory: Path) -> tuple[list[dict], bool]:
+    """Run (or resume) the Tuner: one dict per trial (id, status, params, last metrics), and
+    whether every trial ended (False after an interruption: Tune saved its state on SIGINT)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    check_fits(tune_cfg, context)
+    # the trial process mostly waits on its workers; Ray needs a non-empty request: memory
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    {"CPU": tune_cfg.cpus_per_trial, "memory": TRIAL_MEMORY})
+    if tune.Tuner.can_restore(str(directory / "tuner")):
+        print(f"[tune] resuming the search in {directory}", flush=True)
+        tuner = tune.Tuner.restore(str(directory / "tuner"), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = None
+        if tune_cfg.scheduler is not None:
+            asha = tune_cfg.scheduler
+            scheduler = ASHAScheduler(metric=asha.metric, mode=asha.mode, time_attr="training_iteration",
+                                      grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
+                                      max_t=max_reports(context))
+        tuner = tune.Tuner(
+            trainable, param_space=tune_space(tune_cfg),
+            # Tune ignores max_concurrent_trials for a given BasicVariantGenerator: set it there
+            tune_config=tune.TuneConfig(num_samples=tune_cfg.num_samples, scheduler=scheduler,
+                                        search_alg=BasicVariantGenerator(random_state=tune_cfg.seed,
+                                                                         max_concurrent=tune_cfg.max_concurrent)),
+            run_config=tune.RunConfig(name="tuner", storage_path=str(directory), verbose=0,
+                                      callbacks=[TrialLines()]))
+    tuner.fit()
+    # the grid fit() returns marks trials stopped by Ctrl-C as terminated; the state Tune saved
+    # before stopping them still says which ones were running
+    grid = tune.Tuner.restore(str(directory / "tuner"), trainable=trainable).get_results()
+    # trials are created one by one (max_concurrent): after a Ctrl-C some may not exist yet
+    complete = len(grid) == tune_cfg.num_samples and grid.num_terminated + grid.num_errors == len(grid)
+    return [trial_summary(result, complete) for result in grid], complete
+
+
+def check_fits(tune_cfg: TuneSection, context: TrialContext) -> None:
+    """Concurrent trials that cannot all place their workers, with a CPU left for Ray Data to
+    read, wait for each other forever: refuse such a search up front."""
+    import ray
+
+    cluster = context.pipeline["cluster"]
+    per_trial = tune_cfg.cpus_per_trial + cluster["num_workers"] * cluster["cpus_per_worker"]
+    needed = tune_cfg.max_concurrent * per_trial + DATA_CPUS
+    available = ray.cluster_resources().get("CPU", 0)
+    if needed > available:
+        raise ValueError(
+            f"tune.max_concurrent {tune_cfg.max_concurrent} trials × {per_trial:g} CPUs "
+            f"(tune.cpus_per_trial + cluster.num_workers × cluster.cpus_per_worker) + {DATA_CPUS} "
+            f"for Ray Data = {needed:g} CPUs, more than the cluster's {available:g}: the trials "
+            "would wait on each other forever")
+
+
+def max_reports(context: TrialContext) -> int:
+    """ASHA's max_t: the step reports a full trial makes, plus its final evaluation report."""
+    unlearn = context.pipeline["unlearn"]
+    steps = unlearn.get("max_steps") or 10_000
+    return math.ceil(steps / unlearn["progress_every"]) + 1
+
+
+def trial_summary(result, complete: bool) -> dict:
+    metrics = dict(result.metrics or {})
+    if result.error is not None:
+        status = "error"
+    elif metrics.get("evaluated"):
+        status = "finished"
+    elif complete:
+        status = "stopped early"  # by ASHA
+    else:
+        status = "unfinished"  # the search was interrupted; resuming runs it
+    return {"trial": metrics.get("trial_id") or result.path.rsplit("/", 1)[-1], "status": status,
+            "params": {k: v for k, v in result.config.items()}, "metrics": metrics}
+
+
+class TrialLines(Callback):
+    """One line per trial start and end on the driver: a search takes minutes per trial."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"[tune] trial {trial.trial_id} started: {format_params(trial.config)}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        m = trial.last_result or {}
+        if m.get("evaluated"):
+            print(f"[tune] trial {trial.trial_id} finished: forget_quality {m['forget_quality']:.3g}, "
+                  f"test_acc_retained {100 * m['test_acc_retained']:.1f}%, {m['steps']} steps", flush=True)
+        else:
+            print(f"[tune] trial {trial.trial_id} stopped early by ASHA after "
+                  f"{m.get('training_iteration', 0)} reports", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[tune] trial {trial.trial_id} failed; see {trial.local_path}", flush=True)
+
+
+def format_params(params: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(params.items()))
+
+
+# ---- one trial (runs in a Tune trial actor, maybe on another node) -------------------------
+
+def run_trial(sample: dict, context: TrialContext) -> None:
+    from ray import tune
+
+    cfg = PipelineConfig.model_validate(context.pipeline)
+    trial_id = tune.get_context().get_trial_id()
+    journal(context, {"event": "start", "trial": trial_id, "params": sample})
+    stage = trial_stage(cfg, context, sample)
+    ruler = pipeline.yardstick(cfg, context.prepared, Path(context.oracle_weights))
+    metrics = pipeline.measure(cfg, ruler, stage.weights)
+    last_step = stage.step_log()[-1] if stage.step_log() else {}
+    final = {**last_step, **metrics, "loss/retain": metrics["retain_loss"], "steps": stage.summary["steps"],
+             "stop": stage.summary["stop"], "wall_s": stage.summary["wall_s"], "stage": stage.directory.name,
+             "trial_id": trial_id, "evaluated": True}
+    journal(context, {"event": "end", "trial": trial_id, "stage": stage.directory.name})
+    tune.report(final)
+
+
+def trial_stage(cfg: PipelineConfig, context: TrialContext, sample: dict) -> pipeline.StageOutput:
+    """Fit the trial's job, forwarding step reports to Tune; cached like a pipeline stage."""
+    entry = cfg.method_entry(cfg.tune.method)
+    method, train = cfg.trial_settings(entry, sample)
+    job = pipeline.job_dict(cfg, train, method=method.model_dump(), weights=context.original_weights,
+                            data={"forget": context.prepared["forget"], "retain": context.prepared["retain"]})
+    out = Path(context.output_dir)
+    directory = out / "stages" / f"trial-{entry.key}-{pipeline.stage_key(job, out)}"
+    if not (directory / "summary.json").exists():
+        run_unlearning(UnlearnConfig.model_validate({**job, "output_dir": str(directory)}),
+                       callbacks=[StepReportsToTune()])
+    return pipeline.StageOutput.read(directory)
+
+
+class StepReportsToTune(TuneReportCallback):
+    """Ray Train's step reports go to Tune (for ASHA); the engine's final export report does not:
+    the trial's last report is its evaluation."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and not metrics[0].get("final"):
+            super().after_report(run_context, metrics, None)
+
+
+def journal(context: TrialContext, event: dict) -> None:
+    with open(Path(context.search_dir) / JOURNAL, "a") as f:
+        f.write(json.dumps({**event, "time": round(time.time(), 1)}) + "\n")
+
+
+# ---- choosing, reporting -------------------------------------------------------------------
+
+def choose(results: list[dict], original_utility: float, floor_points: float) -> tuple[list[dict], dict | None]:
+    """Best forget quality among finished trials whose utility is within the floor: the KS
+    p-value, then (where it underflows to 0) the smaller KS statistic, then more utility.
+    Returns the table rows and the chosen one (None: no trial qualifies)."""
+    threshold = original_utility - floor_points / 100
+    rows = []
+    for r in results:
+        m = r["metrics"]
+        finished = r["status"] == "finished"
+        rows.append({"trial": r["trial"], "status": r["status"], "params": r["params"],
+                     **{k: m.get(k) for k in ("steps", "stop", "forget_acc", "test_acc_retained",
+                                              "forget_quality", "forget_ks_stat", "mia_auc")},
+                     "stage": m.get("stage"),
+                     "feasible": finished and m["test_acc_retained"] >= threshold - 1e-12,
+                     "chosen": False})
+    feasible = [row for row in rows if row["feasible"]]
+    chosen = max(feasible, default=None, key=lambda row: (
+        row["forget_quality"], -row["forget_ks_stat"], row["test_acc_retained"]))
+    if chosen is not None:
+        chosen["chosen"] = True
+    return rows, chosen
+
+
+def describe_choice(chosen: dict | None, tune: TuneSection, original_utility: float) -> str:
+    floor = 100 * original_utility - tune.utility_floor
+    if chosen is None:
+        return (f"no finished trial kept test accuracy on the retained classes ≥ {floor:.1f}% "
+                f"(original {100 * original_utility:.1f}% − {tune.utility_floor} points)")
+    return (f"chosen: trial {chosen['trial']} ({format_params(chosen['params'])}): forget quality "
+            f"{chosen['forget_quality']:.3g}, test accuracy on retained classes "
+            f"{100 * chosen['test_acc_retained']:.1f}% (floor {floor:.1f}%)")
+
+
+def table_cells(row: dict) -> list[str]:
+    cells = []
+    for column in TRIAL_COLUMNS:
+        value = row.get(column)
+        if column == "params":
+            cells.append(format_params(value))
+        elif column in ("forget_acc", "test_acc_retained") and value is not None:
+            cells.append(f"{100 * value:.2f}")
+        elif isinstance(value, float):
+            cells.append(f"{value:.3g}")
+        else:
+            cells.append("" if value is None else str(value))
+    return cells
+
+
+def render_text(rows: list[dict]) -> str:
+    lines = [list(TRIAL_COLUMNS), *[table_cells(row) for row in rows]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(TRIAL_COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def write_search_report(rows: list[dict], chosen: dict | None, original_utility: float,
+                        tune: TuneSection, report: Path) -> None:
+    import csv
+
+    with open(report / "trials.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(TRIAL_COLUMNS)
+        writer.writerows(table_cells(row) for row in rows)
+    markdown = [f"| {' | '.join(TRIAL_COLUMNS)} |", "|" + "---|" * len(TRIAL_COLUMNS),
+                *[f"| {' | '.join(table_cells(row))} |" for row in rows]]
+    pipeline.write_atomic(report / "trials.md", "\n".join(markdown) + "\n")
+    best = {"chosen": chosen, "original_test_acc_retained": original_utility,
+            "utility_floor_points": tune.utility_floor, "method": tune.method}
+    pipeline.write_atomic(report / "best.json", json.dumps(best, indent=2, default=str))
+    plots.pareto(rows, floor=original_utility - tune.utility_floor / 100, path=report / "pareto.png")
+
+
+def log_trials(tracker: Tracker, parent: str, rows: list[dict], out: Path) -> None:
+    """A child run per trial under the search's parent run; a resumed search logs only new ones."""
+    logged = {run.data.tags.get("trial") for run in tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.kind = 'trial'")}
+    for row in rows:
+        if row["trial"] in logged or row["status"] == "unfinished":
+            continue
+        with tracker.run(f"trial-{row['trial']}", params=row["params"],
+                         tags={"kind": "trial", "trial": row["trial"], "status": row["status"],
+                               "chosen": str(row["chosen"])}) as run_id:
+            tracker.log_metrics({k: v for k, v in row.items() if k not in ("trial", "status", "params",
+                                                                           "stop", "stage")})
+            if row["stage"]:  # the engine's per-step metrics of a trial that finished its job
+                tracker.log_steps(run_id, pipeline.StageOutput.read(out / "stages" / row["stage"]).step_log())

@@ -1,0 +1,199 @@
+"""The threshold search: its config, the choice under the utility floor, the Pareto front, and a
+real 3-trial search of the digits pipeline (real local Ray Tune + Train, DeepSpeed, sqlite
+MLflow) that is interrupted with SIGINT after its first trial and resumed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from hamu_ray.config import ConfigError, PipelineConfig, parse_config
+from hamu_ray.plots import pareto_front
+from hamu_ray.tune import JOURNAL, choose, max_reports, TrialContext
+
+ROOT = Path(__file__).parent.parent
+DIGITS = ROOT / "pipelines" / "digits.yaml"
+
+
+def digits_raw(**tune) -> dict:
+    raw = yaml.safe_load(DIGITS.read_text())
+    raw["tune"] = {**raw["tune"], **tune}
+    return raw
+
+
+def config(raw: dict) -> PipelineConfig:
+    return parse_config(raw, source="digits.yaml", schema=PipelineConfig)
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tune, expected", [
+    ({"method": "nope"}, "tune.method: 'nope' is not a label in methods"),
+    ({"method": "gdiff"}, "the search is for hamu-q, hamu-u, surgery"),
+    ({"space": {"epsilon": {"low": 0, "high": 1}}}, "epsilon cannot be searched for hamu-q"),
+    ({"space": {"radius": {"values": ["wide"]}}}, "tune.space.radius: 'wide' is not valid"),
+    ({"space": {"constraint_ratio": {"low": -1, "high": 1}}}, "tune.space.constraint_ratio: -1"),
+    ({"space": {"constraint_ratio": {"low": 1, "high": 0.5}}}, "a range needs low < high"),
+    ({"space": {"lr": {"low": 0, "high": 1, "log": True}}}, "a log range needs low > 0"),
+    ({"utility_floor": -1}, "tune.utility_floor"),
+])
+def test_search_config_errors_name_the_field(tune, expected):
+    with pytest.raises(ConfigError) as err:
+        config(digits_raw(**tune))
+    assert "digits.yaml" in str(err.value) and expected in str(err.value)
+
+
+def test_a_trial_sets_hamus_constraint_as_a_ratio_of_its_lr():
+    cfg = config(digits_raw())
+    entry = cfg.method_entry("hamu-q")
+    method, train = cfg.trial_settings(entry, {"constraint_ratio": 0.5, "radius": 0.2})
+    assert train.lr == 0.1 and method.hparams == {"constraint": pytest.approx(0.05), "radius": 0.2}
+    method, train = cfg.trial_settings(entry, {"constraint_ratio": 0.5, "lr": 0.02, "radius": "lr"})
+    assert train.lr == 0.02 and method.hparams["constraint"] == pytest.approx(0.01)
+    assert method.hparams["radius"] == "lr" and train.max_steps == 30  # the rest is the entry's
+
+
+def test_surgery_searches_epsilon():
+    raw = digits_raw(method="surgery", space={"epsilon": {"low": -0.1, "high": 0.1}})
+    raw["methods"].append({"name": "surgery", "hparams": {"epsilon": 0.0}})
+    cfg = config(raw)
+    method, _ = cfg.trial_settings(cfg.method_entry("surgery"), {"epsilon": 0.05})
+    assert method.name == "surgery" and method.hparams == {"epsilon": 0.05}
+
+
+def test_asha_horizon_is_the_step_reports_plus_the_evaluation():
+    cfg = config(digits_raw())  # 30 steps, a report every 10
+    context = TrialContext(cfg.model_dump(by_alias=True), {}, "", "", "", "")
+    assert max_reports(context) == 4
+
+
+# ---- the choice and the front -------------------------------------------------------------------
+
+def trial(name, status, quality, utility, ks_stat=0.5):
+    return {"trial": name, "status": status, "params": {"constraint_ratio": 0.5},
+            "metrics": {"forget_quality": quality, "forget_ks_stat": ks_stat,
+                        "test_acc_retained": utility, "steps": 30,
+                        "stop": "none", "forget_acc": 0.1, "mia_auc": 0.5}}
+
+
+def test_the_choice_is_the_best_forget_quality_above_the_floor():
+    results = [trial("a", "finished", 0.9, 0.90),  # best quality, but 5 points below the original
+               trial("b", "finished", 0.4, 0.94),
+               trial("c", "finished", 0.4, 0.95),  # ties b on quality, keeps more utility
+               trial("d", "stopped early", 0.99, 0.99),  # never evaluated: not a candidate
+               trial("e", "finished", 0.1, 0.96)]
+    rows, chosen = choose(results, original_utility=0.95, floor_points=2.0)
+    assert chosen["trial"] == "c"
+    assert [row["feasible"] for row in rows] == [False, True, True, False, True]
+    assert [row["chosen"] for row in rows] == [False, False, True, False, False]
+
+
+def test_underflowed_p_values_are_ranked_by_the_ks_statistic():
+    results = [trial("far", "finished", 0.0, 0.96, ks_stat=0.9),
+               trial("near", "finished", 0.0, 0.94, ks_stat=0.4)]
+    _, chosen = choose(results, original_utility=0.95, floor_points=2.0)
+    assert chosen["trial"] == "near"
+
+
+def test_no_choice_when_every_trial_breaks_the_floor():
+    rows, chosen = choose([trial("a", "finished", 0.9, 0.5)], original_utility=0.95, floor_points=2.0)
+    assert chosen is None and not rows[0]["feasible"]
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(90.0, 0.5), (95.0, 0.1), (92.0, 0.4), (89.0, 0.6), (91.0, 0.3), (95.0, 0.05)]
+    assert pareto_front(points) == [(89.0, 0.6), (90.0, 0.5), (92.0, 0.4), (95.0, 0.1)]
+
+
+# ---- a real search, interrupted and resumed -------------------------------------------------
+
+def hamu_ray(*args, **popen):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hamu_ray.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory, digits_run_dir):
+    """Run a 3-trial search, SIGINT it once its first trial finished, then resume it."""
+    tmp = tmp_path_factory.mktemp("tune")
+    raw = digits_raw(num_samples=3)
+    raw["output_dir"] = str(digits_run_dir)  # shares the cached original and oracle
+    path = tmp / "digits-tune.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    first = hamu_ray("tune", str(path))
+    lines, interrupted_at = [], None
+    for line in first.stdout:
+        lines.append(line)
+        if interrupted_at is None and "[tune] trial" in line and " finished:" in line:
+            first.send_signal(signal.SIGINT)
+            interrupted_at = time.time()
+    first_rc = first.wait(timeout=300)
+    resumed = hamu_ray("tune", str(path))
+    second_out, _ = resumed.communicate(timeout=900)
+    return {"cfg": config(raw), "out": digits_run_dir, "first": "".join(lines), "first_rc": first_rc,
+            "second": second_out, "second_rc": resumed.returncode, "interrupted": interrupted_at}
+
+
+def search_dir(out: Path) -> Path:
+    (directory,) = (out / "tune").glob("search-*")
+    return directory
+
+
+@pytest.mark.integration
+def test_an_interrupted_search_resumes_without_rerunning_finished_trials(search):
+    assert search["interrupted"] is not None, search["first"][-3000:]
+    assert search["first_rc"] == 130, search["first"][-3000:]
+    assert "run the same command again to resume" in search["first"]
+    assert search["second_rc"] == 0, search["second"][-3000:]
+    assert "[tune] resuming the search" in search["second"]
+    events = [json.loads(line) for line in (search_dir(search["out"]) / JOURNAL).read_text().splitlines()]
+    ended = [e["trial"] for e in events if e["event"] == "end"]
+    started = [e["trial"] for e in events if e["event"] == "start"]
+    assert len(set(started)) == 3 and len(set(ended)) == 3
+    first_done = ended[0]  # finished before the interruption: it must never start again
+    assert started.count(first_done) == 1 and ended.count(first_done) == 1
+
+
+@pytest.mark.integration
+def test_three_trial_runs_under_one_parent_with_the_report_artifacts(search):
+    uri = f"sqlite:///{search['out']}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("hamu-ray")
+    trials = client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'trial'")
+    assert len(trials) == 3
+    parents = {run.data.tags["mlflow.parentRunId"] for run in trials}
+    assert len(parents) == 1
+    (parent,) = parents
+    assert client.get_run(parent).data.tags["kind"] == "tune"
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"pareto.png", "trials.csv", "trials.md", "best.json"} <= artifacts
+    assert all("constraint_ratio" in run.data.params for run in trials)
+    finished = [run for run in trials if run.data.tags["status"] == "finished"]
+    assert finished and all("forget_quality" in run.data.metrics for run in finished)
+
+
+@pytest.mark.integration
+def test_the_chosen_trial_meets_the_utility_floor(search):
+    report = search_dir(search["out"]) / "report"
+    best = json.loads((report / "best.json").read_text())
+    chosen = best["chosen"]
+    assert chosen is not None, search["second"][-3000:]
+    floor = best["original_test_acc_retained"] - best["utility_floor_points"] / 100
+    assert chosen["test_acc_retained"] >= floor and chosen["status"] == "finished"
+    assert (report / "pareto.png").stat().st_size > 10_000
+    with open(report / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and [row["chosen"] for row in rows].count("True") == 1
+    assert "chosen: trial" in search["second"]
