@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -142,14 +142,15 @@ def comparison_rows(results: dict[str, dict]) -> list[dict]:
             for name, result in results.items()]
 
 
-def write_csv(rows: Sequence[dict], path: str | PathLike[str]) -> None:
+def write_csv(rows: Sequence[dict], path: str | PathLike[str],
+              columns: Sequence[str] = TABLE_COLUMNS) -> None:
     """Full-precision values for machines; None becomes an empty cell."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({column: "" if row.get(column) is None else row[column]
-                             for column in TABLE_COLUMNS})
+                             for column in columns})
 
 
 def format_cell(column: str, value: Any) -> str:
@@ -169,26 +170,28 @@ def format_cell(column: str, value: Any) -> str:
     return f"{value:.3f}"  # losses, entropy, AUC
 
 
-def _cells(rows: Sequence[dict]) -> list[list[str]]:
-    return [[format_cell(column, row.get(column)) for column in TABLE_COLUMNS] for row in rows]
+def _cells(rows: Sequence[dict], columns: Sequence[str], cell: Callable[[str, Any], str]) -> list[list[str]]:
+    return [[cell(column, row.get(column)) for column in columns] for row in rows]
 
 
-def to_markdown(rows: Sequence[dict]) -> str:
+def to_markdown(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS,
+                cell: Callable[[str, Any], str] = format_cell, text_columns: Sequence[str] = TEXT_COLUMNS) -> str:
     """A GitHub table; accuracies and gaps in percent."""
-    align = ["---" if column in TEXT_COLUMNS else "---:" for column in TABLE_COLUMNS]
-    lines = [list(TABLE_COLUMNS), align, *[[cell.replace("|", r"\|") for cell in cells]
-                                           for cells in _cells(rows)]]
+    align = ["---" if column in text_columns else "---:" for column in columns]
+    lines = [list(columns), align, *[[c.replace("|", r"\|") for c in cells]
+                                     for cells in _cells(rows, columns, cell)]]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def to_text(rows: Sequence[dict]) -> str:
+def to_text(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS,
+            cell: Callable[[str, Any], str] = format_cell, text_columns: Sequence[str] = TEXT_COLUMNS) -> str:
     """The same table in fixed-width columns for a terminal."""
-    lines = [list(TABLE_COLUMNS), *_cells(rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_COLUMNS))]
+    lines = [list(columns), *_cells(rows, columns, cell)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
 
     def render(line: list[str]) -> str:
-        return "  ".join(cell.ljust(width) if column in TEXT_COLUMNS else cell.rjust(width)
-                         for column, cell, width in zip(TABLE_COLUMNS, line, widths))
+        return "  ".join(c.ljust(width) if column in text_columns else c.rjust(width)
+                         for column, c, width in zip(columns, line, widths))
 
     rule = "  ".join("-" * width for width in widths)
     return "\n".join([render(lines[0]), rule, *[render(line) for line in lines[1:]]])

@@ -36,8 +36,9 @@ class StageOutput:
     summary: dict
 
     @classmethod
-    def read(cls, directory: Path, cached: bool = True) -> "StageOutput":
-        return cls(directory.name, directory, cached, json.loads((directory / "summary.json").read_text()))
+    def read(cls, directory: Path, name: str | None = None, cached: bool = True) -> "StageOutput":
+        return cls(name or directory.name, directory, cached,
+                   json.loads((directory / "summary.json").read_text()))
 
     @property
     def weights(self) -> Path:
@@ -173,7 +174,7 @@ def run_stage(name: str, job: dict, out: Path, tracker: Tracker, final_model: bo
         print(f"[{name}] running ({job['method']['name']}, {job['cluster']['num_workers']} workers, "
               f"ZeRO-{job['train']['zero_stage']})", flush=True)
         run_unlearning(UnlearnConfig.model_validate({**job, "output_dir": str(directory)}), progress=name)
-    stage = StageOutput(name, directory, cached, json.loads((directory / "summary.json").read_text()))
+    stage = StageOutput.read(directory, name, cached)
     with tracker.run(name, params=job, tags={"stage": name, "cached": str(cached),
                                              "stop": stage.summary["stop"]}) as run_id:
         tracker.log_steps(run_id, stage.step_log())
@@ -190,7 +191,7 @@ class Yardstick:
     """What every model is measured against: the sets and the oracle's results on them."""
     sets: dict[str, tuple]
     forget_classes: list[int]
-    oracle: dict[str, float]
+    oracle: dict[str, float]  # measured like any model (forget quality 1, gaps 0)
     oracle_forget_losses: np.ndarray
 
 
@@ -199,7 +200,9 @@ def yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle_weights: Pat
     sets = {name: (split.x, split.y) for name, split in splits.items()}
     metrics, predictions = evaluate.evaluate(load_weights(cfg, oracle_weights), sets,
                                              forget_classes=forget_classes(cfg))
-    return Yardstick(sets, forget_classes(cfg), metrics, predictions["forget"].losses)
+    losses = predictions["forget"].losses
+    metrics.update(evaluate.compare_to_oracle(metrics, losses, metrics, losses))  # its own table row
+    return Yardstick(sets, forget_classes(cfg), metrics, losses)
 
 
 def measure(cfg: PipelineConfig, ruler: Yardstick, weights: Path) -> dict[str, float]:
@@ -222,7 +225,8 @@ def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, Sta
     results = {}
     for name, stage in stages.items():  # original, oracle, then the methods
         summary = stage.summary
-        results[name] = {**measure(cfg, ruler, stage.weights), "steps": summary["steps"],
+        measured = ruler.oracle if name == "oracle" else measure(cfg, ruler, stage.weights)
+        results[name] = {**measured, "steps": summary["steps"],
                          "stop": summary["stop"], "wall_s": summary["wall_s"]}
     return evaluate.comparison_rows(results)
 

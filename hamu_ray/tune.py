@@ -21,7 +21,7 @@ import yaml
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from hamu_ray import pipeline, plots
+from hamu_ray import evaluate, pipeline, plots
 from hamu_ray.config import PipelineConfig, TuneSection, UnlearnConfig
 from hamu_ray.driver import ray_session, run_unlearning
 from hamu_ray.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
@@ -32,6 +32,7 @@ JOURNAL = "journal.jsonl"  # one line per trial start and end: what ran, and how
 PARENT_FILE = "mlflow_parent_run"  # the search's parent run, reopened on resume
 TRIAL_COLUMNS = ("trial", "status", "params", "steps", "stop", "forget_acc", "test_acc_retained",
                  "forget_quality", "forget_ks_stat", "mia_auc", "feasible", "chosen")
+TRIAL_TEXT_COLUMNS = ("trial", "status", "params", "stop", "feasible", "chosen")
 
 
 @dataclass(frozen=True)
@@ -55,19 +56,20 @@ def run_search(cfg: PipelineConfig) -> SearchResult:
     tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
     pipeline.write_atomic(report / "config.yaml", yaml.safe_dump(cfg.model_dump(by_alias=True), sort_keys=False))
 
-    with tracker.run(f"{cfg.name}-tune", run_id=previous_parent(directory),
-                     params=None if (directory / PARENT_FILE).exists() else cfg.model_dump(by_alias=True),
+    parent_id = previous_parent(directory)  # a resumed search reopens its parent run
+    with tracker.run(f"{cfg.name}-tune", run_id=parent_id,
+                     params=None if parent_id else cfg.model_dump(by_alias=True),
                      tags={"kind": "tune", "search": directory.name}) as parent:
         (directory / PARENT_FILE).write_text(parent)
         prepared = pipeline.prepare(cfg, out, tracker)
         with ray_session(cfg.cluster):
             refuse_local_store_on_cluster(uri)
             references = pipeline.train_references(cfg, prepared, out, tracker)
+            ruler = pipeline.yardstick(cfg, prepared, references["oracle"].weights)
             context = TrialContext(cfg.model_dump(by_alias=True), prepared, str(out), str(directory),
-                                   str(references["original"].weights), str(references["oracle"].weights))
+                                   str(references["original"].weights), ruler)
             results, complete = fit_search(cfg.tune, context, directory)
-        original = pipeline.measure(cfg, pipeline.yardstick(cfg, prepared, references["oracle"].weights),
-                                    references["original"].weights)
+        original = pipeline.measure(cfg, ruler, references["original"].weights)
         trials, chosen = choose(results, original["test_acc_retained"], cfg.tune.utility_floor)
         log_trials(tracker, parent, trials, out)
         write_search_report(trials, chosen, original["test_acc_retained"], cfg.tune, report)
@@ -100,13 +102,13 @@ def previous_parent(directory: Path) -> str | None:
 
 @dataclass(frozen=True)
 class TrialContext:
-    """Everything a trial needs, as plain values (it travels to the trial's process)."""
+    """Everything a trial needs (it travels to the trial's process through the object store)."""
     pipeline: dict
     prepared: dict[str, str]
     output_dir: str
     search_dir: str
     original_weights: str
-    oracle_weights: str
+    ruler: pipeline.Yardstick  # the sets and the oracle's results, evaluated once per search
 
 
 def tune_space(tune: TuneSection) -> dict:
@@ -197,7 +199,7 @@ def trial_summary(result, complete: bool) -> dict:
     else:
         status = "unfinished"  # the search was interrupted; resuming runs it
     return {"trial": metrics.get("trial_id") or result.path.rsplit("/", 1)[-1], "status": status,
-            "params": {k: v for k, v in result.config.items()}, "metrics": metrics}
+            "params": dict(result.config), "metrics": metrics}
 
 
 class TrialLines(Callback):
@@ -232,9 +234,9 @@ def run_trial(sample: dict, context: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     journal(context, {"event": "start", "trial": trial_id, "params": sample})
     stage = trial_stage(cfg, context, sample)
-    ruler = pipeline.yardstick(cfg, context.prepared, Path(context.oracle_weights))
-    metrics = pipeline.measure(cfg, ruler, stage.weights)
-    last_step = stage.step_log()[-1] if stage.step_log() else {}
+    metrics = pipeline.measure(cfg, context.ruler, stage.weights)
+    steps = stage.step_log()
+    last_step = steps[-1] if steps else {}
     final = {**last_step, **metrics, "loss/retain": metrics["retain_loss"], "steps": stage.summary["steps"],
              "stop": stage.summary["stop"], "wall_s": stage.summary["wall_s"], "stage": stage.directory.name,
              "trial_id": trial_id, "evaluated": True}
@@ -305,38 +307,24 @@ def describe_choice(chosen: dict | None, tune: TuneSection, original_utility: fl
             f"{100 * chosen['test_acc_retained']:.1f}% (floor {floor:.1f}%)")
 
 
-def table_cells(row: dict) -> list[str]:
-    cells = []
-    for column in TRIAL_COLUMNS:
-        value = row.get(column)
-        if column == "params":
-            cells.append(format_params(value))
-        elif column in ("forget_acc", "test_acc_retained") and value is not None:
-            cells.append(f"{100 * value:.2f}")
-        elif isinstance(value, float):
-            cells.append(f"{value:.3g}")
-        else:
-            cells.append("" if value is None else str(value))
-    return cells
+def trial_cell(column: str, value) -> str:
+    if column == "params":
+        return format_params(value)
+    if value is None or column not in TRIAL_TEXT_COLUMNS:
+        return evaluate.format_cell(column, value)
+    return str(value)
 
 
 def render_text(rows: list[dict]) -> str:
-    lines = [list(TRIAL_COLUMNS), *[table_cells(row) for row in rows]]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(TRIAL_COLUMNS))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    return evaluate.to_text(rows, TRIAL_COLUMNS, trial_cell, TRIAL_TEXT_COLUMNS)
 
 
 def write_search_report(rows: list[dict], chosen: dict | None, original_utility: float,
                         tune: TuneSection, report: Path) -> None:
-    import csv
-
-    with open(report / "trials.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(TRIAL_COLUMNS)
-        writer.writerows(table_cells(row) for row in rows)
-    markdown = [f"| {' | '.join(TRIAL_COLUMNS)} |", "|" + "---|" * len(TRIAL_COLUMNS),
-                *[f"| {' | '.join(table_cells(row))} |" for row in rows]]
-    pipeline.write_atomic(report / "trials.md", "\n".join(markdown) + "\n")
+    evaluate.write_csv([{**row, "params": format_params(row["params"])} for row in rows],
+                       report / "trials.csv", TRIAL_COLUMNS)
+    markdown = evaluate.to_markdown(rows, TRIAL_COLUMNS, trial_cell, TRIAL_TEXT_COLUMNS)
+    pipeline.write_atomic(report / "trials.md", markdown + "\n")
     best = {"chosen": chosen, "original_test_acc_retained": original_utility,
             "utility_floor_points": tune.utility_floor, "method": tune.method}
     pipeline.write_atomic(report / "best.json", json.dumps(best, indent=2, default=str))

@@ -376,6 +376,11 @@ def raycluster() -> dict:
     return load("kuberay/raycluster.yaml")
 
 
+def kuberay_broken(manifest: Callable[[], dict], path: str, value: Any) -> Callable[[], list[str]]:
+    """What check_kuberay reports for a copy of the manifest with one value changed."""
+    return lambda: check_kuberay(set_in(manifest(), path, value), volume_claims())
+
+
 def set_in(doc: dict, path: str, value: Any) -> dict:
     """Set (or, with value DELETE, remove) a dotted path; integers index lists."""
     *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
@@ -425,62 +430,59 @@ BROKEN: dict[str, tuple[Callable[[], list[str]], str]] = {
         lambda: check_launcher(set_in(load("ray-cluster.yaml"), "docker.run_options", [])), "bind-mount"),
     # RayCluster
     "raycluster-old-api": (
-        lambda: check_kuberay(set_in(raycluster(), "apiVersion", "ray.io/v1alpha1"), volume_claims()),
+        kuberay_broken(raycluster, "apiVersion", "ray.io/v1alpha1"),
         "apiVersion"),
     "raycluster-no-name": (
-        lambda: check_kuberay(set_in(raycluster(), "metadata.name", DELETE), volume_claims()), "metadata.name"),
+        kuberay_broken(raycluster, "metadata.name", DELETE), "metadata.name"),
     "raycluster-no-start-params": (
-        lambda: check_kuberay(set_in(raycluster(), "spec.headGroupSpec.rayStartParams", DELETE),
-                              volume_claims()), "rayStartParams"),
+        kuberay_broken(raycluster, "spec.headGroupSpec.rayStartParams", DELETE), "rayStartParams"),
     "raycluster-numeric-start-param": (
-        lambda: check_kuberay(set_in(raycluster(), "spec.headGroupSpec.rayStartParams.num-gpus", 0),
-                              volume_claims()), "must be a string"),
+        kuberay_broken(raycluster, "spec.headGroupSpec.rayStartParams.num-gpus", 0), "must be a string"),
     "raycluster-no-image": (
-        lambda: check_kuberay(set_in(raycluster(), "spec.headGroupSpec.template.spec.containers.0.image",
-                                     DELETE), volume_claims()), "no image"),
+        kuberay_broken(raycluster, "spec.headGroupSpec.template.spec.containers.0.image", DELETE),
+        "no image"),
     "raycluster-no-group-name": (
-        lambda: check_kuberay(set_in(raycluster(), f"{WORKER}.groupName", DELETE), volume_claims()),
+        kuberay_broken(raycluster, f"{WORKER}.groupName", DELETE),
         "groupName"),
     "raycluster-replicas-above-max": (
-        lambda: check_kuberay(set_in(raycluster(), f"{WORKER}.replicas", 99), volume_claims()), "maxReplicas"),
+        kuberay_broken(raycluster, f"{WORKER}.replicas", 99), "maxReplicas"),
     "raycluster-no-gpus": (
-        lambda: check_kuberay(set_in(raycluster(), f"{WORKER}.template.spec.containers.0.resources.limits",
-                                     {"cpu": "8"}), volume_claims()), "nvidia.com/gpu"),
+        kuberay_broken(raycluster, f"{WORKER}.template.spec.containers.0.resources.limits", {"cpu": "8"}),
+        "nvidia.com/gpu"),
     "raycluster-unknown-claim": (
-        lambda: check_kuberay(set_in(raycluster(), f"{WORKER}.template.spec.volumes.0.persistentVolumeClaim",
-                                     {"claimName": "elsewhere"}), volume_claims()), "'elsewhere'"),
+        kuberay_broken(raycluster, f"{WORKER}.template.spec.volumes.0.persistentVolumeClaim",
+                       {"claimName": "elsewhere"}),
+        "'elsewhere'"),
     "raycluster-no-shared-mount": (
-        lambda: check_kuberay(set_in(raycluster(), "spec.headGroupSpec.template.spec.containers.0.volumeMounts",
-                                     []), volume_claims()), STORAGE),
+        kuberay_broken(raycluster, "spec.headGroupSpec.template.spec.containers.0.volumeMounts", []),
+        STORAGE),
     # RayJob
     "rayjob-missing-pipeline": (
-        lambda: check_kuberay(set_in(rayjob(), "spec.entrypoint",
-                                     "python -m hamu_ray.cli run pipelines/nope.yaml"), volume_claims()),
+        kuberay_broken(rayjob, "spec.entrypoint", "python -m hamu_ray.cli run pipelines/nope.yaml"),
         "no such file"),
     "rayjob-invalid-pipeline": (  # a real YAML file that is not a pipeline
-        lambda: check_kuberay(set_in(rayjob(), "spec.entrypoint",
-                                     "hamu-ray run cluster/runtime_env.yaml"), volume_claims()),
+        kuberay_broken(rayjob, "spec.entrypoint", "hamu-ray run cluster/runtime_env.yaml"),
         "does not validate"),
     "rayjob-no-pipeline": (
-        lambda: check_kuberay(set_in(rayjob(), "spec.entrypoint", "python train.py"), volume_claims()),
+        kuberay_broken(rayjob, "spec.entrypoint", "python train.py"),
         "runs no pipeline"),
     "rayjob-no-entrypoint": (
-        lambda: check_kuberay(set_in(rayjob(), "spec.entrypoint", DELETE), volume_claims()), "entrypoint"),
+        kuberay_broken(rayjob, "spec.entrypoint", DELETE), "entrypoint"),
     "rayjob-kept-cluster": (
-        lambda: check_kuberay(set_in(rayjob(), "spec.shutdownAfterJobFinishes", DELETE), volume_claims()),
+        kuberay_broken(rayjob, "spec.shutdownAfterJobFinishes", DELETE),
         "shutdownAfterJobFinishes"),
     "rayjob-no-tracking-uri": (
-        lambda: check_kuberay(set_in(rayjob(), "spec.runtimeEnvYAML", "env_vars: {DO_NOT_TRACK: 'true'}\n"),
-                              volume_claims()), "MLFLOW_TRACKING_URI"),
+        kuberay_broken(rayjob, "spec.runtimeEnvYAML", "env_vars: {DO_NOT_TRACK: 'true'}\n"),
+        "MLFLOW_TRACKING_URI"),
     "rayjob-numeric-env-var": (
-        lambda: check_kuberay(set_in(rayjob(), "spec.runtimeEnvYAML",
-                                     "env_vars: {MLFLOW_TRACKING_URI: 'http://m:5000', RAY_USAGE_STATS_ENABLED: 0}\n"),
-                              volume_claims()), "RAY_USAGE_STATS_ENABLED"),
+        kuberay_broken(rayjob, "spec.runtimeEnvYAML",
+                       "env_vars: {MLFLOW_TRACKING_URI: 'http://m:5000', RAY_USAGE_STATS_ENABLED: 0}\n"),
+        "RAY_USAGE_STATS_ENABLED"),
     "rayjob-too-few-gpus": (
         lambda: check_kuberay(set_in(set_in(rayjob(), f"{JOB_WORKER}.replicas", 1), f"{JOB_WORKER}.minReplicas", 1),
                               volume_claims()), "GPU(s) for"),
     "rayjob-no-worker-groups": (
-        lambda: check_kuberay(set_in(rayjob(), "spec.rayClusterSpec.workerGroupSpecs", []), volume_claims()),
+        kuberay_broken(rayjob, "spec.rayClusterSpec.workerGroupSpecs", []),
         "workerGroupSpecs: empty"),
     "pvc-read-write-once": (
         lambda: check_kuberay(set_in(load("kuberay/shared-storage.yaml"), "spec.accessModes", ["ReadWriteOnce"]),

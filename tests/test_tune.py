@@ -73,7 +73,7 @@ def test_surgery_searches_epsilon():
 
 def test_asha_horizon_is_the_step_reports_plus_the_evaluation():
     cfg = config(digits_raw())  # 30 steps, a report every 10
-    context = TrialContext(cfg.model_dump(by_alias=True), {}, "", "", "", "")
+    context = TrialContext(cfg.model_dump(by_alias=True), {}, "", "", "", ruler=None)
     assert max_reports(context) == 4
 
 
