@@ -68,4 +68,9 @@ def get_rule(name: str, **hparams: Any) -> Rule:
     for key, value in hparams.items():
         if fields[key].type in ("bool",) and not isinstance(value, bool):
             raise ValueError(f"rule {name!r}: {key} must be true or false, got {value!r}")
+    # a missing required field would surface as the dataclass's TypeError; name it instead
+    missing = [f.name for f in fields.values() if f.name not in hparams
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"rule {name!r} needs hyper-parameter(s) {', '.join(missing)}")
     return Rule(name, spec, spec.params(**hparams))

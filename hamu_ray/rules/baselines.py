@@ -66,10 +66,8 @@ def pcgrad(stats: BlockStats, lr: float, params: ProjectionParams) -> RuleResult
 
 
 def _fixed(stats: BlockStats, lr: float, *, retain: float, forget: float) -> RuleResult:
-    k = stats.num_blocks
-    a = torch.full((k,), retain, dtype=torch.float64)
-    c = torch.full((k,), forget, dtype=torch.float64)
-    return RuleResult(a, c, ("fixed",) * k, None, predicted_effects(stats, a, c, lr))
+    a, c = torch.full_like(stats.rr, retain), torch.full_like(stats.rr, forget)  # the stats' device
+    return RuleResult(a, c, ("fixed",) * stats.num_blocks, None, predicted_effects(stats, a, c, lr))
 
 
 def _projection(stats: BlockStats, lr: float, full_grad: bool, coefs) -> RuleResult:

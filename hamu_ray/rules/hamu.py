@@ -1,10 +1,20 @@
-"""HAMU: hardness-aware multi-objective unlearning, closed form per block (DESIGN §3).
+"""HAMU: hardness-aware multi-objective unlearning, from the K×3 statistics (DESIGN §3).
 
-HAMU-Q solves, for each block b,   min_Δ g_r·Δ   s.t.  g_f·Δ ≥ B_b,  ‖Δ‖ ≤ R_b.
-The optimum is always Δ = α·g_f + β·g_r, so the rule returns the scalars and never sees a
-gradient; Δ = −lr·d maps them to optimizer-gradient coefficients d = a·g_r + c·g_f.
+HAMU-Q solves   min_Δ Σ_b g_r,b·Δ_b   s.t.  Σ_b g_f,b·Δ_b ≥ B,  ‖Δ_b‖ ≤ R_b.
+A fixed split (equal, grad_norm, exp_dot) first divides B into per-block shares B_b and solves each
+block in closed form; the "optimal" split solves the coupled problem through its one multiplier λ.
+Either way Δ_b = α_b·g_f,b + β_b·g_r,b, so the rule returns scalars and never sees a gradient;
+Δ = −lr·d maps them to optimizer-gradient coefficients d = a·g_r + c·g_f.
 HAMU-U is the reciprocal problem (max forget gain s.t. the retain loss drops by B), solved as
 HAMU-Q on the effective pair (g_r, g_f) → (−g_f, −g_r).
+
+Order of decisions on every step: (1) is B reachable at all, Σ_b R_b·‖g_f,b‖ ≥ B? If not, the
+on_infeasible policy stops or takes the minimal-norm ascent. (2) With stop_on_criterion, stop when B
+exceeds the exact stopping reach. (3) Otherwise split and solve.
+
+Device: every tensor follows the statistics' device and dtype (CUDA statistics stay on CUDA); the
+host reads back only what the result must hold as Python values (branch names, the stop decision,
+scalar diagnostics) plus one read per water-filling round of a fixed split.
 
 Not here: summing statistics across ranks, touching parameters, logging (see hamu_ray.step).
 """
@@ -17,27 +27,35 @@ from typing import Literal
 
 import torch
 
-from hamu_ray.rules.stats import DTYPE, TINY, BlockStats, RuleResult, StopReason, predicted_effects
+from hamu_ray.rules.stats import (SQRT_TINY, TINY, BlockStats, RuleResult, StopReason, check_number,
+                                  predicted_effects)
 
 # sin²θ below this counts as colinear: g_r⊥ is then rounding noise, and its direction is meaningless.
 COLINEAR_SIN2 = 1e-12
-# B² > R²·ff·(1 + this) is infeasible: equality is the single feasible point Δ = (B/ff)·g_f.
+# B above (its reach)·(1 + this) is out of reach: equality is the single feasible point R·ĝ_f.
 FEASIBILITY_RTOL = 1e-12
+# Bisection steps on φ ∈ [0, π/2] (λ = scale·tan φ): float64 has 53 bits, so 100 halvings reach
+# the last ulp of φ whatever the root; a fixed count needs no host read inside the loop.
+BISECTION_STEPS = 100
 
 RadiusMode = float | Literal["lr"]
-Split = Literal["equal", "grad_norm", "exp_dot"]
+Split = Literal["equal", "grad_norm", "exp_dot", "optimal"]
+SPLITS = ("equal", "grad_norm", "exp_dot", "optimal")
 
 
 @dataclass(frozen=True, kw_only=True)
 class HamuParams:
-    """constraint: B ≥ 0, the guaranteed first-order improvement per step (summed over blocks).
-    radius: a fixed R > 0 per block, or "lr" for R_b = lr·‖g_r,b‖ (the direct branch is then an
-    exact SGD step on the retain loss). full_grad: the whole model as one block (no split).
-    constraint_split: how B is divided over blocks. on_infeasible: "stop" takes no step and stops;
-    "ascent" takes the minimal-norm ascent (B/ff)·g_f, which leaves the radius.
-    stop_on_criterion: stop when B exceeds the stopping rhs (otherwise only log the margin)."""
+    """constraint: B ≥ 0, the guaranteed first-order improvement per step (summed over blocks);
+    required, since a rule without it guarantees nothing.
+    radius: a fixed R > 0 per block, or "lr" for R_b = lr·‖g_r,b‖ of the *effective* retain
+    gradient: lr·‖g_r,b‖ for HAMU-Q (the direct branch is then an SGD step on the retain loss) and
+    lr·‖g_f,b‖ for HAMU-U. full_grad: the whole model as one block (no split).
+    constraint_split: how B is divided over blocks (fixed shares, or the exact "optimal" split).
+    on_infeasible: when B > Σ_b R_b·‖g_f,b‖, "stop" takes no step and stops; "ascent" takes the
+    minimal-norm ascent Δ = (B/Σ_b ff_b)·g_f, which leaves the radius.
+    stop_on_criterion: stop when B exceeds the exact stopping reach (otherwise only log the margin)."""
 
-    constraint: float = 0.0
+    constraint: float
     radius: RadiusMode = "lr"
     full_grad: bool = False
     constraint_split: Split = "grad_norm"
@@ -45,15 +63,13 @@ class HamuParams:
     stop_on_criterion: bool = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.constraint, (int, float)) and math.isfinite(self.constraint)
-                and self.constraint >= 0):
-            raise ValueError(f"constraint must be a finite number ≥ 0, got {self.constraint!r}")
-        if self.radius != "lr" and not (
-            isinstance(self.radius, (int, float)) and not isinstance(self.radius, bool)
-            and math.isfinite(self.radius) and self.radius > 0
-        ):
-            raise ValueError(f"radius must be a number > 0 or 'lr', got {self.radius!r}")
-        _check_choice("constraint_split", self.constraint_split, ("equal", "grad_norm", "exp_dot"))
+        check_number("constraint", self.constraint, low=0.0)
+        if self.radius != "lr":
+            try:
+                check_number("radius", self.radius, low=0.0, strict=True)
+            except ValueError:
+                raise ValueError(f"radius must be a number > 0 or 'lr', got {self.radius!r}") from None
+        _check_choice("constraint_split", self.constraint_split, SPLITS)
         _check_choice("on_infeasible", self.on_infeasible, ("stop", "ascent"))
 
 
@@ -71,19 +87,24 @@ def _hamu(stats: BlockStats, lr: float, params: HamuParams, *, reciprocal: bool)
     solved = stats.total() if params.full_grad else stats
     # Effective problem: HAMU-U is HAMU-Q on (g_r, g_f) → (−g_f, −g_r): rr↔ff swap, rf unchanged.
     eff = BlockStats(rr=solved.ff, ff=solved.rr, rf=solved.rf) if reciprocal else solved
-
+    B = float(params.constraint)
     radius = lr * eff.rr.sqrt() if params.radius == "lr" else torch.full_like(eff.rr, params.radius)
-    constraint = split_constraint(eff, params.constraint, params.constraint_split)
-    alpha, beta, branch = solve_q(eff, constraint, radius, params.on_infeasible)
-    rhs = stopping_rhs(eff, radius)
+    reach = forget_reach(eff, radius)
+    exact_rhs, paper = stopping_rhs(eff, radius), paper_rhs(eff, radius)
 
     stop = None
-    if "infeasible" in branch:
-        stop = StopReason.INFEASIBLE
-    elif params.stop_on_criterion and params.constraint > rhs:
-        stop = StopReason.CRITERION
-    if stop is not None:  # no step is taken on a stop
-        alpha, beta = torch.zeros_like(alpha), torch.zeros_like(beta)
+    if B > float(reach.sum()) * (1 + FEASIBILITY_RTOL):  # no step inside the radii gains B
+        alpha, beta, branch, stop = _out_of_reach(eff, B, params.on_infeasible)
+        # logged per block: the ascent's gains, or B spread evenly (no split of it is reachable)
+        constraint = torch.full_like(eff.ff, B / eff.num_blocks) if stop is not None else alpha * eff.ff
+    else:
+        alpha, beta, branch, constraint = _solve(eff, B, radius, params.constraint_split)
+        if "infeasible" in branch:  # a share over its cap: the capped splits never make one
+            stop = StopReason.INFEASIBLE
+        elif params.stop_on_criterion and B > exact_rhs:  # the retain loss must rise to gain B
+            stop = StopReason.CRITERION
+        if stop is not None:  # no step is taken on a stop
+            alpha, beta = torch.zeros_like(alpha), torch.zeros_like(beta)
 
     # Δ = α·g_f,eff + β·g_r,eff and d = −Δ/lr, in effective coordinates ...
     retain_coef, forget_coef = -beta / lr, -alpha / lr
@@ -92,7 +113,8 @@ def _hamu(stats: BlockStats, lr: float, params: HamuParams, *, reciprocal: bool)
 
     diagnostics = predicted_effects(solved, retain_coef, forget_coef, lr)
     diagnostics.update(cosine=stats.cosine(), radius=radius, constraint=constraint,
-                       stop_rhs=float(rhs), stop_margin=float(rhs) - params.constraint)
+                       max_gain=float(reach.sum()), stop_rhs=exact_rhs, stop_margin=exact_rhs - B,
+                       paper_rhs=paper)
     k = stats.num_blocks
     if params.full_grad:
         retain_coef, forget_coef, branch = retain_coef.expand(k), forget_coef.expand(k), branch * k
@@ -100,76 +122,230 @@ def _hamu(stats: BlockStats, lr: float, params: HamuParams, *, reciprocal: bool)
                       branch=tuple(branch), stop=stop, diagnostics=diagnostics)
 
 
-def solve_q(stats: BlockStats, constraint: torch.Tensor, radius: torch.Tensor,
-            on_infeasible: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Closed-form HAMU-Q per block: Δ_b = α_b·g_f,b + β_b·g_r,b and the branch name taken.
+def _out_of_reach(stats: BlockStats, B: float, on_infeasible: str):
+    """(α, β, branch, stop) when B > Σ_b R_b·‖g_f,b‖: stop, or the minimal-norm ascent.
 
-    Branches: direct (Δ = −R·ĝ_r), rectified, colinear (Δ = (B/ff)·g_f), ascent (infeasible,
-    minimal-norm ascent taken), infeasible (no step possible), zero (both gradients vanish).
+    The shortest Δ with Σ_b g_f,b·Δ_b = B over the whole model is (B/Σ_b ff_b)·g_f in every block.
     """
-    rr, ff, rf = stats.rr, stats.ff, stats.rf
-    B, R = constraint.to(DTYPE), radius.to(DTYPE)
-    norm_r = rr.sqrt()
-    alpha, beta = torch.zeros_like(rr), torch.zeros_like(rr)
-    branch = []
-    for b in range(stats.num_blocks):
-        name, alpha_b, beta_b = _solve_block(float(rr[b]), float(ff[b]), float(rf[b]),
-                                             float(B[b]), float(R[b]), float(norm_r[b]), on_infeasible)
-        branch.append(name)
-        alpha[b], beta[b] = alpha_b, beta_b
-    return alpha, beta, branch
+    k, zero = stats.num_blocks, torch.zeros_like(stats.ff)
+    total_ff = float(stats.ff.sum())
+    if on_infeasible == "ascent" and total_ff > TINY:
+        return torch.full_like(stats.ff, B / total_ff), zero, ["ascent"] * k, None
+    return zero, zero.clone(), ["infeasible"] * k, StopReason.INFEASIBLE
 
 
-def _solve_block(rr: float, ff: float, rf: float, B: float, R: float, norm_r: float,
-                 on_infeasible: str) -> tuple[str, float, float]:
-    """(branch, α, β) for one block; scalars only, so the branch logic reads like DESIGN §3."""
-    if ff <= TINY:  # no forget gradient: only B = 0 is reachable
-        if B > 0:
-            return "infeasible", 0.0, 0.0
-        return ("direct", 0.0, -R / norm_r) if rr > TINY else ("zero", 0.0, 0.0)
-    if B * B > R * R * ff * (1 + FEASIBILITY_RTOL):  # even Δ = R·ĝ_f gains less than B
-        return ("ascent", B / ff, 0.0) if on_infeasible == "ascent" else ("infeasible", 0.0, 0.0)
-    if rr <= TINY:  # flat retain loss: every feasible Δ costs nothing; take the shortest
-        return "colinear", B / ff, 0.0
-    if rf <= -B * norm_r / R:  # plain retain descent already gains B
-        return "direct", 0.0, -R / norm_r
-    perp_sq = max(rr * ff - rf * rf, 0.0) / ff  # ‖g_r⊥‖², g_r⊥ = g_r − (rf/ff)·g_f
-    if perp_sq <= COLINEAR_SIN2 * rr:
-        return "colinear", B / ff, 0.0
-    # Δ = (B/ff)·g_f − σ·g_r⊥/‖g_r⊥‖, σ = √(R² − B²/ff), expanded in (g_f, g_r).
-    sigma = math.sqrt(max(R * R - B * B / ff, 0.0))
-    norm_perp = math.sqrt(perp_sq)
-    return "rectified", B / ff + sigma * rf / (ff * norm_perp), -sigma / norm_perp
+def _solve(stats: BlockStats, B: float, radius: torch.Tensor, split: str):
+    """(α, β, branch, per-block constraint) of a reachable B under the chosen split."""
+    if split == "optimal":
+        alpha, beta, branch = solve_optimal(stats, B, radius)
+        return alpha, beta, branch, alpha * stats.ff + beta * stats.rf  # the gain each block makes
+    shares = split_constraint(stats, B, split, radius)
+    alpha, beta, branch = solve_q(stats, shares, radius)
+    return alpha, beta, branch, shares
 
 
-def split_constraint(stats: BlockStats, total: float, how: str) -> torch.Tensor:
-    """B_b over blocks, summing to B. Degenerate weights (all zero) fall back to an equal split."""
-    k = stats.num_blocks
-    if how == "equal" or k == 1:
-        weights = torch.ones(k, dtype=DTYPE)
-    elif how == "grad_norm":
-        weights = (stats.rr * stats.ff).sqrt()
-    elif how == "exp_dot":
-        weights = torch.softmax(-stats.rf, dim=0)  # exp(−rf_b), normalised without overflow
-    else:
-        raise ValueError(f"constraint_split must be one of equal, grad_norm, exp_dot, got {how!r}")
-    if not bool(weights.sum() > 0):
-        weights = torch.ones(k, dtype=DTYPE)
-    return total * weights / weights.sum()
+def forget_reach(stats: BlockStats, radius: torch.Tensor) -> torch.Tensor:
+    """R_b·‖g_f,b‖ per block: the most forget gain block b can make inside its radius."""
+    return torch.where(stats.ff > TINY, radius * stats.ff.sqrt(), 0.0)
 
 
 def stopping_rhs(stats: BlockStats, radius: torch.Tensor) -> float:
-    """Σ_b R_b·√(rr·ff − rf²)/‖g_r,b‖ = Σ_b R_b·‖g_f,b‖·sin θ_b (the paper's criterion).
+    """Σ_b of the most forget gain block b reaches inside R_b without raising its retain loss.
 
-    The most forget gain any Δ inside the radii can make while keeping g_r·Δ ≤ 0 in the
-    conflicting case; B above it means retain damage is unavoidable. A block with a flat retain
-    loss (g_r ≈ 0) contributes R_b·‖g_f,b‖: nothing constrains it.
+    max g_f·Δ s.t. ‖Δ‖ ≤ R, g_r·Δ ≤ 0 is R·‖g_f‖·sin θ when the pair conflicts (rf > 0: the
+    optimum lies on the plane g_r·Δ = 0) and R·‖g_f‖ otherwise (R·ĝ_f itself lowers the retain
+    loss); a flat retain loss (rr ≈ 0) constrains nothing. B above it makes retain damage unavoidable.
     """
-    gram = (stats.rr * stats.ff - stats.rf**2).clamp_min(0.0).sqrt()
-    flat = stats.rr <= TINY
-    per_block = torch.where(flat, radius * stats.ff.sqrt(),
-                            radius * gram / stats.rr.sqrt().clamp_min(math.sqrt(TINY)))
+    conflict = (stats.rf > 0) & (stats.rr > TINY)
+    per_block = torch.where(conflict, _paper_per_block(stats, radius), forget_reach(stats, radius))
     return float(per_block.sum())
+
+
+def paper_rhs(stats: BlockStats, radius: torch.Tensor) -> float:
+    """The paper's Σ_b R_b·√(rr·ff − rf²)/‖g_r,b‖ = Σ_b R_b·‖g_f,b‖·sin θ_b (logged only).
+
+    Exact only for conflicting blocks: it undercounts what a non-conflicting block reaches.
+    """
+    return float(_paper_per_block(stats, radius).sum())
+
+
+def _paper_per_block(stats: BlockStats, radius: torch.Tensor) -> torch.Tensor:
+    gram = (stats.rr * stats.ff - stats.rf**2).clamp_min(0.0).sqrt()
+    sin_part = radius * gram / stats.rr.sqrt().clamp_min(SQRT_TINY)
+    return torch.where(stats.rr <= TINY, forget_reach(stats, radius), sin_part)
+
+
+# Branch codes of solve_q, in the order DESIGN §3 lists them; names are read back once per step.
+_BRANCHES = ("zero", "direct", "colinear", "rectified", "infeasible")
+_ZERO, _DIRECT, _COLINEAR, _RECTIFIED, _INFEASIBLE = range(len(_BRANCHES))
+
+
+def solve_q(stats: BlockStats, constraint: torch.Tensor, radius: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Closed-form HAMU-Q per block with share B_b: Δ_b = α_b·g_f,b + β_b·g_r,b and its branch.
+
+    Branches: direct (Δ = −R·ĝ_r), rectified, colinear (Δ = (B/ff)·g_f), infeasible (B_b beyond
+    R_b·‖g_f,b‖: no step; the capped splits never produce it), zero (both gradients vanish).
+    Vectorised over blocks: every candidate is computed and torch.where picks the branch.
+    """
+    rr, ff, rf = stats.rr, stats.ff, stats.rf
+    B, R = constraint.to(rr), radius.to(rr)
+    has_r, has_f = rr > TINY, ff > TINY
+    norm_r, safe_ff = rr.sqrt().clamp_min(SQRT_TINY), ff.clamp_min(TINY)
+    perp_sq = ((rr * ff - rf * rf) / safe_ff).clamp_min(0.0)  # ‖g_r⊥‖², g_r⊥ = g_r − (rf/ff)·g_f
+    norm_perp = perp_sq.sqrt().clamp_min(SQRT_TINY)
+
+    # Lowest priority first: each later where overrides the ones before it.
+    code = torch.full_like(rr, _RECTIFIED)
+    code = torch.where(perp_sq <= COLINEAR_SIN2 * rr, _COLINEAR, code)
+    code = torch.where(has_r & (rf * R <= -B * norm_r), _DIRECT, code)  # retain descent gains B_b
+    code = torch.where(~has_r, _COLINEAR, code)  # flat retain loss: the shortest feasible Δ
+    code = torch.where(~has_f, torch.where(has_r, _DIRECT, _ZERO), code)
+    out_of_reach = torch.where(has_f, B > R * ff.sqrt() * (1 + FEASIBILITY_RTOL), B > 0)
+    code = torch.where(out_of_reach, _INFEASIBLE, code)
+
+    # Rectified: Δ = (B/ff)·g_f − σ·g_r⊥/‖g_r⊥‖, σ = √(R² − B²/ff), expanded in (g_f, g_r).
+    sigma = (R * R - B * B / safe_ff).clamp_min(0.0).sqrt()
+    colinear_alpha = B / safe_ff
+    rectified_alpha = colinear_alpha + sigma * rf / (safe_ff * norm_perp)
+    alpha = torch.where(code == _COLINEAR, colinear_alpha,
+                        torch.where(code == _RECTIFIED, rectified_alpha, 0.0))
+    beta = torch.where(code == _DIRECT, -R / norm_r,
+                       torch.where(code == _RECTIFIED, -sigma / norm_perp, 0.0))
+    return alpha, beta, [_BRANCHES[int(c)] for c in code.tolist()]
+
+
+def split_constraint(stats: BlockStats, total: float, how: str, radius: torch.Tensor) -> torch.Tensor:
+    """Shares B_b of a fixed split, summing to B whenever Σ_b R_b·‖g_f,b‖ ≥ B.
+
+    Each block's share is capped at its reach R_b·‖g_f,b‖ (zero without a forget gradient), so no
+    share is infeasible while the total is reachable: B goes out by the split's weights over the
+    uncapped blocks, shares over their cap are clamped, and the remainder is spread over the rest
+    (water-filling; each round caps at least one block, so at most K rounds).
+    """
+    caps = forget_reach(stats, radius)
+    log_w = _log_weights(stats, how)
+    shares, free, remaining = torch.zeros_like(caps), caps > 0, float(total)
+    for _ in range(stats.num_blocks):
+        if remaining <= 0 or not bool(free.any()):
+            break
+        trial = remaining * _normalise(log_w, free)
+        over = free & (trial > caps)
+        if not bool(over.any()):
+            return torch.where(free, trial, shares)
+        shares = torch.where(over, caps, shares)
+        remaining -= float(torch.where(over, caps, 0.0).sum())
+        free = free & ~over
+    return shares
+
+
+def _log_weights(stats: BlockStats, how: str) -> torch.Tensor:
+    """log of the split's weights: logs keep exp(−rf) and ‖g_r‖·‖g_f‖ free of overflow."""
+    if how == "equal":
+        return torch.zeros_like(stats.rr)
+    if how == "grad_norm":  # ‖g_r,b‖·‖g_f,b‖
+        return 0.5 * (stats.rr.log() + stats.ff.log())
+    if how == "exp_dot":  # exp(−rf_b)
+        return -stats.rf
+    raise ValueError(f"constraint_split must be one of {', '.join(SPLITS)}, got {how!r}")
+
+
+def _normalise(log_w: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """Weights over the free blocks summing to 1; all-zero weights fall back to an equal split."""
+    masked = torch.where(free, log_w, -math.inf)
+    fallback = torch.where(free, 0.0, -math.inf)
+    return torch.softmax(torch.where(torch.isfinite(masked).any(), masked, fallback), dim=0)
+
+
+def solve_optimal(stats: BlockStats, total: float, radius: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The exact split (DESIGN §3): Δ_b = −R_b·u_b/‖u_b‖, u_b = g_r,b − λ*·g_f,b, as (α, β, branch).
+
+    λ* = 0 when the plain retain descent already gains B; otherwise the least λ with G(λ) ≥ B,
+    found by bisection and taken at the bracket's upper end so the guarantee holds. The caller has
+    checked B ≤ Σ_b R_b·‖g_f,b‖. A colinear block (sin²θ ≈ 0, or a flat retain loss) has u_b ≈ 0
+    at λ = t_b = rf/ff, where its gain jumps; it is stepped along ±ĝ_r or ĝ_f instead of u_b, and
+    the blocks whose jump sits at λ* take the part of B the others leave (any split of it costs
+    the same, λ* per unit of gain).
+    """
+    p = _OptimalProblem(stats, radius)
+    zero = p.cap.new_zeros(())
+    if float(p.gains(zero).sum()) >= total:  # one host read: skips the bisection when λ* = 0
+        lam_lo = lam_hi = zero
+    else:
+        lam_lo, lam_hi = p.bracket(total)
+    gains = p.gains(lam_hi)
+    marginal = p.colinear & (p.t >= 0) & (p.t <= lam_hi) & ((p.t > lam_lo) | (lam_hi == 0))
+    # The marginal blocks share what the others leave, at one fraction s of their reach.
+    need = total - torch.where(marginal, 0.0, gains).sum()
+    marginal_cap = torch.where(marginal, p.cap, 0.0).sum()
+    lowest = torch.where(lam_hi > 0, -1.0, 0.0)  # at λ* = 0 (flat retain) a negative s buys nothing
+    s = torch.where(marginal_cap > 0, need / marginal_cap.clamp_min(TINY), 0.0).clamp(max=1.0)
+    s = torch.maximum(s, lowest)
+    return p.coefficients(lam_hi, marginal, s)
+
+
+class _OptimalProblem:
+    """The per-block pieces of the optimal split that do not depend on λ."""
+
+    def __init__(self, stats: BlockStats, radius: torch.Tensor) -> None:
+        rr, ff, rf = stats.rr, stats.ff, stats.rf
+        self.R = radius.to(rr)
+        self.has_r, self.has_f = rr > TINY, ff > TINY
+        self.norm_r, self.norm_f = rr.sqrt().clamp_min(SQRT_TINY), ff.sqrt()
+        # ‖u_b(λ)‖² = ‖g_r⊥‖² + ff·(λ − t)²: the sum of squares keeps ‖u_b‖ accurate near λ = t.
+        self.t = torch.where(self.has_r & self.has_f, rf / ff.clamp_min(TINY), 0.0)
+        self.norm_perp = ((rr * ff - rf * rf) / ff.clamp_min(TINY)).clamp_min(0.0).sqrt()
+        self.colinear = self.has_f & (~self.has_r | (self.norm_perp**2 <= COLINEAR_SIN2 * rr))
+        self.smooth = self.has_f & ~self.colinear
+        self.cap = forget_reach(stats, radius)
+        self.direct_gain = torch.where(self.has_r, -self.R * rf / self.norm_r, 0.0)  # Δ = −R·ĝ_r
+
+    def _norm_u(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm_f * (lam - self.t)  # ‖g_f‖·(λ − t): −g_f·u_b/‖g_f‖
+        return x, torch.hypot(self.norm_perp, x).clamp_min(SQRT_TINY)
+
+    def ascends(self, lam: torch.Tensor) -> torch.Tensor:
+        """Colinear blocks past their jump (0 ≤ t ≤ λ): stepped along +ĝ_f."""
+        return self.colinear & (self.t >= 0) & (self.t <= lam)
+
+    def gains(self, lam: torch.Tensor) -> torch.Tensor:
+        """g_f,b·Δ_b(λ) per block; at a colinear jump the upper value (non-decreasing in λ)."""
+        x, norm_u = self._norm_u(lam)
+        smooth = self.R * self.norm_f * x / norm_u
+        gain = torch.where(self.ascends(lam), self.cap, self.direct_gain)
+        return torch.where(self.smooth, smooth, gain)
+
+    def bracket(self, total: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(λ_lo, λ_hi) with G(λ_lo) < B ≤ G(λ_hi), within an ulp: bisection on λ = scale·tan φ.
+
+        tan maps [0, π/2] onto [0, ∞) (tan of the float π/2 is 1.6e16), so no doubling search;
+        scale = the largest ‖g_r,b‖/‖g_f,b‖ puts every jump and bend at a moderate φ.
+        """
+        ratio = torch.where(self.has_r & self.has_f, self.norm_r / self.norm_f.clamp_min(SQRT_TINY), 0.0)
+        scale = ratio.max()
+        scale = torch.where(scale > 0, scale, 1.0)
+        lo, hi = torch.zeros_like(scale), torch.full_like(scale, math.pi / 2)
+        for _ in range(BISECTION_STEPS):
+            mid = (lo + hi) / 2
+            enough = self.gains(scale * torch.tan(mid)).sum() >= total
+            lo, hi = torch.where(enough, lo, mid), torch.where(enough, mid, hi)
+        return scale * torch.tan(lo), scale * torch.tan(hi)
+
+    def coefficients(self, lam: torch.Tensor, marginal: torch.Tensor, s: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(α, β, branch) in Δ_b = α_b·g_f,b + β_b·g_r,b."""
+        _, norm_u = self._norm_u(lam)
+        along_f = self.ascends(lam) | marginal  # colinear blocks stepped along ĝ_f
+        # λ* = 0 is the plain retain descent: written as −R·ĝ_r, exactly the closed form's direct
+        direct = (self.has_r & ~self.smooth & ~along_f) | (self.smooth & (lam == 0))
+        alpha = torch.where(self.smooth, lam * self.R / norm_u,
+                            torch.where(marginal, s, 1.0) * self.R / self.norm_f.clamp_min(SQRT_TINY))
+        alpha = torch.where((along_f | self.smooth) & ~direct, alpha, 0.0)
+        beta = torch.where(direct, -self.R / self.norm_r, torch.where(self.smooth, -self.R / norm_u, 0.0))
+        code = torch.where(direct, 1, torch.where(self.smooth, 2, torch.where(along_f, 3, 0)))
+        names = ("zero", "direct", "optimal", "colinear")
+        return alpha, beta, [names[int(c)] for c in code.tolist()]
 
 
 def _check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> None:

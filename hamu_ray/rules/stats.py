@@ -17,10 +17,13 @@ neither Ray nor DeepSpeed: the caller sums the local statistics and hands them i
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from hamu_ray.errors import UserError
 
 DTYPE = torch.float64
 
@@ -36,7 +39,7 @@ class StopReason(str, enum.Enum):
         return list(StopReason).index(self) + 1
 
 
-class NonFiniteStatsError(FloatingPointError):
+class NonFiniteStatsError(UserError, FloatingPointError):
     """A NaN or Inf reached the gradient statistics (a diverged loss or gradient)."""
 
 
@@ -111,9 +114,23 @@ def _dot3(retain: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.dot(r, r), torch.dot(f, f), torch.dot(r, f)])
 
 
+def check_number(name: str, value: object, *, low: float | None = None, strict: bool = False) -> None:
+    """ValueError unless value is a finite real number (≥ low, or > low when strict).
+
+    Booleans are refused: YAML's `true` would otherwise pass as 1 (bool is an int in Python).
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if strict else value >= low
+    if not ok:
+        bound = "" if low is None else f" {'>' if strict else '≥'} {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
 # Squared norms at or below this are zero (norms below 1e-15): far under any real gradient,
 # far above float64 underflow, so tiny-but-real gradients keep their exact solution.
 TINY = 1e-30
+SQRT_TINY = 1e-15  # the matching norm: guards divisions by ‖g‖
 
 
 @dataclass(frozen=True)

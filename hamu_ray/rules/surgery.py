@@ -16,12 +16,11 @@ Not here: reducing statistics across ranks, logging.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from hamu_ray.rules.stats import TINY, BlockStats, RuleResult, predicted_effects
+from hamu_ray.rules.stats import TINY, BlockStats, RuleResult, check_number, predicted_effects
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,8 +28,7 @@ class SurgeryParams:
     epsilon: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon)):
-            raise ValueError(f"epsilon must be a finite number, got {self.epsilon!r}")
+        check_number("epsilon", self.epsilon)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,9 +41,7 @@ class ImplicitSurgeryParams:
     def __post_init__(self) -> None:
         SurgeryParams(epsilon=self.epsilon)
         for name in ("dual_lr", "initial_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_number(name, getattr(self, name), low=0.0)
         if not isinstance(self.fast, bool):
             raise ValueError(f"fast must be true or false, got {self.fast!r}")
 
@@ -59,13 +55,14 @@ def dual_update(weight: float, retain_before: float, retain_after: float, lr: fl
 
 def surgery(stats: BlockStats, lr: float, params: SurgeryParams) -> RuleResult:
     total = stats.total()
-    rr, rf = float(total.rr), float(total.rf)
-    # −g_r·u = rf: the retain increase of a unit step along u; λ* pulls it down to ε.
-    multiplier = max(0.0, (rf - params.epsilon) / rr) if rr > TINY else 0.0
+    # −g_r·u = rf: the retain increase of a unit step along u; λ* pulls it down to ε. Tensors on
+    # the statistics' device throughout; the one host read is the branch name.
+    multiplier = torch.where(total.rr > TINY,
+                             ((total.rf - params.epsilon) / total.rr.clamp_min(TINY)).clamp_min(0.0), 0.0)
     k = stats.num_blocks
-    retain_coef = torch.full((k,), multiplier, dtype=torch.float64)
-    forget_coef = torch.full((k,), -1.0, dtype=torch.float64)
+    retain_coef = multiplier.expand(k).clone()
+    forget_coef = torch.full_like(stats.ff, -1.0)
     diagnostics = predicted_effects(stats, retain_coef, forget_coef, lr)
-    diagnostics["surgery_multiplier"] = multiplier
-    branch = "projected" if multiplier > 0 else "plain"
+    diagnostics["surgery_multiplier"] = float(multiplier)
+    branch = "projected" if diagnostics["surgery_multiplier"] > 0 else "plain"
     return RuleResult(retain_coef, forget_coef, (branch,) * k, None, diagnostics)

@@ -43,3 +43,12 @@ def stats_of(retain, forget) -> BlockStats:
 
 def dot(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()))
+
+
+def reach_of(result: RuleResult, gains, full_grad: bool = False) -> float:
+    """Σ_b R_b·‖g_b‖ from the real tensors: the most first-order gain along `gains` inside the
+    radii the rule used (the whole model as one ball in full-gradient mode)."""
+    radius = result.diagnostics["radius"].tolist()
+    if full_grad:
+        return radius[0] * float(torch.sqrt(sum((g.double() ** 2).sum() for g in gains)))
+    return sum(R * float(g.double().norm()) for R, g in zip(radius, gains))
