@@ -1,4 +1,7 @@
-"""`hamu-ray …` entry points: one parser block and one handler per command."""
+"""`hamu-ray …` entry points: one parser block and one handler per command.
+
+Handlers import what they need when they run, so `--help` and `validate` stay light: neither
+imports Ray (nor `--help` torch)."""
 
 from __future__ import annotations
 
@@ -6,23 +9,38 @@ import argparse
 import logging
 import sys
 
-from hamu_ray.config import ConfigError
-from hamu_ray.jobs import JobsError
+from hamu_ray.errors import UserError
 
-# User mistakes and unreachable clusters print one message and exit 2, never a traceback.
-USER_ERRORS = (ConfigError, JobsError, FileExistsError, FileNotFoundError, ValueError)
 ADDRESS_HELP = ("the Ray dashboard's HTTP address, e.g. http://HEAD:8265 "
                 "(default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
+OVERRIDES_HELP = ("KEY=VALUE overrides of the YAML, e.g. unlearn.lr=0.02 "
+                  "methods.0.hparams.constraint=0.1 (dotted keys, integers index lists, "
+                  "values read as YAML)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except USER_ERRORS as exc:
+    except UserError as exc:  # one line; any other exception is a bug and keeps its traceback
         print(f"hamu-ray: {exc}", file=sys.stderr)
         return 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a '*' positional only once: KEY=VALUE given after an option lands in `extra`
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,21 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a pipeline: prepare, train, unlearn, evaluate, compare")
     run.add_argument("pipeline", help="pipeline YAML (see pipelines/)")
+    add_overrides(run)
     run.set_defaults(handler=run_command)
 
     tune = commands.add_parser("tune", help="search a method's threshold with Ray Tune (the tune: section)")
     tune.add_argument("pipeline", help="pipeline YAML with a tune: section; running it again resumes")
+    add_overrides(tune)
     tune.set_defaults(handler=tune_command)
 
     unlearn = commands.add_parser("unlearn", help="run one unlearning job on the engine")
     unlearn.add_argument("config", help="job YAML: data, model, method, train, cluster, output_dir")
+    add_overrides(unlearn)
     unlearn.set_defaults(handler=unlearn_command)
+
+    validate = commands.add_parser("validate", help="check a pipeline or job YAML; starts nothing")
+    validate.add_argument("config", help="pipeline YAML (has methods:) or job YAML (has method: "
+                          "and output_dir:)")
+    add_overrides(validate)
+    validate.set_defaults(handler=validate_command)
 
     methods = commands.add_parser("methods", help="list the methods a pipeline can use")
     methods.set_defaults(handler=methods_command)
 
     submit = commands.add_parser("submit", help="run a pipeline on a Ray cluster as a Ray job")
     submit.add_argument("pipeline", help="pipeline YAML; validated here before anything is sent")
+    add_overrides(submit)
     submit.add_argument("--address", help=ADDRESS_HELP)
     submit.add_argument("--tune", action="store_true", help="run `hamu-ray tune` on it instead of `run`")
     submit.add_argument("--no-follow", dest="follow", action="store_false",
@@ -73,7 +101,7 @@ def run_command(args) -> int:
     from hamu_ray.config import load_pipeline
     from hamu_ray.pipeline import run_pipeline
 
-    run_pipeline(load_pipeline(args.pipeline))
+    run_pipeline(load_pipeline(args.pipeline, args.overrides))
     return 0
 
 
@@ -81,7 +109,7 @@ def tune_command(args) -> int:
     from hamu_ray.config import load_pipeline
     from hamu_ray.tune import run_search
 
-    result = run_search(load_pipeline(args.pipeline))
+    result = run_search(load_pipeline(args.pipeline, args.overrides))
     if not result.complete:
         return 130  # interrupted (SIGINT): the same command resumes the search
     return 0 if result.chosen is not None else 1
@@ -91,8 +119,25 @@ def unlearn_command(args) -> int:
     from hamu_ray.config import load_config
     from hamu_ray.driver import run_unlearning
 
-    result = run_unlearning(load_config(args.config), progress="unlearn")
+    result = run_unlearning(load_config(args.config, args.overrides), progress="unlearn")
     print(f"{result.output_dir}: {result.steps} steps, stop {result.stop}")
+    return 0
+
+
+def validate_command(args) -> int:
+    from hamu_ray.config import config_kind, load_config, load_pipeline, read_yaml
+
+    source = args.config
+    if config_kind(read_yaml(source), source) == "pipeline":
+        cfg = load_pipeline(source, args.overrides)
+        keys = [m.key for m in cfg.methods]
+        search = f"; tune: {cfg.tune.method}" if cfg.tune is not None else ""
+        print(f"{source}: valid pipeline {cfg.name} ({len(keys)} method{'s' * (len(keys) != 1)}: "
+              f"{', '.join(keys)}{search})")
+    else:
+        job = load_config(source, args.overrides)
+        print(f"{source}: valid job (method {job.method.name}, rule {job.method.rule_name}, "
+              f"{job.cluster.num_workers} workers, output_dir {job.output_dir})")
     return 0
 
 
@@ -109,7 +154,7 @@ def submit_command(args) -> int:
 
     return jobs.submit(args.address, args.pipeline, tune=args.tune, follow=args.follow,
                        tracking_uri=args.tracking_uri, output_dir=args.output_dir,
-                       runtime_env_file=args.runtime_env)
+                       runtime_env_file=args.runtime_env, overrides=args.overrides)
 
 
 def jobs_command(args) -> int:

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import copy
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hamu_ray.errors import UserError
 from hamu_ray.objectives import METHODS, Method, check_objective_params
 from hamu_ray.rules import get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
+
+# Forget objectives whose gradient is zero at the original model, and why. Under such an
+# objective only a rule that also steps along g_r leaves the start; the others stop at step 1
+# (hamu-q: infeasible) or take zero steps forever (surgery, ga, gru).
+ZERO_FORGET_GRADIENT_AT_START = {
+    "kl": "KL to the teacher, the original itself, is at its minimum there",
+}
+MOVES_WITHOUT_FORGET_GRADIENT = ("gdiff", "pcgrad", "hamu-u", "ft")
 
 
 class Section(BaseModel):
@@ -63,10 +75,24 @@ class MethodSection(Section):
             except TypeError as exc:  # an unknown keyword
                 raise ValueError(f"{self.name}: {exc}; valid: epsilon, dual_lr, initial_weight, "
                                  "fast") from None
-        else:  # ValueError names the bad rule or hyper-parameter
-            get_rule(self.rule_name, **self.hparams)
+        else:
+            self._check_rule()
         check_objective_params(self.spec, self.objective)
         return self
+
+    def _check_rule(self) -> None:
+        try:  # ValueError names the bad rule or hyper-parameter
+            get_rule(self.rule_name, **self.hparams)
+        except TypeError as exc:  # a required hyper-parameter is missing: pydantic would not
+            # turn a TypeError into a field error, so it would escape as a traceback
+            raise ValueError(f"rule {self.rule_name}: {exc}") from None
+        reason = ZERO_FORGET_GRADIENT_AT_START.get(self.spec.forget)
+        if reason and self.rule_name not in MOVES_WITHOUT_FORGET_GRADIENT:
+            raise ValueError(
+                f"{self.name} cannot run under rule {self.rule_name}: its forget objective "
+                f"({self.spec.forget}) has a zero gradient at the original model ({reason}), and "
+                f"{self.rule_name} has nothing to move along; valid rules for {self.name}: "
+                f"{', '.join(MOVES_WITHOUT_FORGET_GRADIENT)}")
 
     @property
     def spec(self) -> Method:
@@ -77,7 +103,8 @@ class MethodSection(Section):
         return self.rule or self.spec.rule
 
 
-class TrainSection(Section):
+class TrainSettings(Section):
+    """Optimisation settings of one training or unlearning stage (a pipeline's train/unlearn)."""
     lr: float = Field(gt=0)
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)
@@ -85,9 +112,16 @@ class TrainSection(Section):
     clip_norm: float | None = Field(None, gt=0)  # clips g_r and g_f each, before the rule
     zero_stage: Literal[0, 1, 2, 3] = 0
     bf16: bool = False
-    seed: int = 0
     checkpoint_every: int | None = Field(None, gt=0)  # steps; None: only the final export
     progress_every: int = Field(50, gt=0)  # the driver prints a progress line every so many steps
+
+
+StageTrain = TrainSettings  # the name pipeline.py and tune.py import
+
+
+class TrainSection(TrainSettings):
+    """A job's train section: a stage's settings plus what only a single job sets."""
+    seed: int = 0
     fail_after_step: int | None = Field(None, gt=0)  # TEST ONLY: crash once after this step
 
 
@@ -117,16 +151,82 @@ class UnlearnConfig(Section):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Every problem in one message, each line naming the file and the field."""
 
 
-def load_config(path: str | Path) -> UnlearnConfig:
-    return parse_config(read_yaml(path), source=str(path))
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> UnlearnConfig:
+    return parse_config(apply_overrides(read_yaml(path), overrides, str(path)), source=str(path))
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
-    return parse_config(read_yaml(path), source=str(path), schema=PipelineConfig)
+def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    raw = apply_overrides(read_yaml(path), overrides, str(path))
+    return parse_config(raw, source=str(path), schema=PipelineConfig)
+
+
+def config_kind(raw: dict[str, Any], source: str) -> Literal["pipeline", "job"]:
+    """Which schema a YAML mapping is for, by its top-level keys."""
+    if "methods" in raw:
+        return "pipeline"
+    if "method" in raw and "output_dir" in raw:
+        return "job"
+    raise ConfigError(f"{source}: neither a pipeline (it has methods:) nor a job (it has method: "
+                      "and output_dir:)")
+
+
+# ---- KEY=VALUE overrides (`hamu-ray run p.yaml unlearn.lr=0.02 methods.0.hparams.constraint=0.1`)
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
+    """A copy of `raw` with each dotted path set to its YAML-parsed value. Integers index lists;
+    a missing (or null) mapping key is created, and the schema then judges what was made."""
+    merged = copy.deepcopy(raw)
+    for override in overrides:
+        keys, value = parse_override(override, source)
+        node = merged
+        for depth, key in enumerate(keys[:-1]):
+            node = step_into(node, key, keys[:depth + 1], override, source)
+        set_key(node, keys[-1], value, override, source)
+    return merged
+
+
+def parse_override(override: str, source: str) -> tuple[list[str], Any]:
+    path, sep, text = override.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"{source}: override {override!r}: expected KEY=VALUE with a dotted key, "
+                          "e.g. unlearn.lr=0.02 or methods.0.hparams.constraint=0.1")
+    try:
+        return keys, yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(exc).replace("\n", " ")
+        raise ConfigError(f"{source}: override {override!r}: the value is not YAML: {problem}") from None
+
+
+def step_into(node: Any, key: str, walked: list[str], override: str, source: str) -> Any:
+    if isinstance(node, dict):
+        if node.get(key) is None:  # absent or null: a new mapping
+            node[key] = {}
+        child = node[key]
+    else:
+        child = node[list_index(node, key, override, source)]
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"{source}: override {override!r}: {'.'.join(walked)} is {child!r}, "
+                          "not a mapping or a list")
+    return child
+
+
+def set_key(node: dict | list, key: str, value: Any, override: str, source: str) -> None:
+    if isinstance(node, dict):
+        node[key] = value
+    else:
+        node[list_index(node, key, override, source)] = value
+
+
+def list_index(items: list, key: str, override: str, source: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(f"{source}: override {override!r}: {key!r} is not an index of a list of "
+                          f"{len(items)} item(s)")
+    return int(key)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -145,7 +245,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", schema: type[Sec
         return (schema or UnlearnConfig).model_validate(raw)
     except ValidationError as exc:
         lines = [f"{source}: {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-                 + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
+                 + (f" (got {err['input']!r})" if err["type"] != "missing" and err["loc"] else "")
                  for err in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
@@ -175,19 +275,6 @@ class DatasetSection(Section):
     max_train_rows: int | None = Field(None, gt=0)  # a stratified subset, for quick runs
     seed: int = 0
     batch_size: int = Field(64, gt=0)  # per worker; forget and retain alike unless a method says
-
-
-class StageTrain(Section):
-    """Optimisation settings of one training or unlearning stage."""
-    lr: float = Field(gt=0)
-    epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    optimizer: Literal["SGD", "AdamW"] = "SGD"
-    clip_norm: float | None = Field(None, gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    bf16: bool = False
-    checkpoint_every: int | None = Field(None, gt=0)
-    progress_every: int = Field(50, gt=0)
 
 
 class MethodEntry(MethodSection):
@@ -257,8 +344,8 @@ class PipelineConfig(Section):
     output_dir: str  # stages are cached here by a hash of their inputs: a re-run skips them
     data: DatasetSection
     model: ModelSection
-    train: StageTrain  # the original model and the retrain oracle
-    unlearn: StageTrain  # every method, unless its entry overrides a field
+    train: TrainSettings  # the original model and the retrain oracle
+    unlearn: TrainSettings  # every method, unless its entry overrides a field
     methods: list[MethodEntry] = Field(min_length=1)
     cluster: ClusterSection = ClusterSection()
     tracking: TrackingSection = TrackingSection()
@@ -273,7 +360,7 @@ class PipelineConfig(Section):
             raise ValueError("model.weights: a pipeline trains its own original model; leave it out")
         for m in self.methods:  # overrides are validated here, not at the method's stage
             try:
-                StageTrain.model_validate({**self.unlearn.model_dump(), **m.train})
+                self.unlearn_settings(m)
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                 raise ValueError(f"method {m.key}: train overrides: {problems}") from None
@@ -300,15 +387,41 @@ class PipelineConfig(Section):
                     self.trial_settings(entry, {name: value})
                 except (ValidationError, ValueError, TypeError) as exc:
                     raise ValueError(f"tune.space.{name}: {value!r} is not valid: {exc}") from None
+        self._check_grace_period(tune, entry)
+
+    def _check_grace_period(self, tune: TuneSection, entry: MethodEntry) -> None:
+        """ASHA needs grace_period ≤ max_t (else Ray's bare AssertionError at search start)."""
+        horizon = self.search_horizon()
+        if tune.scheduler is None or horizon is None or tune.scheduler.grace_period <= horizon:
+            return
+        train = self.unlearn_settings(entry)
+        raise ValueError(
+            f"tune.scheduler.grace_period: {tune.scheduler.grace_period} reports, but a trial of "
+            f"{entry.key} makes only {horizon} (ceil(max_steps {train.max_steps} / progress_every "
+            f"{train.progress_every}) + 1 evaluation); lower grace_period, or raise max_steps or "
+            "lower progress_every for that method")
+
+    def search_horizon(self) -> int | None:
+        """ASHA's max_t: the reports one full trial of tune.method makes, from that method's own
+        train settings: a step report every progress_every steps (and at the last step), then
+        the evaluation. None without a tune section or a max_steps (unknown before running)."""
+        entry = self.method_entry(self.tune.method) if self.tune is not None else None
+        if entry is None:
+            return None
+        train = self.unlearn_settings(entry)
+        if train.max_steps is None:
+            return None
+        return math.ceil(train.max_steps / train.progress_every) + 1
 
     def method_entry(self, key: str) -> MethodEntry | None:
         return next((m for m in self.methods if m.key == key), None)
 
-    def trial_settings(self, entry: MethodEntry, sample: dict[str, Any]) -> tuple[MethodSection, StageTrain]:
+    def trial_settings(self, entry: MethodEntry,
+                       sample: dict[str, Any]) -> tuple[MethodSection, TrainSettings]:
         """The method and training settings of one search trial: `sample` over `entry`."""
         train = self.unlearn_settings(entry)
         if "lr" in sample:
-            train = StageTrain.model_validate({**train.model_dump(), "lr": float(sample["lr"])})
+            train = TrainSettings.model_validate({**train.model_dump(), "lr": float(sample["lr"])})
         hparams = dict(entry.hparams)
         if "constraint_ratio" in sample:
             hparams["constraint"] = float(sample["constraint_ratio"]) * train.lr
@@ -320,5 +433,5 @@ class PipelineConfig(Section):
                                                "hparams": hparams})
         return method, train
 
-    def unlearn_settings(self, entry: MethodEntry) -> StageTrain:
-        return StageTrain.model_validate({**self.unlearn.model_dump(), **entry.train})
+    def unlearn_settings(self, entry: MethodEntry) -> TrainSettings:
+        return TrainSettings.model_validate({**self.unlearn.model_dump(), **entry.train})

@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import yaml
 
 import hamu_ray
 from hamu_ray.config import ConfigError, PipelineConfig, load_pipeline, parse_config, read_yaml
+from hamu_ray.errors import UserError
 
 PACKAGE_DIR = Path(hamu_ray.__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -34,7 +36,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 STATUS_WAIT_S = 30  # after the log stream ends, how long to wait for a terminal status
 
 
-class JobsError(RuntimeError):
+class JobsError(UserError, RuntimeError):
     """The cluster could not be reached, or refused a request: a message, not a traceback."""
 
 
@@ -50,13 +52,14 @@ class JobSpec:
 
 def submit(address: str | None, pipeline_path: str | Path, *, tune: bool = False, follow: bool = True,
            tracking_uri: str | None = None, output_dir: str | None = None,
-           runtime_env_file: str | Path | None = None) -> int:
+           runtime_env_file: str | Path | None = None, overrides: Sequence[str] = ()) -> int:
     """Validate locally, submit, print the job id; with `follow` stream the logs and return
     0 when the job succeeded, 1 when it failed or was stopped."""
     address = resolve_address(address)
     with tempfile.TemporaryDirectory(prefix="hamu-ray-job-") as working_dir:
         spec = prepare_job(pipeline_path, Path(working_dir), tune=tune, tracking_uri=tracking_uri,
-                           output_dir=output_dir, runtime_env_file=runtime_env_file)
+                           output_dir=output_dir, runtime_env_file=runtime_env_file,
+                           overrides=overrides)
         client = connect(address)
         try:  # the client zips and uploads working_dir and py_modules here
             job_id = client.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env,
@@ -105,9 +108,10 @@ def resolve_address(address: str | None) -> str:
 
 def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = False,
                 tracking_uri: str | None = None, output_dir: str | None = None,
-                runtime_env_file: str | Path | None = None) -> JobSpec:
-    """Validate everything and write working_dir/pipeline.yaml; never connects."""
-    cfg = load_pipeline(pipeline_path)
+                runtime_env_file: str | Path | None = None, overrides: Sequence[str] = ()) -> JobSpec:
+    """Validate everything and write working_dir/pipeline.yaml (KEY=VALUE `overrides` applied);
+    never connects."""
+    cfg = load_pipeline(pipeline_path, overrides)
     runtime_file = read_runtime_env_file(runtime_env_file) if runtime_env_file else {}
     file_vars = runtime_file.get("env_vars", {})
     uri = (tracking_uri or cfg.tracking.uri or file_vars.get("MLFLOW_TRACKING_URI")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from hamu_ray.config import ConfigError, load_config, parse_config
+from hamu_ray.config import (ConfigError, PipelineConfig, StageTrain, TrainSection, TrainSettings,
+                             apply_overrides, load_config, load_pipeline, parse_config)
 from hamu_ray.data import DataError, inspect_set
 from hamu_ray.driver import check_inputs
 
@@ -23,7 +27,8 @@ def sets(tmp_path):
 def raw(tmp_path, **data):
     return {"data": {"forget": str(tmp_path / "forget.parquet"), "retain": str(tmp_path / "retain.parquet"),
                      "retain_batch_size": 2, "forget_batch_size": 2, **data},
-            "model": {"sizes": [2, 2]}, "method": {"name": "hamu-q"}, "train": {"lr": 0.1},
+            "model": {"sizes": [2, 2]}, "method": {"name": "hamu-q", "hparams": {"constraint": 0.01}},
+            "train": {"lr": 0.1},
             "output_dir": str(tmp_path / "out")}
 
 
@@ -69,11 +74,9 @@ def test_too_few_rows_for_the_workers(sets):
 def test_config_errors_name_the_file_and_every_field(sets):
     bad = raw(sets)
     bad["train"] = {"lr": -1, "zero_stage": 4}
-    bad["method"] = {"name": "hamu-q", "hparams": {"radius": -2}}
+    bad["method"] = {"name": "hamu-q", "hparams": {"constraint": 0.01, "radius": -2}}
     bad["surprise"] = 1
     path = sets / "pipeline.yaml"
-    import yaml
-
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -98,3 +101,108 @@ def test_an_existing_output_dir_is_never_overwritten(sets):
     with pytest.raises(FileExistsError, match="output_dir .*out already exists"):
         run_unlearning(parse_config(raw(sets)))
     assert (sets / "out" / "model.safetensors").read_text() == "keep me"
+
+
+# ---- the training settings, the method checks, the search horizon -----------------------------
+
+DIGITS = Path(__file__).parent.parent / "pipelines" / "digits.yaml"
+
+
+def digits(**edits) -> dict:
+    raw = yaml.safe_load(DIGITS.read_text())
+    raw.update(edits)
+    return raw
+
+
+def test_a_jobs_train_section_extends_the_stage_settings_without_repeating_them():
+    assert StageTrain is TrainSettings and issubclass(TrainSection, TrainSettings)
+    own = set(TrainSection.model_fields) - set(TrainSettings.model_fields)
+    assert own == {"seed", "fail_after_step"}
+    assert not set(vars(TrainSection).get("__annotations__", {})) & set(TrainSettings.model_fields)
+
+
+@pytest.mark.parametrize("rule", ["hamu-q", "surgery", "ga", "gru"])
+def test_scrub_is_refused_under_a_rule_its_zero_forget_gradient_leaves_still(sets, rule):
+    bad = raw(sets)
+    bad["method"] = {"name": "scrub", "rule": rule,
+                     "hparams": {"constraint": 0.01} if rule == "hamu-q" else {}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(bad, source="job.yaml")
+    message = str(err.value)
+    for needle in (f"scrub cannot run under rule {rule}", "zero gradient at the original model",
+                   "valid rules for scrub: gdiff, pcgrad, hamu-u, ft"):
+        assert needle in message, message
+
+
+@pytest.mark.parametrize("rule", [None, "gdiff", "pcgrad", "hamu-u", "ft"])
+def test_scrub_runs_under_a_rule_that_moves_without_a_forget_gradient(sets, rule):
+    good = raw(sets)
+    good["method"] = {"name": "scrub", "rule": rule,
+                      "hparams": {"constraint": 0.01} if rule == "hamu-u" else {}}
+    assert parse_config(good).method.rule_name == (rule or "gdiff")
+
+
+@pytest.mark.parametrize("hparams", [{"constraint": True}, {"radius": 0.1}])
+def test_hamus_constraint_is_a_required_number(sets, hparams):
+    bad = raw(sets)
+    bad["method"] = {"name": "hamu-q", "hparams": hparams}
+    with pytest.raises(ConfigError, match="constraint") as err:
+        parse_config(bad, source="job.yaml")
+    assert "job.yaml: method" in str(err.value)
+
+
+def test_a_grace_period_beyond_the_searched_methods_horizon_is_a_config_error():
+    raw_ = digits()  # the pipeline's unlearn: 30 steps / 10 → 4 reports; hamu-q's own: 6 / 3 → 3
+    raw_["methods"][0]["train"] = {"max_steps": 6, "progress_every": 3}
+    raw_["tune"]["scheduler"] = {"grace_period": 3}
+    assert parse_config(raw_, schema=PipelineConfig).search_horizon() == 3
+    raw_["tune"]["scheduler"] = {"grace_period": 4}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw_, source="digits.yaml", schema=PipelineConfig)
+    assert ("tune.scheduler.grace_period: 4 reports, but a trial of hamu-q makes only 3 "
+            "(ceil(max_steps 6 / progress_every 3) + 1 evaluation)") in str(err.value)
+
+
+def test_without_max_steps_the_horizon_is_unknown_and_not_checked():
+    raw_ = digits()
+    raw_["unlearn"]["max_steps"] = None
+    raw_["tune"]["scheduler"] = {"grace_period": 1000}
+    assert parse_config(raw_, schema=PipelineConfig).search_horizon() is None
+    assert parse_config(digits(tune=None), schema=PipelineConfig).search_horizon() is None
+
+
+# ---- KEY=VALUE overrides ----------------------------------------------------------------------
+
+def test_override_values_are_yaml_and_paths_index_lists_and_create_mappings():
+    raw_ = {"a": {"b": 1}, "items": [{"x": 0}, 5]}
+    merged = apply_overrides(raw_, ["a.b=0.1", "a.flag=true", "items.0.x=[1, 2]", "a.gone=null",
+                                    "new.deep.key=text", "items.1=3"], "f.yaml")
+    assert merged == {"a": {"b": 0.1, "flag": True, "gone": None},
+                      "items": [{"x": [1, 2]}, 3], "new": {"deep": {"key": "text"}}}
+    assert raw_ == {"a": {"b": 1}, "items": [{"x": 0}, 5]}  # the loaded mapping is not changed
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("unlearn.lr", "expected KEY=VALUE"),
+    ("=1", "expected KEY=VALUE"),
+    ("unlearn..lr=1", "expected KEY=VALUE"),
+    ("methods.2.name=ga", "'2' is not an index of a list of 2 item(s)"),
+    ("methods.first.name=ga", "'first' is not an index"),
+    ("unlearn.lr.value=1", "unlearn.lr is 0.1, not a mapping or a list"),
+    ("unlearn.lr=[1", "the value is not YAML"),
+])
+def test_a_malformed_override_is_one_error_naming_it(override, problem):
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(DIGITS, ["cluster.num_workers=1", override])
+    assert str(err.value).startswith(f"{DIGITS}: override {override!r}: {problem}"), str(err.value)
+
+
+def test_overridden_configs_are_validated_like_the_file():
+    cfg = load_pipeline(DIGITS, ["unlearn.lr=0.02", "methods.0.hparams.constraint=0.1",
+                                 "cluster.num_workers=1"])
+    assert (cfg.unlearn.lr, cfg.methods[0].hparams["constraint"], cfg.cluster.num_workers) == (0.02, 0.1, 1)
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(DIGITS, ["unlearn.lr=-1", "cluster.nodes=3"])
+    message = str(err.value)
+    assert f"{DIGITS}: unlearn.lr: Input should be greater than 0" in message
+    assert f"{DIGITS}: cluster.nodes: Extra inputs are not permitted" in message

@@ -142,6 +142,20 @@ def test_the_job_ships_the_validated_pipeline_and_this_package(nothing_sent, tmp
                             ).entrypoint == "python -m hamu_ray.cli run pipeline.yaml"
 
 
+def test_the_job_ships_the_pipeline_with_the_command_lines_overrides(nothing_sent, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    overrides = ["unlearn.lr=0.02", "methods.0.hparams.constraint=0.1", "cluster.num_workers=1"]
+    jobs.prepare_job(PIPELINE, work, tracking_uri=SERVER, output_dir=str(tmp_path / "out"),
+                     overrides=overrides)
+    shipped = yaml.safe_load((work / "pipeline.yaml").read_text())
+    assert shipped["unlearn"]["lr"] == 0.02 and shipped["cluster"]["num_workers"] == 1
+    assert shipped["methods"][0]["hparams"]["constraint"] == 0.1
+    # a bad override is refused before anything is sent
+    assert cli.main(submit_args(PIPELINE, "unlearn.lr=0", "--tracking-uri", SERVER)) == 2
+    assert f"{PIPELINE}: unlearn.lr: Input should be greater than 0" in capsys.readouterr().err
+
+
 def test_an_unreachable_cluster_is_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # --address wins over the environment
     address = f"http://127.0.0.1:{free_ports(1)[0]}"

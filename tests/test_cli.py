@@ -1,0 +1,138 @@
+"""The `hamu-ray` command line: which errors are messages, `validate`, KEY=VALUE overrides, and
+light `--help`. Nothing here starts Ray; the commands' engines are replaced by recorders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hamu_ray import cli, jobs
+from hamu_ray.errors import OutputExistsError
+
+ROOT = Path(__file__).parent.parent
+PIPELINE = ROOT / "pipelines" / "digits.yaml"
+OVERRIDES = ["unlearn.lr=0.02", "methods.0.hparams.constraint=0.1", "cluster.num_workers=1"]
+
+
+def fake_module(monkeypatch, name: str, **attrs) -> None:
+    """Stand in for a module a handler imports when it runs (so Ray is never imported)."""
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+def run_in_subprocess(code: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def job_yaml(tmp_path: Path) -> Path:
+    job = {"data": {"forget": "forget.parquet", "retain": "retain.parquet"}, "model": {"sizes": [2, 2]},
+           "method": {"name": "gdiff"}, "train": {"lr": 0.1}, "output_dir": str(tmp_path / "out")}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+# ---- errors: a user's mistake is one line, a bug keeps its traceback --------------------------
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch):
+    def bug(cfg):
+        raise ValueError("an internal bug")
+    fake_module(monkeypatch, "hamu_ray.pipeline", run_pipeline=bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        cli.main(["run", str(PIPELINE)])
+
+
+def test_a_user_error_from_below_is_one_line_and_exit_2(monkeypatch, capsys):
+    def exists(cfg):
+        raise OutputExistsError("output_dir runs/x already exists")
+    fake_module(monkeypatch, "hamu_ray.pipeline", run_pipeline=exists)
+    assert cli.main(["run", str(PIPELINE)]) == 2
+    assert capsys.readouterr().err == "hamu-ray: output_dir runs/x already exists\n"
+
+
+def test_a_config_error_is_one_line_and_exit_2(monkeypatch, capsys):
+    fake_module(monkeypatch, "hamu_ray.pipeline", run_pipeline=lambda cfg: pytest.fail("ran"))
+    assert cli.main(["run", str(PIPELINE), "unlearn.lr"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hamu-ray: {PIPELINE}: override 'unlearn.lr': expected KEY=VALUE")
+    assert err.count("\n") == 1, err
+
+
+# ---- validate --------------------------------------------------------------------------------
+
+def test_validate_reads_pipelines_and_jobs_without_importing_ray(tmp_path):
+    job = job_yaml(tmp_path)
+    done = run_in_subprocess(
+        "import sys; from hamu_ray.cli import main\n"
+        f"assert main(['validate', {str(PIPELINE)!r}, *{OVERRIDES!r}]) == 0\n"
+        f"assert main(['validate', {str(job)!r}, 'train.lr=0.5']) == 0\n"
+        "print('ray' in sys.modules)")
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"{PIPELINE}: valid pipeline digits (2 methods: hamu-q, gdiff; tune: hamu-q)"
+    assert lines[1].startswith(f"{job}: valid job (method gdiff, rule gdiff, 2 workers")
+    assert lines[2] == "False"
+
+
+def test_validate_prints_the_config_errors_and_exits_2(tmp_path, capsys):
+    assert cli.main(["validate", str(PIPELINE), "unlearn.lr=-1", "methods.1.name=nope"]) == 2
+    err = capsys.readouterr().err
+    assert f"{PIPELINE}: unlearn.lr: Input should be greater than 0" in err
+    assert f"{PIPELINE}: methods.1: Value error, unknown method 'nope'" in err
+    neither = tmp_path / "neither.yaml"
+    neither.write_text("name: x\n")
+    assert cli.main(["validate", str(neither)]) == 2
+    assert "neither a pipeline (it has methods:) nor a job" in capsys.readouterr().err
+    assert cli.main(["validate", str(job_yaml(tmp_path)), "method.name=scrub", "method.rule=ga"]) == 2
+    assert "scrub cannot run under rule ga" in capsys.readouterr().err
+
+
+# ---- overrides reach every command -------------------------------------------------------------
+
+def test_overrides_reach_run_tune_and_unlearn(monkeypatch, tmp_path, capsys):
+    seen = {}
+    fake_module(monkeypatch, "hamu_ray.pipeline", run_pipeline=lambda cfg: seen.update(run=cfg))
+    fake_module(monkeypatch, "hamu_ray.tune", run_search=lambda cfg: seen.update(tune=cfg)
+                or types.SimpleNamespace(complete=True, chosen={}))
+    fake_module(monkeypatch, "hamu_ray.driver", run_unlearning=lambda cfg, progress: seen.update(job=cfg)
+                or types.SimpleNamespace(output_dir=cfg.output_dir, steps=1, stop="max_steps"))
+    assert cli.main(["run", str(PIPELINE), *OVERRIDES]) == 0
+    assert cli.main(["tune", str(PIPELINE), *OVERRIDES]) == 0
+    assert cli.main(["unlearn", str(job_yaml(tmp_path)), "train.lr=0.5", "cluster.num_workers=1"]) == 0
+    for cfg in (seen["run"], seen["tune"]):
+        assert cfg.unlearn.lr == 0.02 and cfg.methods[0].hparams["constraint"] == 0.1
+        assert cfg.cluster.num_workers == 1
+    assert seen["job"].train.lr == 0.5 and seen["job"].cluster.num_workers == 1
+
+
+def test_submit_passes_overrides_given_before_and_after_its_options(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(jobs, "submit", lambda *args, **kwargs: seen.update(kwargs) or 0)
+    assert cli.main(["submit", str(PIPELINE), "unlearn.lr=0.02", "--address", "http://h:8265",
+                     "cluster.num_workers=1", "--no-follow"]) == 0
+    assert seen["overrides"] == ["unlearn.lr=0.02", "cluster.num_workers=1"]
+    with pytest.raises(SystemExit):  # an unknown option is still argparse's error
+        cli.main(["submit", str(PIPELINE), "--address", "h", "--bogus"])
+
+
+# ---- --help is light ----------------------------------------------------------------------------
+
+def test_help_of_every_command_imports_neither_ray_nor_torch():
+    done = run_in_subprocess(
+        "import contextlib, io, sys\nfrom hamu_ray.cli import build_parser, main\n"
+        "commands = build_parser()._subparsers._group_actions[0].choices\n"
+        "argvs = [[], *([c] for c in commands), *(['jobs', a] for a in ('status', 'logs', 'stop'))]\n"
+        "for argv in argvs:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "        main([*argv, '--help'])\n"
+        "    assert 'usage: hamu-ray' in out.getvalue(), argv\n"
+        "print(len(argvs), 'ray' in sys.modules, 'torch' in sys.modules)")
+    assert done.stdout.split() == ["11", "False", "False"]
