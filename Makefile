@@ -5,9 +5,9 @@ PYTEST_ARGS ?=
 
 DEMO ?= pipelines/fashion_mnist.yaml
 
-.PHONY: demo test test-fast setup lock
+.PHONY: demo test test-fast test-gpu setup lock
 
-demo:  ## the embedded demo: Fashion-MNIST, HAMU vs baselines, on a local Ray (~10 min on 2 cores)
+demo:  ## the embedded demo: Fashion-MNIST, HAMU vs baselines, on a local Ray (about 7 min on 2 cores, venv cached: README, "The demo")
 	@venv=$$(scripts/setup_env.sh) && scripts/ensure_fashion_mnist.sh || exit 1; \
 	"$$venv/bin/hamu-ray" run $(DEMO)
 
@@ -20,6 +20,9 @@ test:  ## everything CI runs, integration tests included
 
 test-fast:  ## skip the tests that start processes (gloo, Ray, DeepSpeed)
 	@$(MAKE) --no-print-directory test PYTEST_ARGS='-m "not integration" $(PYTEST_ARGS)'
+
+test-gpu:  ## only the CUDA checks (tests/test_gpu.py); they skip on a machine without a GPU
+	@$(MAKE) --no-print-directory test PYTEST_ARGS='-m gpu $(PYTEST_ARGS)'
 
 setup:  ## build (or find) the venv and print its path
 	@scripts/setup_env.sh

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from hamu_ray import files
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -86,7 +87,7 @@ def load_source(name: str, *, root: str | None = None, seed: int = 0) -> tuple[S
 
 
 def _load_fashion_mnist(root: Path) -> tuple[Split, Split]:
-    missing = [f for files in FASHION_MNIST_FILES.values() for f in files if not (root / f).is_file()]
+    missing = [f for names in FASHION_MNIST_FILES.values() for f in names if not (root / f).is_file()]
     if missing:
         raise DatasetError(
             f"fashion-mnist: {root} lacks {', '.join(missing)}; install the Debian package "
@@ -241,18 +242,9 @@ def _list_column(x: np.ndarray) -> pa.ChunkedArray:
 
 def _write_atomically(table: pa.Table, path: str) -> None:
     """Write beside the target then rename: a crash never leaves a half-written set.
-
-    The file keeps mkstemp's owner-only mode: the sets hold the sensitive forget rows.
-    """
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    os.close(fd)
-    try:
+    Owner-only: the sets hold the sensitive forget rows."""
+    with files.atomic_path(path, mode=0o600) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def read_split(path: str | os.PathLike) -> Split:

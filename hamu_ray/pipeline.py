@@ -8,17 +8,16 @@ only what it changed. Evaluation and the comparison take seconds and always run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from hamu_ray import data, datasets, evaluate, plots
+from hamu_ray import data, datasets, evaluate, files, plots
 from hamu_ray.config import PipelineConfig, StageTrain, UnlearnConfig
 from hamu_ray.driver import ray_session, run_unlearning
 from hamu_ray.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
@@ -60,34 +59,54 @@ class PipelineResult:
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     out = Path(cfg.output_dir).resolve()
-    (out / "stages").mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking.uri, out)
-    tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
-    report = out / "report"
-    report.mkdir(exist_ok=True)
-    write_atomic(report / "config.yaml", yaml.safe_dump(cfg.model_dump(by_alias=True), sort_keys=False))
-
-    with tracker.run(cfg.name, params=cfg.model_dump(by_alias=True), tags={"kind": "pipeline"}) as parent:
-        tracker.log_artifact(report / "config.yaml")
-        prepared = prepare(cfg, out, tracker)
-        with ray_session(cfg.cluster):
-            refuse_local_store_on_cluster(uri)
-            stages = train_references(cfg, prepared, out, tracker)
-            for entry in cfg.methods:
-                job = unlearning_job(cfg, entry, prepared, stages["original"].weights)
-                stages[entry.key] = run_stage(f"unlearn-{entry.key}", job, out, tracker, final_model=True)
-
-        print("evaluating", ", ".join(stages), flush=True)
-        rows = compare(cfg, prepared, stages)
-        table = write_report(rows, stages, report)
-        for name in ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png"):
-            tracker.log_artifact(report / name)
-        tracker.log_metrics({f"{row['model']}/{key}": value for row in rows
-                             for key, value in row.items() if key not in ("model", "stop")})
+    # A new output_dir goes again if the call fails before a training stage starts. The MLflow
+    # store (sqlite in output_dir by default) opens only once the sets exist and Ray is up:
+    # MLflow caches a store per URI, and one whose file was removed would swallow a retry's logs.
+    with files.removed_unless_kept(out) as keep, contextlib.ExitStack() as ray:
+        sets = prepare_sets(cfg, out)
+        ray.enter_context(ray_session(cfg.cluster))
+        refuse_local_store_on_cluster(uri)
+        tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
+        report = write_config(cfg, out / "report")
+        with tracker.run(cfg.name, params=cfg.model_dump(by_alias=True), tags={"kind": "pipeline"}) as parent:
+            tracker.log_artifact(report / "config.yaml")
+            log_prepare(tracker, sets)
+            keep()
+            stages = run_stages(cfg, sets.paths, out, tracker)
+            ray.close()  # Ray's processes go before the evaluation
+            rows, table = report_results(cfg, sets.paths, stages, report, tracker)
 
     print("\n" + table)
     print(f"\nreport: {report}\nMLflow: {ui_command(uri)}", flush=True)
     return PipelineResult(rows, table, report, uri, parent)
+
+
+def write_config(cfg: PipelineConfig, report: Path) -> Path:
+    report.mkdir(exist_ok=True)
+    files.write_atomic(report / "config.yaml", yaml.safe_dump(cfg.model_dump(by_alias=True), sort_keys=False))
+    return report
+
+
+def run_stages(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
+               tracker: Tracker) -> dict[str, StageOutput]:
+    stages = train_references(cfg, prepared, out, tracker)
+    for entry in cfg.methods:
+        job = unlearning_job(cfg, entry, prepared, stages["original"].weights)
+        stages[entry.key] = run_stage(f"unlearn-{entry.key}", job, out, tracker, final_model=True)
+    return stages
+
+
+def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput],
+                   report: Path, tracker: Tracker) -> tuple[list[dict], str]:
+    print("evaluating", ", ".join(stages), flush=True)
+    rows = compare(cfg, prepared, stages)
+    table = write_report(rows, stages, report)
+    for name in ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png"):
+        tracker.log_artifact(report / name)
+    tracker.log_metrics({f"{row['model']}/{key}": value for row in rows
+                         for key, value in row.items() if key not in ("model", "stop")})
+    return rows, table
 
 
 # ---- stages --------------------------------------------------------------------------------
@@ -98,23 +117,46 @@ def stage_key(job: dict, out: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class PreparedSets:
+    spec: dict  # what the sets are made from (their stage key hashes it)
+    directory: Path
+    cached: bool
+    info: dict  # prepare.json: per set its rows and sha256, the forgotten classes
+
+    @property
+    def paths(self) -> dict[str, str]:
+        return {name: str(self.directory / f"{name}.parquet") for name in self.info["sets"]}
+
+
 def prepare(cfg: PipelineConfig, out: Path, tracker: Tracker) -> dict[str, str]:
     """The parquet sets (forget, retain, train, test), cached like the training stages."""
+    sets = prepare_sets(cfg, out)
+    log_prepare(tracker, sets)
+    return sets.paths
+
+
+def prepare_sets(cfg: PipelineConfig, out: Path) -> PreparedSets:
     spec = {"version": PREPARE_VERSION, "data": cfg.data.model_dump(by_alias=True, exclude={"batch_size"})}
     directory = out / "stages" / f"prepare-{stage_key(spec, out)}"
     cached = (directory / "prepare.json").exists()
     if not cached:
         print(f"[prepare] {cfg.data.source}: building the forget / retain / test sets", flush=True)
-        with staging_dir(directory) as staging:
+        with files.staging_dir(directory) as staging:
             info = build_sets(cfg, staging)
             (staging / "prepare.json").write_text(json.dumps(info, indent=2))
-    info = json.loads((directory / "prepare.json").read_text())
+    sets = PreparedSets(spec, directory, cached, json.loads((directory / "prepare.json").read_text()))
     print(f"[prepare] {'cached' if cached else 'done'}: " +
-          ", ".join(f"{k} {v['rows']} rows" for k, v in info["sets"].items()), flush=True)
-    with tracker.run("prepare", params=spec, tags={"stage": "prepare", "cached": str(cached)}):
-        tracker.log_metrics({f"rows/{k}": v["rows"] for k, v in info["sets"].items()})
-        tracker.mlflow.set_tags({f"digest/{k}": v["sha256"] for k, v in info["sets"].items()})
-    return {name: str(directory / f"{name}.parquet") for name in info["sets"]}
+          ", ".join(f"{k} {v['rows']} rows" for k, v in sets.info["sets"].items()), flush=True)
+    return sets
+
+
+def log_prepare(tracker: Tracker, sets: PreparedSets) -> None:
+    """A child run with the sets' row counts and digests: never their rows."""
+    counts = sets.info["sets"]
+    with tracker.run("prepare", params=sets.spec, tags={"stage": "prepare", "cached": str(sets.cached)}):
+        tracker.log_metrics({f"rows/{k}": v["rows"] for k, v in counts.items()})
+        tracker.mlflow.set_tags({f"digest/{k}": v["sha256"] for k, v in counts.items()})
 
 
 def build_sets(cfg: PipelineConfig, directory: Path) -> dict:
@@ -165,17 +207,28 @@ def job_dict(cfg: PipelineConfig, train: StageTrain, *, data: dict, method: dict
     }
 
 
-def run_stage(name: str, job: dict, out: Path, tracker: Tracker, final_model: bool = False) -> StageOutput:
+def cached_stage(name: str, job: dict, out: Path, *, progress: str | None = None,
+                 callbacks=()) -> StageOutput:
+    """`out/stages/<name>-<key>`, fitted by the engine unless a finished one is there (a pipeline
+    stage and a search trial alike). `progress`: the label of the driver's lines (None: silent);
+    `callbacks`: more Ray Train callbacks for the fit."""
     directory = out / "stages" / f"{name}-{stage_key(job, out)}"
     cached = (directory / "summary.json").exists()
-    if cached:
-        print(f"[{name}] cached: {directory.name}", flush=True)
-    else:
-        print(f"[{name}] running ({job['method']['name']}, {job['cluster']['num_workers']} workers, "
+    if progress and cached:
+        print(f"[{progress}] cached: {directory.name}", flush=True)
+    elif progress:
+        print(f"[{progress}] running ({job['method']['name']}, {job['cluster']['num_workers']} workers, "
               f"ZeRO-{job['train']['zero_stage']})", flush=True)
-        run_unlearning(UnlearnConfig.model_validate({**job, "output_dir": str(directory)}), progress=name)
-    stage = StageOutput.read(directory, name, cached)
-    with tracker.run(name, params=job, tags={"stage": name, "cached": str(cached),
+    if not cached:
+        run_unlearning(UnlearnConfig.model_validate({**job, "output_dir": str(directory)}),
+                       progress=progress, callbacks=callbacks)
+    return StageOutput.read(directory, name, cached)
+
+
+def run_stage(name: str, job: dict, out: Path, tracker: Tracker, final_model: bool = False) -> StageOutput:
+    """A pipeline stage (cached_stage) and its MLflow child run."""
+    stage = cached_stage(name, job, out, progress=name)
+    with tracker.run(name, params=job, tags={"stage": name, "cached": str(stage.cached),
                                              "stop": stage.summary["stop"]}) as run_id:
         tracker.log_steps(run_id, stage.step_log())
         tracker.log_metrics({"steps": stage.summary["steps"], "wall_s": stage.summary["wall_s"]})
@@ -233,34 +286,8 @@ def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, Sta
 
 def write_report(rows: list[dict], stages: dict[str, StageOutput], report: Path) -> str:
     evaluate.write_csv(rows, report / "comparison.csv")
-    write_atomic(report / "comparison.md", evaluate.to_markdown(rows) + "\n")
+    files.write_atomic(report / "comparison.md", evaluate.to_markdown(rows) + "\n")
     plots.tradeoff(rows, report / "tradeoff.png")
     plots.hardness({name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES},
                    report / "hardness.png")
     return evaluate.to_text(rows)
-
-
-# ---- small helpers -------------------------------------------------------------------------
-
-class staging_dir:
-    """A directory that appears at `target` only if the block succeeds."""
-
-    def __init__(self, target: Path):
-        self.target = target
-        self.staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.staging.mkdir(parents=True)
-        return self.staging
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.staging.rename(self.target)
-        else:
-            shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -72,7 +73,14 @@ class Tracker:
         import mlflow
 
         self.mlflow, self.uri = mlflow, uri
+        exported = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
+        # set_tracking_uri also exports the URI to every later child process; this tracker's
+        # store is its own, so put the variable back (the next command resolves its own store)
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
         self.client = mlflow.MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
@@ -96,20 +104,43 @@ class Tracker:
             yield active.info.run_id
 
     def log_steps(self, run_id: str, step_log: list[dict]) -> int:
-        """The engine's per-step rows as MLflow metrics (numbers only); returns how many."""
-        from mlflow.entities import Metric
+        """The engine's per-step rows as MLflow metrics (numbers only); returns how many.
+        NaN and ±inf are logged too (a diverging run must show it), and tagged: nonfinite_tags."""
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, int(row["step"]))
-                   for row in step_log for key, value in row.items()
-                   if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)]
-        for i in range(0, len(metrics), BATCH):
-            self.client.log_batch(run_id, metrics=metrics[i:i + BATCH])
+        points = [(key, float(value), int(row["step"])) for row in step_log for key, value in row.items()
+                  if key != "step" and isinstance(value, numbers.Real)]
+        metrics = [Metric(key, value, now, step) for key, value, step in points]
+        tags = [RunTag(key, value) for key, value in nonfinite_tags(points).items()]
+        for i in range(0, max(len(metrics), len(tags)), BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i:i + BATCH], tags=tags[i:i + BATCH])
         return len(metrics)
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()
-                                 if isinstance(v, (int, float)) and math.isfinite(v)})
+        """Numbers on the active run; NaN and ±inf included and tagged, as in log_steps."""
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
+        self.mlflow.log_metrics(values)
+        tags = nonfinite_tags([(key, value, None) for key, value in values.items()])
+        if tags:
+            self.mlflow.set_tags(tags)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def nonfinite_tags(points: list[tuple[str, float, int | None]]) -> dict[str, str]:
+    """`nonfinite/<key>` tags for the metrics with NaN or ±inf among (key, value, step) points,
+    e.g. "nan, +inf: first at step 12 (3 in all)". MLflow's SQL stores keep NaN but clamp ±inf to
+    ±1.8e308, which reads like a number: the tag says what the value was."""
+    found: dict[str, list[tuple[int | None, str]]] = {}
+    for key, value, step in points:
+        if not math.isfinite(value):
+            found.setdefault(key, []).append((step, "nan" if math.isnan(value) else f"{value:+}"))
+    tags = {}
+    for key, hits in found.items():
+        kinds = ", ".join(sorted({kind for _, kind in hits}))
+        steps = sorted(step for step, _ in hits if step is not None)
+        where = f": first at step {steps[0]} ({len(steps)} in all)" if steps else ""
+        tags[f"nonfinite/{key}"] = kinds + where
+    return tags

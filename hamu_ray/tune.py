@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +20,16 @@ import yaml
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from hamu_ray import evaluate, pipeline, plots
-from hamu_ray.config import PipelineConfig, TuneSection, UnlearnConfig
-from hamu_ray.driver import ray_session, run_unlearning
+from hamu_ray import evaluate, files, pipeline, plots
+from hamu_ray.config import PipelineConfig, TuneSection
+from hamu_ray.driver import ray_session
 from hamu_ray.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
 
 TRIAL_MEMORY = 512 * 2**20  # bytes Ray reserves for each trial's own process
 DATA_CPUS = 1  # a Ray Data read task asks for one whole CPU
 JOURNAL = "journal.jsonl"  # one line per trial start and end: what ran, and how often
 PARENT_FILE = "mlflow_parent_run"  # the search's parent run, reopened on resume
+NO_STEP_CAP_REPORTS = 10_000  # ASHA's max_t when epochs, not max_steps, end a trial: never reached
 TRIAL_COLUMNS = ("trial", "status", "params", "steps", "stop", "forget_acc", "test_acc_retained",
                  "forget_quality", "forget_ks_stat", "mia_auc", "feasible", "chosen")
 TRIAL_TEXT_COLUMNS = ("trial", "status", "params", "stop", "feasible", "chosen")
@@ -54,7 +54,7 @@ def run_search(cfg: PipelineConfig) -> SearchResult:
     report.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking.uri, out)
     tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
-    pipeline.write_atomic(report / "config.yaml", yaml.safe_dump(cfg.model_dump(by_alias=True), sort_keys=False))
+    files.write_atomic(report / "config.yaml", yaml.safe_dump(cfg.model_dump(by_alias=True), sort_keys=False))
 
     parent_id = previous_parent(directory)  # a resumed search reopens its parent run
     with tracker.run(f"{cfg.name}-tune", run_id=parent_id,
@@ -182,10 +182,11 @@ def check_fits(tune_cfg: TuneSection, context: TrialContext) -> None:
 
 
 def max_reports(context: TrialContext) -> int:
-    """ASHA's max_t: the step reports a full trial makes, plus its final evaluation report."""
-    unlearn = context.pipeline["unlearn"]
-    steps = unlearn.get("max_steps") or 10_000
-    return math.ceil(steps / unlearn["progress_every"]) + 1
+    """ASHA's max_t: the step reports a full trial makes, plus its final evaluation report,
+    from the searched method's own settings (its train: overrides included), so that no trial
+    is stopped at max_t before its evaluation."""
+    horizon = PipelineConfig.model_validate(context.pipeline).search_horizon()
+    return horizon if horizon is not None else NO_STEP_CAP_REPORTS
 
 
 def trial_summary(result, complete: bool) -> dict:
@@ -250,12 +251,8 @@ def trial_stage(cfg: PipelineConfig, context: TrialContext, sample: dict) -> pip
     method, train = cfg.trial_settings(entry, sample)
     job = pipeline.job_dict(cfg, train, method=method.model_dump(), weights=context.original_weights,
                             data={"forget": context.prepared["forget"], "retain": context.prepared["retain"]})
-    out = Path(context.output_dir)
-    directory = out / "stages" / f"trial-{entry.key}-{pipeline.stage_key(job, out)}"
-    if not (directory / "summary.json").exists():
-        run_unlearning(UnlearnConfig.model_validate({**job, "output_dir": str(directory)}),
-                       callbacks=[StepReportsToTune()])
-    return pipeline.StageOutput.read(directory)
+    return pipeline.cached_stage(f"trial-{entry.key}", job, Path(context.output_dir),
+                                 callbacks=[StepReportsToTune()])
 
 
 class StepReportsToTune(TuneReportCallback):
@@ -324,10 +321,10 @@ def write_search_report(rows: list[dict], chosen: dict | None, original_utility:
     evaluate.write_csv([{**row, "params": format_params(row["params"])} for row in rows],
                        report / "trials.csv", TRIAL_COLUMNS)
     markdown = evaluate.to_markdown(rows, TRIAL_COLUMNS, trial_cell, TRIAL_TEXT_COLUMNS)
-    pipeline.write_atomic(report / "trials.md", markdown + "\n")
+    files.write_atomic(report / "trials.md", markdown + "\n")
     best = {"chosen": chosen, "original_test_acc_retained": original_utility,
             "utility_floor_points": tune.utility_floor, "method": tune.method}
-    pipeline.write_atomic(report / "best.json", json.dumps(best, indent=2, default=str))
+    files.write_atomic(report / "best.json", json.dumps(best, indent=2, default=str))
     plots.pareto(rows, floor=original_utility - tune.utility_floor / 100, path=report / "pareto.png")
 
 

@@ -252,3 +252,11 @@ def test_a_failed_write_leaves_no_temp_file(tmp_path):
         write_sets(tmp_path, train, train, np.array([0]), np.array([1, 2, 3]))
     assert sorted(os.listdir(tmp_path)) == ["forget.parquet", "retain.parquet"]
     assert (tmp_path / "retain.parquet").is_dir()
+
+
+def test_sets_are_owner_only_and_leave_no_temp_files(tmp_path):
+    train = Split(np.zeros((4, 2), np.float32), np.array([0, 1, 0, 1]))
+    paths = write_sets(tmp_path, train, train, np.array([0]), np.array([1, 2, 3]))
+    for path in paths.values():  # the sets hold the sensitive forget rows
+        assert os.stat(path).st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{name}.parquet" for name in paths)

@@ -112,3 +112,55 @@ def test_pipeline_errors_name_the_file_and_the_field(tmp_path, edit, needle):
     with pytest.raises(ConfigError) as err:
         load_pipeline(path)
     assert f"{path}: " in str(err.value) and needle in str(err.value), str(err.value)
+
+
+# ---- without Ray ------------------------------------------------------------------------------
+
+def fashion_config(output_dir: Path, root: Path) -> PipelineConfig:
+    def from_empty_root(raw):
+        raw["data"].update(source="fashion-mnist", root=str(root))
+    return digits_config(output_dir, from_empty_root)
+
+
+def test_a_failed_prepare_leaves_no_output_dir(tmp_path):
+    from hamu_ray.datasets import DatasetError
+    from hamu_ray.pipeline import run_pipeline
+
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "runs" / "fashion"
+    with pytest.raises(DatasetError, match="lacks"):
+        run_pipeline(fashion_config(out, tmp_path / "empty"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_a_failed_prepare_keeps_an_existing_output_dir(tmp_path):
+    from hamu_ray.datasets import DatasetError
+    from hamu_ray.pipeline import run_pipeline
+
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    (out / "stages" / "original-abc").mkdir(parents=True)
+    (out / "stages" / "original-abc" / "summary.json").write_text("{}")
+    with pytest.raises(DatasetError):
+        run_pipeline(fashion_config(out, tmp_path / "empty"))
+    assert (out / "stages" / "original-abc" / "summary.json").read_text() == "{}"
+
+
+def test_cached_stage_runs_a_job_once_then_reuses_it(tmp_path, monkeypatch):
+    from hamu_ray import pipeline
+
+    calls = []
+
+    def fake_run(cfg, progress=None, callbacks=()):
+        calls.append((cfg.output_dir, progress, list(callbacks)))
+        Path(cfg.output_dir).mkdir(parents=True)
+        (Path(cfg.output_dir) / "summary.json").write_text('{"steps": 3, "stop": "none"}')
+
+    monkeypatch.setattr(pipeline, "run_unlearning", fake_run)
+    cfg = digits_config(tmp_path)
+    job = pipeline.training_job(cfg, str(tmp_path / "retain.parquet"))
+    first = pipeline.cached_stage("trial-x", job, tmp_path, callbacks=["cb"])
+    again = pipeline.cached_stage("trial-x", job, tmp_path, progress="trial-x")
+    assert first.directory == again.directory == tmp_path / "stages" / f"trial-x-{pipeline.stage_key(job, tmp_path)}"
+    assert calls == [(str(first.directory), None, ["cb"])]
+    assert (first.cached, again.cached, again.summary["steps"]) == (False, True, 3)

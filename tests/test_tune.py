@@ -77,6 +77,14 @@ def test_asha_horizon_is_the_step_reports_plus_the_evaluation():
     assert max_reports(context) == 4
 
 
+def test_asha_horizon_counts_the_searched_methods_own_steps_and_reports():
+    raw = digits_raw()
+    raw["methods"][0]["train"] = {"max_steps": 45, "progress_every": 4}  # the unlearn section: 30, 10
+    cfg = PipelineConfig.model_validate(raw)
+    context = TrialContext(cfg.model_dump(by_alias=True), {}, "", "", "", ruler=None)
+    assert max_reports(context) == 12 + 1  # ceil(45 / 4) step reports, then the evaluation
+
+
 # ---- the choice and the front -------------------------------------------------------------------
 
 def trial(name, status, quality, utility, ks_stat=0.5):

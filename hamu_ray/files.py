@@ -1,0 +1,89 @@
+"""Outputs that appear complete or not at all.
+
+A file or directory is built beside its target under a hidden name and renamed into place
+(a rename within one directory is atomic), so a crash, an error or Ctrl-C never leaves a
+half-written model, set or report where a later run would take it for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+from hamu_ray.errors import OutputExistsError
+
+
+def hidden_sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """A fresh directory beside `target`, renamed to it when the block succeeds and removed when
+    the block raises (KeyboardInterrupt included). An existing target is refused: results are
+    never overwritten."""
+    target = Path(target)
+    if target.exists():
+        raise OutputExistsError(f"{target} already exists; nothing is overwritten: choose a new one")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = hidden_sibling(target, "partial")
+    staging.mkdir()
+    try:
+        yield staging
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
+    """An empty temporary file beside `path` for the block to write; it replaces `path` when the
+    block succeeds and is deleted when it raises. `mode` (e.g. 0o600 for files holding forget
+    rows) is set before anything is written; None: the usual mode of a new file (umask)."""
+    path = Path(path)
+    tmp = hidden_sibling(path, "tmp")
+    # created owner-only when a mode is asked for: sensitive bytes are never readable by others
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600))
+    try:
+        if mode is not None:
+            os.chmod(tmp, mode)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes, mode: int | None = None) -> None:
+    """`data` (text is written as UTF-8) at `path`, all of it or none; see atomic_path."""
+    with atomic_path(path, mode) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def removed_unless_kept(path: str | os.PathLike) -> Iterator[Callable[[], None]]:
+    """For a block that creates the directory `path`: yields `keep`. If the block raises before
+    calling it and `path` did not exist before, `path` is removed, with the parents made for it
+    while they are empty. An existing `path` is left alone: nothing that was there is removed."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # path first, then upward
+    kept = False
+
+    def keep() -> None:
+        nonlocal kept
+        kept = True
+
+    try:
+        yield keep
+    except BaseException:
+        if made and not kept:
+            shutil.rmtree(path, ignore_errors=True)
+            for parent in made[1:]:
+                with contextlib.suppress(OSError):  # not empty: someone else writes there too
+                    parent.rmdir()
+        raise

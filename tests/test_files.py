@@ -1,0 +1,85 @@
+"""The one place outputs are staged: a directory or file appears complete, or not at all."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from hamu_ray.files import atomic_path, removed_unless_kept, staging_dir, write_atomic
+
+
+def test_staging_dir_appears_at_the_target_only_on_success(tmp_path):
+    target = tmp_path / "stages" / "original-abc"
+    with staging_dir(target) as staging:
+        assert staging.parent == target.parent and staging.name.startswith(".original-abc.partial-")
+        (staging / "summary.json").write_text("{}")
+        assert not target.exists()
+    assert (target / "summary.json").read_text() == "{}"
+    assert os.listdir(target.parent) == ["original-abc"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_failed_staging_leaves_nothing(tmp_path, error):
+    target = tmp_path / "out"
+    with pytest.raises(error):
+        with staging_dir(target) as staging:
+            (staging / "half-written").write_text("x")
+            raise error()
+    assert os.listdir(tmp_path) == []
+
+
+def test_staging_dir_refuses_an_existing_target(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model").write_text("keep me")
+    with pytest.raises(FileExistsError, match="out already exists"):
+        with staging_dir(tmp_path / "out"):
+            pytest.fail("the block must not run")
+    assert (tmp_path / "out" / "model").read_text() == "keep me"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_write_atomic_replaces_text_or_bytes_and_sets_the_mode(tmp_path):
+    path = tmp_path / "forget.json"
+    write_atomic(path, "old")
+    write_atomic(path, "naïve\n")
+    assert path.read_text(encoding="utf-8") == "naïve\n"
+    write_atomic(path, b"\x00\x01", mode=0o600)
+    assert path.read_bytes() == b"\x00\x01" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["forget.json"]
+
+
+@pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
+def test_a_failed_atomic_write_keeps_the_old_file_and_no_temp(tmp_path, error):
+    path = tmp_path / "set.parquet"
+    path.write_text("old")
+    with pytest.raises(error):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise error()
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["set.parquet"]
+
+
+def test_removed_unless_kept_removes_a_new_directory_and_the_parents_made_for_it(tmp_path):
+    out = tmp_path / "runs" / "demo"
+    with pytest.raises(ValueError):
+        with removed_unless_kept(out):
+            (out / "stages").mkdir(parents=True)
+            raise ValueError("prepare failed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_removed_unless_kept_keeps_a_kept_or_existing_directory(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError):
+        with removed_unless_kept(out) as keep:
+            out.mkdir()
+            keep()
+            raise ValueError("a training stage failed")
+    assert out.is_dir()
+    (out / "earlier").write_text("cached")
+    with pytest.raises(ValueError):
+        with removed_unless_kept(out):
+            raise ValueError("prepare failed")
+    assert (out / "earlier").read_text() == "cached"
