@@ -16,10 +16,12 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import torch
 
+from hamu_ray.errors import UserError
+
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A set cannot be used; the message names the set and the file."""
 
 
@@ -67,46 +69,102 @@ def _digest(fs: pafs.FileSystem, files: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def read_set(info: SetInfo, shuffle_seed: int | None):
-    """A Ray Dataset of the set, shuffled with a seed (or in file order)."""
+# Before the seeded shuffle the rows are cut, in file order, into one block per this many rows
+# (1 to 64 blocks): the shuffled order then depends on the seed and the rows only, not on how
+# many blocks the reader made.
+ROWS_PER_SHUFFLE_BLOCK, MAX_SHUFFLE_BLOCKS = 20_000, 64
+# Rows each worker shuffles locally per epoch (on top of the one global shuffle): a full
+# permutation of shards up to this size, a windowed one beyond.
+EPOCH_SHUFFLE_ROWS = 8192
+
+
+def read_set(info: SetInfo, shuffle_seed: int | None, read_blocks: int | None = None):
+    """A Ray Dataset of the set: in file order, or shuffled once by a seed (deterministically:
+    the same seed gives the same order on any cluster). `read_blocks` fixes the reader's block
+    count (tests); the result does not depend on it."""
     import ray.data
 
     reader = ray.data.read_parquet if info.format == "parquet" else ray.data.read_json
-    ds = reader(info.path)
-    return ds.random_shuffle(seed=shuffle_seed) if shuffle_seed is not None else ds
+    ds = reader(info.path, override_num_blocks=read_blocks)
+    if shuffle_seed is None:
+        return ds
+    blocks = min(MAX_SHUFFLE_BLOCKS, max(1, info.num_rows // ROWS_PER_SHUFFLE_BLOCK))
+    return ds.repartition(blocks).random_shuffle(seed=shuffle_seed)
+
+
+def worker_shards(datasets: dict, world_size: int) -> list[dict]:
+    """Rank r's share of every set: the r-th of world_size equal contiguous slices of the
+    set's (ordered) rows. Ray Train's default streaming split hands out blocks as they finish,
+    so a restarted worker group could see other rows; this split is the same on every run."""
+    from ray.data import ExecutionOptions
+
+    shards = [{} for _ in range(world_size)]
+    for name, ds in datasets.items():
+        ds = ds.copy(ds)
+        ds.context.execution_options = ExecutionOptions(preserve_order=True)
+        for rank, part in enumerate(ds.split(world_size, equal=True)):
+            shards[rank][name] = part.iterator()
+    return shards
+
+
+def ordered_data_config():
+    """The Ray Train DataConfig that shards with `worker_shards`."""
+    from ray.train import DataConfig
+
+    class OrderedSplit(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            return worker_shards(datasets, world_size)
+    return OrderedSplit()
+
+
+def epoch_seed(shuffle_seed: int | None, role: str, epoch: int, rank: int) -> int | None:
+    """The local shuffle seed of one worker's pass over one set: a new order every epoch."""
+    if shuffle_seed is None:
+        return None
+    key = f"{shuffle_seed}/{role}/{epoch}/{rank}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
 
 
 def paired_batches(retain_shard, forget_shard, *, retain_batch_size: int, forget_batch_size: int,
-                   anchor: str, epochs: int, columns: tuple[str, str]) -> Iterator[tuple[dict, dict]]:
+                   anchor: str, epochs: int, columns: tuple[str, str], shuffle_seed: int | None = None,
+                   rank: int = 0) -> Iterator[tuple[dict, dict]]:
     """(retain_batch, forget_batch) pairs: the anchor set's epochs define the run, the other cycles.
 
     Shards are Ray Data iterators (`ray.train.get_dataset_shard`); batches are dicts of tensors.
-    Without a forget shard (plain training) the pairs are (retain_batch, None).
+    Without a forget shard (plain training) the pairs are (retain_batch, None). With a
+    shuffle_seed every pass over a shard has its own order, a function of (seed, set, pass, rank)
+    only: a resumed run that skips k pairs sees exactly what an uninterrupted run saw.
     """
+    def passes(shard, role: str, batch_size: int, count) -> Iterator[dict]:
+        for epoch in count:
+            yield from _batches(shard, batch_size, columns, epoch_seed(shuffle_seed, role, epoch, rank))
+
     if forget_shard is None:
-        for _ in range(epochs):
-            for batch in _batches(retain_shard, retain_batch_size, columns):
-                yield batch, None
+        yield from ((batch, None) for batch in passes(retain_shard, "retain", retain_batch_size, range(epochs)))
         return
-    anchored, cycled = (retain_shard, forget_shard) if anchor == "retain" else (forget_shard, retain_shard)
-    sizes = (retain_batch_size, forget_batch_size) if anchor == "retain" else (forget_batch_size, retain_batch_size)
-    cycle = _cycle(cycled, sizes[1], columns)
-    for _ in range(epochs):
-        for batch in _batches(anchored, sizes[0], columns):
-            other = next(cycle)
-            yield (batch, other) if anchor == "retain" else (other, batch)
+    sizes = {"retain": retain_batch_size, "forget": forget_batch_size}
+    shards = {"retain": retain_shard, "forget": forget_shard}
+    cycled_role = "forget" if anchor == "retain" else "retain"
+    cycle = passes(shards[cycled_role], cycled_role, sizes[cycled_role], itertools.count())
+    for batch in passes(shards[anchor], anchor, sizes[anchor], range(epochs)):
+        other = next(cycle)
+        yield (batch, other) if anchor == "retain" else (other, batch)
 
 
-def _cycle(shard, batch_size: int, columns) -> Iterator[dict]:
-    for _ in itertools.count():
-        yield from _batches(shard, batch_size, columns)
-
-
-def _batches(shard, batch_size: int, columns: tuple[str, str]) -> Iterator[dict]:
+def _batches(shard, batch_size: int, columns: tuple[str, str], seed: int | None) -> Iterator[dict]:
     x_col, y_col = columns
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+    shuffle = {} if seed is None else {"local_shuffle_buffer_size": max(EPOCH_SHUFFLE_ROWS, batch_size),
+                                       "local_shuffle_seed": seed}
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **shuffle):
         yield {"x": torch.as_tensor(_stack(batch[x_col]), dtype=torch.float32),
                "y": torch.as_tensor(np.asarray(batch[y_col]), dtype=torch.long)}
+
+
+def to_device(batch: dict | None, device: torch.device) -> dict | None:
+    """A batch on the engine's device (the worker builds batches on the CPU)."""
+    if batch is None:
+        return None
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def _stack(column: np.ndarray) -> np.ndarray:

@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,9 @@ from ray.train import UserCallback as UserCallbackBase
 
 from hamu_ray import data
 from hamu_ray.config import ClusterSection, UnlearnConfig
+from hamu_ray.errors import MissingInputError, OutputExistsError
+from hamu_ray.files import staging_dir
+from hamu_ray.rules import NonFiniteStatsError
 from hamu_ray.worker import EXPORT_INFO, EXPORT_LOG, EXPORT_WEIGHTS, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -46,20 +48,14 @@ def run_unlearning(cfg: UnlearnConfig, progress: str | None = None, callbacks=()
     """Run one job; with `progress` (a label) print a line every train.progress_every steps.
     `callbacks`: more Ray Train UserCallbacks (a Tune trial forwards the reports with one)."""
     out = Path(cfg.output_dir)
-    if out.exists():
-        raise FileExistsError(f"output_dir {out} already exists; choose a new one (nothing is overwritten)")
+    if out.exists():  # staging_dir refuses it too; here before the sets are read, naming the field
+        raise OutputExistsError(f"output_dir {out} already exists; choose a new one (nothing is overwritten)")
     sets = check_inputs(cfg)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
     started = time.perf_counter()
-    try:
+    with staging_dir(out) as staging:
         with ray_session(cfg.cluster):
             result = fit(cfg, sets, staging / "ray", progress, callbacks)
         summary = publish(cfg, sets, result, staging, wall_s=time.perf_counter() - started)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return UnlearnResult(out, summary["steps"], summary["stop"], summary["resumed_from_step"], sets)
 
 
@@ -76,7 +72,7 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
                 f"{name} set {sets[name].path}: {sets[name].num_rows} rows give {per_worker} per worker, "
                 f"fewer than data.{name}_batch_size={batch}")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
-        raise FileNotFoundError(f"model.weights: no such file {cfg.model.weights}")
+        raise MissingInputError(f"model.weights: no such file {cfg.model.weights}")
     for info in sets.values():  # counts and digests only: never the rows
         log.info("%s set: %d rows, sha256 %s", info.name, info.num_rows, info.digest)
     return sets
@@ -143,12 +139,28 @@ def fit(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], storage: Path, progre
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         datasets={name: data.read_set(sets[name], cfg.data.shuffle_seed)
                   for name in ("retain", "forget") if name in sets},
+        dataset_config=data.ordered_data_config(),
         run_config=RunConfig(name="unlearn", storage_path=str(storage.resolve()),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=[*callbacks, *([ProgressCallback(queue)] if queue is not None else [])]),
     )
-    return trainer.fit() if queue is None else fit_showing_progress(trainer, queue, progress)
+    try:
+        return trainer.fit() if queue is None else fit_showing_progress(trainer, queue, progress)
+    except ray.train.WorkerGroupError as exc:
+        raise diverged_error(exc) or exc
+
+
+def diverged_error(exc) -> NonFiniteStatsError | None:
+    """The worker's NonFiniteStatsError, if that is why the group failed: a diverged run is a
+    user-actionable error (lower the lr, check the data), not an internal one."""
+    for failure in exc.worker_failures.values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, NonFiniteStatsError):
+                return NonFiniteStatsError(str(seen))
+            seen = seen.__cause__ or getattr(seen, "cause", None)
+    return None
 
 
 class ProgressCallback(UserCallbackBase):

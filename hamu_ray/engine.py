@@ -54,13 +54,17 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 
-def reference_model(model: torch.nn.Module, *, stage: int, bf16: bool, micro_batch_size: int):
+def reference_model(model: torch.nn.Module, *, stage: int, bf16: bool, micro_batch_size: int,
+                    device: torch.device | str = "cpu"):
     """The frozen original for KL/NPO/SCRUB objectives, called as `reference(x) -> logits`.
 
     Under ZeRO-3 it is partitioned like the trained model (an engine without optimizer, so no
-    rank holds it whole); at stages 0–2 every rank holds the trained model whole anyway.
+    rank holds it whole; DeepSpeed places it); at stages 0–2 every rank holds the trained model
+    whole anyway, and the reference goes to `device` (the trained engine's).
     """
     model.requires_grad_(False).eval()
+    if stage != 3:
+        model = model.to(device)
     if stage == 3:
         import deepspeed
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from hamu_ray.config import ModelSection
+from hamu_ray.errors import MissingInputError
 
 
 def mlp(cfg: ModelSection) -> torch.nn.Module:
@@ -77,7 +78,7 @@ def build_model(cfg: ModelSection) -> torch.nn.Module:
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"model.weights: no such file {path}")
+        raise MissingInputError(f"model.weights: no such file {path}")
     state = load_file(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -9,6 +9,12 @@ single-process reference and the distributed step.
 Clipping (optional `clip_norm`): g_r and g_f are each clipped to that global L2 norm *before*
 the rule, g ← g·min(1, clip_norm/‖g‖). The norms come from the reduced statistics, so clipping
 only rescales the statistics the rule sees and the coefficients it returns; no gradient is touched.
+B, the feasibility test, the stopping test and the lr radius are then in clipped units: the rule
+guarantees s_f·(g_f·Δ) ≥ B, i.e. a true first-order gain g_f·Δ ≥ B/s_f ≥ B. Both are logged.
+
+Devices: the statistics are computed where the gradients live and moved to the host once per
+step, together with the two losses; the rules run on those host copies and return host
+coefficients, so the step makes exactly one device-to-host copy (none inside a rule).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 
 from hamu_ray.grads import GradAccess
 from hamu_ray.rules import BlockStats, Rule, RuleResult
+from hamu_ray.rules.stats import predicted_effects
 from hamu_ray.rules.surgery import ImplicitSurgeryParams, dual_update
 
 LossFn = Callable[[], torch.Tensor]
@@ -33,6 +40,8 @@ class StepOutput:
     forget_loss: float  # this process's forget-batch loss (the one unlearning raises)
     stats: BlockStats  # global statistics of the gradients the rule saw (after clipping)
     result: RuleResult  # coefficients as the rule returned them (for the clipped gradients)
+    true_forget_gain: float  # first-order g_f·Δ of the unclipped g_f (= clipped gain / s_f)
+    true_retain_change: float  # first-order g_r·Δ of the unclipped g_r
     retain_scale: float  # clipping factors applied to g_r and g_f (1.0: not clipped)
     forget_scale: float
     reduced_values: int  # floats this step's statistics reduction sent (K×3, or 0)
@@ -53,15 +62,16 @@ class SumAcrossRanks:
 
 
 class MeanAcrossRanks:
-    """all_reduce(AVG) of a few scalars (the retain losses implicit surgery's dual weight needs),
-    so that every rank keeps the same weight."""
+    """all_reduce mean of a few scalars (the retain losses implicit surgery's dual weight needs),
+    so that every rank keeps the same weight. The tensor stays on the loss's device (the
+    backend's: gloo on CPU, NCCL on CUDA)."""
 
-    def __call__(self, values: list[float]) -> list[float]:
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return (t / dist.get_world_size()).tolist()
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values / dist.get_world_size()
 
 
 def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: LossFn,
@@ -91,11 +101,12 @@ def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: Lo
             raise ValueError("this gradient backend holds shards: pass reduce_stats=SumAcrossRanks()")
         stats = reduce_stats(stats)
         reduced_values = stats.numel()
-    stats = BlockStats.from_tensor(stats)
+    stats, (retain_value, forget_value) = to_host(stats, loss_r, loss_f)
     retain_scale, forget_scale = clip_scales(stats, clip_norm)
-    stats = stats.scaled(retain_scale, forget_scale)
-    result = rule(stats, lr)
-    out = StepOutput(loss_r.item(), loss_f.item(), stats, result, retain_scale, forget_scale,
+    result = rule(stats.scaled(retain_scale, forget_scale), lr)
+    true = predicted_effects(stats, result.retain_coef * retain_scale, result.forget_coef * forget_scale, lr)
+    out = StepOutput(retain_value, forget_value, stats.scaled(retain_scale, forget_scale), result,
+                     true["forget_gain"], true["retain_change"], retain_scale, forget_scale,
                      reduced_values, stepped=result.stop is None)
     if result.stop is not None:
         grads.zero_grads()
@@ -109,6 +120,15 @@ def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: Lo
     grads.write_local_grads(forget)
     grads.step()
     return out
+
+
+def to_host(stats: torch.Tensor, *losses: torch.Tensor) -> tuple[BlockStats, list[float]]:
+    """The [K, 3] statistics and the losses in one device-to-host copy (the step's only sync)."""
+    values = torch.cat([stats.reshape(-1).to(torch.float64),
+                        torch.stack([loss.detach().to(stats.device, torch.float64) for loss in losses])])
+    host = values.cpu()
+    k = stats.shape[0]
+    return BlockStats.from_tensor(host[:3 * k].view(k, 3)), host[3 * k:].tolist()
 
 
 def descent_step(grads: GradAccess, loss: LossFn) -> float:
@@ -154,24 +174,38 @@ class ImplicitStepOutput:
 
 def implicit_surgery_step(grads: GradAccess, state: ImplicitSurgery, *, lr: float,
                           retain_loss: LossFn, forget_loss: LossFn,
-                          reduce_mean: Callable[[list[float]], list[float]] | None = None
+                          reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
                           ) -> ImplicitStepOutput:
     """One backward on L_u + w·L_r with L_u = −forget loss, an optimizer step, then the dual update
-    of w from the measured retain-loss change (an extra forward, no backward, unless fast)."""
+    of w from the measured retain-loss change.
+
+    Besides the backward, each step reduces its retain losses across ranks (a mean of 1–2
+    floats) so that every rank updates w alike; the exact variant also runs one forward (no
+    backward) on the retain batch after the step. One device-to-host copy per step: in the fast
+    variant before the backward (w depends on this step's loss), in the exact one at the end.
+    """
     mean = reduce_mean or (lambda values: values)
     grads.zero_grads()
     loss_r, loss_f = retain_loss(), forget_loss()
-    (before,) = mean([loss_r.item()])
-    if state.params.fast and state.pending_before is not None:
-        state.weight = dual_update(state.weight, state.pending_before, before, lr, state.params)
+    before = mean(loss_r.detach().reshape(1).to(torch.float64))
+    if state.params.fast:
+        before_value, retain_value, forget_value = _host_floats(before, loss_r, loss_f)
+        if state.pending_before is not None:
+            state.weight = dual_update(state.weight, state.pending_before, before_value, lr, state.params)
     weight = state.weight
     grads.backward(weight * loss_r - loss_f)
     grads.step()
-    after = None
+    after_value = None
     if state.params.fast:
-        state.pending_before = before
+        state.pending_before = before_value
     else:
         with torch.no_grad():
-            (after,) = mean([retain_loss().item()])
-        state.weight = dual_update(weight, before, after, lr, state.params)
-    return ImplicitStepOutput(loss_r.item(), loss_f.item(), weight, before, after, state.weight)
+            after = mean(retain_loss().detach().reshape(1).to(torch.float64))
+        before_value, after_value, retain_value, forget_value = _host_floats(before, after, loss_r, loss_f)
+        state.weight = dual_update(weight, before_value, after_value, lr, state.params)
+    return ImplicitStepOutput(retain_value, forget_value, weight, before_value, after_value, state.weight)
+
+
+def _host_floats(*values: torch.Tensor) -> list[float]:
+    """Scalars (same device) as Python floats in one device-to-host copy."""
+    return torch.cat([v.detach().reshape(-1).to(torch.float64) for v in values]).tolist()

@@ -35,10 +35,12 @@ def train_loop_per_worker(config: dict) -> None:
     engine = eng.initialize(model, eng.deepspeed_config(
         stage=cfg.train.zero_stage, lr=cfg.train.lr, micro_batch_size=cfg.data.retain_batch_size,
         bf16=cfg.train.bf16, optimizer=cfg.train.optimizer))
+    device = engine.device  # the one place the device is decided: batches and reference follow it
     reference = None
     if cfg.data.forget is not None and objectives.needs_reference(cfg.method.spec):
         reference = eng.reference_model(models.build_model(cfg.model), stage=cfg.train.zero_stage,
-                                        bf16=cfg.train.bf16, micro_batch_size=cfg.data.retain_batch_size)
+                                        bf16=cfg.train.bf16, micro_batch_size=cfg.data.retain_batch_size,
+                                        device=device)
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     losses = objectives.loss_fns(cfg.method.spec, cfg.method.objective,
                                  lambda x: engine(x.to(dtype)).float(), reference)
@@ -52,7 +54,8 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.get_dataset_shard("retain"), forget_shard,
         retain_batch_size=cfg.data.retain_batch_size, forget_batch_size=cfg.data.forget_batch_size,
         anchor=cfg.data.anchor, epochs=cfg.train.epochs,
-        columns=(cfg.data.input_column, cfg.data.label_column))
+        columns=(cfg.data.input_column, cfg.data.label_column), shuffle_seed=cfg.data.shuffle_seed,
+        rank=rank)
     for _ in range(start_step):
         next(pairs)
 
@@ -61,7 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         step += 1
-        record = take_step(step, retain_batch, forget_batch)
+        record = take_step(step, data.to_device(retain_batch, device), data.to_device(forget_batch, device))
         step_log.append(record)
 
         # checkpoint every k steps (every worker saves its shard, then reports); otherwise report
@@ -148,8 +151,10 @@ def step_record(step: int, out: StepOutput) -> dict:
         "hardness/cosine_mean": float(cosine.mean()),
         "hardness/cosine_min": float(cosine.min()),
         "hardness/cosine_max": float(cosine.max()),
-        "guarantee/forget_gain": float(d["forget_gain"]),
-        "guarantee/retain_change": float(d["retain_change"]),
+        # true first-order effects; with clip_norm the rule's own (clipped units) beside them
+        "guarantee/forget_gain": out.true_forget_gain,
+        "guarantee/retain_change": out.true_retain_change,
+        "guarantee/forget_gain_clipped": float(d["forget_gain"]),
         "comm/stats_values": out.reduced_values,
         "clip/retain_scale": out.retain_scale,
         "clip/forget_scale": out.forget_scale,
@@ -157,8 +162,10 @@ def step_record(step: int, out: StepOutput) -> dict:
     }
     if "stop_rhs" in d:
         record["guarantee/constraint"] = float(d["constraint"].sum())
-        record["stop/rhs"] = d["stop_rhs"]
+        record["stop/rhs"] = d["stop_rhs"]  # exact: largest gain with no retain damage
         record["stop/margin"] = d["stop_margin"]
+        record["stop/paper_rhs"] = d["paper_rhs"]  # the paper's Σ R_b‖g_f,b‖ sin θ_b
+        record["stop/max_gain"] = d["max_gain"]  # largest gain inside the radii (feasibility)
     for name in sorted(set(branches)):
         record[f"branch/{name}"] = branches.count(name) / len(branches)
     return record

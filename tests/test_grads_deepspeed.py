@@ -175,6 +175,7 @@ def distributed_results(tmp_path_factory):
 
 
 NUM_BLOCKS = len(list(make_model().parameters()))
+BF16_SHARE_OF_UPDATE = 0.05
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -199,10 +200,14 @@ def test_every_stage_used_its_own_gradient_layout(distributed_results):
 
 @pytest.mark.parametrize("stage", BF16_STAGES)
 def test_bf16_tracks_the_fp32_reference_to_bf16_accuracy(distributed_results, stage):
+    """The bf16 run's deviation from the fp32 run is small against the update itself (an absolute
+    tolerance on the weights would hide most of a small update)."""
     reference = run_reference(*CASES["hamu-q"])
+    initial = make_model().state_dict()
     for name, expected in reference.items():
-        torch.testing.assert_close(distributed_results[(stage, "bf16")]["state"][name], expected,
-                                   rtol=0, atol=2e-2, msg=name)
+        update = (expected - initial[name]).norm()
+        deviation = (distributed_results[(stage, "bf16")]["state"][name] - expected).norm()
+        assert update > 0 and deviation <= BF16_SHARE_OF_UPDATE * update, (name, float(deviation / update))
 
 
 @pytest.mark.parametrize("stage", METHOD_STAGES)

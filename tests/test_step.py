@@ -59,6 +59,7 @@ def test_thirty_hamu_q_steps_forget_the_class_and_keep_the_rest(trained):
     lr, constraint = 0.1, 0.05
     rule = get_rule("hamu-q", constraint=constraint, radius=0.1)
     start_retain = accuracy(model, *retain)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         start_forget_loss = float(F.cross_entropy(model(forget[0]), forget[1]))
 
@@ -72,7 +73,8 @@ def test_thirty_hamu_q_steps_forget_the_class_and_keep_the_rest(trained):
     assert end_forget_loss > start_forget_loss + 1.0
     assert accuracy(unlearned, *forget) < 0.5
     assert accuracy(unlearned, *retain) >= start_retain - 0.05
-    assert next(model.parameters()) is not next(unlearned.parameters())  # original untouched
+    for name, value in model.state_dict().items():  # the original's weights are untouched
+        assert torch.equal(value, snapshot[name]), name
 
 
 def test_the_written_gradient_is_the_rules_combination(trained):
@@ -127,3 +129,73 @@ def test_clipping_equals_stepping_on_pre_clipped_gradients(trained):
     assert out.retain_scale == pytest.approx(scale_r) and out.forget_scale == pytest.approx(scale_f)
     for p1, p2 in zip(clipped.parameters(), manual.parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-7)
+
+
+def flat_grad(model, loss_fn) -> torch.Tensor:
+    model.zero_grad()
+    loss_fn(model).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def realised_first_order_change(model, before, loss_fn, *, eps=1e-4) -> float:
+    """g·Δ of the step before → model, measured on the loss itself: a central difference of
+    t ↦ L(before + t·Δ) at t = 0 in float64 (independent of the rule's own predicted numbers)."""
+    base = copy.deepcopy(before).double()
+    delta = [p1.detach().double() - p0.detach() for p0, p1 in zip(base.parameters(), model.double().parameters())]
+    model.float()
+
+    def loss_at(t: float) -> float:
+        probe = copy.deepcopy(base)
+        with torch.no_grad():
+            for p, d in zip(probe.parameters(), delta):
+                p.add_(t * d)
+            return float(loss_fn(probe))
+    return (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_the_realised_forget_gain_meets_the_constraint(trained, clip):
+    """The guarantee, measured: the forget loss's first-order rise along the step actually taken
+    is at least B (and equals the logged true gain); with clip_norm the rule works in clipped
+    units, so the true gain is the clipped one divided by s_f, never below B."""
+    model, retain, forget = trained
+    lr, radius = 0.1, 0.1
+    xr, yr, xf, yf = retain[0][:64], retain[1][:64], forget[0][:32], forget[1][:32]
+    retain_fn = lambda m: F.cross_entropy(m(xr.to(next(m.parameters()).dtype)), yr)  # noqa: E731
+    forget_fn = lambda m: F.cross_entropy(m(xf.to(next(m.parameters()).dtype)), yf)  # noqa: E731
+    forget_norm = float(flat_grad(copy.deepcopy(model), forget_fn).norm())
+    clip_norm = None if clip is None else clip * forget_norm
+    constraint = 0.3 * radius * (clip_norm or forget_norm)  # well inside the reach R·‖s_f·g_f‖
+    stepped = copy.deepcopy(model)
+    rule = get_rule("hamu-q", constraint=constraint, radius=radius, stop_on_criterion=False)
+    out = unlearning_step(TorchGrads(stepped, torch.optim.SGD(stepped.parameters(), lr=lr)),
+                          rule, lr=lr, clip_norm=clip_norm,
+                          retain_loss=lambda: retain_fn(stepped), forget_loss=lambda: forget_fn(stepped))
+    assert out.stepped
+    gain = realised_first_order_change(stepped, model, forget_fn)
+    retain_change = realised_first_order_change(stepped, model, retain_fn)
+    assert gain >= constraint * (1 - 1e-3)
+    assert out.true_forget_gain == pytest.approx(gain, rel=1e-3)
+    assert out.true_retain_change == pytest.approx(retain_change, rel=1e-3, abs=1e-6)
+    clipped_gain = out.result.diagnostics["forget_gain"]
+    if clip is None:
+        assert out.forget_scale == 1.0 and clipped_gain == pytest.approx(gain, rel=1e-3)
+    else:
+        assert out.forget_scale == pytest.approx(clip, rel=1e-4)
+        assert clipped_gain == pytest.approx(out.forget_scale * gain, rel=1e-3)
+        assert clipped_gain >= constraint * (1 - 1e-9) and gain > clipped_gain
+
+
+def test_the_step_reads_the_device_once(trained, monkeypatch):
+    """Statistics and both losses reach the host in one copy: no .item() or second .cpu()."""
+    model, retain, forget = trained
+    stepped = copy.deepcopy(model)
+    copies = []
+    real_cpu, real_item = torch.Tensor.cpu, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append("cpu") or real_cpu(t, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: copies.append("item") or real_item(t))
+    unlearning_step(TorchGrads(stepped, torch.optim.SGD(stepped.parameters(), lr=0.1)),
+                    get_rule("hamu-q", constraint=0.01, radius=0.1), lr=0.1,
+                    retain_loss=lambda: F.cross_entropy(stepped(retain[0][:64]), retain[1][:64]),
+                    forget_loss=lambda: F.cross_entropy(stepped(forget[0][:32]), forget[1][:32]))
+    assert copies == ["cpu"]

@@ -1,0 +1,51 @@
+"""Device placement on a CPU-only machine.
+
+PyTorch's "meta" device is a second device that refuses to compute with CPU tensors, so a batch
+or a reference model left on the CPU next to a model elsewhere fails here the way it would next
+to a CUDA model. What meta cannot do is produce values, so the step itself (which copies its
+statistics to the host) is checked on a real GPU by tests/test_gpu.py; here: the pieces the
+worker composes — batch transfer, the reference model, the losses — and the rules (tests/rules/
+test_device.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hamu_ray import data, engine as eng, models, objectives
+from hamu_ray.config import ModelSection
+
+MODEL = ModelSection(sizes=[4, 3, 2])
+
+
+def meta_model() -> torch.nn.Module:
+    return models.build_model(MODEL).to("meta")
+
+
+@pytest.mark.parametrize("method", ["npo", "scrub", "kl", "gdiff"])
+def test_losses_run_on_the_engines_device_once_batches_and_reference_follow_it(method):
+    model = meta_model()
+    spec = objectives.METHODS[method]
+    reference = eng.reference_model(models.build_model(MODEL), stage=0, bf16=False,
+                                    micro_batch_size=2, device="meta")
+    retain_loss, forget_loss = objectives.loss_fns(spec, {}, model, reference)
+    batch = {"x": torch.randn(2, 4), "y": torch.tensor([0, 1])}
+
+    moved = data.to_device(batch, torch.device("meta"))
+    assert {t.device.type for t in moved.values()} == {"meta"}
+    assert retain_loss(moved).device.type == "meta" and forget_loss(moved).device.type == "meta"
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the check is real: CPU rows fail
+        retain_loss(batch)
+
+
+def test_a_reference_left_on_the_cpu_is_caught():
+    model = meta_model()
+    reference = eng.reference_model(models.build_model(MODEL), stage=0, bf16=False, micro_batch_size=2)
+    _, forget_loss = objectives.loss_fns(objectives.METHODS["npo"], {}, model, reference)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        forget_loss(data.to_device({"x": torch.randn(2, 4), "y": torch.tensor([0, 1])}, "meta"))
+
+
+def test_no_batch_is_no_transfer():
+    assert data.to_device(None, "meta") is None
