@@ -28,7 +28,7 @@ from hamu_ray.worker import EXPORT_INFO, EXPORT_LOG, EXPORT_WEIGHTS, train_loop_
 
 log = logging.getLogger(__name__)
 
-# No telemetry, no token file (DESIGN §5).
+# No telemetry, no token file (docs/design.md §9).
 RUNTIME_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                         "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 # Set by Ray's job supervisor in a submitted job's driver: the job's runtime env, as JSON.
@@ -96,7 +96,7 @@ def ray_session(cluster: ClusterSection):
         ray.init(address=address, runtime_env=joining_runtime_env(env_vars), log_to_driver=False)
     else:
         # Logical CPUs = cores: workers take fractions (cluster.cpus_per_worker) so Ray Data
-        # always has a CPU left; with whole CPUs on 2 cores the job hangs silently (DESIGN §5).
+        # always has a CPU left; with whole CPUs on 2 cores the job hangs silently (docs/design.md §9).
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
                  _temp_dir=os.path.join(tempfile.gettempdir(), "hamu-ray"),
                  runtime_env={"env_vars": env_vars})

@@ -1,7 +1,7 @@
 """Losses for classifiers, and the methods that pair them with a rule.
 
-Sign convention (DESIGN §3): the step's *retain loss* is minimised; its *forget loss* is the one
-whose gradient g_f unlearning raises. Objectives that are minimised to forget (NPO, SimNPO) enter
+Sign convention (docs/design.md §1): the step's *retain loss* is minimised; its *forget loss* is
+the one whose gradient g_f unlearning raises. Objectives that are minimised to forget (NPO, SimNPO) enter
 negated (`Objective.forget_sign = -1`), so "forget quality improves" always means g_f·Δ > 0.
 
 Reference-model objectives (KL, NPO, SCRUB) receive the frozen original model's logits.
@@ -78,7 +78,7 @@ class Method:
     retain: str  # objective minimised on retain batches
     forget: str  # objective of the forget batches (its forget_sign says which way)
     summary: str
-    implicit: bool = False  # one backward on L_u + w·L_r with a dual weight (DESIGN §3)
+    implicit: bool = False  # one backward on L_u + w·L_r with a dual weight (docs/design.md §2)
 
 
 METHODS: dict[str, Method] = {

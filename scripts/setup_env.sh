@@ -3,7 +3,7 @@
 #
 # The venv lives outside the clone, in $HAMU_CACHE_DIR (default ~/.cache/hamu-ray), keyed by a hash
 # of the dependency files, so CI and fresh clones reuse it and a changed spec rebuilds it.
-# Install order matters (DESIGN §5): torch first, pinned (CPU build when there is no GPU, otherwise
+# Install order matters (docs/design.md §9): torch first, pinned (CPU build when there is no GPU, otherwise
 # a dependency's unpinned torch pulls a multi-GB CUDA build); then everything else in one resolve with
 # torch pinned again; then DeepSpeed without build isolation, its CPU comm op pre-built.
 set -euo pipefail

@@ -2,7 +2,7 @@ import os
 
 from hamu_ray.driver import RUNTIME_ENV_DEFAULTS
 
-# The driver's settings (no telemetry, no token files) plus CPU DeepSpeed (DESIGN §5).
+# The driver's settings (no telemetry, no token files) plus CPU DeepSpeed (docs/design.md §9).
 for key, value in {**RUNTIME_ENV_DEFAULTS, "DS_ACCELERATOR": "cpu"}.items():
     os.environ.setdefault(key, value)
 

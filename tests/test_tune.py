@@ -169,7 +169,11 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(search)
     events = [json.loads(line) for line in (search_dir(search["out"]) / JOURNAL).read_text().splitlines()]
     ended = [e["trial"] for e in events if e["event"] == "end"]
     started = [e["trial"] for e in events if e["event"] == "start"]
-    assert len(set(started)) == 3 and len(set(ended)) == 3
+    # every trial ran to its evaluation, or ASHA stopped it (whether it does depends on timing)
+    stopped = set(started) - set(ended)
+    output = search["first"] + search["second"]
+    assert len(set(started)) == 3 and len(set(ended)) >= 2, output[-3000:]
+    assert all(f"trial {trial} stopped early by ASHA" in output for trial in stopped), output[-3000:]
     first_done = ended[0]  # finished before the interruption: it must never start again
     assert started.count(first_done) == 1 and ended.count(first_done) == 1
 

@@ -1,4 +1,4 @@
-"""Baseline rules in the same coefficient form d_b = a_b·g_r,b + c_b·g_f,b (DESIGN §3).
+"""Baseline rules in the same coefficient form d_b = a_b·g_r,b + c_b·g_f,b (docs/design.md §2).
 
 FT descends the retain loss, GA ascends the forget loss, GradDiff averages the two. GRU and
 PCGrad change the direction only when retain and unlearning conflict (rf > 0: descending the

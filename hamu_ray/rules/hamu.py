@@ -1,4 +1,4 @@
-"""HAMU: hardness-aware multi-objective unlearning, from the K×3 statistics (DESIGN §3).
+"""HAMU: hardness-aware multi-objective unlearning, from the K×3 statistics (docs/design.md §2).
 
 HAMU-Q solves   min_Δ Σ_b g_r,b·Δ_b   s.t.  Σ_b g_f,b·Δ_b ≥ B,  ‖Δ_b‖ ≤ R_b.
 A fixed split (equal, grad_norm, exp_dot) first divides B into per-block shares B_b and solves each
@@ -175,7 +175,7 @@ def _paper_per_block(stats: BlockStats, radius: torch.Tensor) -> torch.Tensor:
     return torch.where(stats.rr <= TINY, forget_reach(stats, radius), sin_part)
 
 
-# Branch codes of solve_q, in the order DESIGN §3 lists them; names are read back once per step.
+# Branch codes of solve_q, in the order docs/design.md §2 lists them; names are read back once per step.
 _BRANCHES = ("zero", "direct", "colinear", "rectified", "infeasible")
 _ZERO, _DIRECT, _COLINEAR, _RECTIFIED, _INFEASIBLE = range(len(_BRANCHES))
 
@@ -259,7 +259,7 @@ def _normalise(log_w: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
 
 def solve_optimal(stats: BlockStats, total: float, radius: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The exact split (DESIGN §3): Δ_b = −R_b·u_b/‖u_b‖, u_b = g_r,b − λ*·g_f,b, as (α, β, branch).
+    """The exact split (docs/design.md §2): Δ_b = −R_b·u_b/‖u_b‖, u_b = g_r,b − λ*·g_f,b, as (α, β, branch).
 
     λ* = 0 when the plain retain descent already gains B; otherwise the least λ with G(λ) ≥ B,
     found by bisection and taken at the bracket's upper end so the guarantee holds. The caller has

@@ -1,4 +1,4 @@
-"""The optimal constraint split (DESIGN §3) against SLSQP on the whole K-block problem.
+"""The optimal constraint split (docs/design.md §2) against SLSQP on the whole K-block problem.
 
 The oracle solves min Σ_b g_r,b·Δ_b s.t. Σ_b g_f,b·Δ_b ≥ B, ‖Δ_b‖ ≤ R_b in the full dimension, on a
 normalised copy: Δ_b = R_b·y_b (unit balls), objective divided by Σ_b R_b‖g_r,b‖ and constraint by
