@@ -103,9 +103,10 @@ def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: Lo
         reduced_values = stats.numel()
     stats, (retain_value, forget_value) = to_host(stats, loss_r, loss_f)
     retain_scale, forget_scale = clip_scales(stats, clip_norm)
-    result = rule(stats.scaled(retain_scale, forget_scale), lr)
+    seen = stats.scaled(retain_scale, forget_scale)
+    result = rule(seen, lr)
     true = predicted_effects(stats, result.retain_coef * retain_scale, result.forget_coef * forget_scale, lr)
-    out = StepOutput(retain_value, forget_value, stats.scaled(retain_scale, forget_scale), result,
+    out = StepOutput(retain_value, forget_value, seen, result,
                      true["forget_gain"], true["retain_change"], retain_scale, forget_scale,
                      reduced_values, stepped=result.stop is None)
     if result.stop is not None:
