@@ -33,7 +33,7 @@ def model_and_batches(hidden: int, steps: int):
 
 
 def time_steps(grads, forward, batches, rule, rank=0, world=1):
-    from hamu_ray.step import SumAcrossRanks, unlearning_step
+    from hamu_ray.engine.step import SumAcrossRanks, unlearning_step
 
     times = []
     for (xr, yr), (xf, yf) in batches:
@@ -47,7 +47,7 @@ def time_steps(grads, forward, batches, rule, rank=0, world=1):
 
 
 def single_process(args, rule_name):
-    from hamu_ray.grads import TorchGrads
+    from hamu_ray.engine.grads import TorchGrads
     from hamu_ray.rules import get_rule
 
     model, batches = model_and_batches(args.hidden, args.steps)
@@ -62,8 +62,8 @@ def _rank(rank, port, args, out):
     import deepspeed
     import torch.distributed as dist
 
-    from hamu_ray import engine as eng
-    from hamu_ray.grads import DeepSpeedGrads
+    from hamu_ray.engine import deepspeed_engine as eng
+    from hamu_ray.engine.grads import DeepSpeedGrads
     from hamu_ray.rules import get_rule
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)

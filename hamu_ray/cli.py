@@ -98,16 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args) -> int:
-    from hamu_ray.config import load_pipeline
-    from hamu_ray.pipeline import run_pipeline
+    from hamu_ray.pipeline.config import load_pipeline
+    from hamu_ray.pipeline.stages import run_pipeline
 
     run_pipeline(load_pipeline(args.pipeline, args.overrides))
     return 0
 
 
 def tune_command(args) -> int:
-    from hamu_ray.config import load_pipeline
-    from hamu_ray.tune import run_search
+    from hamu_ray.pipeline.config import load_pipeline
+    from hamu_ray.pipeline.tune import run_search
 
     result = run_search(load_pipeline(args.pipeline, args.overrides))
     if not result.complete:
@@ -116,8 +116,8 @@ def tune_command(args) -> int:
 
 
 def unlearn_command(args) -> int:
-    from hamu_ray.config import load_config
-    from hamu_ray.driver import run_unlearning
+    from hamu_ray.engine.config import load_config
+    from hamu_ray.engine.driver import run_unlearning
 
     result = run_unlearning(load_config(args.config, args.overrides), progress="unlearn")
     print(f"{result.output_dir}: {result.steps} steps, stop {result.stop}")
@@ -125,7 +125,9 @@ def unlearn_command(args) -> int:
 
 
 def validate_command(args) -> int:
-    from hamu_ray.config import config_kind, load_config, load_pipeline, read_yaml
+    from hamu_ray.engine.config import load_config
+    from hamu_ray.pipeline.config import load_pipeline
+    from hamu_ray.schema import config_kind, read_yaml
 
     source = args.config
     if config_kind(read_yaml(source), source) == "pipeline":

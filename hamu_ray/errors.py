@@ -3,7 +3,7 @@ is a bug and keeps its traceback.
 
 Each user error also derives from the built-in it refines, so `except ValueError` (or
 FileExistsError, FileNotFoundError) written before this module existed still catches it.
-Subclasses elsewhere: hamu_ray.config.ConfigError and hamu_ray.data.DataError (ValueError),
+Subclasses elsewhere: hamu_ray.schema.ConfigError and hamu_ray.engine.data.DataError (ValueError),
 hamu_ray.jobs.JobsError (RuntimeError).
 """
 

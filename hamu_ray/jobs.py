@@ -25,7 +25,9 @@ from typing import Any
 import yaml
 
 import hamu_ray
-from hamu_ray.config import ConfigError, PipelineConfig, load_pipeline, parse_config, read_yaml
+from hamu_ray.engine.config import ConfigError, parse_config
+from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
+from hamu_ray.schema import read_yaml
 from hamu_ray.errors import UserError
 
 PACKAGE_DIR = Path(hamu_ray.__file__).resolve().parent
@@ -143,7 +145,7 @@ def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = Fa
         raise RuntimeError(f"{pipeline_path}: the pipeline does not survive a YAML round trip")
     (working_dir / JOB_PIPELINE).write_text(text)
 
-    from hamu_ray.driver import RUNTIME_ENV_DEFAULTS
+    from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS
 
     runtime_env: dict[str, Any] = {
         "working_dir": str(working_dir),

@@ -1,6 +1,6 @@
 import os
 
-from hamu_ray.driver import RUNTIME_ENV_DEFAULTS
+from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS
 
 # The driver's settings (no telemetry, no token files) plus CPU DeepSpeed (docs/design.md §9).
 for key, value in {**RUNTIME_ENV_DEFAULTS, "DS_ACCELERATOR": "cpu"}.items():

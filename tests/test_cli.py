@@ -46,7 +46,7 @@ def job_yaml(tmp_path: Path) -> Path:
 def test_an_internal_error_keeps_its_traceback(monkeypatch):
     def bug(cfg):
         raise ValueError("an internal bug")
-    fake_module(monkeypatch, "hamu_ray.pipeline", run_pipeline=bug)
+    fake_module(monkeypatch, "hamu_ray.pipeline.stages", run_pipeline=bug)
     with pytest.raises(ValueError, match="an internal bug"):
         cli.main(["run", str(PIPELINE)])
 
@@ -54,13 +54,13 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch):
 def test_a_user_error_from_below_is_one_line_and_exit_2(monkeypatch, capsys):
     def exists(cfg):
         raise OutputExistsError("output_dir runs/x already exists")
-    fake_module(monkeypatch, "hamu_ray.pipeline", run_pipeline=exists)
+    fake_module(monkeypatch, "hamu_ray.pipeline.stages", run_pipeline=exists)
     assert cli.main(["run", str(PIPELINE)]) == 2
     assert capsys.readouterr().err == "hamu-ray: output_dir runs/x already exists\n"
 
 
 def test_a_config_error_is_one_line_and_exit_2(monkeypatch, capsys):
-    fake_module(monkeypatch, "hamu_ray.pipeline", run_pipeline=lambda cfg: pytest.fail("ran"))
+    fake_module(monkeypatch, "hamu_ray.pipeline.stages", run_pipeline=lambda cfg: pytest.fail("ran"))
     assert cli.main(["run", str(PIPELINE), "unlearn.lr"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"hamu-ray: {PIPELINE}: override 'unlearn.lr': expected KEY=VALUE")
@@ -99,10 +99,10 @@ def test_validate_prints_the_config_errors_and_exits_2(tmp_path, capsys):
 
 def test_overrides_reach_run_tune_and_unlearn(monkeypatch, tmp_path, capsys):
     seen = {}
-    fake_module(monkeypatch, "hamu_ray.pipeline", run_pipeline=lambda cfg: seen.update(run=cfg))
-    fake_module(monkeypatch, "hamu_ray.tune", run_search=lambda cfg: seen.update(tune=cfg)
+    fake_module(monkeypatch, "hamu_ray.pipeline.stages", run_pipeline=lambda cfg: seen.update(run=cfg))
+    fake_module(monkeypatch, "hamu_ray.pipeline.tune", run_search=lambda cfg: seen.update(tune=cfg)
                 or types.SimpleNamespace(complete=True, chosen={}))
-    fake_module(monkeypatch, "hamu_ray.driver", run_unlearning=lambda cfg, progress: seen.update(job=cfg)
+    fake_module(monkeypatch, "hamu_ray.engine.driver", run_unlearning=lambda cfg, progress: seen.update(job=cfg)
                 or types.SimpleNamespace(output_dir=cfg.output_dir, steps=1, stop="max_steps"))
     assert cli.main(["run", str(PIPELINE), *OVERRIDES]) == 0
     assert cli.main(["tune", str(PIPELINE), *OVERRIDES]) == 0

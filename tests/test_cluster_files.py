@@ -18,7 +18,8 @@ import jsonschema
 import pytest
 import yaml
 
-from hamu_ray.config import ConfigError, load_pipeline
+from hamu_ray.schema import ConfigError
+from hamu_ray.pipeline.config import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"

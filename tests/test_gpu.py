@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
-from hamu_ray.grads import TorchGrads
+from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules import get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
-from hamu_ray.step import ImplicitSurgery, implicit_surgery_step, unlearning_step
+from hamu_ray.engine.step import ImplicitSurgery, implicit_surgery_step, unlearning_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -95,8 +95,8 @@ def test_one_host_sync_per_step():
 
 @pytest.mark.integration
 def test_a_one_worker_cuda_job_matches_the_cpu_step(tmp_path, monkeypatch):
-    from tests.test_engine_ray import config, make_inputs, reference
-    from hamu_ray.driver import run_unlearning
+    from tests.engine.test_engine_ray import config, make_inputs, reference
+    from hamu_ray.engine.driver import run_unlearning
 
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # the driver's embedded Ray passes it to workers
     root, rows = make_inputs(tmp_path)
@@ -118,8 +118,8 @@ def stage_weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 @pytest.mark.integration
 def test_the_digits_pipeline_on_cuda_matches_the_cpu(tmp_path, monkeypatch):
-    from tests.test_pipeline import digits_config
-    from hamu_ray.pipeline import run_pipeline
+    from tests.pipeline.test_pipeline import digits_config
+    from hamu_ray.pipeline.stages import run_pipeline
 
     def run(out: Path, accelerator: str, use_gpu: bool):
         monkeypatch.setenv("DS_ACCELERATOR", accelerator)

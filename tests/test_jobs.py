@@ -20,9 +20,10 @@ import pytest
 import yaml
 
 from hamu_ray import cli, jobs
-from hamu_ray.config import ConfigError, PipelineConfig, parse_config
-from hamu_ray.driver import JOB_CONFIG_ENV, RUNTIME_ENV_DEFAULTS, joining_runtime_env
-from hamu_ray.tracking import is_local_store, refuse_local_store_on_cluster
+from hamu_ray.engine.config import ConfigError, parse_config
+from hamu_ray.pipeline.config import PipelineConfig
+from hamu_ray.engine.driver import JOB_CONFIG_ENV, RUNTIME_ENV_DEFAULTS, joining_runtime_env
+from hamu_ray.pipeline.tracking import is_local_store, refuse_local_store_on_cluster
 
 PIPELINE = Path(__file__).parent.parent / "pipelines" / "digits.yaml"
 SERVER = "http://127.0.0.1:5999"  # never contacted by the fast tests
@@ -352,7 +353,7 @@ def job_id_in(stdout: str) -> str:
 def test_a_submitted_pipeline_runs_on_two_nodes_and_tracks_to_the_server(cluster, tmp_path):
     import mlflow
 
-    from hamu_ray.evaluate import TABLE_COLUMNS
+    from hamu_ray.pipeline.evaluate import TABLE_COLUMNS
 
     out, env_file = tmp_path / "out", write_yaml(tmp_path / "env.yaml", {"env_vars": {"DS_ACCELERATOR": "cpu"}})
     started = time.perf_counter()

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from hamu_ray import objectives as obj
-from hamu_ray.config import parse_config, ConfigError
-from hamu_ray.grads import TorchGrads
+from hamu_ray.engine.config import parse_config, ConfigError
+from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules.surgery import ImplicitSurgeryParams, dual_update
-from hamu_ray.step import ImplicitSurgery, implicit_surgery_step
+from hamu_ray.engine.step import ImplicitSurgery, implicit_surgery_step
 
 LR = 0.05
 

@@ -16,7 +16,7 @@ Device: every tensor follows the statistics' device and dtype (CUDA statistics s
 host reads back only what the result must hold as Python values (branch names, the stop decision,
 scalar diagnostics) plus one read per water-filling round of a fixed split.
 
-Not here: summing statistics across ranks, touching parameters, logging (see hamu_ray.step).
+Not here: summing statistics across ranks, touching parameters, logging (see hamu_ray.engine.step).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hamu_ray.datasets import (FASHION_MNIST_DIR, SOURCES, DatasetError, Split, class_forget_indices,
+from hamu_ray.pipeline.datasets import (FASHION_MNIST_DIR, SOURCES, DatasetError, Split, class_forget_indices,
                                load_source, random_forget_indices, read_idx, read_split, subsample,
                                write_sets)
 

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from hamu_ray.config import parse_config
-from hamu_ray.driver import run_unlearning
-from hamu_ray.grads import TorchGrads
+from hamu_ray.engine.config import parse_config
+from hamu_ray.engine.driver import run_unlearning
+from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules import NonFiniteStatsError, get_rule
-from hamu_ray.step import unlearning_step
+from hamu_ray.engine.step import unlearning_step
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +138,7 @@ def test_a_nan_loss_fails_clearly_and_writes_no_model(ray_cluster, inputs, tmp_p
 
 def worker_streams(path, *, read_blocks, world=2, epochs=2, batch=5, seed=7):
     """Each rank's label stream per epoch, through the engine's own sharding and pairing."""
-    from hamu_ray import data
+    from hamu_ray.engine import data
 
     info = data.inspect_set("retain", str(path), ["x", "y"])
     shards = data.worker_shards({"retain": data.read_set(info, seed, read_blocks=read_blocks)}, world)
@@ -155,7 +155,7 @@ def worker_streams(path, *, read_blocks, world=2, epochs=2, batch=5, seed=7):
 
 def test_worker_shards_do_not_depend_on_the_block_layout_and_reshuffle_every_epoch(ray_cluster, tmp_path,
                                                                                      monkeypatch):
-    from hamu_ray import data
+    from hamu_ray.engine import data
 
     rows = 60
     monkeypatch.setattr(data, "ROWS_PER_SHUFFLE_BLOCK", 10)  # a 6-block shuffle, as on a large set
@@ -174,7 +174,7 @@ def test_worker_shards_do_not_depend_on_the_block_layout_and_reshuffle_every_epo
 def mini_batch_reference(root, cfg, world=2):
     """The single-process step on exactly the batches the engine's sharding and pairing give each
     rank (rebuilt here on the driver), the ranks' batches of a step joined into one."""
-    from hamu_ray import data
+    from hamu_ray.engine import data
 
     infos = {name: data.inspect_set(name, getattr(cfg.data, name), ["x", "y"]) for name in ("retain", "forget")}
     shards = data.worker_shards({n: data.read_set(i, cfg.data.shuffle_seed) for n, i in infos.items()}, world)

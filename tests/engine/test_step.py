@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from hamu_ray.grads import TorchGrads
+from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules import StopReason, get_rule
-from hamu_ray.step import unlearning_step
+from hamu_ray.engine.step import unlearning_step
 
 FORGET_CLASS = 3
 

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import torch
 
-from hamu_ray import data, engine as eng, models, objectives
-from hamu_ray.config import UnlearnConfig
-from hamu_ray.grads import DeepSpeedGrads
+from hamu_ray import objectives
+from hamu_ray.engine import data
+from hamu_ray.engine import deepspeed_engine as eng
+from hamu_ray.tasks import classifier as models
+from hamu_ray.engine.config import UnlearnConfig
+from hamu_ray.engine.grads import DeepSpeedGrads
 from hamu_ray.rules import get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
-from hamu_ray.step import (ImplicitStepOutput, ImplicitSurgery, MeanAcrossRanks, StepOutput,
+from hamu_ray.engine.step import (ImplicitStepOutput, ImplicitSurgery, MeanAcrossRanks, StepOutput,
                            SumAcrossRanks, descent_step, implicit_surgery_step, unlearning_step)
 
 log = logging.getLogger(__name__)

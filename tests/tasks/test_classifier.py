@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from hamu_ray.config import ModelSection
-from hamu_ray.grads import TorchGrads
-from hamu_ray.models import MODELS, build_model
+from hamu_ray.engine.config import ModelSection
+from hamu_ray.engine.grads import TorchGrads
+from hamu_ray.tasks.classifier import MODELS, build_model
 from hamu_ray.rules import get_rule
-from hamu_ray.step import unlearning_step
+from hamu_ray.engine.step import unlearning_step
 
 CONFIGS = {"mlp": ModelSection(kind="mlp", sizes=[64, 32, 10]),
            "cnn": ModelSection(kind="cnn", sizes=[64, 10], channels=[4, 8])}

@@ -17,11 +17,12 @@ import mlflow
 import pytest
 import yaml
 
-from hamu_ray.config import ConfigError, PipelineConfig, parse_config
-from hamu_ray.plots import pareto_front
-from hamu_ray.tune import JOURNAL, choose, max_reports, TrialContext
+from hamu_ray.engine.config import ConfigError, parse_config
+from hamu_ray.pipeline.config import PipelineConfig
+from hamu_ray.pipeline.plots import pareto_front
+from hamu_ray.pipeline.tune import JOURNAL, choose, max_reports, TrialContext
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 DIGITS = ROOT / "pipelines" / "digits.yaml"
 
 

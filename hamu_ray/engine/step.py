@@ -1,7 +1,7 @@
 """One unlearning step: two backwards, local statistics, one reduction, the rule, write back, step.
 Also the one-backprop implicit-surgery step, which needs only the retain losses reduced.
 
-Backend-neutral: gradients are reached through a GradAccess (hamu_ray.grads), losses through
+Backend-neutral: gradients are reached through a GradAccess (hamu_ray.engine.grads), losses through
 callables, and the only collective added to plain training is `reduce_stats` on a [K, 3] float64
 tensor (skipped when every rank already holds the full gradient). The same function is the
 single-process reference and the distributed step.
@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from hamu_ray.grads import GradAccess
+from hamu_ray.engine.grads import GradAccess
 from hamu_ray.rules import BlockStats, Rule, RuleResult
 from hamu_ray.rules.stats import predicted_effects
 from hamu_ray.rules.surgery import ImplicitSurgeryParams, dual_update

@@ -8,7 +8,7 @@ import sys
 
 import mlflow
 
-from hamu_ray.tracking import Tracker
+from hamu_ray.pipeline.tracking import Tracker
 
 STEPS = [{"step": 1, "loss/forget": 0.5, "stop": "none"}, {"step": 2, "loss/forget": math.nan},
          {"step": 3, "loss/forget": math.inf}, {"step": 4, "loss/forget": -math.inf},
@@ -44,7 +44,7 @@ def test_nonfinite_final_metrics_are_logged_and_tagged(tmp_path):
 
 
 def test_finite_metrics_get_no_tags():
-    from hamu_ray.tracking import nonfinite_tags
+    from hamu_ray.pipeline.tracking import nonfinite_tags
 
     assert nonfinite_tags([("loss", 1.0, 1), ("acc", 0.5, None)]) == {}
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hamu_ray.grads import TorchGrads
+from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules import get_rule
-from hamu_ray.step import unlearning_step
+from hamu_ray.engine.step import unlearning_step
 
 pytestmark = pytest.mark.integration
 
@@ -69,9 +69,9 @@ def run_reference(rule_name, hparams):
 def run_method(case: str, grads, logits_of, reference, rank=0, world=1, reduce=None, reduce_mean=None):
     """METHOD_CASES[case] for STEPS steps through the worker's own step function."""
     from hamu_ray import objectives
-    from hamu_ray.config import MethodSection
+    from hamu_ray.engine.config import MethodSection
     from hamu_ray.rules.surgery import ImplicitSurgeryParams
-    from hamu_ray.step import ImplicitSurgery, implicit_surgery_step
+    from hamu_ray.engine.step import ImplicitSurgery, implicit_surgery_step
 
     method = MethodSection(**METHOD_CASES[case])
     retain_loss, forget_loss = objectives.loss_fns(method.spec, method.objective, logits_of, reference)
@@ -102,9 +102,9 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from hamu_ray import engine as eng
-    from hamu_ray.grads import DeepSpeedGrads
-    from hamu_ray.step import MeanAcrossRanks, SumAcrossRanks
+    from hamu_ray.engine import deepspeed_engine as eng
+    from hamu_ray.engine.grads import DeepSpeedGrads
+    from hamu_ray.engine.step import MeanAcrossRanks, SumAcrossRanks
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     sent = []  # spy (not a mock): every all_reduce goes through; hamu-ray's own are recorded

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hamu_ray import evaluate as ev
-from hamu_ray.evaluate import Predictions
+from hamu_ray.pipeline import evaluate as ev
+from hamu_ray.pipeline.evaluate import Predictions
 
 
 def linear(weight: list[list[float]]) -> torch.nn.Linear:

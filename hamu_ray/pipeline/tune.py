@@ -20,10 +20,13 @@ import yaml
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from hamu_ray import evaluate, files, pipeline, plots
-from hamu_ray.config import PipelineConfig, TuneSection
-from hamu_ray.driver import ray_session
-from hamu_ray.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
+from hamu_ray import files
+from hamu_ray.pipeline import evaluate
+from hamu_ray.pipeline import stages as pipeline
+from hamu_ray.pipeline import plots
+from hamu_ray.pipeline.config import PipelineConfig, TuneSection
+from hamu_ray.engine.driver import ray_session
+from hamu_ray.pipeline.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
 
 TRIAL_MEMORY = 512 * 2**20  # bytes Ray reserves for each trial's own process
 DATA_CPUS = 1  # a Ray Data read task asks for one whole CPU

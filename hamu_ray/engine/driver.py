@@ -19,12 +19,12 @@ from pathlib import Path
 
 from ray.train import UserCallback as UserCallbackBase
 
-from hamu_ray import data
-from hamu_ray.config import ClusterSection, UnlearnConfig
+from hamu_ray.engine import data
+from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import MissingInputError, OutputExistsError
 from hamu_ray.files import staging_dir
 from hamu_ray.rules import NonFiniteStatsError
-from hamu_ray.worker import EXPORT_INFO, EXPORT_LOG, EXPORT_WEIGHTS, train_loop_per_worker
+from hamu_ray.engine.worker import EXPORT_INFO, EXPORT_LOG, EXPORT_WEIGHTS, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 

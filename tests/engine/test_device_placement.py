@@ -13,8 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hamu_ray import data, engine as eng, models, objectives
-from hamu_ray.config import ModelSection
+from hamu_ray import objectives
+from hamu_ray.engine import data
+from hamu_ray.engine import deepspeed_engine as eng
+from hamu_ray.tasks import classifier as models
+from hamu_ray.engine.config import ModelSection
 
 MODEL = ModelSection(sizes=[4, 3, 2])
 

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from hamu_ray.config import ModelSection
+from hamu_ray.engine.config import ModelSection
 from hamu_ray.errors import MissingInputError
 
 

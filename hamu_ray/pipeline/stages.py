@@ -17,11 +17,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from hamu_ray import data, datasets, evaluate, files, plots
-from hamu_ray.config import PipelineConfig, StageTrain, UnlearnConfig
-from hamu_ray.driver import ray_session, run_unlearning
-from hamu_ray.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
-from hamu_ray.worker import EXPORT_LOG, EXPORT_WEIGHTS
+from hamu_ray import files
+from hamu_ray.engine import data
+from hamu_ray.pipeline import datasets
+from hamu_ray.pipeline import evaluate
+from hamu_ray.pipeline import plots
+from hamu_ray.engine.config import TrainSettings, UnlearnConfig
+from hamu_ray.pipeline.config import PipelineConfig
+from hamu_ray.engine.driver import ray_session, run_unlearning
+from hamu_ray.pipeline.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
+from hamu_ray.engine.worker import EXPORT_LOG, EXPORT_WEIGHTS
 
 PREPARE_VERSION = 1  # bump when the prepared files change for the same config
 REFERENCES = ("original", "oracle")
@@ -196,7 +201,7 @@ def unlearning_job(cfg: PipelineConfig, entry, prepared: dict[str, str], origina
                     data={"forget": prepared["forget"], "retain": prepared["retain"]})
 
 
-def job_dict(cfg: PipelineConfig, train: StageTrain, *, data: dict, method: dict, weights) -> dict:
+def job_dict(cfg: PipelineConfig, train: TrainSettings, *, data: dict, method: dict, weights) -> dict:
     batch = cfg.data.batch_size
     return {
         "data": {**data, "retain_batch_size": batch, "forget_batch_size": batch, "shuffle_seed": cfg.data.seed},
@@ -268,7 +273,7 @@ def measure(cfg: PipelineConfig, ruler: Yardstick, weights: Path) -> dict[str, f
 
 
 def load_weights(cfg: PipelineConfig, weights: Path):
-    from hamu_ray import models
+    from hamu_ray.tasks import classifier as models
 
     return models.build_model(cfg.model.model_copy(update={"weights": str(weights)}))
 

@@ -2,7 +2,7 @@
 
 A gradient access object exposes, for every block (a trainable parameter tensor), this process's
 local piece of the reduced gradient, lets the step write a new value back, and runs backward,
-zero and step. The unlearning step (hamu_ray.step) is written against this interface only.
+zero and step. The unlearning step (hamu_ray.engine.step) is written against this interface only.
 
   backend                 local piece of block b                         stats need a reduction
   TorchGrads              p.grad (one process)                           no

@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from hamu_ray.config import (ConfigError, PipelineConfig, StageTrain, TrainSection, TrainSettings,
-                             apply_overrides, load_config, load_pipeline, parse_config)
-from hamu_ray.data import DataError, inspect_set
-from hamu_ray.driver import check_inputs
+from hamu_ray.engine.config import ConfigError, TrainSection, TrainSettings, load_config, parse_config
+from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
+from hamu_ray.schema import apply_overrides
+from hamu_ray.engine.data import DataError, inspect_set
+from hamu_ray.engine.driver import check_inputs
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ def test_missing_required_field(sets):
 
 
 def test_an_existing_output_dir_is_never_overwritten(sets):
-    from hamu_ray.driver import run_unlearning
+    from hamu_ray.engine.driver import run_unlearning
 
     (sets / "out").mkdir()
     (sets / "out" / "model.safetensors").write_text("keep me")
@@ -105,7 +106,7 @@ def test_an_existing_output_dir_is_never_overwritten(sets):
 
 # ---- the training settings, the method checks, the search horizon -----------------------------
 
-DIGITS = Path(__file__).parent.parent / "pipelines" / "digits.yaml"
+DIGITS = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 
 
 def digits(**edits) -> dict:
@@ -115,7 +116,7 @@ def digits(**edits) -> dict:
 
 
 def test_a_jobs_train_section_extends_the_stage_settings_without_repeating_them():
-    assert StageTrain is TrainSettings and issubclass(TrainSection, TrainSettings)
+    assert issubclass(TrainSection, TrainSettings)
     own = set(TrainSection.model_fields) - set(TrainSettings.model_fields)
     assert own == {"seed", "fail_after_step"}
     assert not set(vars(TrainSection).get("__annotations__", {})) & set(TrainSettings.model_fields)

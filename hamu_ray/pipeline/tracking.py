@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-from hamu_ray.config import ConfigError
+from hamu_ray.schema import ConfigError
 
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 

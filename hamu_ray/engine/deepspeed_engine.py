@@ -1,7 +1,7 @@
 """Building a DeepSpeed engine for unlearning and reading its full weights back.
 
 The optimizer is plain SGD by default: HAMU's guarantee is for Δ = −lr·d. DeepSpeed's own
-gradient clipping stays off (hamu_ray.step clips g_r and g_f before the rule instead).
+gradient clipping stays off (hamu_ray.engine.step clips g_r and g_f before the rule instead).
 """
 
 from __future__ import annotations

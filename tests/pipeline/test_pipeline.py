@@ -9,9 +9,10 @@ import mlflow
 import pytest
 import yaml
 
-from hamu_ray.config import ConfigError, PipelineConfig, load_pipeline, parse_config
+from hamu_ray.engine.config import ConfigError, parse_config
+from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
 
-PIPELINE = Path(__file__).parent.parent / "pipelines" / "digits.yaml"
+PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 STAGES = ["prepare", "original", "oracle", "unlearn-hamu-q", "unlearn-gdiff"]
 
 
@@ -33,7 +34,7 @@ def runs_of(uri: str, parent_id: str) -> dict[str, mlflow.entities.Run]:
 
 @pytest.fixture(scope="module")
 def pipeline_runs(digits_run_dir):
-    from hamu_ray.pipeline import run_pipeline
+    from hamu_ray.pipeline.stages import run_pipeline
 
     out = digits_run_dir
     first = run_pipeline(digits_config(out))
@@ -123,8 +124,8 @@ def fashion_config(output_dir: Path, root: Path) -> PipelineConfig:
 
 
 def test_a_failed_prepare_leaves_no_output_dir(tmp_path):
-    from hamu_ray.datasets import DatasetError
-    from hamu_ray.pipeline import run_pipeline
+    from hamu_ray.pipeline.datasets import DatasetError
+    from hamu_ray.pipeline.stages import run_pipeline
 
     (tmp_path / "empty").mkdir()
     out = tmp_path / "runs" / "fashion"
@@ -134,8 +135,8 @@ def test_a_failed_prepare_leaves_no_output_dir(tmp_path):
 
 
 def test_a_failed_prepare_keeps_an_existing_output_dir(tmp_path):
-    from hamu_ray.datasets import DatasetError
-    from hamu_ray.pipeline import run_pipeline
+    from hamu_ray.pipeline.datasets import DatasetError
+    from hamu_ray.pipeline.stages import run_pipeline
 
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
@@ -147,7 +148,7 @@ def test_a_failed_prepare_keeps_an_existing_output_dir(tmp_path):
 
 
 def test_cached_stage_runs_a_job_once_then_reuses_it(tmp_path, monkeypatch):
-    from hamu_ray import pipeline
+    from hamu_ray.pipeline import stages as pipeline
 
     calls = []
 

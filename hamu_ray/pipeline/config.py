@@ -1,0 +1,201 @@
+"""The schema of a pipeline (prepare → original → oracle → unlearn per method → evaluate →
+compare) and of its threshold search. Each training stage becomes an engine job (UnlearnConfig)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+
+from hamu_ray.engine.config import ClusterSection, MethodSection, ModelSection, TrainSettings
+from hamu_ray.schema import Section, load
+
+
+def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    return load(path, overrides, PipelineConfig)
+
+
+class ForgetRequest(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    kind: Literal["class", "random"] = "class"
+    forget_class: int = Field(0, alias="class", ge=0)  # kind class: the class to forget
+    rho: float = Field(0.0, ge=0, le=1)  # share of the forget set drawn from other classes
+    fraction: float | None = Field(None, gt=0, lt=1)  # kind random: share of the training split
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "ForgetRequest":
+        if self.kind == "random" and self.fraction is None:
+            raise ValueError("kind random needs fraction (the share of the training split to forget)")
+        return self
+
+
+class DatasetSection(Section):
+    source: Literal["fashion-mnist", "digits"]
+    root: str | None = None  # fashion-mnist: the IDX files' folder (default: the Debian package's)
+    forget: ForgetRequest = ForgetRequest()
+    max_train_rows: int | None = Field(None, gt=0)  # a stratified subset, for quick runs
+    seed: int = 0
+    batch_size: int = Field(64, gt=0)  # per worker; forget and retain alike unless a method says
+
+
+class MethodEntry(MethodSection):
+    label: str | None = None  # its name in tables and runs (default: the method's name)
+    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the pipeline's unlearn settings
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class TrackingSection(Section):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the output directory
+    experiment: str = "hamu-ray"
+
+
+class SearchDomain(Section):
+    """One searched hyper-parameter: a range (uniform, or log-uniform) or a list of values."""
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    values: list[float | str] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _range_or_values(self) -> "SearchDomain":
+        if self.values is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either values or low/high, not both")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a range needs low < high; got low {self.low}, high {self.high}")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0; got {self.low}")
+        return self
+
+    def candidates(self) -> list[float | str]:
+        return list(self.values) if self.values is not None else [self.low, self.high]
+
+
+# what a search may vary, by rule: HAMU's constraint as a ratio of lr (B = ratio·lr), its
+# radius mode ("lr" or a fixed R), surgery's epsilon, and the learning rate
+SEARCHABLE = {"hamu-q": ("constraint_ratio", "radius", "lr"), "hamu-u": ("constraint_ratio", "radius", "lr"),
+              "surgery": ("epsilon", "lr"), None: ("epsilon", "lr")}  # None: surgery-implicit
+
+
+class AshaSection(Section):
+    metric: str = "loss/retain"  # a key of the engine's step reports; the final report has it too
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(2, gt=0)  # reports before a trial may be stopped
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TuneSection(Section):
+    method: str  # the label of a methods entry; its settings are the starting point of each trial
+    space: dict[str, SearchDomain] = Field(min_length=1)
+    num_samples: int = Field(8, gt=0)
+    max_concurrent: int = Field(1, gt=0)
+    utility_floor: float = Field(2.0, ge=0)  # test accuracy on the retained classes may drop
+    # at most this many points below the original model's
+    scheduler: AshaSection | None = AshaSection()  # None: every trial runs to the end
+    cpus_per_trial: float = Field(0.0, ge=0)  # the trial's own process (it mostly waits); its
+    # workers ask for theirs (cluster section)
+    seed: int = 0
+
+
+class PipelineConfig(Section):
+    name: str
+    output_dir: str  # stages are cached here by a hash of their inputs: a re-run skips them
+    data: DatasetSection
+    model: ModelSection
+    train: TrainSettings  # the original model and the retrain oracle
+    unlearn: TrainSettings  # every method, unless its entry overrides a field
+    methods: list[MethodEntry] = Field(min_length=1)
+    cluster: ClusterSection = ClusterSection()
+    tracking: TrackingSection = TrackingSection()
+    tune: TuneSection | None = None  # `hamu-ray tune`: the threshold search
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        keys = [m.key for m in self.methods]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"methods: labels must be unique, got {keys}; set label: on repeats")
+        if self.model.weights is not None:
+            raise ValueError("model.weights: a pipeline trains its own original model; leave it out")
+        for m in self.methods:  # overrides are validated here, not at the method's stage
+            try:
+                self.unlearn_settings(m)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"method {m.key}: train overrides: {problems}") from None
+        if self.tune is not None:
+            self._check_search(self.tune)
+        return self
+
+    def _check_search(self, tune: TuneSection) -> None:
+        entry = self.method_entry(tune.method)
+        if entry is None:
+            raise ValueError(f"tune.method: {tune.method!r} is not a label in methods "
+                             f"({', '.join(m.key for m in self.methods)})")
+        if entry.rule_name not in SEARCHABLE:
+            raise ValueError(f"tune.method: {entry.key} uses rule {entry.rule_name}; the search is "
+                             "for hamu-q, hamu-u, surgery and surgery-implicit")
+        allowed = SEARCHABLE[entry.rule_name]
+        unknown = sorted(set(tune.space) - set(allowed))
+        if unknown:
+            raise ValueError(f"tune.space: {', '.join(unknown)} cannot be searched for "
+                             f"{entry.key}; valid: {', '.join(allowed)}")
+        for name, domain in tune.space.items():  # every candidate must make a valid method
+            for value in domain.candidates():
+                try:
+                    self.trial_settings(entry, {name: value})
+                except (ValidationError, ValueError, TypeError) as exc:
+                    raise ValueError(f"tune.space.{name}: {value!r} is not valid: {exc}") from None
+        self._check_grace_period(tune, entry)
+
+    def _check_grace_period(self, tune: TuneSection, entry: MethodEntry) -> None:
+        """ASHA needs grace_period ≤ max_t (else Ray's bare AssertionError at search start)."""
+        horizon = self.search_horizon()
+        if tune.scheduler is None or horizon is None or tune.scheduler.grace_period <= horizon:
+            return
+        train = self.unlearn_settings(entry)
+        raise ValueError(
+            f"tune.scheduler.grace_period: {tune.scheduler.grace_period} reports, but a trial of "
+            f"{entry.key} makes only {horizon} (ceil(max_steps {train.max_steps} / progress_every "
+            f"{train.progress_every}) + 1 evaluation); lower grace_period, or raise max_steps or "
+            "lower progress_every for that method")
+
+    def search_horizon(self) -> int | None:
+        """ASHA's max_t: the reports one full trial of tune.method makes, from that method's own
+        train settings: a step report every progress_every steps (and at the last step), then
+        the evaluation. None without a tune section or a max_steps (unknown before running)."""
+        entry = self.method_entry(self.tune.method) if self.tune is not None else None
+        if entry is None:
+            return None
+        train = self.unlearn_settings(entry)
+        if train.max_steps is None:
+            return None
+        return math.ceil(train.max_steps / train.progress_every) + 1
+
+    def method_entry(self, key: str) -> MethodEntry | None:
+        return next((m for m in self.methods if m.key == key), None)
+
+    def trial_settings(self, entry: MethodEntry,
+                       sample: dict[str, Any]) -> tuple[MethodSection, TrainSettings]:
+        """The method and training settings of one search trial: `sample` over `entry`."""
+        train = self.unlearn_settings(entry)
+        if "lr" in sample:
+            train = TrainSettings.model_validate({**train.model_dump(), "lr": float(sample["lr"])})
+        hparams = dict(entry.hparams)
+        if "constraint_ratio" in sample:
+            hparams["constraint"] = float(sample["constraint_ratio"]) * train.lr
+        if "radius" in sample:
+            hparams["radius"] = sample["radius"] if sample["radius"] == "lr" else float(sample["radius"])
+        if "epsilon" in sample:
+            hparams["epsilon"] = float(sample["epsilon"])
+        method = MethodSection.model_validate({**entry.model_dump(include={"name", "rule", "objective"}),
+                                               "hparams": hparams})
+        return method, train
+
+    def unlearn_settings(self, entry: MethodEntry) -> TrainSettings:
+        return TrainSettings.model_validate({**self.unlearn.model_dump(), **entry.train})
