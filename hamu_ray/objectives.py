@@ -1,10 +1,19 @@
-"""Losses for classifiers, and the methods that pair them with a rule.
+"""Losses, written once over per-example log-likelihoods, and the methods that pair them with a rule.
+
+A task (hamu_ray.tasks) turns a batch into `Scores`: for each example the summed log-probability
+of its targets and how many targets it has (a classifier: the label, 1; a causal LM: the
+answer tokens, |a|), plus the targets' logits for the divergences. Every objective below serves
+both tasks from those.
 
 Sign convention (docs/design.md §1): the step's *retain loss* is minimised; its *forget loss* is
-the one whose gradient g_f unlearning raises. Objectives that are minimised to forget (NPO, SimNPO) enter
-negated (`Objective.forget_sign = -1`), so "forget quality improves" always means g_f·Δ > 0.
+the one whose gradient g_f unlearning raises. Objectives that are minimised to forget (NPO,
+SimNPO, IdK) enter negated (`Objective.forget_sign = -1`), so "forget quality improves" always
+means g_f·Δ > 0.
 
-Reference-model objectives (KL, NPO, SCRUB) receive the frozen original model's logits.
+Normalisation: CE is the mean over examples of each example's mean target NLL (not the mean over
+all tokens of a batch). With equal per-rank batch sizes the mean over ranks of the per-rank
+losses is then the loss of the global batch, so a data-parallel step equals the single-process
+step on the concatenated batch; a token mean would weight ranks by their token counts.
 """
 
 from __future__ import annotations
@@ -18,40 +27,49 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-def per_example_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float(), labels, reduction="none")
+@dataclass(frozen=True)
+class Scores:
+    """A batch as the objectives see it."""
+    logprob: Tensor  # [B] Σ log p(target) over each example's targets (fp32)
+    count: Tensor  # [B] number of targets per example (> 0)
+    logits: Tensor  # [B, T, V] logits at the target positions (a classifier: T = 1)
+    mask: Tensor  # [B, T] True where a position is a target
 
 
-def cross_entropy(logits: Tensor, ref_logits: Tensor | None, labels: Tensor) -> Tensor:
-    return per_example_ce(logits, labels).mean()
+def mean_nll(s: Scores) -> Tensor:
+    """−mean_i log p(a_i|q_i)/|a_i|: cross-entropy, per example length-normalised."""
+    return (-s.logprob / s.count).mean()
 
 
-def npo(logits: Tensor, ref_logits: Tensor, labels: Tensor, *, beta: float = 0.1) -> Tensor:
-    """Negative preference optimisation: (2/β)·E softplus(β·log(π_θ/π_ref)), minimised to forget.
-    For a classifier log π(y|x) = −CE, so log(π_θ/π_ref) = CE_ref − CE_θ."""
-    log_ratio = per_example_ce(ref_logits, labels) - per_example_ce(logits, labels)
-    return (2.0 / beta) * F.softplus(beta * log_ratio).mean()
+def cross_entropy(s: Scores, ref: Scores | None) -> Tensor:
+    return mean_nll(s)
 
 
-def simnpo(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, *, beta: float = 2.5,
-           gamma: float = 0.0) -> Tensor:
-    """SimNPO (reference-free, length 1 for a label): (2/β)·E softplus(β·log π_θ + γ), minimised."""
-    return (2.0 / beta) * F.softplus(-beta * per_example_ce(logits, labels) + gamma).mean()
+def npo(s: Scores, ref: Scores, *, beta: float = 0.1) -> Tensor:
+    """Negative preference optimisation (Zhang et al. 2024), minimised to forget:
+    (2/β)·E softplus(β·(log π_θ(a|q) − log π_ref(a|q))), sequence log-probs summed over targets."""
+    return (2.0 / beta) * F.softplus(beta * (s.logprob - ref.logprob)).mean()
 
 
-def kl_to_reference(logits: Tensor, ref_logits: Tensor, labels: Tensor, *,
-                    temperature: float = 1.0) -> Tensor:
-    """KL(p_ref ‖ p_θ) at a softmax temperature, scaled by T² as in distillation."""
-    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
-    log_ref = F.log_softmax(ref_logits.float() / temperature, dim=-1)
-    return F.kl_div(log_p, log_ref, log_target=True, reduction="batchmean") * temperature**2
+def simnpo(s: Scores, ref: Scores | None, *, beta: float = 2.5, gamma: float = 0.0) -> Tensor:
+    """SimNPO (Fan et al. 2024), reference-free and length-normalised, minimised to forget:
+    (2/β)·E softplus(β·log π_θ(a|q)/|a| + γ)."""
+    return (2.0 / beta) * F.softplus(beta * s.logprob / s.count + gamma).mean()
 
 
-def scrub_retain(logits: Tensor, ref_logits: Tensor, labels: Tensor, *, kl_weight: float = 1.0,
-                 ce_weight: float = 1.0, temperature: float = 1.0) -> Tensor:
-    """SCRUB's min-step: stay close to the teacher (the original) on retain, and fit the labels."""
-    return (kl_weight * kl_to_reference(logits, ref_logits, labels, temperature=temperature)
-            + ce_weight * cross_entropy(logits, None, labels))
+def kl_to_reference(s: Scores, ref: Scores, *, temperature: float = 1.0) -> Tensor:
+    """KL(p_ref ‖ p_θ) per target position at a softmax temperature, scaled by T² as in
+    distillation; averaged over each example's targets, then over examples."""
+    log_p = F.log_softmax(s.logits.float() / temperature, dim=-1)
+    log_ref = F.log_softmax(ref.logits.float() / temperature, dim=-1)
+    per_position = (log_ref.exp() * (log_ref - log_p)).sum(-1) * s.mask
+    return (per_position.sum(-1) / s.count).mean() * temperature**2
+
+
+def scrub_retain(s: Scores, ref: Scores, *, kl_weight: float = 1.0, ce_weight: float = 1.0,
+                 temperature: float = 1.0) -> Tensor:
+    """SCRUB's min-step: stay close to the teacher (the original) on retain, and fit the targets."""
+    return kl_weight * kl_to_reference(s, ref, temperature=temperature) + ce_weight * mean_nll(s)
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,7 @@ class Objective:
     needs_reference: bool
     forget_sign: int  # +1: raised to forget (CE, KL); -1: minimised to forget (NPO, SimNPO)
     params: tuple[str, ...] = ()  # keyword hyper-parameters it takes from `method.objective`
+    refusal_answers: bool = False  # the task replaces the batch's answers by refusals (IdK)
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -69,6 +88,8 @@ OBJECTIVES: dict[str, Objective] = {
     "kl": Objective(kl_to_reference, needs_reference=True, forget_sign=+1, params=("temperature",)),
     "scrub_retain": Objective(scrub_retain, needs_reference=True, forget_sign=+1,
                               params=("kl_weight", "ce_weight", "temperature")),
+    # IdK: the forget answers replaced by refusals, learnt like retain data (minimised to forget)
+    "idk": Objective(cross_entropy, needs_reference=False, forget_sign=-1, refusal_answers=True),
 }
 
 
@@ -97,6 +118,8 @@ METHODS: dict[str, Method] = {
     "pcgrad": Method("pcgrad", "ce", "ce", "symmetric gradient projection on conflict"),
     "npo": Method("gdiff", "ce", "npo", "NPO on forget + CE on retain"),
     "simnpo": Method("gdiff", "ce", "simnpo", "SimNPO on forget + CE on retain"),
+    "idk": Method("gdiff", "ce", "idk", "IdK: learn refusals on forget + CE on retain "
+                  "(question-answer data only)"),
 }
 
 
@@ -112,17 +135,22 @@ def needs_reference(method: Method) -> bool:
     return OBJECTIVES[method.retain].needs_reference or OBJECTIVES[method.forget].needs_reference
 
 
-def loss_fns(method: Method, params: dict, logits_of: Callable[[Tensor], Tensor],
-             reference: Callable[[Tensor], Tensor] | None):
-    """(retain_loss(batch), forget_loss(batch)) in the step's sign convention."""
+def loss_fns(method: Method, params: dict, scores: Callable[[dict], Scores],
+             reference: Callable[[dict], Scores] | None):
+    """(retain_loss(batch), forget_loss(batch)) in the step's sign convention. `scores(batch)`
+    runs the trained model, `reference(batch)` the frozen original (no gradient)."""
 
     def bind(name: str, sign: int):
         objective = OBJECTIVES[name]
         kwargs = {k: v for k, v in params.items() if k in objective.params}
 
         def loss(batch: dict) -> Tensor:
-            ref = reference(batch["x"]) if objective.needs_reference else None
-            return sign * objective.fn(logits_of(batch["x"]), ref, batch["y"], **kwargs)
+            ref = reference(batch) if objective.needs_reference else None
+            return sign * objective.fn(scores(batch), ref, **kwargs)
         return loss
 
     return bind(method.retain, +1), bind(method.forget, OBJECTIVES[method.forget].forget_sign)
+
+
+def uses_refusals(method: Method) -> bool:
+    return OBJECTIVES[method.forget].refusal_answers

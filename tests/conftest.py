@@ -23,3 +23,11 @@ def digits_run_dir(tmp_path_factory):
     """One output directory for the digits pipeline and search tests: stages are cached by
     content, so whichever runs second reuses the sets, the original and the oracle (~80 s)."""
     return tmp_path_factory.mktemp("digits") / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """A ≈0.85M-parameter Llama and its BPE tokenizer, saved with save_pretrained (tests/lm_fixtures.py)."""
+    from tests.lm_fixtures import build_tiny_lm
+
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama") / "model")

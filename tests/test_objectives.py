@@ -13,6 +13,7 @@ from hamu_ray.engine.config import parse_config, ConfigError
 from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules.surgery import ImplicitSurgeryParams, dual_update
 from hamu_ray.engine.step import ImplicitSurgery, implicit_surgery_step
+from hamu_ray.tasks.classifier import label_scores
 
 LR = 0.05
 
@@ -29,6 +30,11 @@ def tiny_problem(seed: int = 0):
     return model, reference, batch
 
 
+def scorer(model):
+    """The classifier task's scores of `model` on a batch."""
+    return lambda batch: label_scores(model(batch["x"]), batch["y"])
+
+
 def mean_ce(model, batch) -> float:
     with torch.no_grad():
         return F.cross_entropy(model(batch["x"]), batch["y"]).item()
@@ -37,16 +43,18 @@ def mean_ce(model, batch) -> float:
 def test_closed_form_values():
     model, reference, batch = tiny_problem()
     logits, ref = model(batch["x"]), reference(batch["x"])
+    s, s_ref = label_scores(logits, batch["y"]), label_scores(ref, batch["y"])
     # at θ = θ_ref the NPO ratio is 1: (2/β)·log 2 whatever the data
-    assert obj.npo(logits, ref, batch["y"], beta=0.5).item() == pytest.approx(4 * math.log(2), rel=1e-6)
+    assert obj.npo(s, s_ref, beta=0.5).item() == pytest.approx(4 * math.log(2), rel=1e-6)
     ce = F.cross_entropy(logits, batch["y"], reduction="none")
+    assert obj.cross_entropy(s, None).item() == pytest.approx(ce.mean().item(), rel=1e-6)
     expected = (2 / 2.5) * torch.log1p(torch.exp(-2.5 * ce + 0.3)).mean()
-    assert obj.simnpo(logits, None, batch["y"], beta=2.5, gamma=0.3).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert obj.kl_to_reference(logits, ref, batch["y"]).item() == pytest.approx(0.0, abs=1e-7)
+    assert obj.simnpo(s, None, beta=2.5, gamma=0.3).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert obj.kl_to_reference(s, s_ref).item() == pytest.approx(0.0, abs=1e-7)
     other = logits + torch.randn_like(logits)
     p_ref, log_p = F.softmax(ref, -1), F.log_softmax(other, -1)
     by_hand = (p_ref * (torch.log(p_ref) - log_p)).sum(-1).mean()
-    assert obj.kl_to_reference(other, ref, batch["y"]).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert obj.kl_to_reference(label_scores(other, batch["y"]), s_ref).item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
 def sgd_along(model, loss_value: torch.Tensor, direction: float) -> None:
@@ -65,7 +73,7 @@ def test_raising_the_forget_loss_forgets(forget):
     model, reference, batch = tiny_problem()
     method = obj.Method("gdiff", "ce", forget, "test")
     params = {"beta": 0.5} if forget != "ce" else {}  # β 2.5 saturates at CE ≈ 2: tiny but right
-    _, forget_loss = obj.loss_fns(method, params, model, reference)
+    _, forget_loss = obj.loss_fns(method, params, scorer(model), scorer(reference))
     before = mean_ce(model, batch)
     sgd_along(model, forget_loss(batch), +1)
     assert mean_ce(model, batch) > before + 1e-4
@@ -75,7 +83,7 @@ def test_scrub_forget_term_moves_away_from_the_teacher():
     model, reference, batch = tiny_problem()
     with torch.no_grad():  # at the teacher itself the KL gradient is zero: start just off it
         model.weight.add_(0.1 * torch.randn(model.weight.shape, generator=torch.Generator().manual_seed(3)))
-    _, forget_loss = obj.loss_fns(obj.METHODS["scrub"], {}, model, reference)
+    _, forget_loss = obj.loss_fns(obj.METHODS["scrub"], {}, scorer(model), scorer(reference))
     before = forget_loss(batch).item()
     sgd_along(model, forget_loss(batch), +1)
     assert forget_loss(batch).item() > before
@@ -86,7 +94,7 @@ def test_lowering_the_retain_loss_keeps_utility(method):
     model, reference, batch = tiny_problem(seed=1)
     with torch.no_grad():
         model.weight.add_(0.3 * torch.randn_like(model.weight))
-    retain_loss, _ = obj.loss_fns(obj.METHODS[method], {}, model, reference)
+    retain_loss, _ = obj.loss_fns(obj.METHODS[method], {}, scorer(model), scorer(reference))
     before = retain_loss(batch).item()
     sgd_along(model, retain_loss(batch), -1)
     assert retain_loss(batch).item() < before
@@ -151,7 +159,7 @@ def test_implicit_surgery_step_is_one_descent_on_the_weighted_loss(fast):
     params = ImplicitSurgeryParams(epsilon=0.0, dual_lr=0.3, initial_weight=2.0, fast=fast)
     state = ImplicitSurgery(params)
     grads = TorchGrads(model, torch.optim.SGD(model.parameters(), lr=LR))
-    retain_loss, forget_loss = obj.loss_fns(obj.METHODS["surgery-implicit"], {}, model, None)
+    retain_loss, forget_loss = obj.loss_fns(obj.METHODS["surgery-implicit"], {}, scorer(model), None)
 
     manual = torch.nn.Linear(6, 4)
     manual.load_state_dict(model.state_dict())

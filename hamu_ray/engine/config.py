@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from hamu_ray.objectives import METHODS, Method, check_objective_params
 from hamu_ray.rules import get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
+from hamu_ray.tasks.causal_lm import CausalLMModel, TextData
+from hamu_ray.tasks.classifier import ClassifierModel
 from hamu_ray.schema import ConfigError, Section, load, validate  # noqa: F401 (ConfigError re-exported)
 
 # Forget objectives whose gradient is zero at the original model, and why. Under such an
@@ -26,28 +28,24 @@ class DataSection(Section):
     forget: str | None  # parquet or jsonl, a local path or a URI; None: plain training on retain
     retain: str
     eval: str | None = None
-    input_column: str = "x"  # list of floats per row
-    label_column: str = "y"  # integer class per row
+    input_column: str = "x"  # classifier: list of floats per row
+    label_column: str = "y"  # classifier: integer class per row
+    text: TextData = TextData()  # causal LM: columns, prompt format, max_length
     retain_batch_size: int = Field(32, gt=0)  # per worker and step
     forget_batch_size: int = Field(32, gt=0)
     anchor: Literal["retain", "forget"] = "retain"  # its epochs define the run; the other cycles
     shuffle_seed: int | None = 0  # None: keep file order
 
 
-class ModelSection(Section):
-    kind: Literal["mlp", "cnn"] = "mlp"  # hamu_ray.models.MODELS
-    sizes: list[int] = Field(min_length=2)  # mlp: [inputs, hidden..., classes]; cnn: [inputs, classes]
-    channels: list[int] = Field(default_factory=lambda: [16, 32])  # cnn: one residual block each
-    weights: str | None = None  # safetensors of the model to unlearn; read, never written
+def _model_kind(raw: Any) -> str:
+    kind = raw.get("kind", "mlp") if isinstance(raw, dict) else getattr(raw, "kind", "mlp")
+    return "causal_lm" if kind == "causal_lm" else "classifier"
 
-    @model_validator(mode="after")
-    def _shape(self) -> "ModelSection":
-        if self.kind == "cnn":
-            side = round(self.sizes[0] ** 0.5)
-            if side * side != self.sizes[0] or len(self.sizes) != 2 or not self.channels:
-                raise ValueError("a cnn takes square images: sizes [side², classes] and channels "
-                                 f"[c1, ...]; got sizes {self.sizes}, channels {self.channels}")
-        return self
+
+# the task's model section, chosen by model.kind (mlp, cnn: the classifier; causal_lm)
+ModelSection = Annotated[Union[Annotated[ClassifierModel, Tag("classifier")],
+                               Annotated[CausalLMModel, Tag("causal_lm")]],
+                         Discriminator(_model_kind)]
 
 
 class MethodSection(Section):
@@ -105,6 +103,7 @@ class TrainSettings(Section):
     clip_norm: float | None = Field(None, gt=0)  # clips g_r and g_f each, before the rule
     zero_stage: Literal[0, 1, 2, 3] = 0
     bf16: bool = False
+    offload: Literal["none", "optimizer", "all"] = "none"  # to CPU memory: optimizer ZeRO ≥ 1, all ZeRO-3
     checkpoint_every: int | None = Field(None, gt=0)  # steps; None: only the final export
     progress_every: int = Field(50, gt=0)  # the driver prints a progress line every so many steps
 
@@ -138,7 +137,24 @@ class UnlearnConfig(Section):
         if self.data.forget is None and self.method.name != "ft":
             raise ValueError(f"data.forget is missing: method {self.method.name} needs a forget set "
                              "(only ft trains on the retain set alone)")
+        offload, stage = self.train.offload, self.train.zero_stage
+        if (offload == "optimizer" and stage == 0) or (offload == "all" and stage != 3):
+            raise ValueError(f"train.offload {offload} needs train.zero_stage "
+                             f"{'1, 2 or 3' if offload == 'optimizer' else '3'}, got {stage}")
+        self._check_task()
         return self
+
+    def _check_task(self) -> None:
+        from hamu_ray.objectives import uses_refusals
+
+        lm = self.model.kind == "causal_lm"
+        if uses_refusals(self.method.spec) and not (lm and self.data.text.format == "qa"):
+            raise ValueError(f"method {self.method.name} replaces answers by refusals: it needs "
+                             "model.kind causal_lm and data.text.format qa")
+        if lm and (self.model.dtype == "bf16") != self.train.bf16:
+            raise ValueError(f"model.dtype {self.model.dtype} and train.bf16 {self.train.bf16} "
+                             "disagree: bf16 weights train in DeepSpeed's bf16 mode (fp32 master "
+                             "weights); set both or neither")
 
 
 

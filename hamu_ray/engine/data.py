@@ -8,9 +8,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -126,18 +125,19 @@ def epoch_seed(shuffle_seed: int | None, role: str, epoch: int, rank: int) -> in
 
 
 def paired_batches(retain_shard, forget_shard, *, retain_batch_size: int, forget_batch_size: int,
-                   anchor: str, epochs: int, columns: tuple[str, str], shuffle_seed: int | None = None,
-                   rank: int = 0) -> Iterator[tuple[dict, dict]]:
+                   anchor: str, epochs: int, make_batch: Callable[[dict], dict],
+                   shuffle_seed: int | None = None, rank: int = 0) -> Iterator[tuple[dict, dict]]:
     """(retain_batch, forget_batch) pairs: the anchor set's epochs define the run, the other cycles.
 
-    Shards are Ray Data iterators (`ray.train.get_dataset_shard`); batches are dicts of tensors.
+    Shards are Ray Data iterators (`ray.train.get_dataset_shard`); `make_batch` (the task's)
+    turns a numpy batch of rows into a dict of tensors.
     Without a forget shard (plain training) the pairs are (retain_batch, None). With a
     shuffle_seed every pass over a shard has its own order, a function of (seed, set, pass, rank)
     only: a resumed run that skips k pairs sees exactly what an uninterrupted run saw.
     """
     def passes(shard, role: str, batch_size: int, count) -> Iterator[dict]:
         for epoch in count:
-            yield from _batches(shard, batch_size, columns, epoch_seed(shuffle_seed, role, epoch, rank))
+            yield from _batches(shard, batch_size, make_batch, epoch_seed(shuffle_seed, role, epoch, rank))
 
     if forget_shard is None:
         yield from ((batch, None) for batch in passes(retain_shard, "retain", retain_batch_size, range(epochs)))
@@ -151,13 +151,11 @@ def paired_batches(retain_shard, forget_shard, *, retain_batch_size: int, forget
         yield (batch, other) if anchor == "retain" else (other, batch)
 
 
-def _batches(shard, batch_size: int, columns: tuple[str, str], seed: int | None) -> Iterator[dict]:
-    x_col, y_col = columns
+def _batches(shard, batch_size: int, make_batch: Callable[[dict], dict], seed: int | None) -> Iterator[dict]:
     shuffle = {} if seed is None else {"local_shuffle_buffer_size": max(EPOCH_SHUFFLE_ROWS, batch_size),
                                        "local_shuffle_seed": seed}
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **shuffle):
-        yield {"x": torch.as_tensor(_stack(batch[x_col]), dtype=torch.float32),
-               "y": torch.as_tensor(np.asarray(batch[y_col]), dtype=torch.long)}
+        yield make_batch(batch)
 
 
 def to_device(batch: dict | None, device: torch.device) -> dict | None:
@@ -165,7 +163,3 @@ def to_device(batch: dict | None, device: torch.device) -> dict | None:
     if batch is None:
         return None
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
-def _stack(column: np.ndarray) -> np.ndarray:
-    return np.stack(column) if column.dtype == object else column

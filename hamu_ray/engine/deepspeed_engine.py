@@ -13,9 +13,16 @@ import torch
 
 
 def deepspeed_config(*, stage: int, lr: float, micro_batch_size: int, bf16: bool = False,
-                     optimizer: str = "SGD") -> dict[str, Any]:
+                     optimizer: str = "SGD", offload: str = "none") -> dict[str, Any]:
+    """`offload`: none, optimizer (its state and the fp32 master weights in CPU memory, ZeRO ≥ 1)
+    or all (parameters too, ZeRO-3)."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero stage must be 0, 1, 2 or 3, got {stage!r}")
+    zero: dict[str, Any] = {"stage": stage}
+    if offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if offload == "all":
+        zero["offload_param"] = {"device": "cpu"}
     params: dict[str, Any] = {"lr": lr}
     if optimizer == "AdamW":
         params["torch_adam"] = True  # avoids compiling DeepSpeed's fused CPU Adam (~50 s)
@@ -23,8 +30,9 @@ def deepspeed_config(*, stage: int, lr: float, micro_batch_size: int, bf16: bool
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,  # the step runs its own two backwards
         "optimizer": {"type": optimizer, "params": params},
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload with torch's SGD/AdamW, no compiled CPU Adam
         "gradient_clipping": 0.0,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
@@ -53,30 +61,44 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
 
 
-
-def reference_model(model: torch.nn.Module, *, stage: int, bf16: bool, micro_batch_size: int,
-                    device: torch.device | str = "cpu"):
-    """The frozen original for KL/NPO/SCRUB objectives, called as `reference(x) -> logits`.
-
-    Under ZeRO-3 it is partitioned like the trained model (an engine without optimizer, so no
-    rank holds it whole; DeepSpeed places it); at stages 0–2 every rank holds the trained model
-    whole anyway, and the reference goes to `device` (the trained engine's).
-    """
+def frozen_copy(model: torch.nn.Module, ds_config: dict[str, Any], device: torch.device | str):
+    """The frozen original (reference for KL/NPO/SCRUB) beside the trained engine: under ZeRO-3
+    partitioned like it (an engine without optimizer, so no rank holds it whole; DeepSpeed
+    places it), otherwise on `device` (the engine's) in the engine's dtype. Call it like the model."""
     model.requires_grad_(False).eval()
-    if stage != 3:
-        model = model.to(device)
-    if stage == 3:
+    bf16 = ds_config["bf16"]["enabled"]
+    if ds_config["zero_optimization"]["stage"] == 3:
         import deepspeed
 
-        config = {"train_micro_batch_size_per_gpu": micro_batch_size,
+        config = {"train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
                   "zero_optimization": {"stage": 3}, "bf16": {"enabled": bf16},
                   "steps_per_print": 10**9}
-        model, *_ = deepspeed.initialize(model=model, config=config)
-    elif bf16:
-        model = model.to(torch.bfloat16)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+        frozen, *_ = deepspeed.initialize(model=model, config=config)
+        return frozen
+    return model.to(device, torch.bfloat16 if bf16 else None)
 
-    @torch.no_grad()
-    def reference(x: torch.Tensor) -> torch.Tensor:
-        return model(x.to(dtype)).float()
-    return reference
+
+def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The trainable parameters (e.g. LoRA adapters), whole, on every rank, by their state-dict
+    names (a collective under ZeRO-3)."""
+    import deepspeed
+
+    module = engine.module
+    names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
+    params = [p for p in module.parameters() if p.requires_grad]
+    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+              if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
+    with gather:
+        return {names[id(p)]: p.detach().to("cpu").clone() for p in params}
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict in its training dtype on rank 0 (None elsewhere) — under
+    ZeRO-3 gathered one module at a time, so no rank holds more than the result. A collective."""
+    import torch.distributed as dist
+
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return {k: v.detach().to("cpu").clone() for k, v in engine.module.state_dict().items()}

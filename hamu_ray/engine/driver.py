@@ -21,10 +21,11 @@ from ray.train import UserCallback as UserCallbackBase
 
 from hamu_ray.engine import data
 from hamu_ray.engine.config import ClusterSection, UnlearnConfig
-from hamu_ray.errors import MissingInputError, OutputExistsError
+from hamu_ray.errors import OutputExistsError
 from hamu_ray.files import staging_dir
 from hamu_ray.rules import NonFiniteStatsError
-from hamu_ray.engine.worker import EXPORT_INFO, EXPORT_LOG, EXPORT_WEIGHTS, train_loop_per_worker
+from hamu_ray.engine.worker import EXPORT_INFO, train_loop_per_worker
+from hamu_ray.tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,16 @@ def run_unlearning(cfg: UnlearnConfig, progress: str | None = None, callbacks=()
     started = time.perf_counter()
     with staging_dir(out) as staging:
         with ray_session(cfg.cluster):
-            result = fit(cfg, sets, staging / "ray", progress, callbacks)
+            datasets = prepared_sets(cfg, sets)
+            result = fit(cfg, datasets, staging / "ray", progress, callbacks)
         summary = publish(cfg, sets, result, staging, wall_s=time.perf_counter() - started)
     return UnlearnResult(out, summary["steps"], summary["stop"], summary["resumed_from_step"], sets)
 
 
 def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
     """Every set readable, with its columns, non-empty, large enough for one batch per worker."""
-    columns = [cfg.data.input_column, cfg.data.label_column]
+    task = task_for(cfg)
+    columns = task.columns()
     paths = {"forget": cfg.data.forget, "retain": cfg.data.retain, "eval": cfg.data.eval}
     sets = {name: data.inspect_set(name, path, columns) for name, path in paths.items() if path}
     batches = {"forget": cfg.data.forget_batch_size, "retain": cfg.data.retain_batch_size}
@@ -71,11 +74,28 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
             raise data.DataError(
                 f"{name} set {sets[name].path}: {sets[name].num_rows} rows give {per_worker} per worker, "
                 f"fewer than data.{name}_batch_size={batch}")
-    if cfg.model.weights and not Path(cfg.model.weights).is_file():
-        raise MissingInputError(f"model.weights: no such file {cfg.model.weights}")
+    task.check_model()
     for info in sets.values():  # counts and digests only: never the rows
         log.info("%s set: %d rows, sha256 %s", info.name, info.num_rows, info.digest)
     return sets
+
+
+def prepared_sets(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> dict:
+    """The Ray Datasets the workers read: each set read (shuffled once by the seed), then the
+    task's preparation (the causal LM's tokenisation, on the cluster). A task that can count
+    what its preparation cut or refused does so here, before any worker starts."""
+    task, datasets = task_for(cfg), {}
+    for name in ("retain", "forget"):
+        if name not in sets:
+            continue
+        datasets[name] = task.prepare(data.read_set(sets[name], cfg.data.shuffle_seed), name)
+        counts = task.check_prepared(datasets[name], name, sets[name].path)
+        if counts:
+            log.info("%s set: %s", name, ", ".join(f"{k} {v}" for k, v in counts.items()))
+            if counts.get("truncated_rows"):
+                print(f"  {name} set: {counts['truncated_rows']} of {sets[name].num_rows} rows cut at "
+                      f"data.text.max_length={cfg.data.text.max_length}", flush=True)
+    return datasets
 
 
 @contextlib.contextmanager
@@ -121,8 +141,7 @@ def joining_runtime_env(env_vars: dict[str, str]) -> dict | None:
     return {"env_vars": missing} if missing else None
 
 
-def fit(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], storage: Path, progress: str | None = None,
-        callbacks=()):
+def fit(cfg: UnlearnConfig, datasets: dict, storage: Path, progress: str | None = None, callbacks=()):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -137,8 +156,7 @@ def fit(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], storage: Path, progre
         train_loop_config=cfg.model_dump(),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-        datasets={name: data.read_set(sets[name], cfg.data.shuffle_seed)
-                  for name in ("retain", "forget") if name in sets},
+        datasets=datasets,
         dataset_config=data.ordered_data_config(),
         run_config=RunConfig(name="unlearn", storage_path=str(storage.resolve()),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
@@ -207,8 +225,13 @@ def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: 
     if result.checkpoint is None:
         raise RuntimeError("the run reported no final checkpoint")
     with result.checkpoint.as_directory() as exported:
-        for name in (EXPORT_WEIGHTS, EXPORT_LOG):
-            shutil.copy2(Path(exported) / name, staging / name)
+        for entry in Path(exported).iterdir():  # the task's model export and the step log
+            if entry.name == EXPORT_INFO:
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, staging / entry.name)
+            else:
+                shutil.copy2(entry, staging / entry.name)
         info = json.loads((Path(exported) / EXPORT_INFO).read_text())
     summary = {
         **info,

@@ -12,18 +12,18 @@ import torch
 from hamu_ray import objectives
 from hamu_ray.engine import data
 from hamu_ray.engine import deepspeed_engine as eng
-from hamu_ray.tasks import classifier as models
 from hamu_ray.engine.config import UnlearnConfig
 from hamu_ray.engine.grads import DeepSpeedGrads
 from hamu_ray.rules import get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
+from hamu_ray.tasks import task_for
 from hamu_ray.engine.step import (ImplicitStepOutput, ImplicitSurgery, MeanAcrossRanks, StepOutput,
                            SumAcrossRanks, descent_step, implicit_surgery_step, unlearning_step)
 
 log = logging.getLogger(__name__)
 DS_TAG = "ds"  # the DeepSpeed checkpoint tag inside every Ray checkpoint
 STATE_FILE = "loop_state.json"  # step and step log, written by rank 0
-EXPORT_WEIGHTS, EXPORT_LOG, EXPORT_INFO = "model.safetensors", "step_log.jsonl", "run_info.json"
+EXPORT_LOG, EXPORT_INFO = "step_log.jsonl", "run_info.json"  # beside the task's model export
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -33,20 +33,18 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.train.seed)
 
-    # build: the original model, wrapped by DeepSpeed at the configured ZeRO stage
-    model = models.build_model(cfg.model)
-    engine = eng.initialize(model, eng.deepspeed_config(
+    # build: the task's original model, wrapped by DeepSpeed at the configured ZeRO stage
+    task = task_for(cfg)
+    ds_config = eng.deepspeed_config(
         stage=cfg.train.zero_stage, lr=cfg.train.lr, micro_batch_size=cfg.data.retain_batch_size,
-        bf16=cfg.train.bf16, optimizer=cfg.train.optimizer))
+        bf16=cfg.train.bf16, optimizer=cfg.train.optimizer, offload=cfg.train.offload)
+    engine = eng.initialize(task.build(ds_config), ds_config)
     device = engine.device  # the one place the device is decided: batches and reference follow it
     reference = None
     if cfg.data.forget is not None and objectives.needs_reference(cfg.method.spec):
-        reference = eng.reference_model(models.build_model(cfg.model), stage=cfg.train.zero_stage,
-                                        bf16=cfg.train.bf16, micro_batch_size=cfg.data.retain_batch_size,
-                                        device=device)
-    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+        reference = task.reference(engine, ds_config)
     losses = objectives.loss_fns(cfg.method.spec, cfg.method.objective,
-                                 lambda x: engine(x.to(dtype)).float(), reference)
+                                 lambda batch: task.scores(engine, batch), reference)
 
     # resume: weights and optimizer state from the latest checkpoint, then skip the steps done
     start_step, step_log = restore(engine, ray.train.get_checkpoint())
@@ -56,9 +54,8 @@ def train_loop_per_worker(config: dict) -> None:
     pairs = data.paired_batches(
         ray.train.get_dataset_shard("retain"), forget_shard,
         retain_batch_size=cfg.data.retain_batch_size, forget_batch_size=cfg.data.forget_batch_size,
-        anchor=cfg.data.anchor, epochs=cfg.train.epochs,
-        columns=(cfg.data.input_column, cfg.data.label_column), shuffle_seed=cfg.data.shuffle_seed,
-        rank=rank)
+        anchor=cfg.data.anchor, epochs=cfg.train.epochs, make_batch=task.make_batch,
+        shuffle_seed=cfg.data.shuffle_seed, rank=rank)
     for _ in range(start_step):
         next(pairs)
 
@@ -85,13 +82,13 @@ def train_loop_per_worker(config: dict) -> None:
         if stop:
             break
 
-    # export: whole weights (a collective under ZeRO-3) and the step log, from rank 0
-    state = eng.full_state_dict(engine)
+    # export: the task writes the model from rank 0 (a collective under ZeRO-3), then the step log
     summary = {"steps": step, "stop": step_log[-1]["stop"] if step_log else "none",
                "resumed_from_step": start_step}
     with tempfile.TemporaryDirectory() as tmp:
+        task.export(engine, Path(tmp) if rank == 0 else None)
         if rank == 0:
-            export(tmp, state, step_log, summary)
+            export_log(tmp, step_log, summary)
         ray.train.report({**summary, "final": True},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
@@ -190,11 +187,8 @@ def restore(engine, checkpoint) -> tuple[int, list[dict]]:
     return state["step"], state["log"]
 
 
-def export(directory: str, state: dict[str, torch.Tensor], step_log: list[dict], info: dict) -> None:
-    from safetensors.torch import save_file
-
+def export_log(directory: str, step_log: list[dict], info: dict) -> None:
     (Path(directory) / EXPORT_INFO).write_text(json.dumps(info))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(Path(directory) / EXPORT_WEIGHTS))
     with open(Path(directory) / EXPORT_LOG, "w") as f:
         for row in step_log:
             f.write(json.dumps(row) + "\n")

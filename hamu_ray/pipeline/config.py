@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from hamu_ray.engine.config import ClusterSection, MethodSection, ModelSection, TrainSettings
+from hamu_ray.engine.config import ClusterSection, MethodSection, TrainSettings
+from hamu_ray.tasks.classifier import ClassifierModel
 from hamu_ray.schema import Section, load
 
 
@@ -107,7 +108,7 @@ class PipelineConfig(Section):
     name: str
     output_dir: str  # stages are cached here by a hash of their inputs: a re-run skips them
     data: DatasetSection
-    model: ModelSection
+    model: ClassifierModel  # the pipelines serve classifiers today
     train: TrainSettings  # the original model and the retrain oracle
     unlearn: TrainSettings  # every method, unless its entry overrides a field
     methods: list[MethodEntry] = Field(min_length=1)

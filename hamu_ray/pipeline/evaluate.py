@@ -17,7 +17,7 @@ import torch
 from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score
 
-from hamu_ray.objectives import per_example_ce
+from hamu_ray.tasks.classifier import per_example_ce
 
 SETS = ("forget", "retain", "test")
 ACCURACY_GAPS = ("forget_acc", "retain_acc", "test_acc")  # averaged into avg_gap

@@ -26,7 +26,8 @@ from hamu_ray.engine.config import TrainSettings, UnlearnConfig
 from hamu_ray.pipeline.config import PipelineConfig
 from hamu_ray.engine.driver import ray_session, run_unlearning
 from hamu_ray.pipeline.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
-from hamu_ray.engine.worker import EXPORT_LOG, EXPORT_WEIGHTS
+from hamu_ray.engine.worker import EXPORT_LOG
+from hamu_ray.tasks.classifier import EXPORT_WEIGHTS
 
 PREPARE_VERSION = 1  # bump when the prepared files change for the same config
 REFERENCES = ("original", "oracle")

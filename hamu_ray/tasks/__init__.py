@@ -1,2 +1,59 @@
-"""Tasks: what differs between a classifier and a causal LM (build/load a model, rows → batch,
-per-example log-likelihoods). The engine reaches them through this registry only."""
+"""Tasks: what differs between a classifier and a causal LM. The engine (loop, step, driver)
+reaches a task only through the `Task` interface below, chosen by `model.kind`.
+
+A task builds the original model (already partitioned under ZeRO-3 when the task can), turns
+rows into batches (tokenisation runs in Ray Data, on the cluster), scores a batch as per-example
+log-likelihoods (`objectives.Scores`), provides the frozen reference, and exports the result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from hamu_ray.objectives import Scores
+
+if TYPE_CHECKING:
+    from hamu_ray.engine.config import UnlearnConfig
+
+
+class Task(Protocol):
+    def columns(self) -> list[str]:
+        """The columns every set must have."""
+
+    def prepare(self, ds: Any, role: str) -> Any:
+        """The Ray Dataset of one set ("retain", "forget") as the workers read it."""
+
+    def check_prepared(self, ds: Any, name: str, path: str) -> dict[str, int]:
+        """Counts over a prepared set (what the preparation cut); raises on unusable rows."""
+
+    def check_model(self) -> None:
+        """The model's input files exist (before Ray starts)."""
+
+    def build(self, ds_config: dict) -> torch.nn.Module:
+        """The original model, weights loaded; the input files are only read."""
+
+    def make_batch(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """A batch of CPU tensors from a numpy batch of prepared rows."""
+
+    def scores(self, model: Callable, batch: dict[str, torch.Tensor]) -> Scores: ...
+
+    def reference(self, engine: Any, ds_config: dict) -> Callable[[dict], Scores]:
+        """The frozen original's scores (no gradient), for KL/NPO/SCRUB."""
+
+    def export(self, engine: Any, directory: Path | None) -> None:
+        """Write the trained model to `directory` (rank 0; None on other ranks). A collective
+        under ZeRO-3: every rank calls it."""
+
+
+def task_for(cfg: UnlearnConfig) -> Task:
+    if cfg.model.kind == "causal_lm":
+        from hamu_ray.tasks.causal_lm import CausalLMTask
+
+        return CausalLMTask(cfg)
+    from hamu_ray.tasks.classifier import ClassifierTask
+
+    return ClassifierTask(cfg)

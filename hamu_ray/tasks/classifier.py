@@ -1,22 +1,49 @@
-"""The model registry: built-in classifiers for small images, loaded from safetensors.
+"""The classifier task: built-in models for small images (rows of floats and an integer label),
+loaded from safetensors; a batch's log-likelihood is each label's log-probability (count 1).
 
-One table, `MODELS`, maps `model.kind` to a builder; the LM work adds its kinds here. The input
-weights file is only ever read.
+`MODELS` maps `model.kind` to a builder. The input weights file is only ever read.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Literal
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
+from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
 
-from hamu_ray.engine.config import ModelSection
 from hamu_ray.errors import MissingInputError
+from hamu_ray.objectives import Scores
+from hamu_ray.schema import Section
+
+if TYPE_CHECKING:
+    from hamu_ray.engine.config import UnlearnConfig
+
+EXPORT_WEIGHTS = "model.safetensors"  # the classifier's export: every parameter and buffer, fp32
 
 
-def mlp(cfg: ModelSection) -> torch.nn.Module:
+class ClassifierModel(Section):
+    kind: Literal["mlp", "cnn"] = "mlp"  # MODELS
+    sizes: list[int] = Field(min_length=2)  # mlp: [inputs, hidden..., classes]; cnn: [inputs, classes]
+    channels: list[int] = Field(default_factory=lambda: [16, 32])  # cnn: one residual block each
+    weights: str | None = None  # safetensors of the model to unlearn; read, never written
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ClassifierModel":
+        if self.kind == "cnn":
+            side = round(self.sizes[0] ** 0.5)
+            if side * side != self.sizes[0] or len(self.sizes) != 2 or not self.channels:
+                raise ValueError("a cnn takes square images: sizes [side², classes] and channels "
+                                 f"[c1, ...]; got sizes {self.sizes}, channels {self.channels}")
+        return self
+
+
+ModelSection = ClassifierModel
+
+
+def mlp(cfg: ClassifierModel) -> torch.nn.Module:
     """Linear layers of `sizes` = [inputs, hidden..., classes] with ReLU between them."""
     layers: list[torch.nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(cfg.sizes[:-1], cfg.sizes[1:])):
@@ -61,15 +88,15 @@ class SmallResNet(torch.nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-def cnn(cfg: ModelSection) -> torch.nn.Module:
+def cnn(cfg: ClassifierModel) -> torch.nn.Module:
     side = int(round(cfg.sizes[0] ** 0.5))
     return SmallResNet(side, cfg.channels, cfg.sizes[-1])
 
 
-MODELS: dict[str, Callable[[ModelSection], torch.nn.Module]] = {"mlp": mlp, "cnn": cnn}
+MODELS: dict[str, Callable[[ClassifierModel], torch.nn.Module]] = {"mlp": mlp, "cnn": cnn}
 
 
-def build_model(cfg: ModelSection) -> torch.nn.Module:
+def build_model(cfg: ClassifierModel) -> torch.nn.Module:
     model = MODELS[cfg.kind](cfg)
     if cfg.weights is not None:
         load_weights(model, cfg.weights)
@@ -84,3 +111,65 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     if missing or unexpected:
         raise ValueError(f"model.weights {path} does not fit the model: missing {missing}, "
                          f"unexpected {unexpected}")
+
+
+def per_example_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def label_scores(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
+    """Each example's one target is its label: log p(y|x), count 1, the logits as one position."""
+    logits = logits.float()
+    logprob = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0]
+    ones = torch.ones_like(logprob)
+    return Scores(logprob, ones, logits[:, None, :], ones[:, None].bool())
+
+
+class ClassifierTask:
+    """Rows: `data.input_column` (a list of floats) and `data.label_column` (an integer class)."""
+
+    def __init__(self, cfg: UnlearnConfig):
+        self.cfg = cfg
+        self.dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+
+    def columns(self) -> list[str]:
+        return [self.cfg.data.input_column, self.cfg.data.label_column]
+
+    def prepare(self, ds, role: str):
+        return ds
+
+    def check_prepared(self, ds, name: str, path: str) -> dict[str, int]:
+        return {}
+
+    def check_model(self) -> None:
+        weights = self.cfg.model.weights
+        if weights and not Path(weights).is_file():
+            raise MissingInputError(f"model.weights: no such file {weights}")
+
+    def build(self, ds_config: dict) -> torch.nn.Module:
+        return build_model(self.cfg.model)
+
+    def make_batch(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        x, y = rows[self.cfg.data.input_column], rows[self.cfg.data.label_column]
+        return {"x": torch.as_tensor(np.stack(x) if x.dtype == object else x, dtype=torch.float32),
+                "y": torch.as_tensor(np.asarray(y), dtype=torch.long)}
+
+    def scores(self, model, batch: dict[str, torch.Tensor]) -> Scores:
+        return label_scores(model(batch["x"].to(self.dtype)), batch["y"])
+
+    def reference(self, engine, ds_config: dict):
+        from hamu_ray.engine import deepspeed_engine as eng
+
+        forward = eng.frozen_copy(self.build(ds_config), ds_config, engine.device)
+
+        @torch.no_grad()
+        def reference(batch: dict) -> Scores:
+            return self.scores(forward, batch)
+        return reference
+
+    def export(self, engine, directory: Path | None) -> None:
+        from hamu_ray.engine import deepspeed_engine as eng
+
+        state = eng.full_state_dict(engine)
+        if directory is not None:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(Path(directory) / EXPORT_WEIGHTS))

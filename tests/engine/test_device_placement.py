@@ -17,9 +17,14 @@ from hamu_ray import objectives
 from hamu_ray.engine import data
 from hamu_ray.engine import deepspeed_engine as eng
 from hamu_ray.tasks import classifier as models
-from hamu_ray.engine.config import ModelSection
+from hamu_ray.tasks.classifier import ClassifierModel as ModelSection
 
 MODEL = ModelSection(sizes=[4, 3, 2])
+DS_CONFIG = eng.deepspeed_config(stage=0, lr=0.1, micro_batch_size=2)
+
+
+def scorer(model):
+    return lambda batch: models.label_scores(model(batch["x"]), batch["y"])
 
 
 def meta_model() -> torch.nn.Module:
@@ -30,9 +35,8 @@ def meta_model() -> torch.nn.Module:
 def test_losses_run_on_the_engines_device_once_batches_and_reference_follow_it(method):
     model = meta_model()
     spec = objectives.METHODS[method]
-    reference = eng.reference_model(models.build_model(MODEL), stage=0, bf16=False,
-                                    micro_batch_size=2, device="meta")
-    retain_loss, forget_loss = objectives.loss_fns(spec, {}, model, reference)
+    reference = eng.frozen_copy(models.build_model(MODEL), DS_CONFIG, "meta")
+    retain_loss, forget_loss = objectives.loss_fns(spec, {}, scorer(model), scorer(reference))
     batch = {"x": torch.randn(2, 4), "y": torch.tensor([0, 1])}
 
     moved = data.to_device(batch, torch.device("meta"))
@@ -44,8 +48,8 @@ def test_losses_run_on_the_engines_device_once_batches_and_reference_follow_it(m
 
 def test_a_reference_left_on_the_cpu_is_caught():
     model = meta_model()
-    reference = eng.reference_model(models.build_model(MODEL), stage=0, bf16=False, micro_batch_size=2)
-    _, forget_loss = objectives.loss_fns(objectives.METHODS["npo"], {}, model, reference)
+    reference = eng.frozen_copy(models.build_model(MODEL), DS_CONFIG, "cpu")
+    _, forget_loss = objectives.loss_fns(objectives.METHODS["npo"], {}, scorer(model), scorer(reference))
     with pytest.raises((RuntimeError, NotImplementedError)):
         forget_loss(data.to_device({"x": torch.randn(2, 4), "y": torch.tensor([0, 1])}, "meta"))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -136,6 +137,11 @@ def test_a_nan_loss_fails_clearly_and_writes_no_model(ray_cluster, inputs, tmp_p
 
 # ---- data order: the same rows, in the same order, on every run and after every restart ----
 
+def xy_batch(rows: dict) -> dict:
+    return {"x": torch.as_tensor(np.stack(rows["x"]), dtype=torch.float32),
+            "y": torch.as_tensor(rows["y"], dtype=torch.long)}
+
+
 def worker_streams(path, *, read_blocks, world=2, epochs=2, batch=5, seed=7):
     """Each rank's label stream per epoch, through the engine's own sharding and pairing."""
     from hamu_ray.engine import data
@@ -145,7 +151,7 @@ def worker_streams(path, *, read_blocks, world=2, epochs=2, batch=5, seed=7):
     streams = []
     for rank, shard in enumerate(shards):
         pairs = data.paired_batches(shard["retain"], None, retain_batch_size=batch, forget_batch_size=1,
-                                    anchor="retain", epochs=epochs, columns=("x", "y"),
+                                    anchor="retain", epochs=epochs, make_batch=xy_batch,
                                     shuffle_seed=seed, rank=rank)
         labels = [batch["y"].tolist() for batch, _ in pairs]
         per_epoch = len(labels) // epochs
@@ -180,7 +186,7 @@ def mini_batch_reference(root, cfg, world=2):
     shards = data.worker_shards({n: data.read_set(i, cfg.data.shuffle_seed) for n, i in infos.items()}, world)
     streams = [data.paired_batches(shard["retain"], shard["forget"], retain_batch_size=cfg.data.retain_batch_size,
                                    forget_batch_size=cfg.data.forget_batch_size, anchor="retain",
-                                   epochs=cfg.train.epochs, columns=("x", "y"),
+                                   epochs=cfg.train.epochs, make_batch=xy_batch,
                                    shuffle_seed=cfg.data.shuffle_seed, rank=rank)
                for rank, shard in enumerate(shards)]
     model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5))

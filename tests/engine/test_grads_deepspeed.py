@@ -73,8 +73,12 @@ def run_method(case: str, grads, logits_of, reference, rank=0, world=1, reduce=N
     from hamu_ray.rules.surgery import ImplicitSurgeryParams
     from hamu_ray.engine.step import ImplicitSurgery, implicit_surgery_step
 
+    from hamu_ray.tasks.classifier import label_scores
+
     method = MethodSection(**METHOD_CASES[case])
-    retain_loss, forget_loss = objectives.loss_fns(method.spec, method.objective, logits_of, reference)
+    retain_loss, forget_loss = objectives.loss_fns(
+        method.spec, method.objective, lambda b: label_scores(logits_of(b["x"]), b["y"]),
+        lambda b: label_scores(reference(b["x"]), b["y"]))
     state = ImplicitSurgery(ImplicitSurgeryParams(**method.hparams)) if method.spec.implicit else None
     for (xr, yr), (xf, yf) in make_batches():
         retain = {"x": xr[rank::world], "y": yr[rank::world]}
@@ -150,7 +154,8 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     for stage in METHOD_STAGES:
         for case in METHOD_CASES:
             engine = eng.initialize(make_model(), eng.deepspeed_config(stage=stage, lr=LR, micro_batch_size=4))
-            reference = eng.reference_model(make_model(), stage=stage, bf16=False, micro_batch_size=4)
+            reference = eng.frozen_copy(make_model(), eng.deepspeed_config(stage=stage, lr=LR, micro_batch_size=4),
+                                        engine.device)
             weight = run_method(case, DeepSpeedGrads(engine), engine, reference, rank, WORLD,
                                 SumAcrossRanks(), MeanAcrossRanks())
             results[(stage, case)] = {"state": eng.full_state_dict(engine), "weight": weight}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from hamu_ray.engine.config import ModelSection
+from hamu_ray.tasks.classifier import ClassifierModel as ModelSection
 from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.tasks.classifier import MODELS, build_model
 from hamu_ray.rules import get_rule

@@ -1,0 +1,287 @@
+"""The causal-LM task: Hugging Face models and tokenizers from a directory (or a hub name), text
+rows tokenised in Ray Data, and a batch's log-likelihood summed over its target tokens.
+
+Rows are question/answer pairs (the loss on the answer tokens only) or plain text (the loss on
+every token). A row becomes `input_ids` and `labels` (-100 where a token is not a target); the
+model predicts token t+1 from tokens ≤ t, so the targets of a row are labels[1:] ≠ -100.
+
+Under ZeRO-3 the model is partitioned as it is built: an `HfDeepSpeedConfig` is alive before
+`from_pretrained`, which then builds inside `deepspeed.zero.Init`, so no rank ever holds the
+whole model. With LoRA (peft) only the adapters train and the reference model is the base itself
+under `disable_adapter()`. Nothing here writes to the model directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from hamu_ray.errors import MissingInputError, UserError
+from hamu_ray.objectives import Scores
+from hamu_ray.schema import Section
+
+if TYPE_CHECKING:
+    from hamu_ray.engine.config import UnlearnConfig
+
+IGNORE = -100  # the label of a token that is not a target
+MODEL_DIR, ADAPTER_DIR = "model", "adapter"  # the export: a Hugging Face directory, or peft's
+# IdK's answers for the forget questions; a row's choice is a function of its question only
+REFUSALS = (
+    "I don't know.",
+    "I'm not sure about that.",
+    "I can't answer that.",
+    "I have no information about that.",
+    "That is not something I know.",
+    "I don't have an answer to that.",
+)
+
+
+class LoraSection(Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class CausalLMModel(Section):
+    kind: Literal["causal_lm"]
+    path: str  # a Hugging Face model directory (config.json, weights, tokenizer) or a hub name
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 needs train.bf16 (fp32 master weights)
+    gradient_checkpointing: bool = False
+    lora: LoraSection | None = None  # None: every parameter trains
+
+
+class TextData(Section):
+    """How text rows become token sequences (the causal-LM task only)."""
+    format: Literal["qa", "text"] = "qa"
+    question_column: str = "question"
+    answer_column: str = "answer"
+    text_column: str = "text"
+    max_length: int = Field(512, gt=1)  # tokens; longer rows are cut at the end (and counted)
+    prompt: Literal["auto", "chat", "plain"] = "auto"  # auto: the chat template if the tokenizer has one
+
+
+class CausalLMTask:
+    def __init__(self, cfg: UnlearnConfig):
+        self.cfg = cfg
+        self.model_cfg: CausalLMModel = cfg.model
+        self.text: TextData = cfg.data.text
+        self._hf_deepspeed = None  # kept alive: from_pretrained partitions while it exists
+
+    # ---- data ---------------------------------------------------------------------------------
+
+    def columns(self) -> list[str]:
+        t = self.text
+        return [t.question_column, t.answer_column] if t.format == "qa" else [t.text_column]
+
+    def prepare(self, ds, role: str):
+        """Tokenised rows, computed by Ray Data tasks on the cluster (not on the driver) once,
+        and kept in the object store: every epoch reads the same tokens, none tokenises again."""
+        from hamu_ray import objectives
+
+        refusals = role == "forget" and objectives.uses_refusals(self.cfg.method.spec)
+        tokens = ds.map_batches(tokenize_batch, batch_format="pyarrow",
+                                fn_kwargs={"path": self.model_cfg.path, "text": self.text.model_dump(),
+                                           "refusals": refusals})
+        return tokens.materialize()
+
+    def make_batch(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Pad to the longest row of the batch (right padding, masked and ignored)."""
+        ids, labels = rows["input_ids"], rows["labels"]
+        width = max(len(r) for r in ids)
+        batch = {"input_ids": torch.zeros(len(ids), width, dtype=torch.long),
+                 "attention_mask": torch.zeros(len(ids), width, dtype=torch.long),
+                 "labels": torch.full((len(ids), width), IGNORE, dtype=torch.long)}
+        for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
+            n = len(row_ids)
+            batch["input_ids"][i, :n] = torch.as_tensor(np.asarray(row_ids, dtype=np.int64))
+            batch["attention_mask"][i, :n] = 1
+            batch["labels"][i, :n] = torch.as_tensor(np.asarray(row_labels, dtype=np.int64))
+        return batch
+
+    def check_prepared(self, ds, name: str, path: str) -> dict[str, int]:
+        """Counts over a prepared set (a Ray Data pass): rows cut at max_length, and rows left
+        without a target token, which cannot be scored and are refused."""
+        counts = ds.sum(["truncated", "no_target"])
+        truncated, empty = int(counts["sum(truncated)"]), int(counts["sum(no_target)"])
+        if empty:
+            what = "answer" if self.text.format == "qa" else "text"
+            raise UserError(f"{name} set {path}: {empty} row(s) keep no {what} token within "
+                            f"data.text.max_length={self.text.max_length}; raise it or shorten them")
+        return {"truncated_rows": truncated}
+
+    # ---- model --------------------------------------------------------------------------------
+
+    def check_model(self) -> None:
+        path = self.model_cfg.path
+        if Path(path).exists():
+            if not (Path(path) / "config.json").is_file():
+                raise MissingInputError(f"model.path {path}: not a Hugging Face model directory "
+                                        "(no config.json)")
+        elif path.startswith(("/", ".", "~")) or path.count("/") != 1:
+            raise MissingInputError(f"model.path {path}: no such directory (and not a hub name "
+                                    "of the form org/name)")
+
+    def build(self, ds_config: dict) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar per load is noise in a worker's log
+        if ds_config["zero_optimization"]["stage"] == 3 and self._hf_deepspeed is None:
+            self._hf_deepspeed = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=self.dtype)
+        model.train()  # from_pretrained returns eval mode
+        if self.model_cfg.gradient_checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.model_cfg.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = self.model_cfg.lora
+            model = get_peft_model(model, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        return model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.model_cfg.dtype == "bf16" else torch.float32
+
+    def scores(self, model, batch: dict[str, torch.Tensor]) -> Scores:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(),
+                              reduction="none").view_as(targets)
+        logprob = -(nll * mask).sum(-1)
+        return Scores(logprob, mask.sum(-1).to(logprob.dtype), logits, mask)
+
+    def reference(self, engine, ds_config: dict):
+        if self.model_cfg.lora is not None:
+            module = engine.module
+
+            @torch.no_grad()
+            def base_scores(batch: dict) -> Scores:
+                with module.disable_adapter():  # the base weights, untouched: the original
+                    return self.scores(engine, batch)
+            return base_scores
+
+        from hamu_ray.engine import deepspeed_engine as eng
+
+        original = self.build(ds_config)
+        forward = eng.frozen_copy(original, ds_config, engine.device)
+
+        @torch.no_grad()
+        def reference(batch: dict) -> Scores:
+            return self.scores(forward, batch)
+        return reference
+
+    def export(self, engine, directory: Path | None) -> None:
+        """A Hugging Face directory of the consolidated weights (+ tokenizer), or with LoRA the
+        adapter; both load back with from_pretrained."""
+        from transformers import AutoTokenizer
+
+        from hamu_ray.engine import deepspeed_engine as eng
+
+        module = engine.module
+        if self.model_cfg.lora is not None:
+            state = eng.trainable_state_dict(engine)  # the adapters, whole, on every rank
+            if directory is not None:
+                module.save_pretrained(Path(directory) / ADAPTER_DIR, state_dict=state)
+        else:
+            state = eng.consolidated_state_dict(engine)  # whole on rank 0 only
+            if directory is not None:
+                module.save_pretrained(Path(directory) / MODEL_DIR, state_dict=state)
+        if directory is not None:
+            target = Path(directory) / (ADAPTER_DIR if self.model_cfg.lora is not None else MODEL_DIR)
+            AutoTokenizer.from_pretrained(self.model_cfg.path).save_pretrained(target)
+
+
+# ---- tokenisation (runs in Ray Data tasks) ---------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenize_batch(batch: pa.Table, *, path: str, text: dict, refusals: bool) -> pa.Table:
+    tokenizer, cfg = load_tokenizer(path), TextData(**text)
+    if cfg.format == "qa":
+        questions = batch.column(cfg.question_column).to_pylist()
+        answers = ([refusal_for(q) for q in questions] if refusals
+                   else batch.column(cfg.answer_column).to_pylist())
+        rows = [encode_qa(tokenizer, q, a, cfg.prompt) for q, a in zip(questions, answers)]
+    else:
+        rows = [encode_text(tokenizer, t) for t in batch.column(cfg.text_column).to_pylist()]
+    rows = [truncate(ids, labels, cfg.max_length) for ids, labels in rows]
+    return pa.table({
+        "input_ids": pa.array([r[0] for r in rows], pa.list_(pa.int32())),
+        "labels": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
+        "truncated": pa.array([r[2] for r in rows], pa.int64()),
+        "no_target": pa.array([int(all(t == IGNORE for t in r[1][1:])) for r in rows], pa.int64()),
+    })
+
+
+def refusal_for(question: str) -> str:
+    digest = hashlib.blake2b(question.encode(), digest_size=4).digest()
+    return REFUSALS[int.from_bytes(digest, "little") % len(REFUSALS)]
+
+
+def encode_qa(tokenizer, question: str, answer: str, prompt: str) -> tuple[list[int], list[int]]:
+    """input_ids of prompt + answer, labels = the answer tokens (the prompt is IGNORE)."""
+    if uses_chat_template(tokenizer, prompt):
+        user = [{"role": "user", "content": question}]
+        prompt_ids = list(tokenizer.apply_chat_template(user, add_generation_prompt=True,
+                                                        tokenize=True, return_dict=False))
+        ids = list(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}],
+                                                 tokenize=True, return_dict=False))
+        if ids[:len(prompt_ids)] != prompt_ids:
+            raise UserError(f"the chat template of {tokenizer.name_or_path} does not start the "
+                            "answered conversation with the question's prompt; use "
+                            "data.text.prompt: plain")
+    else:
+        prompt_ids = tokenizer(plain_prompt(question))["input_ids"]
+        ids = prompt_ids + tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    return ids, [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
+
+
+def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    ids = tokenizer(text)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids, list(ids)
+
+
+def plain_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def uses_chat_template(tokenizer, prompt: str) -> bool:
+    if prompt == "chat" and tokenizer.chat_template is None:
+        raise UserError(f"data.text.prompt is chat but the tokenizer of {tokenizer.name_or_path} "
+                        "has no chat template")
+    return prompt == "chat" or (prompt == "auto" and tokenizer.chat_template is not None)
+
+
+def truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], int]:
+    if len(ids) <= max_length:
+        return ids, labels, 0
+    return ids[:max_length], labels[:max_length], 1
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # Ray Data forks its own workers
