@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_overrides(validate)
     validate.set_defaults(handler=validate_command)
 
+    plan = commands.add_parser("plan", help="per-GPU memory of a causal-LM job's model, from its "
+                               "config.json (no weights loaded): does it fit?")
+    plan.add_argument("config", help="job YAML with model.kind causal_lm")
+    add_overrides(plan)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
+    plan.add_argument("--model-config", help="a config.json (or its directory) to size instead of "
+                      "model.path's, e.g. where the weights live on cluster storage only")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=plan_command)
+
     methods = commands.add_parser("methods", help="list the methods a pipeline can use")
     methods.set_defaults(handler=methods_command)
 
@@ -141,6 +152,19 @@ def validate_command(args) -> int:
         print(f"{source}: valid job (method {job.method.name}, rule {job.method.rule_name}, "
               f"{job.cluster.num_workers} workers, output_dir {job.output_dir})")
     return 0
+
+
+def plan_command(args) -> int:
+    import json
+
+    from hamu_ray import plan
+    from hamu_ray.engine.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = plan.plan(cfg, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory,
+                       model_config=args.model_config)
+    print(json.dumps(plan.as_dict(result), indent=2) if args.json else plan.describe(result))
+    return 0 if result.fits else 1
 
 
 def methods_command(args) -> int:

@@ -320,9 +320,41 @@ def volume_claims() -> set[str]:
             for d in yaml.safe_load_all(p.read_text()) if d and d.get("kind") == "PersistentVolumeClaim"}
 
 
+def check_job(path: Path) -> list[str]:
+    """An unlearning job for the cluster: it validates and reads and writes shared storage."""
+    from hamu_ray.engine.config import load_config
+
+    try:
+        job = load_config(path)
+    except ConfigError as exc:
+        return [f"{path}: does not validate: {exc}"]
+    paths = {"output_dir": job.output_dir, "data.forget": job.data.forget, "data.retain": job.data.retain,
+             "model.path": getattr(job.model, "path", STORAGE)}
+    return [f"{path}: {field} {value} is not on the shared storage {STORAGE}"
+            for field, value in paths.items() if not str(value).startswith(STORAGE + "/")]
+
+
+def check_model_shape(path: Path) -> list[str]:
+    """A config.json for `hamu-ray plan`: transformers reads it as a causal-LM configuration."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent)
+    except (OSError, ValueError) as exc:
+        return [f"{path}: transformers cannot read it: {exc}"]
+    return [] if config.architectures and config.architectures[0].endswith("ForCausalLM") else [
+        f"{path}: not a causal-LM configuration ({config.architectures})"]
+
+
 def check_file(path: Path) -> list[str]:
     if path.name == "Dockerfile":
         return check_dockerfile(path.read_text().splitlines())
+    if path.name == "README.md":
+        return [] if path.read_text().strip() else [f"{path}: empty"]
+    if path.parent.parent.name == "models" and path.name == "config.json":
+        return check_model_shape(path)
+    if path.parent.name == "jobs" and path.suffix == ".yaml":
+        return check_job(path)
     if path.suffix not in (".yaml", ".yml"):
         return [f"{path}: no check knows this file; add one to tests/test_cluster_files.py"]
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -347,6 +379,20 @@ def test_the_cluster_folder_has_the_expected_files():
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: str(p.relative_to(CLUSTER)))
 def test_cluster_file_passes_its_checks(path):
     assert check_file(path) == []
+
+
+def test_job_and_model_checks_fail_on_bad_files(tmp_path):
+    job = yaml.safe_load((CLUSTER / "jobs" / "llama-8b-full.yaml").read_text())
+    job["output_dir"] = "/tmp/run"
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "local.yaml").write_text(yaml.safe_dump(job))
+    assert "output_dir /tmp/run is not on the shared storage" in check_job(tmp_path / "jobs" / "local.yaml")[0]
+    job["train"]["zero_stage"] = 7
+    (tmp_path / "jobs" / "bad.yaml").write_text(yaml.safe_dump(job))
+    assert "does not validate" in check_job(tmp_path / "jobs" / "bad.yaml")[0]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    assert "not a causal-LM configuration" in check_model_shape(tmp_path / "m" / "config.json")[0]
 
 
 def test_cluster_pipeline_writes_to_shared_storage_and_validates():
@@ -533,3 +579,15 @@ def test_the_commented_pip_line_is_a_valid_runtime_env():
     text = (CLUSTER / "runtime_env.yaml").read_text().replace("# pip: ", "pip: ")
     env = yaml.safe_load(text)
     assert env["pip"] == "requirements/lock.txt" and check_runtime_env(env) == []
+
+
+# ---- the language-model job examples ---------------------------------------------------------
+
+def test_the_8b_job_examples_validate_as_zero3_bf16_lora_and_full():
+    from hamu_ray.engine.config import load_config
+
+    jobs = {path.stem: load_config(path) for path in sorted((CLUSTER / "jobs").glob("*.yaml"))}
+    assert set(jobs) == {"llama-8b-lora", "llama-8b-full"}
+    for name, job in jobs.items():
+        assert job.model.kind == "causal_lm" and job.train.zero_stage == 3 and job.train.bf16, name
+    assert jobs["llama-8b-lora"].model.lora is not None and jobs["llama-8b-full"].model.lora is None
