@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 
 import hamu_ray
-from hamu_ray.engine.config import ConfigError, parse_config
+from hamu_ray.engine.config import parse_config
+from hamu_ray.schema import ConfigError
 from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
 from hamu_ray.schema import read_yaml
 from hamu_ray.errors import UserError

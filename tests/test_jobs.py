@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from hamu_ray import cli, jobs
-from hamu_ray.engine.config import ConfigError, parse_config
+from hamu_ray.engine.config import parse_config
+from hamu_ray.schema import ConfigError
 from hamu_ray.pipeline.config import PipelineConfig
 from hamu_ray.engine.driver import JOB_CONFIG_ENV, RUNTIME_ENV_DEFAULTS, joining_runtime_env
 from hamu_ray.pipeline.tracking import is_local_store, refuse_local_store_on_cluster

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from hamu_ray import objectives as obj
-from hamu_ray.engine.config import parse_config, ConfigError
+from hamu_ray.engine.config import parse_config
+from hamu_ray.schema import ConfigError
 from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules.surgery import ImplicitSurgeryParams, dual_update
 from hamu_ray.engine.step import ImplicitSurgery, implicit_surgery_step

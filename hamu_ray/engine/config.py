@@ -13,7 +13,7 @@ from hamu_ray.rules import get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
 from hamu_ray.tasks.causal_lm import CausalLMModel, TextData
 from hamu_ray.tasks.classifier import ClassifierModel
-from hamu_ray.schema import ConfigError, Section, load, validate  # noqa: F401 (ConfigError re-exported)
+from hamu_ray.schema import Section, load, validate
 
 # Forget objectives whose gradient is zero at the original model, and why. Under such an
 # objective only a rule that also steps along g_r leaves the start; the others stop at step 1

@@ -50,6 +50,7 @@ class LoraSection(Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    export_merged: bool = False  # also write the base with the adapters merged in (output_dir/model)
 
 
 class CausalLMModel(Section):
@@ -137,8 +138,13 @@ class CausalLMTask:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a bar per load is noise in a worker's log
-        if ds_config["zero_optimization"]["stage"] == 3 and self._hf_deepspeed is None:
-            self._hf_deepspeed = HfDeepSpeedConfig(ds_config)
+        if ds_config["zero_optimization"]["stage"] == 3:
+            if self._hf_deepspeed is None:
+                self._hf_deepspeed = HfDeepSpeedConfig(ds_config)
+        else:  # a ZeRO-3 config left alive by an earlier model in this process must not apply
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
         model = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=self.dtype)
         model.train()  # from_pretrained returns eval mode
         if self.model_cfg.gradient_checkpointing:
@@ -194,8 +200,8 @@ class CausalLMTask:
 
         from hamu_ray.engine import deepspeed_engine as eng
 
-        module = engine.module
-        if self.model_cfg.lora is not None:
+        module, lora = engine.module, self.model_cfg.lora
+        if lora is not None:
             state = eng.trainable_state_dict(engine)  # the adapters, whole, on every rank
             if directory is not None:
                 module.save_pretrained(Path(directory) / ADAPTER_DIR, state_dict=state)
@@ -203,9 +209,30 @@ class CausalLMTask:
             state = eng.consolidated_state_dict(engine)  # whole on rank 0 only
             if directory is not None:
                 module.save_pretrained(Path(directory) / MODEL_DIR, state_dict=state)
-        if directory is not None:
-            target = Path(directory) / (ADAPTER_DIR if self.model_cfg.lora is not None else MODEL_DIR)
-            AutoTokenizer.from_pretrained(self.model_cfg.path).save_pretrained(target)
+        if directory is None:
+            return
+        tokenizer = AutoTokenizer.from_pretrained(self.model_cfg.path)
+        tokenizer.save_pretrained(Path(directory) / (ADAPTER_DIR if lora is not None else MODEL_DIR))
+        if lora is not None and lora.export_merged:
+            self.export_merged(Path(directory))
+            tokenizer.save_pretrained(Path(directory) / MODEL_DIR)
+
+    def export_merged(self, directory: Path) -> None:
+        """The base with the exported adapters merged in, built on rank 0's CPU from the input
+        directory (read only): a plain Hugging Face model, no peft needed to load it."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations.deepspeed import (set_hf_deepspeed_config,
+                                                         unset_hf_deepspeed_config)
+
+        unset_hf_deepspeed_config()  # a whole CPU copy on this rank: not a ZeRO-3 collective
+        try:
+            base = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=self.dtype)
+        finally:
+            if self._hf_deepspeed is not None:
+                set_hf_deepspeed_config(self._hf_deepspeed)
+        merged = PeftModel.from_pretrained(base, directory / ADAPTER_DIR).merge_and_unload()
+        merged.save_pretrained(directory / MODEL_DIR)
 
 
 # ---- tokenisation (runs in Ray Data tasks) ---------------------------------------------------

@@ -40,8 +40,6 @@ class ClassifierModel(Section):
         return self
 
 
-ModelSection = ClassifierModel
-
 
 def mlp(cfg: ClassifierModel) -> torch.nn.Module:
     """Linear layers of `sizes` = [inputs, hidden..., classes] with ReLU between them."""

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from hamu_ray.engine.config import ConfigError, TrainSection, TrainSettings, load_config, parse_config
+from hamu_ray.engine.config import TrainSection, TrainSettings, load_config, parse_config
+from hamu_ray.schema import ConfigError
 from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
 from hamu_ray.schema import apply_overrides
 from hamu_ray.engine.data import DataError, inspect_set

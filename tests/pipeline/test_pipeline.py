@@ -9,7 +9,8 @@ import mlflow
 import pytest
 import yaml
 
-from hamu_ray.engine.config import ConfigError, parse_config
+from hamu_ray.engine.config import parse_config
+from hamu_ray.schema import ConfigError
 from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"

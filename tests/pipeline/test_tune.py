@@ -17,7 +17,8 @@ import mlflow
 import pytest
 import yaml
 
-from hamu_ray.engine.config import ConfigError, parse_config
+from hamu_ray.engine.config import parse_config
+from hamu_ray.schema import ConfigError
 from hamu_ray.pipeline.config import PipelineConfig
 from hamu_ray.pipeline.plots import pareto_front
 from hamu_ray.pipeline.tune import JOURNAL, choose, max_reports, TrialContext

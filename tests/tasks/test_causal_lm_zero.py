@@ -35,7 +35,8 @@ CASES = {
     "offload": {"method": HAMU, "offload": "all"},  # optimizer state and parameters in CPU memory
     "lora": {"method": {"name": "npo", "rule": "hamu-q", "hparams": HAMU["hparams"],
                         "objective": {"beta": 0.5}},
-             "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+             "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "export_merged": True}},
+    "zero2": {"method": {"name": "npo", "objective": {"beta": 0.5}}, "stage": 2},  # a whole reference copy
 }
 BF16_SHARE_OF_UPDATE = 0.05
 
@@ -94,10 +95,10 @@ def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
     results = {}
     for case in CASES:
         torch.manual_seed(0)  # the LoRA adapters' initialisation, alike on every rank
-        task = CausalLMTask(parse_config(job(model_dir, case)))
+        task = CausalLMTask(parse_config(job(model_dir, case, CASES[case].get("stage", 3))))
         train = task.cfg.train
-        ds_config = eng.deepspeed_config(stage=3, lr=LR, micro_batch_size=4, bf16=train.bf16,
-                                         offload=train.offload)
+        ds_config = eng.deepspeed_config(stage=train.zero_stage, lr=LR, micro_batch_size=4,
+                                         bf16=train.bf16, offload=train.offload)
         model = task.build(ds_config)
         # partitioned as built: every parameter is an empty placeholder plus this rank's shard
         partition = {n: (p.numel(), p.ds_tensor.numel(), p.ds_numel)
@@ -155,7 +156,7 @@ def test_zero3_partitions_every_parameter_as_it_is_built(zero3_runs):
             assert local == 0 and shard == math.ceil(whole / WORLD), name
 
 
-@pytest.mark.parametrize("case", ["hamu-q", "npo", "checkpointing", "offload"])
+@pytest.mark.parametrize("case", ["hamu-q", "npo", "checkpointing", "offload", "zero2"])
 def test_zero3_lm_step_equals_the_single_process_step_and_the_export_reloads(zero3_runs, tiny_lm, case):
     from transformers import AutoModelForCausalLM
 
@@ -200,6 +201,8 @@ def test_lora_trains_only_the_adapters_and_its_reference_is_the_untouched_base(z
     torch.testing.assert_close(lora["reference"], untouched, rtol=1e-5, atol=1e-5)  # disable_adapter
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), out / "lora" / ADAPTER_DIR)
     torch.testing.assert_close(loaded_scores(task, reloaded), lora["trained"], rtol=1e-5, atol=1e-5)
+    merged = AutoModelForCausalLM.from_pretrained(out / "lora" / MODEL_DIR)  # plain transformers
+    torch.testing.assert_close(loaded_scores(task, merged), lora["trained"], rtol=1e-5, atol=1e-5)
     assert (lora["trained"] - untouched).abs().max() > 1e-4  # the adapters did train
 
 
