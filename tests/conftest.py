@@ -18,6 +18,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for one test module (2 CPUs), shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def digits_run_dir(tmp_path_factory):
     """One output directory for the digits pipeline and search tests: stages are cached by

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -14,20 +15,87 @@ REFERENCE_MARKERS = {"original": ("s", "black"), "oracle": ("*", "tab:red")}
 
 def tradeoff(rows: list[dict], path: Path) -> None:
     """Forget accuracy (lower: more forgotten) against test accuracy on the retained classes
-    (higher: more utility kept), one point per method, the original and the oracle marked."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    (higher: more utility kept), one point per method, the original and the oracle marked.
+    Labels are placed apart from each other and from the points, so close methods stay readable."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    points, names = [], []
     for row in rows:
         x, y = row.get("test_acc_retained"), row.get("forget_acc")
         if x is None or y is None:
             continue
         marker, color = REFERENCE_MARKERS.get(row["model"], ("o", None))
-        ax.scatter(100 * x, 100 * y, marker=marker, color=color, s=90 if marker != "o" else 40)
-        ax.annotate(row["model"], (100 * x, 100 * y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("test accuracy on retained classes (%)")
-    ax.set_ylabel("forget accuracy (%)")
+        ax.scatter(100 * x, 100 * y, marker=marker, color=color, s=90 if marker != "o" else 40, zorder=3)
+        points.append((100 * x, 100 * y))
+        names.append(row["model"])
+    ax.set_xlabel("test accuracy on retained classes (%)  →  better")
+    ax.set_ylabel("forget accuracy (%)  ↓  more forgotten")
     ax.set_title("forgetting vs utility (oracle: retrained without the forget set)")
     ax.grid(alpha=0.3)
+    label_points(fig, ax, points, names)
     _save(fig, path)
+
+
+def label_points(fig, ax, points: list[tuple[float, float]], names: list[str], fontsize: int = 8) -> None:
+    """Annotate each point with its name where place_labels finds room; a thin leader line joins
+    a label pushed away from its point."""
+    if not points:
+        return
+    ax.margins(0.15)  # room for labels near the edges
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    anchors = [tuple(ax.transData.transform(p)) for p in points]
+    sizes = []
+    for name in names:
+        text = ax.text(0, 0, name, fontsize=fontsize)
+        box = text.get_window_extent(renderer)
+        sizes.append((box.width, box.height))
+        text.remove()
+    to_points = 72.0 / fig.dpi
+    for (x, y), name, (dx, dy), (w, h) in zip(points, names, place_labels(anchors, sizes), sizes):
+        far = math.hypot(dx + w / 2, dy + h / 2) > 25 + w / 2
+        ax.annotate(name, (x, y), xytext=(dx * to_points, dy * to_points), textcoords="offset points",
+                    fontsize=fontsize, ha="left", va="bottom",
+                    arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6} if far else None)
+
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in display pixels
+
+
+def place_labels(anchors: list[tuple[float, float]], sizes: list[tuple[float, float]], *,
+                 marker: float = 6.0, step: float = 6.0, max_radius: float = 150.0) -> list[tuple[float, float]]:
+    """Offsets (pixels, of each label's lower-left corner from its point) such that no label
+    overlaps another label or any point's marker: greedily, each label takes the nearest free
+    spot on rings of growing radius around its point (eight directions per ring). A label that
+    finds no free spot within max_radius keeps the last one tried."""
+    taken: list[Box] = [(x - marker, y - marker, x + marker, y + marker) for x, y in anchors]
+    offsets = []
+    directions = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    for (x, y), (w, h) in zip(anchors, sizes):
+        choice = (marker, marker)
+        radius = marker
+        while radius <= max_radius:
+            free = next((o for o in (_corner_offset(dx, dy, radius, w, h) for dx, dy in directions)
+                         if not any(_overlap((x + o[0], y + o[1], x + o[0] + w, y + o[1] + h), b)
+                                    for b in taken)), None)
+            if free is not None:
+                choice = free
+                break
+            choice = _corner_offset(1, 1, radius, w, h)
+            radius += step
+        offsets.append(choice)
+        taken.append((x + choice[0], y + choice[1], x + choice[0] + w, y + choice[1] + h))
+    return offsets
+
+
+def _corner_offset(dx: int, dy: int, radius: float, w: float, h: float) -> tuple[float, float]:
+    """The lower-left corner of a w×h box that sits `radius` from the point in direction (dx, dy)."""
+    x = radius if dx > 0 else (-radius - w if dx < 0 else -w / 2)
+    y = radius if dy > 0 else (-radius - h if dy < 0 else -h / 2)
+    return x, y
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def hardness(step_logs: dict[str, list[dict]], path: Path) -> None:

@@ -23,15 +23,6 @@ HAMU = {"name": "hamu-q", "hparams": {"constraint": 0.02, "radius": 0.2}}
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def qa_sets(tmp_path_factory):
     root, rows = tmp_path_factory.mktemp("qa"), qa_rows()
     pq.write_table(pa.Table.from_pylist(rows[:8]), root / "forget.parquet")

@@ -1,0 +1,65 @@
+"""Trade-off plot labels stay readable when methods land close together."""
+
+from __future__ import annotations
+
+import itertools
+
+import matplotlib.pyplot as plt
+import pytest
+from matplotlib.text import Text
+
+from hamu_ray.pipeline import plots
+
+# the Fashion-MNIST demo's end points (README): five methods within two points of each other
+DEMO = {"original": (87.7, 78.5), "oracle": (89.6, 66.2), "hamu-q": (89.7, 45.8), "hamu-u": (87.8, 44.7),
+        "surgery": (90.5, 46.3), "surgery-implicit": (90.4, 46.1), "gdiff": (79.5, 40.8), "ga": (11.1, 5.4),
+        "npo": (90.8, 46.5), "scrub": (87.8, 44.9)}
+
+
+def overlaps(boxes) -> list:
+    return [(a, b) for a, b in itertools.combinations(boxes, 2) if plots._overlap(a, b)]
+
+
+def test_placed_labels_overlap_neither_each_other_nor_the_points():
+    anchors = [(100 + 3 * i, 100 + 2 * (i % 3)) for i in range(9)]  # nine points within 25 px
+    sizes = [(60.0, 10.0)] * 9
+    offsets = plots.place_labels(anchors, sizes)
+    boxes = [(x + dx, y + dy, x + dx + w, y + dy + h) for (x, y), (dx, dy), (w, h) in zip(anchors, offsets, sizes)]
+    assert overlaps(boxes) == []
+    markers = [(x - 6, y - 6, x + 6, y + 6) for x, y in anchors]
+    assert not any(plots._overlap(b, m) for b in boxes for m in markers)
+
+
+def test_the_old_fixed_offsets_did_collide_on_this_cluster():
+    """The check above can fail: one fixed offset per label (the old plot) overlaps here."""
+    anchors = [(100 + 3 * i, 100 + 2 * (i % 3)) for i in range(9)]
+    boxes = [(x + 5, y + 4, x + 65, y + 14) for x, y in anchors]
+    assert overlaps(boxes)
+
+
+def test_the_demo_plot_labels_are_apart_and_the_axes_say_which_way_is_better(tmp_path):
+    rows = [{"model": name, "test_acc_retained": x / 100, "forget_acc": y / 100} for name, (x, y) in DEMO.items()]
+    plots.tradeoff(rows, tmp_path / "tradeoff.png")
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    ax.scatter(*zip(*DEMO.values()))
+    plots.label_points(fig, ax, list(DEMO.values()), list(DEMO))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    # the text itself (an Annotation's own extent also covers its leader line)
+    boxes = [tuple(Text.get_window_extent(t, renderer).extents) for t in ax.texts]
+    assert len(boxes) == len(DEMO) and overlaps(boxes) == []
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    plots.label_points(fig, ax, [], [])  # nothing to label is fine
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("label", ["→  better", "↓  more forgotten"])
+def test_axis_labels_name_the_better_direction(tmp_path, label, monkeypatch):
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.extend(
+        [fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()]) or plt.close(fig))
+    plots.tradeoff([{"model": "a", "test_acc_retained": 0.5, "forget_acc": 0.5}], tmp_path / "t.png")
+    assert any(label in text for text in seen)
