@@ -89,12 +89,9 @@ def prepared_sets(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> dict:
         if name not in sets:
             continue
         datasets[name] = task.prepare(data.read_set(sets[name], cfg.data.shuffle_seed), name)
-        counts = task.check_prepared(datasets[name], name, sets[name].path)
-        if counts:
-            log.info("%s set: %s", name, ", ".join(f"{k} {v}" for k, v in counts.items()))
-            if counts.get("truncated_rows"):
-                print(f"  {name} set: {counts['truncated_rows']} of {sets[name].num_rows} rows cut at "
-                      f"data.text.max_length={cfg.data.text.max_length}", flush=True)
+        for line in task.check_prepared(datasets[name], sets[name]):
+            log.info("%s", line)
+            print(f"  {line}", flush=True)
     return datasets
 
 

@@ -27,8 +27,9 @@ class Task(Protocol):
     def prepare(self, ds: Any, role: str) -> Any:
         """The Ray Dataset of one set ("retain", "forget") as the workers read it."""
 
-    def check_prepared(self, ds: Any, name: str, path: str) -> dict[str, int]:
-        """Counts over a prepared set (what the preparation cut); raises on unusable rows."""
+    def check_prepared(self, ds: Any, info: Any) -> list[str]:
+        """What the preparation of a set (`info`: its engine.data.SetInfo) changed, as lines for
+        the user (counts only, never rows); raises on rows it cannot use."""
 
     def check_model(self) -> None:
         """The model's input files exist (before Ray starts)."""

@@ -109,16 +109,17 @@ class CausalLMTask:
             batch["labels"][i, :n] = torch.as_tensor(np.asarray(row_labels, dtype=np.int64))
         return batch
 
-    def check_prepared(self, ds, name: str, path: str) -> dict[str, int]:
-        """Counts over a prepared set (a Ray Data pass): rows cut at max_length, and rows left
-        without a target token, which cannot be scored and are refused."""
+    def check_prepared(self, ds, info) -> list[str]:
+        """Counts over a prepared set (a pass over the materialised tokens): rows cut at
+        max_length, and rows left without a target token, which cannot be scored and are refused."""
         counts = ds.sum(["truncated", "no_target"])
         truncated, empty = int(counts["sum(truncated)"]), int(counts["sum(no_target)"])
+        limit = f"data.text.max_length={self.text.max_length}"
         if empty:
             what = "answer" if self.text.format == "qa" else "text"
-            raise UserError(f"{name} set {path}: {empty} row(s) keep no {what} token within "
-                            f"data.text.max_length={self.text.max_length}; raise it or shorten them")
-        return {"truncated_rows": truncated}
+            raise UserError(f"{info.name} set {info.path}: {empty} row(s) keep no {what} token within "
+                            f"{limit}; raise it or shorten them")
+        return [f"{info.name} set: {truncated} of {info.num_rows} rows cut at {limit}"] if truncated else []
 
     # ---- model --------------------------------------------------------------------------------
 

@@ -136,8 +136,8 @@ class ClassifierTask:
     def prepare(self, ds, role: str):
         return ds
 
-    def check_prepared(self, ds, name: str, path: str) -> dict[str, int]:
-        return {}
+    def check_prepared(self, ds, info) -> list[str]:
+        return []  # rows are used as they are
 
     def check_model(self) -> None:
         weights = self.cfg.model.weights

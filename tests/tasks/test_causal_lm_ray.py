@@ -97,3 +97,21 @@ def test_ranks_get_disjoint_retain_and_forget_rows(ray_cluster, tiny_lm, qa_sets
     for role, total in (("retain", 16), ("forget", 8)):
         assert not seen[0][role] & seen[1][role], role
         assert len(seen[0][role]) + len(seen[1][role]) == total, role
+
+
+def test_truncated_rows_are_counted_and_rows_without_an_answer_refused_before_training(
+        ray_cluster, tiny_lm, qa_sets, tmp_path, capsys):
+    from hamu_ray.engine.driver import check_inputs, prepared_sets
+    from hamu_ray.errors import UserError
+
+    root, rows = qa_sets
+    # the longest forget row: a limit one token below it cuts exactly the rows that long
+    task = CausalLMTask(job(tiny_lm, root, tmp_path / "out"))
+    lengths = sorted(len(make(task, [r])["input_ids"][0]) for r in rows["forget"])
+    cfg = job(tiny_lm, root, tmp_path / "out", text={"max_length": lengths[-1] - 1})
+    prepared_sets(cfg, check_inputs(cfg))
+    cut = sum(n == lengths[-1] for n in lengths)
+    assert f"forget set: {cut} of 8 rows cut at data.text.max_length={lengths[-1] - 1}" in capsys.readouterr().out
+    cfg = job(tiny_lm, root, tmp_path / "out", text={"max_length": 8})  # shorter than any prompt
+    with pytest.raises(UserError, match=r"retain set .*retain.parquet: 16 row\(s\) keep no answer token"):
+        prepared_sets(cfg, check_inputs(cfg))
