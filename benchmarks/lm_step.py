@@ -42,8 +42,6 @@ def _rank(rank: int, world: int, port: int, model_dir: str, method: str, args, o
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     import deepspeed
-    import numpy as np
-    import pyarrow as pa
     import torch.distributed as dist
 
     from hamu_ray import objectives
@@ -51,8 +49,8 @@ def _rank(rank: int, world: int, port: int, model_dir: str, method: str, args, o
     from hamu_ray.engine.grads import DeepSpeedGrads
     from hamu_ray.engine.step import SumAcrossRanks, unlearning_step
     from hamu_ray.rules import get_rule
-    from hamu_ray.tasks.causal_lm import CausalLMTask, tokenize_batch
-    from tests.lm_fixtures import qa_rows
+    from hamu_ray.tasks.causal_lm import CausalLMTask
+    from tests.lm_fixtures import lm_batch, qa_rows
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     cfg = job(model_dir, method, args.batch, world)
@@ -63,10 +61,7 @@ def _rank(rank: int, world: int, port: int, model_dir: str, method: str, args, o
     rows = qa_rows()
 
     def batch(offset: int) -> dict:
-        picked = [rows[(offset + i) % len(rows)] for i in range(args.batch)][rank::world]
-        table = tokenize_batch(pa.Table.from_pylist(picked), path=model_dir, text={}, refusals=False)
-        return task.make_batch({k: np.array(table.column(k).to_pylist(), dtype=object)
-                                for k in ("input_ids", "labels")})
+        return lm_batch(task, [rows[(offset + i) % len(rows)] for i in range(args.batch)][rank::world])
 
     retain_loss, forget_loss = objectives.loss_fns(cfg.method.spec, {}, lambda b: task.scores(engine, b), None)
     rule, grads, times = get_rule(cfg.method.rule_name, **cfg.method.hparams), DeepSpeedGrads(engine), []

@@ -79,3 +79,16 @@ def build_tiny_lm(directory: Path, *, chat_template: str | None = None, seed: in
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def lm_batch(task, rows: list[dict], refusals: bool = False) -> dict:
+    """The batch a worker would build from these rows: the task's tokenisation, then its padding."""
+    import numpy as np
+    import pyarrow as pa
+
+    from hamu_ray.tasks.causal_lm import tokenize_batch
+
+    table = tokenize_batch(pa.Table.from_pylist(rows), path=task.model_cfg.path,
+                           text=task.text.model_dump(), refusals=refusals)
+    return task.make_batch({k: np.array(table.column(k).to_pylist(), dtype=object)
+                            for k in ("input_ids", "labels")})

@@ -51,14 +51,19 @@ def initialize(model: torch.nn.Module, config: dict[str, Any]):
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
     """Every parameter and buffer, whole, as fp32 CPU tensors, on every rank (a collective
     under ZeRO-3: all ranks must call it)."""
+    module = engine.module
+    with gathered(engine, list(module.parameters())):
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+
+
+def gathered(engine, params: list[torch.nn.Parameter]):
+    """A context in which `params` are whole on every rank (a collective under ZeRO-3; at
+    stages 0–2 they already are)."""
     import deepspeed
 
-    module = engine.module
-    params = list(module.parameters())
-    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-              if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
-    with gather:
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+    if engine.zero_optimization_stage() == 3:
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 def frozen_copy(model: torch.nn.Module, ds_config: dict[str, Any], device: torch.device | str):
@@ -81,15 +86,9 @@ def frozen_copy(model: torch.nn.Module, ds_config: dict[str, Any], device: torch
 def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
     """The trainable parameters (e.g. LoRA adapters), whole, on every rank, by their state-dict
     names (a collective under ZeRO-3)."""
-    import deepspeed
-
-    module = engine.module
-    names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
-    params = [p for p in module.parameters() if p.requires_grad]
-    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-              if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
-    with gather:
-        return {names[id(p)]: p.detach().to("cpu").clone() for p in params}
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    with gathered(engine, [p for _, p in named]):
+        return {n: p.detach().to("cpu").clone() for n, p in named}
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:

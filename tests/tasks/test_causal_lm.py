@@ -17,7 +17,7 @@ from hamu_ray.errors import MissingInputError, UserError
 from hamu_ray.schema import ConfigError
 from hamu_ray.tasks.causal_lm import (IGNORE, REFUSALS, encode_qa, encode_text, load_tokenizer,
                                       refusal_for, tokenize_batch)
-from tests.lm_fixtures import CHAT_TEMPLATE, qa_rows
+from tests.lm_fixtures import CHAT_TEMPLATE, lm_batch, qa_rows
 
 
 def targets_of(tokenizer, labels: list[int]) -> str:
@@ -87,13 +87,6 @@ def job(tiny_lm, method="hamu-q", model=None, **data) -> dict:
             "method": {"name": method, "hparams": hparams}, "train": {"lr": 0.1}, "output_dir": "out"}
 
 
-def batch_of(task, rows: list[dict], refusals=False) -> dict:
-    table = tokenize_batch(pa.Table.from_pylist(rows), path=task.model_cfg.path,
-                           text=task.text.model_dump(), refusals=refusals)
-    return task.make_batch({k: np.array(table.column(k).to_pylist(), dtype=object)
-                            for k in ("input_ids", "labels")})
-
-
 def answer_logprob_by_hand(model, ids: list[int], labels: list[int]) -> tuple[float, int]:
     """Σ log p(answer token | everything before it), one unpadded row at a time."""
     with torch.no_grad():
@@ -111,7 +104,7 @@ def test_scores_are_the_answer_log_likelihoods_whatever_the_padding(tiny_lm):
 
     task, model = lm_task(tiny_lm), AutoModelForCausalLM.from_pretrained(tiny_lm)
     rows = qa_rows()[:3]  # different lengths: two of them are padded in the batch
-    batch = batch_of(task, rows)
+    batch = lm_batch(task, rows)
     assert len({int(m.sum()) for m in batch["attention_mask"]}) == 3
     with torch.no_grad():
         s = task.scores(model, batch)
@@ -127,7 +120,7 @@ def test_npo_simnpo_and_idk_by_hand(tiny_lm):
 
     task, model = lm_task(tiny_lm, "idk"), AutoModelForCausalLM.from_pretrained(tiny_lm)
     rows = qa_rows()[3:7]
-    batch, refusal_batch = batch_of(task, rows), batch_of(task, rows, refusals=True)
+    batch, refusal_batch = lm_batch(task, rows), lm_batch(task, rows, refusals=True)
     by_hand = [answer_logprob_by_hand(model, *(batch[k][i, :int(batch["attention_mask"][i].sum())].tolist()
                                                for k in ("input_ids", "labels"))) for i in range(len(rows))]
     with torch.no_grad():
@@ -150,7 +143,7 @@ def test_kl_on_tokens_is_zero_at_the_reference_and_matches_a_hand_sum(tiny_lm):
     from transformers import AutoModelForCausalLM
 
     task, model = lm_task(tiny_lm), AutoModelForCausalLM.from_pretrained(tiny_lm)
-    batch = batch_of(task, qa_rows()[:2])
+    batch = lm_batch(task, qa_rows()[:2])
     with torch.no_grad():
         s = task.scores(model, batch)
         other = obj.Scores(s.logprob, s.count, s.logits + torch.randn_like(s.logits), s.mask)

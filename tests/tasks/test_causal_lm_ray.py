@@ -13,8 +13,8 @@ import torch
 
 from hamu_ray.engine.config import parse_config
 from hamu_ray.tasks.causal_lm import MODEL_DIR, CausalLMTask
-from tests.lm_fixtures import qa_rows
-from tests.tasks.test_causal_lm_zero import make, run_steps
+from tests.lm_fixtures import lm_batch, qa_rows
+from tests.tasks.test_causal_lm_zero import run_steps
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def test_two_zero3_workers_equal_the_single_process_step(ray_cluster, tiny_lm, q
     task = CausalLMTask(job(tiny_lm, root, tmp_path / "unused"))
     model = AutoModelForCausalLM.from_pretrained(tiny_lm)
     grads = TorchGrads(model, torch.optim.SGD(model.parameters(), lr=LR))
-    whole = (make(task, rows["retain"]), make(task, rows["forget"]))
+    whole = (lm_batch(task, rows["retain"]), lm_batch(task, rows["forget"]))
     run_steps(task, grads, lambda b: task.scores(model, b), None, [whole] * STEPS)
     expected = model.state_dict()
     for name, tensor in exported.state_dict().items():
@@ -107,7 +107,7 @@ def test_truncated_rows_are_counted_and_rows_without_an_answer_refused_before_tr
     root, rows = qa_sets
     # the longest forget row: a limit one token below it cuts exactly the rows that long
     task = CausalLMTask(job(tiny_lm, root, tmp_path / "out"))
-    lengths = sorted(len(make(task, [r])["input_ids"][0]) for r in rows["forget"])
+    lengths = sorted(len(lm_batch(task, [r])["input_ids"][0]) for r in rows["forget"])
     cfg = job(tiny_lm, root, tmp_path / "out", text={"max_length": lengths[-1] - 1})
     prepared_sets(cfg, check_inputs(cfg))
     cut = sum(n == lengths[-1] for n in lengths)

@@ -9,8 +9,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -19,9 +17,9 @@ from hamu_ray.engine.config import parse_config
 from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.engine.step import unlearning_step
 from hamu_ray.rules import get_rule
-from hamu_ray.tasks.causal_lm import ADAPTER_DIR, MODEL_DIR, CausalLMTask, tokenize_batch
+from hamu_ray.tasks.causal_lm import ADAPTER_DIR, MODEL_DIR, CausalLMTask
 from tests.engine.test_grads_deepspeed import free_port
-from tests.lm_fixtures import qa_rows
+from tests.lm_fixtures import lm_batch, qa_rows
 
 pytestmark = pytest.mark.integration
 
@@ -61,15 +59,8 @@ def batches(task: CausalLMTask, rank: int = 0, world: int = 1) -> list[tuple[dic
     for step in range(STEPS):
         retain = rows[12 * step:12 * step + 8][rank::world]
         forget = rows[12 * step + 8:12 * step + 12][rank::world]
-        out.append((make(task, retain), make(task, forget)))
+        out.append((lm_batch(task, retain), lm_batch(task, forget)))
     return out
-
-
-def make(task: CausalLMTask, rows: list[dict]) -> dict:
-    table = tokenize_batch(pa.Table.from_pylist(rows), path=task.model_cfg.path,
-                           text=task.text.model_dump(), refusals=False)
-    return task.make_batch({k: np.array(table.column(k).to_pylist(), dtype=object)
-                            for k in ("input_ids", "labels")})
 
 
 def run_steps(task, grads, scores, reference, pairs, reduce=None) -> None:
@@ -108,7 +99,7 @@ def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
                      if objectives.needs_reference(task.cfg.method.spec) else None)
         run_steps(task, DeepSpeedGrads(engine), lambda b: task.scores(engine, b), reference,
                   batches(task, rank, WORLD), SumAcrossRanks())
-        everything = make(task, qa_rows()[:6])  # a forward is a collective: every rank runs it
+        everything = lm_batch(task, qa_rows()[:6])  # a forward is a collective: every rank runs it
         with torch.no_grad():
             trained = task.scores(engine, everything).logprob
             ref = reference(everything).logprob if reference is not None else None
@@ -144,7 +135,7 @@ def single_process(tiny_lm, case: str):
 
 def loaded_scores(task: CausalLMTask, model) -> torch.Tensor:
     with torch.no_grad():
-        return task.scores(model, make(task, qa_rows()[:6])).logprob
+        return task.scores(model, lm_batch(task, qa_rows()[:6])).logprob
 
 
 def test_zero3_partitions_every_parameter_as_it_is_built(zero3_runs):
