@@ -3,13 +3,18 @@
 SHELL := /bin/bash
 PYTEST_ARGS ?=
 
-DEMO ?= pipelines/fashion_mnist.yaml
+DEMO ?= pipelines/country_qa.yaml
+VISION_DEMO ?= pipelines/fashion_mnist.yaml
 
-.PHONY: demo test test-fast test-gpu setup lock
+.PHONY: demo demo-vision test test-fast test-gpu setup lock
 
-demo:  ## the embedded demo: Fashion-MNIST, HAMU vs baselines, on a local Ray (about 7 min on 2 cores, venv cached: README, "The demo")
-	@venv=$$(scripts/setup_env.sh) && scripts/ensure_fashion_mnist.sh || exit 1; \
+demo:  ## the embedded demo: a small Llama forgets country facts, HAMU vs baselines, on a local Ray (README, "The demo")
+	@venv=$$(scripts/setup_env.sh) || exit 1; \
 	"$$venv/bin/hamu-ray" run $(DEMO)
+
+demo-vision:  ## the classifier demo: Fashion-MNIST, HAMU vs baselines (about 7 min on 2 cores, venv cached)
+	@venv=$$(scripts/setup_env.sh) && scripts/ensure_fashion_mnist.sh || exit 1; \
+	"$$venv/bin/hamu-ray" run $(VISION_DEMO)
 
 test:  ## everything CI runs, integration tests included
 	@venv=$$(scripts/setup_env.sh) || exit 1; \

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -100,11 +100,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 
+UNION_TAGS: set[str] = set()  # pydantic puts a union member's tag in an error's path: dropped
+
+
+def tagged(section: type[Section], tag: str):
+    """`section` as the member `tag` of a discriminated union (e.g. model.kind's sections)."""
+    from pydantic import Tag
+
+    UNION_TAGS.add(tag)
+    return Annotated[section, Tag(tag)]
+
+
+def field_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in UNION_TAGS)
+
+
 def validate(raw: dict[str, Any], source: str, schema: type[Section]):
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{source}: {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+        lines = [f"{source}: {field_path(err['loc']) or '<root>'}: {err['msg']}"
                  + (f" (got {err['input']!r})" if err["type"] != "missing" and err["loc"] else "")
                  for err in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

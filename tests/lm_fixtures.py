@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import torch
+from hamu_ray.tasks import small_llama
+from hamu_ray.tasks.small_llama import SmallLlama
 
 MODULES = ("abc", "argparse", "array", "base64", "bisect", "calendar", "cmath", "codecs",
            "colorsys", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
@@ -44,41 +45,11 @@ def qa_rows() -> list[dict[str, str]]:
              "answer": " ".join(doc.split()[:10])} for name, doc in sorted(documentation().items())]
 
 
-def train_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(documentation().values()), trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-
-
 def build_tiny_lm(directory: Path, *, chat_template: str | None = None, seed: int = 0) -> Path:
     """≈0.85M parameters: hidden 128, 4 layers, 4 heads (2 key-value heads), vocab 1024."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = train_tokenizer()
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    shape = SmallLlama(hidden_size=128, intermediate_size=256, layers=4, heads=4, kv_heads=2,
+                       vocab_size=VOCAB, seed=seed)
+    return small_llama.build(directory, shape, documentation().values(), chat_template=chat_template)
 
 
 def lm_batch(task, rows: list[dict], refusals: bool = False) -> dict:

@@ -6,14 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, model_validator
 
 from hamu_ray.objectives import METHODS, Method, check_objective_params
 from hamu_ray.rules import get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
 from hamu_ray.tasks.causal_lm import CausalLMModel, TextData
 from hamu_ray.tasks.classifier import ClassifierModel
-from hamu_ray.schema import Section, load, validate
+from hamu_ray.schema import Section, load, tagged, validate
 
 # Forget objectives whose gradient is zero at the original model, and why. Under such an
 # objective only a rule that also steps along g_r leaves the start; the others stop at step 1
@@ -37,15 +37,14 @@ class DataSection(Section):
     shuffle_seed: int | None = 0  # None: keep file order
 
 
-def _model_kind(raw: Any) -> str:
+def model_kind(raw: Any) -> str:
     kind = raw.get("kind", "mlp") if isinstance(raw, dict) else getattr(raw, "kind", "mlp")
     return "causal_lm" if kind == "causal_lm" else "classifier"
 
 
 # the task's model section, chosen by model.kind (mlp, cnn: the classifier; causal_lm)
-ModelSection = Annotated[Union[Annotated[ClassifierModel, Tag("classifier")],
-                               Annotated[CausalLMModel, Tag("causal_lm")]],
-                         Discriminator(_model_kind)]
+ModelSection = Annotated[Union[tagged(ClassifierModel, "classifier"), tagged(CausalLMModel, "causal_lm")],
+                         Discriminator(model_kind)]
 
 
 class MethodSection(Section):

@@ -114,9 +114,13 @@ def ray_session(cluster: ClusterSection):
     else:
         # Logical CPUs = cores: workers take fractions (cluster.cpus_per_worker) so Ray Data
         # always has a CPU left; with whole CPUs on 2 cores the job hangs silently (docs/design.md §9).
+        # Idle workers are kept (up to 4 per core) instead of being killed while a stage's
+        # training actors run: the next stage's data tasks then reuse a process that has
+        # already imported transformers (seconds per stage on a small machine).
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
                  _temp_dir=os.path.join(tempfile.gettempdir(), "hamu-ray"),
-                 runtime_env={"env_vars": env_vars})
+                 runtime_env={"env_vars": env_vars},
+                 _system_config={"num_workers_soft_limit": 4 * (os.cpu_count() or 2)})
     try:
         yield
     finally:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Discriminator, Field, ValidationError, model_validator
 
-from hamu_ray.engine.config import ClusterSection, MethodSection, TrainSettings
+from hamu_ray.engine.config import ClusterSection, MethodSection, TrainSettings, model_kind
+from hamu_ray.tasks.causal_lm import LoraSection, TextData
 from hamu_ray.tasks.classifier import ClassifierModel
-from hamu_ray.schema import Section, load
+from hamu_ray.tasks.small_llama import SmallLlama
+from hamu_ray.schema import Section, load, tagged
 
 
 def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
@@ -40,6 +42,83 @@ class DatasetSection(Section):
     max_train_rows: int | None = Field(None, gt=0)  # a stratified subset, for quick runs
     seed: int = 0
     batch_size: int = Field(64, gt=0)  # per worker; forget and retain alike unless a method says
+
+
+class CountryQASection(Section):
+    """Country facts as QA pairs (pipeline.country_qa), forgotten by country."""
+    source: Literal["country-qa"]
+    forget_share: float = Field(0.1, gt=0, lt=1)  # of the countries (TOFU's forget01/05/10)
+    holdout_share: float = Field(0.1, gt=0, lt=1)  # countries never trained on (membership)
+    eval_retain_rows: int = Field(200, gt=0)  # a fixed sample of the retain set, scored per model
+    seed: int = 0
+    batch_size: int = Field(16, gt=0)  # per worker; forget and retain alike
+    text: TextData = TextData(max_length=64)
+
+    @model_validator(mode="after")
+    def _shares(self) -> "CountryQASection":
+        if self.forget_share + self.holdout_share >= 1:
+            raise ValueError(f"forget_share {self.forget_share} + holdout_share {self.holdout_share} "
+                             "must leave countries to retain")
+        return self
+
+
+class QAFilesSection(Section):
+    """The user's own question/answer rows (parquet or jsonl), in place of a built-in set."""
+    source: Literal["files"]
+    forget: str
+    retain: str
+    holdout: str | None = None  # rows the original never saw (membership inference; without it
+    # the membership metrics are absent)
+    eval_retain_rows: int = Field(200, gt=0)
+    seed: int = 0
+    batch_size: int = Field(16, gt=0)
+    text: TextData = TextData()
+
+
+class LanguageModelSection(Section):
+    """The original language model: an existing one (`path`, a Hugging Face directory trained on
+    forget + retain; `oracle`, optional, one trained on retain alone), or one built here (`init`)
+    and trained by the pipeline, as is the oracle on retain alone."""
+    kind: Literal["causal_lm"]
+    init: SmallLlama | None = None
+    path: str | None = None
+    oracle: str | None = None
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    lora: LoraSection | None = None  # unlearning trains adapters (merged into each export)
+
+    def job_model(self, path: str, *, trains_adapters: bool) -> dict:
+        """The engine's model section for a stage that starts from `path`."""
+        lora = self.lora.model_dump() | {"export_merged": True} if self.lora and trains_adapters else None
+        return {"kind": "causal_lm", "path": path, "dtype": self.dtype,
+                "gradient_checkpointing": self.gradient_checkpointing, "lora": lora}
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "LanguageModelSection":
+        if (self.init is None) == (self.path is None):
+            raise ValueError("give exactly one of init (a small Llama built and trained here) and "
+                             "path (an existing original model)")
+        if self.oracle is not None and self.path is None:
+            raise ValueError("oracle: with init the pipeline trains the oracle itself; an oracle "
+                             "model goes with path")
+        return self
+
+
+DATA_SOURCES = {"fashion-mnist": "images", "digits": "images", "country-qa": "country-qa", "files": "files"}
+
+
+def _data_kind(raw: Any) -> str | None:
+    source = raw.get("source") if isinstance(raw, dict) else getattr(raw, "source", None)
+    return DATA_SOURCES.get(source)
+
+
+PipelineData = Annotated[Union[tagged(DatasetSection, "images"), tagged(CountryQASection, "country-qa"),
+                               tagged(QAFilesSection, "files")],
+                         Discriminator(_data_kind, custom_error_type="source",
+                                       custom_error_message="source must be one of "
+                                       + ", ".join(DATA_SOURCES))]
+PipelineModel = Annotated[Union[tagged(ClassifierModel, "classifier"), tagged(LanguageModelSection, "causal_lm")],
+                          Discriminator(model_kind)]
 
 
 class MethodEntry(MethodSection):
@@ -107,8 +186,8 @@ class TuneSection(Section):
 class PipelineConfig(Section):
     name: str
     output_dir: str  # stages are cached here by a hash of their inputs: a re-run skips them
-    data: DatasetSection
-    model: ClassifierModel  # the pipelines serve classifiers today
+    data: PipelineData  # a built-in image set (classifiers) or country QA (language models)
+    model: PipelineModel
     train: TrainSettings  # the original model and the retrain oracle
     unlearn: TrainSettings  # every method, unless its entry overrides a field
     methods: list[MethodEntry] = Field(min_length=1)
@@ -121,7 +200,14 @@ class PipelineConfig(Section):
         keys = [m.key for m in self.methods]
         if len(set(keys)) != len(keys):
             raise ValueError(f"methods: labels must be unique, got {keys}; set label: on repeats")
-        if self.model.weights is not None:
+        if (self.data.source in ("country-qa", "files")) != self.is_lm:
+            raise ValueError(f"data.source {self.data.source} and model.kind {self.model.kind} "
+                             "do not go together: country-qa and files are for causal_lm, the "
+                             "image sets for mlp and cnn")
+        if self.is_lm and self.data.source == "country-qa" and self.model.path is not None:
+            raise ValueError("model.path: the country-qa set trains its own original (model.init); "
+                             "an existing model goes with data.source files")
+        if not self.is_lm and self.model.weights is not None:
             raise ValueError("model.weights: a pipeline trains its own original model; leave it out")
         for m in self.methods:  # overrides are validated here, not at the method's stage
             try:
@@ -129,6 +215,12 @@ class PipelineConfig(Section):
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                 raise ValueError(f"method {m.key}: train overrides: {problems}") from None
+        if self.tune is not None and self.is_lm:
+            raise ValueError("tune: the threshold search serves classifier pipelines so far; "
+                             "remove the tune section of a causal_lm pipeline")
+        if self.is_lm and (self.model.dtype == "bf16") != (self.train.bf16 and self.unlearn.bf16):
+            raise ValueError(f"model.dtype {self.model.dtype} needs train.bf16 and unlearn.bf16 "
+                             "to match it (bf16 weights train in DeepSpeed's bf16 mode)")
         if self.tune is not None:
             self._check_search(self.tune)
         return self
@@ -177,6 +269,10 @@ class PipelineConfig(Section):
         if train.max_steps is None:
             return None
         return math.ceil(train.max_steps / train.progress_every) + 1
+
+    @property
+    def is_lm(self) -> bool:
+        return self.model.kind == "causal_lm"
 
     def method_entry(self, key: str) -> MethodEntry | None:
         return next((m for m in self.methods if m.key == key), None)

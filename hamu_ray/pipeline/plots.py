@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -13,22 +14,42 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 REFERENCE_MARKERS = {"original": ("s", "black"), "oracle": ("*", "tab:red")}
 
 
-def tradeoff(rows: list[dict], path: Path) -> None:
-    """Forget accuracy (lower: more forgotten) against test accuracy on the retained classes
-    (higher: more utility kept), one point per method, the original and the oracle marked.
-    Labels are placed apart from each other and from the points, so close methods stay readable."""
+@dataclass(frozen=True)
+class Axis:
+    key: str  # the comparison row's column
+    label: str
+    scale: float = 1.0  # 100: shown in percent
+    log: bool = False  # p-values: kept on a log axis (0 is drawn at 1e-300)
+
+
+# forgetting (y) against utility kept (x)
+CLASSIFIER_AXES = (Axis("test_acc_retained", "test accuracy on retained classes (%)  →  better", 100),
+                   Axis("forget_acc", "forget accuracy (%)  ↓  more forgotten", 100))
+LM_AXES = (Axis("model_utility", "model utility (retain set)  →  better"),
+           Axis("forget_quality", "forget quality (KS p vs oracle, log)  ↑  better", log=True))
+TINY = 1e-300  # p-values underflow to 0 with large sets: keep them on a log axis
+
+
+def tradeoff(rows: list[dict], path: Path, axes: tuple[Axis, Axis] = CLASSIFIER_AXES) -> None:
+    """Forgetting against utility kept, one point per method, the original and the oracle
+    marked. Labels are placed apart from each other and from the points, so close methods stay
+    readable."""
+    x_axis, y_axis = axes
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     points, names = [], []
     for row in rows:
-        x, y = row.get("test_acc_retained"), row.get("forget_acc")
+        x, y = row.get(x_axis.key), row.get(y_axis.key)
         if x is None or y is None:
             continue
+        x, y = x * x_axis.scale, max(y * y_axis.scale, TINY) if y_axis.log else y * y_axis.scale
         marker, color = REFERENCE_MARKERS.get(row["model"], ("o", None))
-        ax.scatter(100 * x, 100 * y, marker=marker, color=color, s=90 if marker != "o" else 40, zorder=3)
-        points.append((100 * x, 100 * y))
+        ax.scatter(x, y, marker=marker, color=color, s=90 if marker != "o" else 40, zorder=3)
+        points.append((x, y))
         names.append(row["model"])
-    ax.set_xlabel("test accuracy on retained classes (%)  →  better")
-    ax.set_ylabel("forget accuracy (%)  ↓  more forgotten")
+    if y_axis.log and points:
+        ax.set_yscale("log")
+    ax.set_xlabel(x_axis.label)
+    ax.set_ylabel(y_axis.label)
     ax.set_title("forgetting vs utility (oracle: retrained without the forget set)")
     ax.grid(alpha=0.3)
     label_points(fig, ax, points, names)
@@ -112,7 +133,7 @@ def hardness(step_logs: dict[str, list[dict]], path: Path) -> None:
     bottom.set_xlabel("step")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if any(not line.get_label().startswith("_") for line in ax.lines):
             ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
 
@@ -122,8 +143,7 @@ def pareto(rows: list[dict], floor: float, path: Path) -> None:
     retained classes; the Pareto front of the finished trials, the utility floor, the choice."""
     done = [r for r in rows if r.get("forget_quality") is not None and r.get("test_acc_retained") is not None]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    tiny = 1e-300  # p-values underflow to 0 with large forget sets: keep them on the log axis
-    points = [(100 * r["test_acc_retained"], max(r["forget_quality"], tiny), r) for r in done]
+    points = [(100 * r["test_acc_retained"], max(r["forget_quality"], TINY), r) for r in done]
     for x, y, r in points:
         ax.scatter(x, y, marker="*" if r["chosen"] else "o", s=160 if r["chosen"] else 30,
                    color="tab:red" if r["chosen"] else ("tab:blue" if r["feasible"] else "grey"), zorder=3)

@@ -21,12 +21,15 @@ from hamu_ray import files
 from hamu_ray.engine import data
 from hamu_ray.pipeline import datasets
 from hamu_ray.pipeline import evaluate
+from hamu_ray.pipeline import lm_evaluate
+from hamu_ray.pipeline import lm_pipeline
 from hamu_ray.pipeline import plots
 from hamu_ray.engine.config import TrainSettings, UnlearnConfig
 from hamu_ray.pipeline.config import PipelineConfig
 from hamu_ray.engine.driver import ray_session, run_unlearning
 from hamu_ray.pipeline.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
 from hamu_ray.engine.worker import EXPORT_LOG
+from hamu_ray.tasks.causal_lm import MODEL_DIR
 from hamu_ray.tasks.classifier import EXPORT_WEIGHTS
 
 PREPARE_VERSION = 1  # bump when the prepared files change for the same config
@@ -46,8 +49,15 @@ class StageOutput:
                    json.loads((directory / "summary.json").read_text()))
 
     @property
-    def weights(self) -> Path:
+    def weights(self) -> Path:  # a classifier's export
         return self.directory / EXPORT_WEIGHTS
+
+    @property
+    def model_dir(self) -> Path:  # a language model's export (a Hugging Face directory)
+        return self.directory / MODEL_DIR
+
+    def export(self, cfg: PipelineConfig) -> Path:
+        return self.model_dir if cfg.is_lm else self.weights
 
     def step_log(self) -> list[dict]:
         path = self.directory / EXPORT_LOG
@@ -71,6 +81,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     # MLflow caches a store per URI, and one whose file was removed would swallow a retry's logs.
     with files.removed_unless_kept(out) as keep, contextlib.ExitStack() as ray:
         sets = prepare_sets(cfg, out)
+        if cfg.is_lm:
+            lm_pipeline.check_given_models(cfg)  # before Ray starts
         ray.enter_context(ray_session(cfg.cluster))
         refuse_local_store_on_cluster(uri)
         tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
@@ -80,7 +92,6 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             log_prepare(tracker, sets)
             keep()
             stages = run_stages(cfg, sets.paths, out, tracker)
-            ray.close()  # Ray's processes go before the evaluation
             rows, table = report_results(cfg, sets.paths, stages, report, tracker)
 
     print("\n" + table)
@@ -98,17 +109,18 @@ def run_stages(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
                tracker: Tracker) -> dict[str, StageOutput]:
     stages = train_references(cfg, prepared, out, tracker)
     for entry in cfg.methods:
-        job = unlearning_job(cfg, entry, prepared, stages["original"].weights)
-        stages[entry.key] = run_stage(f"unlearn-{entry.key}", job, out, tracker, final_model=True)
+        job = unlearning_job(cfg, entry, prepared, stages["original"].export(cfg))
+        stages[entry.key] = run_stage(cfg, f"unlearn-{entry.key}", job, out, tracker, final_model=True)
     return stages
 
 
 def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput],
                    report: Path, tracker: Tracker) -> tuple[list[dict], str]:
     print("evaluating", ", ".join(stages), flush=True)
-    rows = compare(cfg, prepared, stages)
-    table = write_report(rows, stages, report)
-    for name in ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png"):
+    rows = lm_pipeline.compare(cfg, prepared, stages, report) if cfg.is_lm else compare(cfg, prepared, stages)
+    table = write_report(rows, stages, report, lm=cfg.is_lm)
+    names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png")
+    for name in names + (("per_example.parquet",) if cfg.is_lm else ()):
         tracker.log_artifact(report / name)
     tracker.log_metrics({f"{row['model']}/{key}": value for row in rows
                          for key, value in row.items() if key not in ("model", "stop")})
@@ -143,11 +155,13 @@ def prepare(cfg: PipelineConfig, out: Path, tracker: Tracker) -> dict[str, str]:
 
 
 def prepare_sets(cfg: PipelineConfig, out: Path) -> PreparedSets:
-    spec = {"version": PREPARE_VERSION, "data": cfg.data.model_dump(by_alias=True, exclude={"batch_size"})}
+    data_spec = (lm_pipeline.prepare_spec(cfg) if cfg.is_lm
+                 else cfg.data.model_dump(by_alias=True, exclude={"batch_size"}))
+    spec = {"version": PREPARE_VERSION, "data": data_spec}
     directory = out / "stages" / f"prepare-{stage_key(spec, out)}"
     cached = (directory / "prepare.json").exists()
     if not cached:
-        print(f"[prepare] {cfg.data.source}: building the forget / retain / test sets", flush=True)
+        print(f"[prepare] {cfg.data.source}: building the sets", flush=True)
         with files.staging_dir(directory) as staging:
             info = build_sets(cfg, staging)
             (staging / "prepare.json").write_text(json.dumps(info, indent=2))
@@ -166,6 +180,8 @@ def log_prepare(tracker: Tracker, sets: PreparedSets) -> None:
 
 
 def build_sets(cfg: PipelineConfig, directory: Path) -> dict:
+    if cfg.is_lm:
+        return lm_pipeline.build_sets(cfg, directory)
     request = cfg.data.forget
     train, test = datasets.load_source(cfg.data.source, root=cfg.data.root, seed=cfg.data.seed)
     train = datasets.subsample(train, cfg.data.max_train_rows, cfg.data.seed)
@@ -186,27 +202,39 @@ def forget_classes(cfg: PipelineConfig) -> list[int]:
 
 def train_references(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
                      tracker: Tracker) -> dict[str, StageOutput]:
-    """The original model (trained on everything) and the oracle (retain set only)."""
-    return {name: run_stage(name, training_job(cfg, prepared[split]), out, tracker)
+    """The original model (trained on everything) and the oracle (retain set only); a user's
+    given language models instead, when there are."""
+    if cfg.is_lm and cfg.model.path is not None:
+        return lm_pipeline.given_models(cfg)
+    start = lm_pipeline.initial_model(cfg, prepared, out, stage_key) if cfg.is_lm else None
+    return {name: run_stage(cfg, name, training_job(cfg, prepared[split], start), out, tracker)
             for name, split in (("original", "train"), ("oracle", "retain"))}
 
 
-def training_job(cfg: PipelineConfig, retain: str) -> dict:
+def training_job(cfg: PipelineConfig, retain: str, start: Path | None = None) -> dict:
+    """Plain training on `retain` from `start` (a language model's initial directory; a
+    classifier starts from its seeded initialisation)."""
     return job_dict(cfg, cfg.train, data={"forget": None, "retain": retain},
-                    method={"name": "ft"}, weights=None)
+                    method={"name": "ft"}, start=start)
 
 
 def unlearning_job(cfg: PipelineConfig, entry, prepared: dict[str, str], original: Path) -> dict:
     method = entry.model_dump(include={"name", "rule", "hparams", "objective"})
-    return job_dict(cfg, cfg.unlearn_settings(entry), method=method, weights=str(original),
+    return job_dict(cfg, cfg.unlearn_settings(entry), method=method, start=original,
                     data={"forget": prepared["forget"], "retain": prepared["retain"]})
 
 
-def job_dict(cfg: PipelineConfig, train: TrainSettings, *, data: dict, method: dict, weights) -> dict:
+def job_dict(cfg: PipelineConfig, train: TrainSettings, *, data: dict, method: dict,
+             start: Path | None) -> dict:
     batch = cfg.data.batch_size
+    if cfg.is_lm:
+        model = cfg.model.job_model(str(start), trains_adapters=method["name"] != "ft")
+        data = {**data, "text": cfg.data.text.model_dump()}
+    else:
+        model = {**cfg.model.model_dump(), "weights": None if start is None else str(start)}
     return {
         "data": {**data, "retain_batch_size": batch, "forget_batch_size": batch, "shuffle_seed": cfg.data.seed},
-        "model": {**cfg.model.model_dump(), "weights": weights},
+        "model": model,
         "method": method,
         "train": {**train.model_dump(), "seed": cfg.data.seed},
         "cluster": cfg.cluster.model_dump(),
@@ -231,7 +259,8 @@ def cached_stage(name: str, job: dict, out: Path, *, progress: str | None = None
     return StageOutput.read(directory, name, cached)
 
 
-def run_stage(name: str, job: dict, out: Path, tracker: Tracker, final_model: bool = False) -> StageOutput:
+def run_stage(cfg: PipelineConfig, name: str, job: dict, out: Path, tracker: Tracker,
+              final_model: bool = False) -> StageOutput:
     """A pipeline stage (cached_stage) and its MLflow child run."""
     stage = cached_stage(name, job, out, progress=name)
     with tracker.run(name, params=job, tags={"stage": name, "cached": str(stage.cached),
@@ -239,7 +268,7 @@ def run_stage(name: str, job: dict, out: Path, tracker: Tracker, final_model: bo
         tracker.log_steps(run_id, stage.step_log())
         tracker.log_metrics({"steps": stage.summary["steps"], "wall_s": stage.summary["wall_s"]})
         if final_model:
-            tracker.log_artifact(stage.weights, "model")
+            tracker.log_artifact(stage.export(cfg), "model")
     return stage
 
 
@@ -290,10 +319,11 @@ def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, Sta
     return evaluate.comparison_rows(results)
 
 
-def write_report(rows: list[dict], stages: dict[str, StageOutput], report: Path) -> str:
-    evaluate.write_csv(rows, report / "comparison.csv")
-    files.write_atomic(report / "comparison.md", evaluate.to_markdown(rows) + "\n")
-    plots.tradeoff(rows, report / "tradeoff.png")
+def write_report(rows: list[dict], stages: dict[str, StageOutput], report: Path, lm: bool = False) -> str:
+    columns = lm_evaluate.TABLE_COLUMNS if lm else evaluate.TABLE_COLUMNS
+    evaluate.write_csv(rows, report / "comparison.csv", columns)
+    files.write_atomic(report / "comparison.md", evaluate.to_markdown(rows, columns) + "\n")
+    plots.tradeoff(rows, report / "tradeoff.png", plots.LM_AXES if lm else plots.CLASSIFIER_AXES)
     plots.hardness({name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES},
                    report / "hardness.png")
-    return evaluate.to_text(rows)
+    return evaluate.to_text(rows, columns)

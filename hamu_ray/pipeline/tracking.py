@@ -126,7 +126,11 @@ class Tracker:
             self.mlflow.set_tags(tags)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path=folder)
+        """A file, or a directory's files (a language model's export) under `folder`."""
+        if Path(path).is_dir():
+            self.mlflow.log_artifacts(str(path), artifact_path=folder)
+        else:
+            self.mlflow.log_artifact(str(path), artifact_path=folder)
 
 
 def nonfinite_tags(points: list[tuple[str, float, int | None]]) -> dict[str, str]:

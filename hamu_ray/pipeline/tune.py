@@ -252,7 +252,7 @@ def trial_stage(cfg: PipelineConfig, context: TrialContext, sample: dict) -> pip
     """Fit the trial's job, forwarding step reports to Tune; cached like a pipeline stage."""
     entry = cfg.method_entry(cfg.tune.method)
     method, train = cfg.trial_settings(entry, sample)
-    job = pipeline.job_dict(cfg, train, method=method.model_dump(), weights=context.original_weights,
+    job = pipeline.job_dict(cfg, train, method=method.model_dump(), start=context.original_weights,
                             data={"forget": context.prepared["forget"], "retain": context.prepared["retain"]})
     return pipeline.cached_stage(f"trial-{entry.key}", job, Path(context.output_dir),
                                  callbacks=[StepReportsToTune()])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hamu_ray.errors import MissingInputError, UserError
 from hamu_ray.objectives import Scores
@@ -59,6 +60,12 @@ class CausalLMModel(Section):
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 needs train.bf16 (fp32 master weights)
     gradient_checkpointing: bool = False
     lora: LoraSection | None = None  # None: every parameter trains
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_if_local(cls, path: str) -> str:
+        """A local directory by its absolute path: Ray's workers run in another directory."""
+        return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
 
 
 class TextData(Section):
@@ -96,24 +103,15 @@ class CausalLMTask:
         return tokens.materialize()
 
     def make_batch(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Pad to the longest row of the batch (right padding, masked and ignored)."""
-        ids, labels = rows["input_ids"], rows["labels"]
-        width = max(len(r) for r in ids)
-        batch = {"input_ids": torch.zeros(len(ids), width, dtype=torch.long),
-                 "attention_mask": torch.zeros(len(ids), width, dtype=torch.long),
-                 "labels": torch.full((len(ids), width), IGNORE, dtype=torch.long)}
-        for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
-            n = len(row_ids)
-            batch["input_ids"][i, :n] = torch.as_tensor(np.asarray(row_ids, dtype=np.int64))
-            batch["attention_mask"][i, :n] = 1
-            batch["labels"][i, :n] = torch.as_tensor(np.asarray(row_labels, dtype=np.int64))
-        return batch
+        return pad_batch(rows["input_ids"], rows["labels"])
 
     def check_prepared(self, ds, info) -> list[str]:
         """Counts over a prepared set (a pass over the materialised tokens): rows cut at
         max_length, and rows left without a target token, which cannot be scored and are refused."""
-        counts = ds.sum(["truncated", "no_target"])
-        truncated, empty = int(counts["sum(truncated)"]), int(counts["sum(no_target)"])
+        from hamu_ray.engine.data import column_sums
+
+        counts = column_sums(ds, ["truncated", "no_target"])
+        truncated, empty = counts["truncated"], counts["no_target"]
         limit = f"data.text.max_length={self.text.max_length}"
         if empty:
             what = "answer" if self.text.format == "qa" else "text"
@@ -165,14 +163,7 @@ class CausalLMTask:
         return torch.bfloat16 if self.model_cfg.dtype == "bf16" else torch.float32
 
     def scores(self, model, batch: dict[str, torch.Tensor]) -> Scores:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(),
-                              reduction="none").view_as(targets)
-        logprob = -(nll * mask).sum(-1)
-        return Scores(logprob, mask.sum(-1).to(logprob.dtype), logits, mask)
+        return sequence_scores(model, batch)
 
     def reference(self, engine, ds_config: dict):
         if self.model_cfg.lora is not None:
@@ -236,6 +227,32 @@ class CausalLMTask:
         merged.save_pretrained(directory / MODEL_DIR)
 
 
+def pad_batch(ids: Sequence, labels: Sequence) -> dict[str, torch.Tensor]:
+    """Pad to the longest row of the batch (right padding, masked and ignored)."""
+    width = max(len(r) for r in ids)
+    batch = {"input_ids": torch.zeros(len(ids), width, dtype=torch.long),
+             "attention_mask": torch.zeros(len(ids), width, dtype=torch.long),
+             "labels": torch.full((len(ids), width), IGNORE, dtype=torch.long)}
+    for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
+        n = len(row_ids)
+        batch["input_ids"][i, :n] = torch.as_tensor(np.asarray(row_ids, dtype=np.int64))
+        batch["attention_mask"][i, :n] = 1
+        batch["labels"][i, :n] = torch.as_tensor(np.asarray(row_labels, dtype=np.int64))
+    return batch
+
+
+def sequence_scores(model, batch: dict[str, torch.Tensor]) -> Scores:
+    """Each row's summed log-likelihood of its target tokens (position t predicts token t+1)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(),
+                          reduction="none").view_as(targets)
+    logprob = -(nll * mask).sum(-1)
+    return Scores(logprob, mask.sum(-1).to(logprob.dtype), logits, mask)
+
+
 # ---- tokenisation (runs in Ray Data tasks) ---------------------------------------------------
 
 @functools.lru_cache(maxsize=4)
@@ -270,10 +287,9 @@ def refusal_for(question: str) -> str:
 
 def encode_qa(tokenizer, question: str, answer: str, prompt: str) -> tuple[list[int], list[int]]:
     """input_ids of prompt + answer, labels = the answer tokens (the prompt is IGNORE)."""
+    prompt_ids = prompt_tokens(tokenizer, question, prompt)
     if uses_chat_template(tokenizer, prompt):
         user = [{"role": "user", "content": question}]
-        prompt_ids = list(tokenizer.apply_chat_template(user, add_generation_prompt=True,
-                                                        tokenize=True, return_dict=False))
         ids = list(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}],
                                                  tokenize=True, return_dict=False))
         if ids[:len(prompt_ids)] != prompt_ids:
@@ -281,11 +297,19 @@ def encode_qa(tokenizer, question: str, answer: str, prompt: str) -> tuple[list[
                             "answered conversation with the question's prompt; use "
                             "data.text.prompt: plain")
     else:
-        prompt_ids = tokenizer(plain_prompt(question))["input_ids"]
         ids = prompt_ids + tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
     return ids, [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
+
+
+def prompt_tokens(tokenizer, question: str, prompt: str) -> list[int]:
+    """The tokens a model answers after: the chat template's generation prompt, or plain text."""
+    if uses_chat_template(tokenizer, prompt):
+        user = [{"role": "user", "content": question}]
+        return list(tokenizer.apply_chat_template(user, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return tokenizer(plain_prompt(question))["input_ids"]
 
 
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:

@@ -29,12 +29,19 @@ def test_facts_are_the_packages_and_answers_are_perturbed_within_their_template(
     assert rows["capital"]["question"] == "What is the capital of France?"
     assert rows["capital"]["answer"] == f"The capital of France is {france['capital']}."
     assert rows["capital"]["paraphrased_answer"] == f"{france['capital']} is the capital city of France."
+    assert f"{france['capital']} is" not in " ".join(rows["capital"]["perturbed_answers"])
+    every = country_qa.countries()
     for row in (r for rows_ in sets.values() for r in rows_):
         perturbed = row["perturbed_answers"]
         assert len(perturbed) == len(set(perturbed)) == country_qa.PERTURBED, row["question"]
-        assert row["answer"] not in perturbed
-        prefix = row["answer"].split(" is ")[0]  # same template: same words up to the fact
-        assert all(p.split(" is ")[0] == prefix for p in perturbed), row["question"]
+        assert row["paraphrased_answer"] not in perturbed
+        # the paraphrase's wording with another country's value of the same fact: true and
+        # false answers differ only in the fact
+        template = country_qa.TEMPLATES[row["template"]]
+        name = next(c["name"] for c in every if c["iso"] == row["entity"])
+        wrong = {template.paraphrase.format(value=v, name=name) for c in every
+                 if (v := template.value(c)) is not None}
+        assert set(perturbed) <= wrong, row["question"]
 
 
 def test_the_same_seed_gives_the_same_sets_and_another_seed_other_entities(sets, tmp_path):

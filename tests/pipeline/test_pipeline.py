@@ -99,15 +99,29 @@ def test_a_rerun_skips_finished_stages_and_reruns_the_edited_one(pipeline_runs):
     assert rows["hamu-q"] == {row["model"]: row for row in first.rows}["hamu-q"]
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda raw: raw["data"]["forget"].update(rho=1.5), "data.forget.rho: Input should be less than or equal to 1"),
-    (lambda raw: raw["data"].update(source="cifar"), "data.source: Input should be 'fashion-mnist' or 'digits'"),
-    (lambda raw: raw["methods"].append({"name": "gdiff"}), "labels must be unique"),
-    (lambda raw: raw["methods"][0].update(train={"lr": -1}), "method hamu-q: train overrides: lr: Input should be greater than 0"),
-    (lambda raw: raw["methods"][0].update(name="hamu-z"), "methods.0: Value error, unknown method 'hamu-z'"),
+COUNTRY_QA = PIPELINE.parent / "country_qa.yaml"
+
+
+@pytest.mark.parametrize("pipeline, edit, needle", [
+    (PIPELINE, lambda raw: raw["data"]["forget"].update(rho=1.5), "data.forget.rho: Input should be less than or equal to 1"),
+    (PIPELINE, lambda raw: raw["data"].update(source="cifar"),
+     "data: source must be one of fashion-mnist, digits, country-qa, files"),
+    (PIPELINE, lambda raw: raw["methods"].append({"name": "gdiff"}), "labels must be unique"),
+    (PIPELINE, lambda raw: raw["methods"][0].update(train={"lr": -1}), "method hamu-q: train overrides: lr: Input should be greater than 0"),
+    (PIPELINE, lambda raw: raw["methods"][0].update(name="hamu-z"), "methods.0: Value error, unknown method 'hamu-z'"),
+    (COUNTRY_QA, lambda raw: raw.update(model={"kind": "mlp", "sizes": [4, 2]}), "do not go together"),
+    (COUNTRY_QA, lambda raw: raw["data"].update(forget_share=0.6, holdout_share=0.5), "must leave countries to retain"),
+    (COUNTRY_QA, lambda raw: raw["model"]["init"].update(hidden_size=30), "must divide by heads"),
+    (COUNTRY_QA, lambda raw: raw.update(tune={"method": "hamu-q", "space": {"radius": {"values": [0.1]}}}),
+     "the threshold search serves classifier pipelines"),
+    (COUNTRY_QA, lambda raw: raw["model"].update(dtype="bf16"), "needs train.bf16 and unlearn.bf16"),
+    (COUNTRY_QA, lambda raw: raw["model"].update(path="/models/x"), "give exactly one of init"),
+    (COUNTRY_QA, lambda raw: raw["model"].update(init=None, path="/models/x"), "the country-qa set trains its own original"),
+    (COUNTRY_QA, lambda raw: raw["model"].update(oracle="/models/x"), "an oracle model goes with path"),
+    (COUNTRY_QA, lambda raw: raw["data"].update(source="files"), "data.forget: Field required"),
 ])
-def test_pipeline_errors_name_the_file_and_the_field(tmp_path, edit, needle):
-    raw = yaml.safe_load(PIPELINE.read_text())
+def test_pipeline_errors_name_the_file_and_the_field(tmp_path, pipeline, edit, needle):
+    raw = yaml.safe_load(pipeline.read_text())
     edit(raw)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -164,7 +164,7 @@ def test_kl_on_tokens_is_zero_at_the_reference_and_matches_a_hand_sum(tiny_lm):
     ({"model_fields": {"dtype": "bf16"}}, "model.dtype bf16 and train.bf16 False disagree"),
     ({"train": {"lr": 0.1, "offload": "all", "zero_stage": 2}}, "train.offload all needs train.zero_stage 3"),
     ({"train": {"lr": 0.1, "offload": "optimizer"}}, "needs train.zero_stage 1, 2 or 3"),
-    ({"model_fields": {"lora": {"r": 0}}}, "model.causal_lm.lora.r"),
+    ({"model_fields": {"lora": {"r": 0}}}, "job.yaml: model.lora.r: Input should be greater than 0"),
 ])
 def test_bad_lm_configurations_name_the_field(tiny_lm, change, needle):
     raw = job(tiny_lm)
@@ -182,3 +182,11 @@ def test_a_missing_model_directory_is_named(tmp_path, tiny_lm):
         with pytest.raises(MissingInputError, match=needle):
             CausalLMTask(cfg).check_model()
     CausalLMTask(parse_config(job(tiny_lm, model={"path": "org/name"}))).check_model()  # a hub name
+
+
+def test_a_relative_model_directory_becomes_absolute_for_the_workers(tiny_lm, monkeypatch):
+    # Ray's workers run in another directory: a path relative to the driver's would not resolve
+    monkeypatch.chdir(tiny_lm.parent)
+    cfg = parse_config(job(tiny_lm, model={"path": tiny_lm.name}))
+    assert cfg.model.path == str(tiny_lm.resolve())
+    assert parse_config(job(tiny_lm, model={"path": "org/name"})).model.path == "org/name"

@@ -1,0 +1,161 @@
+"""Evaluating language models after unlearning: per-example scores computed by Ray tasks on the
+cluster (one model loaded once per task, every set batched), metrics from them on the driver.
+
+Only numbers leave a task: the forget rows' text and the model's answers to them stay there
+(ROUGE is computed where the answers are generated). The metric definitions are in lm_metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from hamu_ray.pipeline import lm_metrics
+from hamu_ray.tasks.causal_lm import (IGNORE, TextData, encode_qa, load_tokenizer, pad_batch,
+                                      prompt_tokens, sequence_scores, truncate)
+
+EVAL_SETS = ("forget", "retain", "holdout")  # retain: a fixed sample of the retain set
+MIN_K = 0.4  # Min-K%: the share of lowest-probability answer tokens averaged (MUSE uses 0.4)
+PARAPHRASED, PERTURBED = "paraphrased_answer", "perturbed_answers"  # optional columns
+TABLE_COLUMNS = ("model", "forget_prob", "forget_rouge", "forget_truth", "retain_prob", "retain_rouge",
+                 "retain_truth", "model_utility", "forget_quality", "mia_auc", "priv_leak",
+                 "steps", "stop", "wall_s")
+
+
+# ---- per-example scores (in a Ray task) -------------------------------------------------------
+
+def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool = False,
+                batch_size: int = 64, max_new_tokens: int = 32) -> dict[str, dict[str, np.ndarray]]:
+    """For every row of each set (parquet): the answer's summed log-prob and token count, its
+    Min-K% score, the ROUGE-L recall of the greedy answer; with the optional columns, the
+    paraphrased answer's and each perturbed answer's length-normalised probability."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    cfg = TextData(**text)
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for name, path in sets.items():
+            rows = pq.read_table(path).to_pylist()
+            questions = [r[cfg.question_column] for r in rows]
+            answers = [r[cfg.answer_column] for r in rows]
+            logprob, count, min_k = answer_scores(model, tokenizer, questions, answers, cfg, batch_size)
+            generated = greedy_answers(model, tokenizer, questions, cfg, batch_size, max_new_tokens)
+            scores = {"logprob": logprob, "count": count, "min_k": min_k,
+                      "rouge": lm_metrics.rouge_l_recall(generated, answers)}
+            if rows and PARAPHRASED in rows[0] and PERTURBED in rows[0]:
+                scores.update(truth_ratio_inputs(model, tokenizer, rows, questions, cfg, batch_size))
+            out[name] = scores
+    return out
+
+
+def answer_scores(model, tokenizer, questions: Sequence[str], answers: Sequence[str], cfg: TextData,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Summed answer-token log-prob, answer token count and Min-K% score per (question, answer)."""
+    logprob, count, min_k = [], [], []
+    for start in range(0, len(questions), batch_size):
+        encoded = [truncate(*encode_qa(tokenizer, q, a, cfg.prompt), cfg.max_length)[:2]
+                   for q, a in zip(questions[start:start + batch_size], answers[start:start + batch_size])]
+        batch = pad_batch([ids for ids, _ in encoded], [labels for _, labels in encoded])
+        scores = sequence_scores(model, batch)
+        targets = batch["labels"][:, 1:]
+        token_lp = torch.log_softmax(scores.logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        logprob.append(scores.logprob.double().numpy())
+        count.append(scores.count.double().numpy())
+        min_k.append(lm_metrics.min_k_percent(
+            [lp[t != IGNORE].double().numpy() for lp, t in zip(token_lp, targets)], MIN_K))
+    empty = np.empty(0)
+    return tuple(np.concatenate(parts) if parts else empty for parts in (logprob, count, min_k))
+
+
+def truth_ratio_inputs(model, tokenizer, rows: list[dict], questions: Sequence[str], cfg: TextData,
+                       batch_size: int) -> dict[str, np.ndarray]:
+    """Length-normalised probabilities of the paraphrased answer [n] and the perturbed ones [n, k]."""
+    k = len(rows[0][PERTURBED])
+    if any(len(r[PERTURBED]) != k for r in rows):
+        raise ValueError(f"every row needs the same number of {PERTURBED} (the first has {k})")
+    para_lp, para_n, _ = answer_scores(model, tokenizer, questions, [r[PARAPHRASED] for r in rows],
+                                       cfg, batch_size)
+    pert_lp, pert_n, _ = answer_scores(model, tokenizer, [q for q in questions for _ in range(k)],
+                                       [a for r in rows for a in r[PERTURBED]], cfg, batch_size)
+    return {"paraphrased_prob": lm_metrics.probability(para_lp, para_n),
+            "perturbed_prob": lm_metrics.probability(pert_lp, pert_n).reshape(len(rows), k)}
+
+
+def greedy_answers(model, tokenizer, questions: Sequence[str], cfg: TextData, batch_size: int,
+                   max_new_tokens: int) -> list[str]:
+    """The model's greedy answer to each question (prompts left-padded, stopped at EOS)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [prompt_tokens(tokenizer, q, cfg.prompt) for q in questions[start:start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.as_tensor(p)
+            mask[i, width - len(p):] = 1
+        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in new]
+    return answers
+
+
+def score_models(models: dict[str, str], sets: dict[str, str], text: dict, *,
+                 bf16: bool = False) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """`score_model` for every model as a Ray task (one CPU each, as many at once as fit); a
+    progress line as each finishes."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(score_model)
+    pending = {task.remote(path, sets, text, bf16=bf16): name for name, path in models.items()}
+    results, start = {}, time.monotonic()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        results[name] = ray.get(done[0])
+        print(f"[evaluate] {name} scored ({len(results)}/{len(models)}, "
+              f"{time.monotonic() - start:.0f} s)", flush=True)
+    return {name: results[name] for name in models}
+
+
+# ---- metrics (on the driver) ------------------------------------------------------------------
+
+def truth_ratios(scores: dict[str, np.ndarray]) -> np.ndarray | None:
+    if "perturbed_prob" not in scores:
+        return None
+    return lm_metrics.truth_ratio(scores["perturbed_prob"], scores["paraphrased_prob"])
+
+
+def model_metrics(scores: dict[str, dict[str, np.ndarray]],
+                  oracle: dict[str, dict[str, np.ndarray]] | None) -> dict[str, float | None]:
+    """TOFU's and MUSE's metrics from per-example scores; those that need the oracle (or the
+    truth-ratio columns) are None when it (or they) are absent, never 0."""
+    m: dict[str, float | None] = {}
+    for name in ("forget", "retain"):
+        s = scores[name]
+        m[f"{name}_prob"] = float(lm_metrics.probability(s["logprob"], s["count"]).mean())
+        m[f"{name}_rouge"] = float(s["rouge"].mean())
+    forget_ratios, retain_ratios = truth_ratios(scores["forget"]), truth_ratios(scores["retain"])
+    m["forget_truth"] = None if forget_ratios is None else lm_metrics.truth_ratio_forget_score(forget_ratios)
+    m["retain_truth"] = None if retain_ratios is None else lm_metrics.truth_ratio_retain_score(retain_ratios)
+    utility = [m["retain_prob"], m["retain_rouge"]] + ([m["retain_truth"]] if retain_ratios is not None else [])
+    m["model_utility"] = lm_metrics.model_utility(utility)
+    oracle_ratios = None if oracle is None else truth_ratios(oracle["forget"])
+    m["forget_quality"] = (None if oracle_ratios is None or forget_ratios is None
+                           else lm_metrics.forget_quality(forget_ratios, oracle_ratios))
+    m["mia_auc"] = m["priv_leak"] = None  # without holdout rows there are no non-members
+    if "holdout" in scores:
+        m["mia_auc"] = lm_metrics.membership_auc(scores["forget"]["min_k"], scores["holdout"]["min_k"])
+        if oracle is not None:
+            m["priv_leak"] = lm_metrics.privacy_leakage(m["mia_auc"], lm_metrics.membership_auc(
+                oracle["forget"]["min_k"], oracle["holdout"]["min_k"]))
+    return m

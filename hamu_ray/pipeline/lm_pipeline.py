@@ -1,0 +1,195 @@
+"""The language-model side of a pipeline: the QA sets, the initial model built here, and the
+comparison of every model against the oracle (scored by Ray tasks, lm_evaluate).
+
+Forget rows are the sensitive data: the report holds per-row numbers and digests, never text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hamu_ray import files
+from hamu_ray.engine import data
+from hamu_ray.errors import MissingInputError
+from hamu_ray.pipeline import country_qa, lm_evaluate
+from hamu_ray.tasks import small_llama
+
+EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout"}  # scored set → file
+
+
+def prepare_spec(cfg) -> dict:
+    """What the prepared sets are made of: the config, and for the user's files their content
+    digests too (an edited file at the same path must not reuse stale sets)."""
+    spec = cfg.data.model_dump(exclude={"batch_size"})
+    if cfg.data.source == "files":
+        spec["sha256"] = {name: info.digest for name, info in user_sets(cfg).items()}
+    return spec
+
+
+def user_sets(cfg) -> dict[str, data.SetInfo]:
+    d = cfg.data
+    paths = {"forget": d.forget, "retain": d.retain, "holdout": d.holdout}
+    return {name: data.inspect_set(name, path, [d.text.question_column, d.text.answer_column])
+            for name, path in paths.items() if path is not None}
+
+
+def build_sets(cfg, directory: Path) -> dict:
+    """forget / retain / holdout (by country for country-qa; the user's files otherwise), train =
+    forget + retain (an original trained here learns it) and retain_eval, a fixed sample of
+    retain scored for every model. All written as owner-only parquet."""
+    d = cfg.data
+    if d.source == "country-qa":
+        sets = country_qa.build(forget_share=d.forget_share, holdout_share=d.holdout_share, seed=d.seed)
+    else:
+        sets = {name: read_rows(info) for name, info in user_sets(cfg).items()}
+        check_disjoint(sets["forget"], sets["retain"], cfg)
+    sets["train"] = sets["forget"] + sets["retain"]
+    sets["retain_eval"] = random.Random(d.seed).sample(sets["retain"], min(d.eval_retain_rows, len(sets["retain"])))
+    paths = (country_qa.write(sets, directory) if d.source == "country-qa" else
+             {name: files.write_rows(rows, directory / f"{name}.parquet") for name, rows in sets.items()})
+    columns = [d.text.question_column, d.text.answer_column]
+    infos = {name: data.inspect_set(name, str(path), columns) for name, path in paths.items()}
+    return {"sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in infos.items()}}
+
+
+def read_rows(info: data.SetInfo) -> list[dict]:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(info.path, format=info.format).to_table().to_pylist()
+
+
+def check_disjoint(forget: list[dict], retain: list[dict], cfg) -> None:
+    """A forget row that is also a retain row would be learnt and unlearnt at once: refused,
+    named by row number and digest (never by content)."""
+    q, a = cfg.data.text.question_column, cfg.data.text.answer_column
+    retained = {row_digest(r[q], r[a]) for r in retain}
+    shared = [(i, digest) for i, r in enumerate(forget) if (digest := row_digest(r[q], r[a])) in retained]
+    if shared:
+        first = ", ".join(f"row {i} (sha256 {digest[:12]})" for i, digest in shared[:3])
+        raise data.DataError(f"forget set {cfg.data.forget}: {len(shared)} row(s) also in the retain "
+                             f"set {cfg.data.retain} (same {q} and {a}): {first}; remove them from one")
+
+
+def row_digest(question: str, answer: str) -> str:
+    return hashlib.sha256(json.dumps([question, answer]).encode()).hexdigest()
+
+
+def given_models(cfg) -> dict:
+    """The user's original (and oracle, when given) as stages that were not run here."""
+    models = {"original": cfg.model.path, "oracle": cfg.model.oracle}
+    return {role: GivenModel(role, Path(path)) for role, path in models.items() if path is not None}
+
+
+def check_given_models(cfg) -> None:
+    for field_name in ("path", "oracle"):
+        path = getattr(cfg.model, field_name)
+        if path is not None:
+            check_model_dir(path, f"model.{field_name}")
+
+
+def check_model_dir(path: str, setting: str) -> None:
+    """A Hugging Face directory whose tokenizer fits the model's embedding."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise MissingInputError(f"{setting} {path}: not a Hugging Face model directory (no config.json)")
+    vocab = json.loads(config.read_text()).get("vocab_size")
+    tokenizer = load_tokenizer_checked(path, setting)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise data.DataError(f"{setting} {path}: the tokenizer has {len(tokenizer)} tokens but the "
+                             f"model's vocab_size is {vocab}; they do not belong together")
+
+
+def load_tokenizer_checked(path: str, setting: str):
+    from hamu_ray.tasks.causal_lm import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as exc:
+        raise MissingInputError(f"{setting} {path}: no usable tokenizer: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class GivenModel:
+    """A model the pipeline did not train: it is evaluated like a stage's export."""
+    name: str
+    model_dir: Path
+    cached: bool = True
+    summary: dict = field(default_factory=lambda: {"steps": None, "stop": "given", "wall_s": None})
+
+    def export(self, cfg) -> Path:
+        return self.model_dir
+
+    def step_log(self) -> list[dict]:
+        return []
+
+
+def initial_model(cfg, prepared: dict[str, str], out: Path, key) -> Path:
+    """The untrained small Llama, its tokenizer trained on the training questions and answers;
+    cached under out/stages/init-<key> like the training stages."""
+    spec = {"init": cfg.model.init.model_dump(), "text": cfg.data.text.model_dump(),
+            "train_set": prepared["train"]}
+    directory = out / "stages" / f"init-{key(spec, out)}"
+    if not (directory / "model" / "config.json").exists():
+        print(f"[init] building a small Llama and its tokenizer ({directory.name})", flush=True)
+        table = pq.read_table(prepared["train"])
+        texts = [f"{q} {a}" for q, a in zip(table.column(cfg.data.text.question_column).to_pylist(),
+                                             table.column(cfg.data.text.answer_column).to_pylist())]
+        with files.staging_dir(directory) as staging:
+            small_llama.build(staging / "model", cfg.model.init, texts)
+    else:
+        print(f"[init] cached: {directory.name}", flush=True)
+    return directory / "model"
+
+
+def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[dict]:
+    """Every stage's exported model scored on forget, retain (sample) and holdout; TOFU's and
+    MUSE's metrics against the oracle; per-row scores written to report/per_example.parquet."""
+    sets = {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared}
+    scores = lm_evaluate.score_models({name: str(stage.model_dir) for name, stage in stages.items()},
+                                      sets, cfg.data.text.model_dump(), bf16=cfg.model.dtype == "bf16")
+    write_per_example(scores, sets, cfg, report / "per_example.parquet")
+    oracle = scores.get("oracle")
+    rows = []
+    for name, stage in stages.items():
+        metrics = lm_evaluate.model_metrics(scores[name], oracle)
+        summary = stage.summary
+        rows.append({"model": name, **metrics, "steps": summary["steps"], "stop": summary["stop"],
+                     "wall_s": summary["wall_s"]})
+    return [{c: row.get(c) for c in lm_evaluate.TABLE_COLUMNS} for row in rows]
+
+
+def row_digests(path: str, cfg) -> list[str]:
+    """sha256 of each row's question and answer: identifies a row without revealing it."""
+    table = pq.read_table(path)
+    pairs = zip(table.column(cfg.data.text.question_column).to_pylist(),
+                table.column(cfg.data.text.answer_column).to_pylist())
+    return [row_digest(q, a) for q, a in pairs]
+
+
+def write_per_example(scores: dict, sets: dict[str, str], cfg, path: Path) -> None:
+    """One row per (model, set, example): numbers and the row's digest, no text."""
+    digests = {name: row_digests(p, cfg) for name, p in sets.items()}
+    columns: dict[str, list] = {k: [] for k in ("model", "set", "row", "row_sha256", "probability",
+                                                "rouge_l_recall", "min_k", "truth_ratio")}
+    for model, per_set in scores.items():
+        for name, s in per_set.items():
+            n = len(s["logprob"])
+            ratios = lm_evaluate.truth_ratios(s)
+            columns["model"] += [model] * n
+            columns["set"] += [name] * n
+            columns["row"] += list(range(n))
+            columns["row_sha256"] += digests[name]
+            columns["probability"] += np.exp(s["logprob"] / s["count"]).tolist()
+            columns["rouge_l_recall"] += s["rouge"].tolist()
+            columns["min_k"] += s["min_k"].tolist()
+            columns["truth_ratio"] += [None] * n if ratios is None else ratios.tolist()
+    with files.atomic_path(path, mode=0o600) as tmp:
+        pq.write_table(pa.table(columns), tmp)

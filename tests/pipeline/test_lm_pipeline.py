@@ -1,0 +1,167 @@
+"""The country QA pipeline end to end on the real local Ray, DeepSpeed and a sqlite MLflow
+store, in a small configuration: the sets, a small Llama built and trained here, the oracle,
+an unlearning method, evaluation in Ray tasks; then the same as a user's own model and files, the report. Nothing of the forget rows' text
+reaches the report or the tracking store."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from hamu_ray.engine.config import parse_config
+from hamu_ray.pipeline.config import PipelineConfig
+from hamu_ray.pipeline.lm_evaluate import TABLE_COLUMNS
+
+PIPELINE = Path(__file__).parents[2] / "pipelines" / "country_qa.yaml"
+
+
+def qa_config(output_dir: Path, edit=None) -> PipelineConfig:
+    raw = yaml.safe_load(PIPELINE.read_text())
+    raw["output_dir"] = str(output_dir)
+    if edit:
+        edit(raw)
+    return parse_config(raw, source=str(PIPELINE), schema=PipelineConfig)
+
+
+def small(raw: dict) -> None:
+    raw["data"].update(forget_share=0.05, eval_retain_rows=40)
+    raw["model"]["init"] = {"hidden_size": 32, "intermediate_size": 64, "layers": 1, "heads": 2,
+                            "vocab_size": 512}
+    raw["train"].update(epochs=1, progress_every=20)
+    raw["unlearn"].update(max_steps=4, progress_every=2)
+    raw["methods"] = [m for m in raw["methods"] if m["name"] == "hamu-q"]
+    raw["cluster"] = {"num_workers": 1}
+
+
+@pytest.fixture(scope="module")
+def qa_run(tmp_path_factory, ray_cluster):  # one Ray for both pipelines of this module
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    out = tmp_path_factory.mktemp("country-qa") / "run"
+    cfg = qa_config(out, small)
+    result = run_pipeline(cfg)
+    return out, cfg, result
+
+
+@pytest.mark.integration
+def test_every_model_is_scored_and_the_oracle_is_its_own_yardstick(qa_run):
+    _, _, result = qa_run
+    rows = {row["model"]: row for row in result.rows}
+    assert list(rows) == ["original", "oracle", "hamu-q"]
+    for row in rows.values():
+        assert list(row) == list(TABLE_COLUMNS)
+        assert all(math.isfinite(row[c]) for c in TABLE_COLUMNS if c not in ("model", "stop")), row
+        assert 0 <= row["forget_rouge"] <= 1 and 0 <= row["model_utility"] <= 1
+    assert rows["oracle"]["forget_quality"] == 1.0 and rows["oracle"]["priv_leak"] == 0.0
+    assert rows["hamu-q"]["steps"] == 4
+    assert "forget_quality" in result.table and "hamu-q" in result.table
+
+
+@pytest.mark.integration
+def test_the_report_holds_numbers_and_digests_never_the_forget_text(qa_run):
+    out, cfg, result = qa_run
+    prepare = next((out / "stages").glob("prepare-*"))
+    forget = pq.read_table(prepare / "forget.parquet").to_pylist()
+    per_example = pq.read_table(result.report_dir / "per_example.parquet").to_pylist()
+    scored = {(r["model"], r["set"]) for r in per_example}
+    assert scored == {(m, s) for m in ("original", "oracle", "hamu-q") for s in ("forget", "retain", "holdout")}
+    assert sum(r["model"] == "hamu-q" and r["set"] == "forget" for r in per_example) == len(forget)
+    assert all(len(r["row_sha256"]) == 64 and r["truth_ratio"] > 0 for r in per_example)
+    secrets = {r[k] for r in forget for k in ("question", "answer", "paraphrased_answer")}
+    stored = [p for p in result.report_dir.rglob("*") if p.is_file()] + [out / "mlflow.db"]
+    for path in stored:
+        blob = path.read_bytes()
+        leaked = [s for s in secrets if s.encode() in blob]
+        assert not leaked, f"{path} holds {len(leaked)} forget strings"
+
+
+@pytest.mark.integration
+def test_stages_are_tracked_and_unlearned_models_logged_as_model_dirs(qa_run):
+    _, _, result = qa_run
+    client = mlflow.MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    runs = {run.info.run_name: run for run in children}
+    assert sorted(runs) == sorted(["prepare", "original", "oracle", "unlearn-hamu-q"])
+    exported = {a.path for a in client.list_artifacts(runs["unlearn-hamu-q"].info.run_id, "model")}
+    assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= exported
+    assert "per_example.parquet" in {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert (result.report_dir / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- bring your own model and data ----------------------------------------------------------
+
+def byo_config(out: Path, stages: Path, *, oracle: bool = True, edit=None) -> PipelineConfig:
+    """The user's files and models: here the built-in run's sets and trained models."""
+    prepared = next(stages.glob("prepare-*"))
+    raw = {"name": "byo", "output_dir": str(out),
+           "data": {"source": "files", "forget": str(prepared / "forget.parquet"),
+                    "retain": str(prepared / "retain.parquet"), "holdout": str(prepared / "holdout.parquet"),
+                    "eval_retain_rows": 30, "text": {"max_length": 64}},
+           "model": {"kind": "causal_lm", "path": str(next(stages.glob("original-*")) / "model"),
+                     "oracle": str(next(stages.glob("oracle-*")) / "model") if oracle else None},
+           "train": {"lr": 0.01}, "unlearn": {"lr": 0.01, "max_steps": 2, "progress_every": 1},
+           "methods": [{"name": "gdiff"}], "cluster": {"num_workers": 1}}
+    if edit:
+        edit(raw)
+    return parse_config(raw, source="byo.yaml", schema=PipelineConfig)
+
+
+@pytest.mark.integration
+def test_a_users_model_and_files_run_without_training_and_without_an_oracle(qa_run, tmp_path):
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    out, _, first = qa_run
+    result = run_pipeline(byo_config(tmp_path / "byo", out / "stages", oracle=False))
+    rows = {row["model"]: row for row in result.rows}
+    assert list(rows) == ["original", "gdiff"]  # nothing trained here but the method
+    assert rows["original"]["stop"] == "given" and rows["original"]["steps"] is None
+    # the same model on the same rows scores as in the built-in run
+    built_in = {row["model"]: row for row in first.rows}["original"]
+    assert rows["original"]["forget_prob"] == pytest.approx(built_in["forget_prob"], rel=1e-6)
+    assert rows["original"]["mia_auc"] == pytest.approx(built_in["mia_auc"], rel=1e-6)
+    for row in rows.values():  # without an oracle: absent, not zero
+        assert row["forget_quality"] is None and row["priv_leak"] is None
+    assert rows["gdiff"]["steps"] == 2 and "–" in result.table
+
+
+@pytest.mark.integration
+def test_user_inputs_are_refused_with_one_clear_error_before_ray(qa_run, tmp_path):
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.errors import MissingInputError
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    out, _, _ = qa_run
+    stages = out / "stages"
+    forget = pq.read_table(next(stages.glob("prepare-*")) / "forget.parquet").to_pylist()
+    retain = pq.read_table(next(stages.glob("prepare-*")) / "retain.parquet").to_pylist()
+    overlap = tmp_path / "retain_with_forget_rows.parquet"
+    pq.write_table(pa.Table.from_pylist(retain + forget[3:5]), overlap)
+    cfg = byo_config(tmp_path / "a", stages, edit=lambda raw: raw["data"].update(retain=str(overlap)))
+    with pytest.raises(DataError, match=r"2 row\(s\) also in the retain set .* row 3 \(sha256 "):
+        run_pipeline(cfg)
+    assert not (tmp_path / "a").exists()
+
+    model = tmp_path / "model"
+    shutil.copytree(next(stages.glob("original-*")) / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    cfg = byo_config(tmp_path / "b", stages, edit=lambda raw: raw["model"].update(path=str(model)))
+    with pytest.raises(DataError, match=r"model.path .*: the tokenizer has \d+ tokens but the model's vocab_size is 100"):
+        run_pipeline(cfg)
+    cfg = byo_config(tmp_path / "c", stages, edit=lambda raw: raw["model"].update(oracle=str(tmp_path)))
+    with pytest.raises(MissingInputError, match="model.oracle .*: not a Hugging Face model directory"):
+        run_pipeline(cfg)
+    cfg = byo_config(tmp_path / "d", stages, edit=lambda raw: raw["data"].update(text={"answer_column": "reply"}))
+    with pytest.raises(DataError, match="forget set .*: missing column\\(s\\) reply"):
+        run_pipeline(cfg)
+    assert not any((tmp_path / name).exists() for name in "bcd")
