@@ -56,6 +56,9 @@ def run_unlearning(cfg: UnlearnConfig, progress: str | None = None, callbacks=()
     with staging_dir(out) as staging:
         with ray_session(cfg.cluster):
             datasets = prepared_sets(cfg, sets)
+            if progress:  # starting the workers takes a while: say where the stage is
+                print(f"  [{progress}] sets ready ({', '.join(f'{i.name} {i.num_rows} rows' for i in sets.values())}); "
+                      f"starting {cfg.cluster.num_workers} worker(s)", flush=True)
             result = fit(cfg, datasets, staging / "ray", progress, callbacks)
         summary = publish(cfg, sets, result, staging, wall_s=time.perf_counter() - started)
     return UnlearnResult(out, summary["steps"], summary["stop"], summary["resumed_from_step"], sets)

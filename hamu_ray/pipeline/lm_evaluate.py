@@ -32,7 +32,7 @@ def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool 
                 batch_size: int = 64, max_new_tokens: int = 32) -> dict[str, dict[str, np.ndarray]]:
     """For every row of each set (parquet): the answer's summed log-prob and token count, its
     Min-K% score, the ROUGE-L recall of the greedy answer; with the optional columns, the
-    paraphrased answer's and each perturbed answer's length-normalised probability."""
+    paraphrased answer's and each perturbed answer's mean token log-prob (log P̃)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -78,7 +78,7 @@ def answer_scores(model, tokenizer, questions: Sequence[str], answers: Sequence[
 
 def truth_ratio_inputs(model, tokenizer, rows: list[dict], questions: Sequence[str], cfg: TextData,
                        batch_size: int) -> dict[str, np.ndarray]:
-    """Length-normalised probabilities of the paraphrased answer [n] and the perturbed ones [n, k]."""
+    """Mean answer-token log-probs (log P̃) of the paraphrased answer [n] and the perturbed ones [n, k]."""
     k = len(rows[0][PERTURBED])
     if any(len(r[PERTURBED]) != k for r in rows):
         raise ValueError(f"every row needs the same number of {PERTURBED} (the first has {k})")
@@ -86,8 +86,7 @@ def truth_ratio_inputs(model, tokenizer, rows: list[dict], questions: Sequence[s
                                        cfg, batch_size)
     pert_lp, pert_n, _ = answer_scores(model, tokenizer, [q for q in questions for _ in range(k)],
                                        [a for r in rows for a in r[PERTURBED]], cfg, batch_size)
-    return {"paraphrased_prob": lm_metrics.probability(para_lp, para_n),
-            "perturbed_prob": lm_metrics.probability(pert_lp, pert_n).reshape(len(rows), k)}
+    return {"paraphrased_logp": para_lp / para_n, "perturbed_logp": (pert_lp / pert_n).reshape(len(rows), k)}
 
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], cfg: TextData, batch_size: int,
@@ -130,9 +129,9 @@ def score_models(models: dict[str, str], sets: dict[str, str], text: dict, *,
 # ---- metrics (on the driver) ------------------------------------------------------------------
 
 def truth_ratios(scores: dict[str, np.ndarray]) -> np.ndarray | None:
-    if "perturbed_prob" not in scores:
+    if "perturbed_logp" not in scores:
         return None
-    return lm_metrics.truth_ratio(scores["perturbed_prob"], scores["paraphrased_prob"])
+    return lm_metrics.truth_ratio(scores["perturbed_logp"], scores["paraphrased_logp"])
 
 
 def model_metrics(scores: dict[str, dict[str, np.ndarray]],

@@ -35,14 +35,16 @@ def rouge_l_recall(generated: Sequence[str], reference: Sequence[str]) -> np.nda
     return np.array([scorer.score(ref, gen)["rougeL"].recall for gen, ref in zip(generated, reference)])
 
 
-def truth_ratio(perturbed: np.ndarray, paraphrased: np.ndarray) -> np.ndarray:
+def truth_ratio(perturbed_logp: np.ndarray, paraphrased_logp: np.ndarray) -> np.ndarray:
     """R = P̃(perturbed)/P̃(paraphrased) per question, the perturbed answers (columns) combined
-    by their geometric mean (TOFU). Inputs are length-normalised probabilities (`probability`)."""
-    perturbed = np.atleast_2d(np.asarray(perturbed, dtype=np.float64))
-    paraphrased = np.asarray(paraphrased, dtype=np.float64)
+    by their geometric mean (TOFU). Inputs are log P̃, mean answer-token log-probabilities: in log
+    space, answers a collapsed model gives P̃ = 1e-400 (0 as a float) still compare."""
+    perturbed = np.atleast_2d(np.asarray(perturbed_logp, dtype=np.float64))
+    paraphrased = np.asarray(paraphrased_logp, dtype=np.float64)
     if perturbed.shape[0] != paraphrased.shape[0]:
         raise ValueError(f"{perturbed.shape[0]} rows of perturbed answers for {paraphrased.shape[0]} questions")
-    return np.exp(np.log(perturbed).mean(axis=1) - np.log(paraphrased))
+    with np.errstate(over="ignore"):  # R = inf: the model is sure of the false answers
+        return np.exp(perturbed.mean(axis=1) - paraphrased)
 
 
 def truth_ratio_forget_score(ratios: np.ndarray) -> float:

@@ -54,11 +54,11 @@ def test_answer_scores_equal_one_unpadded_row_at_a_time(tiny_lm, qa_file, scored
     assert scored["min_k"] == pytest.approx(
         [np.sort(lp)[:max(1, int(0.4 * len(lp)))].mean() for lp in answer], rel=1e-4)
     para = [row_logprobs(model, tokenizer, r["question"], r["paraphrased_answer"]) for r in rows]
-    assert scored["paraphrased_prob"] == pytest.approx([np.exp(lp.mean()) for lp in para], rel=1e-4)
-    perturbed = [[np.exp(row_logprobs(model, tokenizer, r["question"], a).mean())
-                  for a in r["perturbed_answers"]] for r in rows]
-    assert scored["perturbed_prob"].shape == (ROWS, 3)
-    assert scored["perturbed_prob"] == pytest.approx(np.array(perturbed), rel=1e-4)
+    assert scored["paraphrased_logp"] == pytest.approx([lp.mean() for lp in para], rel=1e-4)
+    perturbed = [[row_logprobs(model, tokenizer, r["question"], a).mean() for a in r["perturbed_answers"]]
+                 for r in rows]
+    assert scored["perturbed_logp"].shape == (ROWS, 3)
+    assert scored["perturbed_logp"] == pytest.approx(np.array(perturbed), rel=1e-4)
 
 
 def test_greedy_answers_equal_a_token_by_token_argmax_loop(tiny_lm, qa_file, scored):
@@ -85,7 +85,7 @@ def scores_of(prob: list[float], rouge: list[float], min_k: list[float], para=No
     s = {"logprob": np.log(prob), "count": np.ones(len(prob)), "rouge": np.array(rouge),
          "min_k": np.array(min_k)}
     if para is not None:
-        s["paraphrased_prob"], s["perturbed_prob"] = np.array(para), np.array(pert)
+        s["paraphrased_logp"], s["perturbed_logp"] = np.log(para), np.log(pert)
     return s
 
 
@@ -109,7 +109,7 @@ def test_model_metrics_by_hand_and_absent_without_an_oracle():
     alone = lm_evaluate.model_metrics(model, None)
     assert alone["forget_quality"] is None and alone["priv_leak"] is None
     assert alone["mia_auc"] == m["mia_auc"]
-    without_truth = {name: {k: v for k, v in s.items() if "prob" not in k or k == "logprob"}
+    without_truth = {name: {k: v for k, v in s.items() if not k.endswith("_logp")}
                      for name, s in model.items()}
     bare = lm_evaluate.model_metrics(without_truth, oracle)
     assert bare["forget_truth"] is None and bare["forget_quality"] is None

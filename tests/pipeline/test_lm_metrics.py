@@ -27,8 +27,11 @@ def test_rouge_l_recall_by_hand():
 
 def test_truth_ratio_and_its_summaries_by_hand():
     # geometric mean of the perturbed 0.1 and 0.4 is 0.2, the paraphrased answer's 0.2: R = 1
-    assert m.truth_ratio([[0.1, 0.4]], [0.2]) == pytest.approx([1.0])
-    assert m.truth_ratio([[0.1, 0.1], [0.4, 0.4]], [0.2, 0.2]) == pytest.approx([0.5, 2.0])
+    log = np.log
+    assert m.truth_ratio(log([[0.1, 0.4]]), log([0.2])) == pytest.approx([1.0])
+    assert m.truth_ratio(log([[0.1, 0.1], [0.4, 0.4]]), log([0.2, 0.2])) == pytest.approx([0.5, 2.0])
+    # probabilities far below the smallest float (a collapsed model) still give their ratio
+    assert m.truth_ratio([[-900.0, -902.0]], [-900.0]) == pytest.approx([math.exp(-1.0)])
     ratios = np.array([0.5, 2.0, 1.0])
     assert m.truth_ratio_forget_score(ratios) == pytest.approx((0.5 + 0.5 + 1.0) / 3)
     assert m.truth_ratio_retain_score(ratios) == pytest.approx((0.5 + 0.0 + 0.0) / 3)
