@@ -204,6 +204,9 @@ class PipelineConfig(Section):
             raise ValueError(f"data.source {self.data.source} and model.kind {self.model.kind} "
                              "do not go together: country-qa and files are for causal_lm, the "
                              "image sets for mlp and cnn")
+        if self.is_lm and self.data.text.format != "qa":
+            raise ValueError("data.text.format: a language-model pipeline scores question/answer "
+                             "rows (qa); plain text is for single jobs (hamu-ray unlearn)")
         if self.is_lm and self.data.source == "country-qa" and self.model.path is not None:
             raise ValueError("model.path: the country-qa set trains its own original (model.init); "
                              "an existing model goes with data.source files")

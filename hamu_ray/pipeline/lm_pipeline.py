@@ -12,14 +12,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hamu_ray import files
 from hamu_ray.engine import data
 from hamu_ray.errors import MissingInputError
-from hamu_ray.pipeline import country_qa, lm_evaluate
+from hamu_ray.pipeline import country_qa, lm_evaluate, lm_metrics
 from hamu_ray.tasks import small_llama
 
 EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout"}  # scored set → file
@@ -43,15 +42,16 @@ def user_sets(cfg) -> dict[str, data.SetInfo]:
 
 def build_sets(cfg, directory: Path) -> dict:
     """forget / retain / holdout (by country for country-qa; the user's files otherwise), train =
-    forget + retain (an original trained here learns it) and retain_eval, a fixed sample of
-    retain scored for every model. All written as owner-only parquet."""
+    forget + retain when the original is trained here, and retain_eval, a fixed sample of retain
+    scored for every model. All written as owner-only parquet."""
     d = cfg.data
     if d.source == "country-qa":
         sets = country_qa.build(forget_share=d.forget_share, holdout_share=d.holdout_share, seed=d.seed)
     else:
         sets = {name: read_rows(info) for name, info in user_sets(cfg).items()}
         check_disjoint(sets["forget"], sets["retain"], cfg)
-    sets["train"] = sets["forget"] + sets["retain"]
+    if cfg.model.init is not None:  # the original is trained here
+        sets["train"] = sets["forget"] + sets["retain"]
     sets["retain_eval"] = random.Random(d.seed).sample(sets["retain"], min(d.eval_retain_rows, len(sets["retain"])))
     paths = (country_qa.write(sets, directory) if d.source == "country-qa" else
              {name: files.write_rows(rows, directory / f"{name}.parquet") for name, rows in sets.items()})
@@ -187,7 +187,7 @@ def write_per_example(scores: dict, sets: dict[str, str], cfg, path: Path) -> No
             columns["set"] += [name] * n
             columns["row"] += list(range(n))
             columns["row_sha256"] += digests[name]
-            columns["probability"] += np.exp(s["logprob"] / s["count"]).tolist()
+            columns["probability"] += lm_metrics.probability(s["logprob"], s["count"]).tolist()
             columns["rouge_l_recall"] += s["rouge"].tolist()
             columns["min_k"] += s["min_k"].tolist()
             columns["truth_ratio"] += [None] * n if ratios is None else ratios.tolist()

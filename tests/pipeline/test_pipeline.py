@@ -119,6 +119,7 @@ COUNTRY_QA = PIPELINE.parent / "country_qa.yaml"
     (COUNTRY_QA, lambda raw: raw["model"].update(init=None, path="/models/x"), "the country-qa set trains its own original"),
     (COUNTRY_QA, lambda raw: raw["model"].update(oracle="/models/x"), "an oracle model goes with path"),
     (COUNTRY_QA, lambda raw: raw["data"].update(source="files"), "data.forget: Field required"),
+    (COUNTRY_QA, lambda raw: raw["data"]["text"].update(format="text"), "scores question/answer rows"),
 ])
 def test_pipeline_errors_name_the_file_and_the_field(tmp_path, pipeline, edit, needle):
     raw = yaml.safe_load(pipeline.read_text())
