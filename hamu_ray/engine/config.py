@@ -121,12 +121,25 @@ class ClusterSection(Section):
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the latest checkpoint
 
 
+class MonitorSection(Section):
+    """Evaluation during the run: every worker scores the same small samples of the forget and
+    retain sets (hamu_ray.engine.monitor) before the first step, every `every` steps and after
+    the last; with `stop_forget_prob` the run stops at the first evaluation whose mean forget
+    probability is at or below it (stop reason forget_target), and that model is the export."""
+    forget: str  # parquet or jsonl: a fixed sample of the forget set (file order)
+    retain: str  # a fixed sample of the retain set
+    every: int = Field(10, gt=0)  # steps
+    stop_forget_prob: float | None = Field(None, ge=0, le=1)
+    batch_size: int = Field(32, gt=0)  # rows per forward pass
+
+
 class UnlearnConfig(Section):
     data: DataSection
     model: ModelSection
     method: MethodSection
     train: TrainSection
     cluster: ClusterSection = ClusterSection()
+    monitor: MonitorSection | None = None  # None: no evaluation during the run
     output_dir: str  # created by the run; must not exist yet (nothing is overwritten)
 
     @model_validator(mode="after")

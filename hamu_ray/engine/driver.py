@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ray.train import UserCallback as UserCallbackBase
 
-from hamu_ray.engine import data
+from hamu_ray.engine import data, monitor
 from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import OutputExistsError
 from hamu_ray.files import staging_dir
@@ -68,7 +68,8 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
     """Every set readable, with its columns, non-empty, large enough for one batch per worker."""
     task = task_for(cfg)
     columns = task.columns()
-    paths = {"forget": cfg.data.forget, "retain": cfg.data.retain, "eval": cfg.data.eval}
+    paths = {"forget": cfg.data.forget, "retain": cfg.data.retain, "eval": cfg.data.eval,
+             **(monitor.sample_paths(cfg.monitor) if cfg.monitor else {})}
     sets = {name: data.inspect_set(name, path, columns) for name, path in paths.items() if path}
     batches = {"forget": cfg.data.forget_batch_size, "retain": cfg.data.retain_batch_size}
     for name, batch in ((name, batches[name]) for name in batches if name in sets):
@@ -88,14 +89,42 @@ def prepared_sets(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> dict:
     task's preparation (the causal LM's tokenisation, on the cluster). A task that can count
     what its preparation cut or refused does so here, before any worker starts."""
     task, datasets = task_for(cfg), {}
-    for name in ("retain", "forget"):
+    for name in ("retain", "forget", *map(monitor.dataset_name, monitor.ROLES)):
         if name not in sets:
             continue
-        datasets[name] = task.prepare(data.read_set(sets[name], cfg.data.shuffle_seed), name)
+        seed = None if monitor.is_sample(name) else cfg.data.shuffle_seed  # samples: file order
+        datasets[name] = task.prepare(data.read_set(sets[name], seed), name)
         for line in task.check_prepared(datasets[name], sets[name]):
             log.info("%s", line)
             print(f"  {line}", flush=True)
     return datasets
+
+
+def monitor_values(cfg: UnlearnConfig) -> dict[str, float]:
+    """The monitor's values for the job's model as given, before any step, computed by the
+    workers' own code (the task's preparation, batches and scores) in one Ray task: e.g. a
+    pipeline's oracle, whose forget probability becomes the methods' stop target."""
+    import ray
+
+    if cfg.monitor is None:
+        raise ValueError("the job has no monitor: section")
+    sets = {name: info for name, info in check_inputs(cfg).items() if monitor.is_sample(name)}
+    datasets = prepared_sets(cfg, sets)
+    return ray.get(ray.remote(num_cpus=1)(_monitor_values).remote(cfg.model_dump(), datasets))
+
+
+def _monitor_values(job: dict, datasets: dict) -> dict[str, float]:
+    import torch
+
+    from hamu_ray.engine import deepspeed_engine as eng
+
+    cfg = UnlearnConfig.model_validate(job)
+    task = task_for(cfg)
+    model = task.build(eng.deepspeed_config(stage=0, lr=cfg.train.lr, micro_batch_size=1, bf16=cfg.train.bf16))
+    if cfg.train.bf16:  # as DeepSpeed's bf16 mode runs it
+        model = model.to(torch.bfloat16)
+    shards = {name: ds.iterator() for name, ds in datasets.items()}
+    return monitor.measure(model, task, monitor.sample_batches(shards, task, cfg.monitor.batch_size))
 
 
 @contextlib.contextmanager
@@ -198,7 +227,8 @@ class ProgressCallback(UserCallbackBase):
 
 
 PROGRESS_KEYS = {"loss/retain": "retain", "loss/forget": "forget", "hardness/cosine_mean": "cos",
-                 "stop/margin": "margin", "surgery/weight": "w"}
+                 "stop/margin": "margin", "surgery/weight": "w",
+                 "monitor/forget_prob": "forget prob", "monitor/retain_prob": "retain prob"}
 
 
 def progress_line(row: dict) -> str:

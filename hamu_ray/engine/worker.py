@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from hamu_ray import objectives
-from hamu_ray.engine import data
+from hamu_ray.engine import data, monitor
 from hamu_ray.engine import deepspeed_engine as eng
 from hamu_ray.engine.config import UnlearnConfig
 from hamu_ray.engine.grads import DeepSpeedGrads
@@ -58,13 +58,24 @@ def train_loop_per_worker(config: dict) -> None:
         shuffle_seed=cfg.data.shuffle_seed, rank=rank)
     for _ in range(start_step):
         next(pairs)
+    watch = None
+    if cfg.monitor is not None:
+        samples = {name: ray.train.get_dataset_shard(name) for name in monitor.sample_paths(cfg.monitor)}
+        watch = monitor.Monitor(cfg.monitor, task, monitor.sample_batches(
+            samples, task, cfg.monitor.batch_size, device))
+        if start_step == 0:  # the starting point of the run's curve (and maybe already the target)
+            step_log.append({"step": 0, "stop": "none", **watch.evaluate(engine)})
 
     step = start_step
     for retain_batch, forget_batch in pairs:
+        if step_log and step_log[-1]["stop"] != "none":  # the target was met before any step
+            break
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         step += 1
         record = take_step(step, data.to_device(retain_batch, device), data.to_device(forget_batch, device))
+        if watch is not None and watch.due(step):
+            record.update(evaluated(watch, engine, record))
         step_log.append(record)
 
         # checkpoint every k steps (every worker saves its shard, then reports); otherwise report
@@ -81,6 +92,9 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError(f"injected failure after step {step} (train.fail_after_step)")
         if stop:
             break
+
+    if watch is not None and "monitor/forget_prob" not in step_log[-1]:  # the exported model's values
+        step_log[-1].update(evaluated(watch, engine, step_log[-1]))
 
     # export: the task writes the model from rank 0 (a collective under ZeRO-3), then the step log
     summary = {"steps": step, "stop": step_log[-1]["stop"] if step_log else "none",
@@ -128,6 +142,14 @@ def step_function(cfg: UnlearnConfig, grads: DeepSpeedGrads, retain_loss, forget
             forget_loss=lambda: forget_loss(forget_batch))
         return step_record(step, out)
     return two_backward
+
+
+def evaluated(watch: monitor.Monitor, engine, record: dict) -> dict:
+    """The monitor's values; its forget_target stop only where the step did not stop already."""
+    values = watch.evaluate(engine)
+    if record["stop"] != "none":
+        values.pop("stop", None)
+    return values
 
 
 def implicit_record(step: int, out: ImplicitStepOutput) -> dict:

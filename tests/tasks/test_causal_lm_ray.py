@@ -5,13 +5,16 @@ directory. Checked against the single-process step, and for disjoint per-rank ro
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 import torch
 
 from hamu_ray.engine.config import parse_config
+from hamu_ray.engine.worker import EXPORT_LOG
 from hamu_ray.tasks.causal_lm import MODEL_DIR, CausalLMTask
 from tests.lm_fixtures import lm_batch, qa_rows
 from tests.tasks.test_causal_lm_zero import run_steps
@@ -30,10 +33,12 @@ def qa_sets(tmp_path_factory):
     return root, {"forget": rows[:8], "retain": rows[8:24]}
 
 
-def job(tiny_lm, root, out, **data) -> dict:
+def job(tiny_lm, root, out, monitor=None, **data) -> dict:
     """Full-batch steps (each worker's batch is its whole shard), so any row order gives the
     same gradients and the single-process step on the whole sets is the reference."""
-    return parse_config({
+    monitor = {"monitor": {"forget": str(root / "forget.parquet"), "retain": str(root / "retain.parquet"),
+                           "every": 1, "batch_size": 5, **monitor}} if monitor is not None else {}
+    return parse_config({**monitor,
         "data": {"forget": str(root / "forget.parquet"), "retain": str(root / "retain.parquet"),
                  "retain_batch_size": 16 // WORKERS, "forget_batch_size": 8 // WORKERS, **data},
         "model": {"kind": "causal_lm", "path": str(tiny_lm)},
@@ -51,16 +56,28 @@ def digest(directory) -> str:
     return h.hexdigest()
 
 
-def test_two_zero3_workers_equal_the_single_process_step(ray_cluster, tiny_lm, qa_sets, tmp_path):
+@pytest.fixture(scope="module")
+def monitored_run(ray_cluster, tiny_lm, qa_sets, tmp_path_factory):
+    """HAMU-Q on two ZeRO-3 workers, evaluated during the run at every step."""
+    from hamu_ray.engine.driver import run_unlearning
+
+    root, _ = qa_sets
+    before = digest(tiny_lm)
+    result = run_unlearning(job(tiny_lm, root, tmp_path_factory.mktemp("run") / "out", monitor={}))
+    assert digest(tiny_lm) == before  # the input model is only read
+    log = [json.loads(line) for line in (result.output_dir / EXPORT_LOG).read_text().splitlines()]
+    return result, log
+
+
+def test_two_zero3_workers_equal_the_single_process_step(tiny_lm, qa_sets, monitored_run, tmp_path):
+    """...with evaluation during the run on: it does not change the training."""
     from transformers import AutoModelForCausalLM
 
-    from hamu_ray.engine.driver import run_unlearning
     from hamu_ray.engine.grads import TorchGrads
 
     root, rows = qa_sets
-    before = digest(tiny_lm)
-    result = run_unlearning(job(tiny_lm, root, tmp_path / "out"))
-    assert result.steps == STEPS and digest(tiny_lm) == before  # the input model is only read
+    result, _ = monitored_run
+    assert result.steps == STEPS
     exported = AutoModelForCausalLM.from_pretrained(result.output_dir / MODEL_DIR)
 
     task = CausalLMTask(job(tiny_lm, root, tmp_path / "unused"))
@@ -71,6 +88,60 @@ def test_two_zero3_workers_equal_the_single_process_step(ray_cluster, tiny_lm, q
     expected = model.state_dict()
     for name, tensor in exported.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_monitor_values_are_the_answer_probabilities_of_the_model_at_that_step(
+        tiny_lm, qa_sets, monitored_run, tmp_path):
+    """Step 0 scores the original and the last step the exported model, each equal to a plain
+    transformers computation of TOFU's answer probability, row by row, and to the driver's
+    single-process monitor_values (which a pipeline uses for the oracle's stop target)."""
+    from transformers import AutoModelForCausalLM
+
+    from hamu_ray.engine.driver import monitor_values
+    from hamu_ray.pipeline.lm_evaluate import answer_scores
+    from hamu_ray.tasks.causal_lm import TextData, load_tokenizer
+
+    root, rows = qa_sets
+    result, log = monitored_run
+    assert [r["step"] for r in log] == list(range(STEPS + 1))
+    for position, model_dir in ((0, tiny_lm), (-1, result.output_dir / MODEL_DIR)):
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        tokenizer = load_tokenizer(str(model_dir))
+        single = monitor_values(job(model_dir, root, tmp_path / "unused", monitor={}))
+        for role in ("forget", "retain"):
+            with torch.no_grad():
+                logprob, count, _ = answer_scores(model, tokenizer, [r["question"] for r in rows[role]],
+                                                  [r["answer"] for r in rows[role]], TextData(), batch_size=1)
+            expected = float(np.mean(np.exp(logprob / count)))
+            assert log[position][f"monitor/{role}_prob"] == pytest.approx(expected, rel=1e-5), (position, role)
+            assert single[f"monitor/{role}_prob"] == pytest.approx(expected, rel=1e-5), (position, role)
+            assert log[position][f"monitor/{role}_loss"] == pytest.approx(np.mean(-logprob / count), rel=1e-5)
+    assert log[-1]["monitor/forget_prob"] < log[0]["monitor/forget_prob"]  # HAMU-Q forgets
+
+
+def test_a_forget_target_stops_at_the_first_evaluation_that_meets_it(tiny_lm, qa_sets, monitored_run, tmp_path):
+    """The same run with a target between the forget probabilities after steps 1 and 2 stops
+    after step 2, and exports that model; a target the original already meets takes no step."""
+    from transformers import AutoModelForCausalLM
+
+    from hamu_ray.engine.driver import run_unlearning
+
+    root, _ = qa_sets
+    _, log = monitored_run
+    prob = [r["monitor/forget_prob"] for r in log]
+    assert prob[2] < prob[1] < prob[0]
+    result = run_unlearning(job(tiny_lm, root, tmp_path / "out",
+                                monitor={"every": 2, "stop_forget_prob": (prob[1] + prob[2]) / 2}))
+    stopped = [json.loads(line) for line in (result.output_dir / EXPORT_LOG).read_text().splitlines()]
+    assert (result.steps, result.stop) == (2, "forget_target")
+    assert "monitor/forget_prob" not in stopped[1]  # every 2 steps: step 1 is not evaluated
+    assert stopped[2]["monitor/forget_prob"] == pytest.approx(prob[2], rel=1e-5)
+
+    result = run_unlearning(job(tiny_lm, root, tmp_path / "none", monitor={"stop_forget_prob": 1.0}))
+    assert (result.steps, result.stop) == (0, "forget_target")
+    exported = AutoModelForCausalLM.from_pretrained(result.output_dir / MODEL_DIR).state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict().items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
 
 
 def test_ranks_get_disjoint_retain_and_forget_rows(ray_cluster, tiny_lm, qa_sets, tmp_path):

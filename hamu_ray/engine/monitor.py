@@ -1,0 +1,76 @@
+"""Evaluation during a run (a job's `monitor:` section): how much of a small fixed sample of the
+forget and of the retain set the model still knows, measured with the task's own scores.
+
+The measure is the mean over rows of exp(log p(targets) / |targets|): for a language model TOFU's
+length-normalised answer probability, for a classifier the probability of the true label. Every
+rank scores every row of both samples (they are small): the ranks' forward passes then line up,
+as ZeRO-3's parameter gathers require, and every rank gets the same numbers with no reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hamu_ray.engine import data
+
+ROLES = ("forget", "retain")
+FORGET_TARGET = "forget_target"  # the stop reason when the forget probability reaches the target
+
+
+def dataset_name(role: str) -> str:
+    return f"monitor_{role}"
+
+
+def is_sample(name: str) -> bool:
+    """A monitor sample: given whole to every rank, never split."""
+    return name.startswith("monitor_")
+
+
+def sample_paths(section) -> dict[str, str]:
+    """Dataset name → file of a job's monitor samples."""
+    return {dataset_name(role): getattr(section, role) for role in ROLES}
+
+
+def sample_batches(shards: dict, task, batch_size: int, device: torch.device | None = None) -> dict[str, list[dict]]:
+    """Both samples as the task's batches, every row kept (no drop_last), in file order."""
+    batches = {}
+    for role in ROLES:
+        rows = shards[dataset_name(role)].iter_batches(batch_size=batch_size, batch_format="numpy")
+        batches[role] = [data.to_device(task.make_batch(b), device) if device else task.make_batch(b)
+                         for b in rows]
+    return batches
+
+
+@torch.no_grad()
+def measure(model, task, batches: dict[str, list[dict]]) -> dict[str, float]:
+    """`monitor/<role>_prob` (mean per-row probability) and `monitor/<role>_loss` (mean per-row
+    length-normalised negative log-likelihood), in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        values = {}
+        for role, role_batches in batches.items():
+            per_row = torch.cat([s.logprob / s.count for s in (task.scores(model, b) for b in role_batches)])
+            values[f"monitor/{role}_prob"] = per_row.exp().mean().item()
+            values[f"monitor/{role}_loss"] = (-per_row).mean().item()
+        return values
+    finally:
+        model.train(was_training)
+
+
+class Monitor:
+    """The worker's side: when to evaluate, and whether the forget target is reached."""
+
+    def __init__(self, section, task, batches: dict[str, list[dict]]):
+        self.every, self.target = section.every, section.stop_forget_prob
+        self.task, self.batches = task, batches
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def evaluate(self, model) -> dict:
+        """The monitor's values, and `stop` = forget_target when the target is reached."""
+        values = measure(model, self.task, self.batches)
+        if self.target is not None and values["monitor/forget_prob"] <= self.target:
+            values["stop"] = FORGET_TARGET
+        return values
