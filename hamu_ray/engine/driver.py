@@ -92,8 +92,10 @@ def prepared_sets(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> dict:
     for name in ("retain", "forget", *map(monitor.dataset_name, monitor.ROLES)):
         if name not in sets:
             continue
-        seed = None if monitor.is_sample(name) else cfg.data.shuffle_seed  # samples: file order
-        datasets[name] = task.prepare(data.read_set(sets[name], seed), name)
+        if monitor.is_sample(name):  # small, in file order, read once for every rank
+            datasets[name] = task.prepare(data.read_set(sets[name], None), name).materialize()
+        else:
+            datasets[name] = task.prepare(data.read_set(sets[name], cfg.data.shuffle_seed), name)
         for line in task.check_prepared(datasets[name], sets[name]):
             log.info("%s", line)
             print(f"  {line}", flush=True)

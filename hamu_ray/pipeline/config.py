@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Discriminator, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Discriminator, Field, ValidationError, field_validator, model_validator
 
 from hamu_ray.engine.config import ClusterSection, MethodSection, TrainSettings, model_kind
 from hamu_ray.tasks.causal_lm import LoraSection, TextData
@@ -183,6 +183,25 @@ class TuneSection(Section):
     seed: int = 0
 
 
+class PipelineMonitor(Section):
+    """Evaluation during each method's run (the engine's monitor): fixed samples of the forget
+    and retain sets scored every `every` steps; stop_at oracle stops a method at the first
+    evaluation whose forget probability is at or below the oracle's on the same sample, so that
+    the methods are compared at matched forgetting (a number: that probability itself)."""
+    every: int = Field(10, gt=0)  # steps
+    forget_rows: int = Field(64, gt=0)  # sample sizes (at most the set)
+    retain_rows: int = Field(64, gt=0)
+    stop_at: Literal["oracle"] | float | None = None
+    batch_size: int = Field(32, gt=0)
+
+    @field_validator("stop_at")
+    @classmethod
+    def _probability(cls, value):
+        if isinstance(value, float) and not 0 <= value <= 1:
+            raise ValueError(f"a forget probability between 0 and 1, or oracle; got {value}")
+        return value
+
+
 class PipelineConfig(Section):
     name: str
     output_dir: str  # stages are cached here by a hash of their inputs: a re-run skips them
@@ -194,6 +213,7 @@ class PipelineConfig(Section):
     cluster: ClusterSection = ClusterSection()
     tracking: TrackingSection = TrackingSection()
     tune: TuneSection | None = None  # `hamu-ray tune`: the threshold search
+    monitor: PipelineMonitor | None = None  # evaluation during unlearning; None: end points only
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -226,7 +246,15 @@ class PipelineConfig(Section):
                              "to match it (bf16 weights train in DeepSpeed's bf16 mode)")
         if self.tune is not None:
             self._check_search(self.tune)
+        if self.monitor is not None and self.monitor.stop_at == "oracle" and not self.has_oracle:
+            raise ValueError("monitor.stop_at: oracle needs an oracle model (model.oracle); give "
+                             "one, or a forget probability to stop at")
         return self
+
+    @property
+    def has_oracle(self) -> bool:
+        """Trained here, or given by the user."""
+        return not self.is_lm or self.model.path is None or self.model.oracle is not None
 
     def _check_search(self, tune: TuneSection) -> None:
         entry = self.method_entry(tune.method)

@@ -1,4 +1,4 @@
-"""The pipeline's two figures, as PNG files (matplotlib, no display needed)."""
+"""The pipeline's figures, as PNG files (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -135,6 +135,26 @@ def hardness(step_logs: dict[str, list[dict]], path: Path) -> None:
         ax.grid(alpha=0.3)
         if any(not line.get_label().startswith("_") for line in ax.lines):
             ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def curves(step_logs: dict[str, list[dict]], path: Path, target: float | None = None) -> None:
+    """Per method, its path over the run: forget against retain probability on the monitor's
+    samples at each evaluation (step 0 = the original, the last = the exported model)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for label, rows in step_logs.items():
+        points = [(r["monitor/retain_prob"], r["monitor/forget_prob"]) for r in rows if "monitor/forget_prob" in r]
+        if points:
+            line, = ax.plot(*zip(*points), marker=".", markersize=4, linewidth=1, label=label)
+            ax.scatter(*points[-1], color=line.get_color(), s=40, zorder=3)  # the exported model
+    if target is not None:
+        ax.axhline(target, color="tab:red", linestyle="--", linewidth=0.8, label="stop target (oracle)")
+    ax.set_xlabel("retain probability (monitor sample)  →  better")
+    ax.set_ylabel("forget probability (monitor sample)  ↓  more forgotten")
+    ax.set_title("each method's path during unlearning (dot: the exported model)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from hamu_ray.pipeline import lm_pipeline
 from hamu_ray.pipeline import plots
 from hamu_ray.engine.config import TrainSettings, UnlearnConfig
 from hamu_ray.pipeline.config import PipelineConfig
-from hamu_ray.engine.driver import ray_session, run_unlearning
+from hamu_ray.engine.driver import monitor_values, ray_session, run_unlearning
 from hamu_ray.pipeline.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
 from hamu_ray.engine.worker import EXPORT_LOG
 from hamu_ray.tasks.causal_lm import MODEL_DIR
@@ -108,10 +109,55 @@ def write_config(cfg: PipelineConfig, report: Path) -> Path:
 def run_stages(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
                tracker: Tracker) -> dict[str, StageOutput]:
     stages = train_references(cfg, prepared, out, tracker)
+    watch = monitor_section(cfg, prepared, stages, out)
     for entry in cfg.methods:
-        job = unlearning_job(cfg, entry, prepared, stages["original"].export(cfg))
+        job = unlearning_job(cfg, entry, prepared, stages["original"].export(cfg), watch)
         stages[entry.key] = run_stage(cfg, f"unlearn-{entry.key}", job, out, tracker, final_model=True)
     return stages
+
+
+# ---- evaluation during unlearning ----------------------------------------------------------
+
+def monitor_section(cfg: PipelineConfig, prepared: dict[str, str], references: dict,
+                    out: Path) -> dict | None:
+    """The engine's monitor section for every method: the samples, and the stop target (the
+    oracle's forget probability on the same sample, measured by the workers' code)."""
+    if cfg.monitor is None:
+        return None
+    m = cfg.monitor
+    section = {**monitor_samples(cfg, prepared, out), "every": m.every, "batch_size": m.batch_size,
+               "stop_forget_prob": None if m.stop_at == "oracle" else m.stop_at}
+    if m.stop_at == "oracle":
+        job = job_dict(cfg, cfg.unlearn, method={"name": "ft"}, start=references["oracle"].export(cfg),
+                       data={"forget": prepared["forget"], "retain": prepared["retain"]})
+        values = monitor_values(UnlearnConfig.model_validate(
+            {**job, "monitor": section, "output_dir": str(out / "unused")}))
+        section["stop_forget_prob"] = values["monitor/forget_prob"]
+        print(f"[monitor] the oracle's forget probability on the {m.forget_rows}-row sample is "
+              f"{values['monitor/forget_prob']:.4g}: each method stops at its first evaluation at "
+              f"or below it (every {m.every} steps)", flush=True)
+    return section
+
+
+def monitor_samples(cfg: PipelineConfig, prepared: dict[str, str], out: Path) -> dict[str, str]:
+    """Seeded samples of the forget and retain sets (rows in file order), cached like a stage."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    sizes = {"forget": cfg.monitor.forget_rows, "retain": cfg.monitor.retain_rows}
+    spec = {"sets": {role: prepared[role] for role in sizes}, "rows": sizes, "seed": cfg.data.seed}
+    directory = out / "stages" / f"monitor-{stage_key(spec, out)}"
+    paths = {role: str(directory / f"{role}.parquet") for role in sizes}
+    if not (directory / "retain.parquet").exists():
+        with files.staging_dir(directory) as staging:
+            for role, size in sizes.items():
+                ds = pads.dataset(prepared[role], format="parquet")
+                total = ds.count_rows()
+                rows = sorted(random.Random(f"{cfg.data.seed}/{role}").sample(range(total), min(size, total)))
+                with files.atomic_path(staging / f"{role}.parquet", mode=0o600) as tmp:
+                    pq.write_table(ds.take(pa.array(rows, pa.int64())), tmp)
+    return paths
 
 
 def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput],
@@ -119,9 +165,11 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
     print("evaluating", ", ".join(stages), flush=True)
     rows = lm_pipeline.compare(cfg, prepared, stages, report) if cfg.is_lm else compare(cfg, prepared, stages)
     table = write_report(rows, stages, report, lm=cfg.is_lm)
-    names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png")
-    for name in names + (("per_example.parquet",) if cfg.is_lm else ()):
-        tracker.log_artifact(report / name)
+    names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png",
+             "per_example.parquet")
+    for name in names:
+        if (report / name).exists():
+            tracker.log_artifact(report / name)
     tracker.log_metrics({f"{row['model']}/{key}": value for row in rows
                          for key, value in row.items() if key not in ("model", "stop")})
     return rows, table
@@ -218,10 +266,12 @@ def training_job(cfg: PipelineConfig, retain: str, start: Path | None = None) ->
                     method={"name": "ft"}, start=start)
 
 
-def unlearning_job(cfg: PipelineConfig, entry, prepared: dict[str, str], original: Path) -> dict:
+def unlearning_job(cfg: PipelineConfig, entry, prepared: dict[str, str], original: Path,
+                   monitor: dict | None = None) -> dict:
     method = entry.model_dump(include={"name", "rule", "hparams", "objective"})
-    return job_dict(cfg, cfg.unlearn_settings(entry), method=method, start=original,
-                    data={"forget": prepared["forget"], "retain": prepared["retain"]})
+    job = job_dict(cfg, cfg.unlearn_settings(entry), method=method, start=original,
+                   data={"forget": prepared["forget"], "retain": prepared["retain"]})
+    return {**job, "monitor": monitor} if monitor is not None else job
 
 
 def job_dict(cfg: PipelineConfig, train: TrainSettings, *, data: dict, method: dict,
@@ -324,6 +374,12 @@ def write_report(rows: list[dict], stages: dict[str, StageOutput], report: Path,
     evaluate.write_csv(rows, report / "comparison.csv", columns)
     files.write_atomic(report / "comparison.md", evaluate.to_markdown(rows, columns) + "\n")
     plots.tradeoff(rows, report / "tradeoff.png", plots.LM_AXES if lm else plots.CLASSIFIER_AXES)
-    plots.hardness({name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES},
-                   report / "hardness.png")
+    logs = {name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES}
+    plots.hardness(logs, report / "hardness.png")
+    monitors = [stage.summary["config"].get("monitor") for name, stage in stages.items()
+                if name not in REFERENCES]
+    if any(monitors):
+        plots.curves(logs, report / "curves.png", target=monitors[0]["stop_forget_prob"])
+    else:  # an earlier run's curves would describe other runs
+        (report / "curves.png").unlink(missing_ok=True)
     return evaluate.to_text(rows, columns)

@@ -39,6 +39,7 @@ def small(raw: dict) -> None:
     raw["unlearn"].update(max_steps=4, progress_every=2)
     raw["methods"] = [m for m in raw["methods"] if m["name"] == "hamu-q"]
     raw["cluster"] = {"num_workers": 1}
+    raw["monitor"] = {"every": 2, "forget_rows": 8, "retain_rows": 8, "stop_at": "oracle"}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,36 @@ def test_every_model_is_scored_and_the_oracle_is_its_own_yardstick(qa_run):
         assert all(math.isfinite(row[c]) for c in TABLE_COLUMNS if c not in ("model", "stop")), row
         assert 0 <= row["forget_rouge"] <= 1 and 0 <= row["model_utility"] <= 1
     assert rows["oracle"]["forget_quality"] == 1.0 and rows["oracle"]["priv_leak"] == 0.0
-    assert rows["hamu-q"]["steps"] == 4
     assert "forget_quality" in result.table and "hamu-q" in result.table
+
+
+@pytest.mark.integration
+def test_methods_are_evaluated_during_the_run_and_stop_at_the_oracles_forget_probability(qa_run):
+    """The stop target is the oracle's mean answer probability on the monitor's forget sample
+    (checked against the evaluation's own per-row scores of those rows); the method stops at
+    its first evaluation at or below it, or runs its 4 steps without reaching it."""
+    from hamu_ray.pipeline.lm_pipeline import row_digests
+    from hamu_ray.pipeline.stages import StageOutput
+
+    out, cfg, result = qa_run
+    stage = StageOutput.read(next((out / "stages").glob("unlearn-hamu-q-*")))
+    monitor = stage.summary["config"]["monitor"]
+    sample = set(row_digests(monitor["forget"], cfg))
+    assert len(sample) == 8
+    per_example = pq.read_table(result.report_dir / "per_example.parquet").to_pylist()
+    oracle = [r["probability"] for r in per_example
+              if r["model"] == "oracle" and r["set"] == "forget" and r["row_sha256"] in sample]
+    target = monitor["stop_forget_prob"]
+    assert target == pytest.approx(sum(oracle) / len(oracle), rel=1e-5)
+
+    evaluated = [r for r in stage.step_log() if "monitor/forget_prob" in r]
+    assert [r["step"] for r in evaluated] == list(range(0, stage.summary["steps"] + 1, 2))
+    assert all(r["monitor/forget_prob"] > target for r in evaluated[:-1])
+    if stage.summary["stop"] == "forget_target":
+        assert evaluated[-1]["monitor/forget_prob"] <= target
+    else:
+        assert stage.summary["steps"] == 4 and evaluated[-1]["monitor/forget_prob"] > target
+    assert (result.report_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.integration

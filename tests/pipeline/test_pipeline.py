@@ -120,6 +120,12 @@ COUNTRY_QA = PIPELINE.parent / "country_qa.yaml"
     (COUNTRY_QA, lambda raw: raw["model"].update(oracle="/models/x"), "an oracle model goes with path"),
     (COUNTRY_QA, lambda raw: raw["data"].update(source="files"), "data.forget: Field required"),
     (COUNTRY_QA, lambda raw: raw["data"]["text"].update(format="text"), "scores question/answer rows"),
+    (COUNTRY_QA, lambda raw: raw.update(monitor={"stop_at": 1.5}), "monitor.stop_at: Value error, a forget probability between 0 and 1"),
+    (COUNTRY_QA, lambda raw: raw.update(monitor={"every": 0}), "monitor.every: Input should be greater than 0"),
+    (COUNTRY_QA, lambda raw: raw.update(
+        model={"kind": "causal_lm", "path": "/models/x"}, monitor={"stop_at": "oracle"},
+        data={"source": "files", "forget": "f.parquet", "retain": "r.parquet"}),
+     "monitor.stop_at: oracle needs an oracle model"),
 ])
 def test_pipeline_errors_name_the_file_and_the_field(tmp_path, pipeline, edit, needle):
     raw = yaml.safe_load(pipeline.read_text())
