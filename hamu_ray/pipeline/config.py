@@ -158,9 +158,10 @@ class SearchDomain(Section):
 
 
 # what a search may vary, by rule: HAMU's constraint as a ratio of lr (B = ratio·lr), its
-# radius mode ("lr" or a fixed R), surgery's epsilon, and the learning rate
+# radius mode ("lr" or a fixed R), surgery's epsilon, and the learning rate (any other rule)
 SEARCHABLE = {"hamu-q": ("constraint_ratio", "radius", "lr"), "hamu-u": ("constraint_ratio", "radius", "lr"),
               "surgery": ("epsilon", "lr"), None: ("epsilon", "lr")}  # None: surgery-implicit
+LR_ONLY = ("lr",)
 
 
 class AshaSection(Section):
@@ -175,8 +176,8 @@ class TuneSection(Section):
     space: dict[str, SearchDomain] = Field(min_length=1)
     num_samples: int = Field(8, gt=0)
     max_concurrent: int = Field(1, gt=0)
-    utility_floor: float = Field(2.0, ge=0)  # test accuracy on the retained classes may drop
-    # at most this many points below the original model's
+    utility_floor: float = Field(2.0, ge=0)  # utility (test accuracy on the retained classes;
+    # a language model's model utility) may drop at most this many points (hundredths) below the original's
     scheduler: AshaSection | None = AshaSection()  # None: every trial runs to the end
     cpus_per_trial: float = Field(0.0, ge=0)  # the trial's own process (it mostly waits); its
     # workers ask for theirs (cluster section)
@@ -238,9 +239,9 @@ class PipelineConfig(Section):
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                 raise ValueError(f"method {m.key}: train overrides: {problems}") from None
-        if self.tune is not None and self.is_lm:
-            raise ValueError("tune: the threshold search serves classifier pipelines so far; "
-                             "remove the tune section of a causal_lm pipeline")
+        if self.tune is not None and not self.has_oracle:
+            raise ValueError("tune: the search ranks trials by forget quality against the oracle; "
+                             "give model.oracle")
         if self.is_lm and (self.model.dtype == "bf16") != (self.train.bf16 and self.unlearn.bf16):
             raise ValueError(f"model.dtype {self.model.dtype} needs train.bf16 and unlearn.bf16 "
                              "to match it (bf16 weights train in DeepSpeed's bf16 mode)")
@@ -261,10 +262,7 @@ class PipelineConfig(Section):
         if entry is None:
             raise ValueError(f"tune.method: {tune.method!r} is not a label in methods "
                              f"({', '.join(m.key for m in self.methods)})")
-        if entry.rule_name not in SEARCHABLE:
-            raise ValueError(f"tune.method: {entry.key} uses rule {entry.rule_name}; the search is "
-                             "for hamu-q, hamu-u, surgery and surgery-implicit")
-        allowed = SEARCHABLE[entry.rule_name]
+        allowed = SEARCHABLE.get(entry.rule_name, LR_ONLY)
         unknown = sorted(set(tune.space) - set(allowed))
         if unknown:
             raise ValueError(f"tune.space: {', '.join(unknown)} cannot be searched for "

@@ -114,7 +114,8 @@ def score_models(models: dict[str, str], sets: dict[str, str], text: dict, *,
     progress line as each finishes."""
     import ray
 
-    task = ray.remote(num_cpus=1)(score_model)
+    # DEFAULT: outside the caller's placement group (a search trial's has no CPU to give)
+    task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(score_model)
     pending = {task.remote(path, sets, text, bf16=bf16): name for name, path in models.items()}
     results, start = {}, time.monotonic()
     while pending:

@@ -149,6 +149,28 @@ def initial_model(cfg, prepared: dict[str, str], out: Path, key) -> Path:
     return directory / "model"
 
 
+@dataclass(frozen=True)
+class LMYardstick:
+    """A search's measure: the scored sets, and the oracle's per-example scores on them."""
+    sets: dict[str, str]  # scored set → file
+    text: dict
+    bf16: bool
+    oracle: dict  # set → score name → per-example values
+
+
+def yardstick(cfg, prepared: dict[str, str], oracle: Path) -> LMYardstick:
+    sets = {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared}
+    text, bf16 = cfg.data.text.model_dump(), cfg.model.dtype == "bf16"
+    scores = lm_evaluate.score_models({"oracle": str(oracle)}, sets, text, bf16=bf16)
+    return LMYardstick(sets, text, bf16, scores["oracle"])
+
+
+def measure(ruler: LMYardstick, model_dir: Path) -> dict:
+    """One model's metrics against the oracle, scored in a Ray task."""
+    scores = lm_evaluate.score_models({"model": str(model_dir)}, ruler.sets, ruler.text, bf16=ruler.bf16)
+    return lm_evaluate.model_metrics(scores["model"], ruler.oracle)
+
+
 def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[dict]:
     """Every stage's exported model scored on forget, retain (sample) and holdout; TOFU's and
     MUSE's metrics against the oracle; per-row scores written to report/per_example.parquet."""

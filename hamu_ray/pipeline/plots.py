@@ -158,22 +158,23 @@ def curves(step_logs: dict[str, list[dict]], path: Path, target: float | None = 
     _save(fig, path)
 
 
-def pareto(rows: list[dict], floor: float, path: Path) -> None:
-    """Search trials: forget quality (KS p-value, log scale) against test accuracy on the
-    retained classes; the Pareto front of the finished trials, the utility floor, the choice."""
-    done = [r for r in rows if r.get("forget_quality") is not None and r.get("test_acc_retained") is not None]
+def pareto(rows: list[dict], floor: float, path: Path, utility: Axis = CLASSIFIER_AXES[0]) -> None:
+    """Search trials: forget quality (KS p-value, log scale) against the utility (test accuracy
+    on the retained classes, or a language model's model utility); the Pareto front of the
+    finished trials, the utility floor, the choice."""
+    done = [r for r in rows if r.get("forget_quality") is not None and r.get(utility.key) is not None]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    points = [(100 * r["test_acc_retained"], max(r["forget_quality"], TINY), r) for r in done]
+    points = [(utility.scale * r[utility.key], max(r["forget_quality"], TINY), r) for r in done]
     for x, y, r in points:
         ax.scatter(x, y, marker="*" if r["chosen"] else "o", s=160 if r["chosen"] else 30,
                    color="tab:red" if r["chosen"] else ("tab:blue" if r["feasible"] else "grey"), zorder=3)
     front = pareto_front([(x, y) for x, y, _ in points])
     if len(front) > 1:
         ax.plot(*zip(*front), color="tab:blue", linewidth=1, label="Pareto front")
-    ax.axvline(100 * floor, color="grey", linestyle="--", linewidth=0.8, label="utility floor")
+    ax.axvline(utility.scale * floor, color="grey", linestyle="--", linewidth=0.8, label="utility floor")
     if points:
         ax.set_yscale("log")
-    ax.set_xlabel("test accuracy on retained classes (%)")
+    ax.set_xlabel(utility.label)
     ax.set_ylabel("forget quality (KS p vs oracle)")
     ax.set_title("threshold search: the chosen trial is the red star")
     ax.grid(alpha=0.3)

@@ -333,7 +333,15 @@ class Yardstick:
     oracle_forget_losses: np.ndarray
 
 
-def yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle_weights: Path) -> Yardstick:
+def yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle: Path):
+    """What a search measures every trial against (a classifier's sets and oracle results;
+    a language model's scored sets and the oracle's per-example scores)."""
+    if cfg.is_lm:
+        return lm_pipeline.yardstick(cfg, prepared, oracle)
+    return classifier_yardstick(cfg, prepared, oracle)
+
+
+def classifier_yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle_weights: Path) -> Yardstick:
     splits = {name: datasets.read_split(prepared[name]) for name in ("forget", "retain", "test")}
     sets = {name: (split.x, split.y) for name, split in splits.items()}
     metrics, predictions = evaluate.evaluate(load_weights(cfg, oracle_weights), sets,
@@ -343,8 +351,16 @@ def yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle_weights: Pat
     return Yardstick(sets, forget_classes(cfg), metrics, losses)
 
 
-def measure(cfg: PipelineConfig, ruler: Yardstick, weights: Path) -> dict[str, float]:
-    """Accuracies, losses, MIA, and the comparison to the oracle (forget quality, gaps)."""
+def measure(cfg: PipelineConfig, ruler, model: Path) -> dict[str, float]:
+    """A model's metrics against the yardstick: for a classifier accuracies, losses, MIA and
+    the comparison to the oracle (forget quality, gaps); for a language model TOFU's and MUSE's
+    (scored in a Ray task)."""
+    if cfg.is_lm:
+        return lm_pipeline.measure(ruler, model)
+    return classifier_measure(cfg, ruler, model)
+
+
+def classifier_measure(cfg: PipelineConfig, ruler: Yardstick, weights: Path) -> dict[str, float]:
     metrics, predictions = evaluate.evaluate(load_weights(cfg, weights), ruler.sets,
                                              forget_classes=ruler.forget_classes)
     metrics.update(evaluate.compare_to_oracle(metrics, predictions["forget"].losses,
@@ -359,11 +375,11 @@ def load_weights(cfg: PipelineConfig, weights: Path):
 
 
 def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput]) -> list[dict]:
-    ruler = yardstick(cfg, prepared, stages["oracle"].weights)
+    ruler = classifier_yardstick(cfg, prepared, stages["oracle"].weights)
     results = {}
     for name, stage in stages.items():  # original, oracle, then the methods
         summary = stage.summary
-        measured = ruler.oracle if name == "oracle" else measure(cfg, ruler, stage.weights)
+        measured = ruler.oracle if name == "oracle" else classifier_measure(cfg, ruler, stage.weights)
         results[name] = {**measured, "steps": summary["steps"],
                          "stop": summary["stop"], "wall_s": summary["wall_s"]}
     return evaluate.comparison_rows(results)

@@ -1,6 +1,7 @@
 """`hamu-ray tune`: Ray Tune searches one method's threshold (HAMU's B as a ratio of lr, or
-surgery's epsilon, optionally lr and the radius mode) for the best forget quality that keeps
-test accuracy on the retained classes within a floor of the original model's.
+surgery's epsilon, optionally lr and the radius mode; any method's lr) for the best forget
+quality that keeps utility within a floor of the original model's: test accuracy on the
+retained classes for classifiers, model utility (TOFU) for language models.
 
 Each trial is a Tune function trainable that fits one engine job (a TorchTrainer; with Ray Train
 V2, `Tuner(TorchTrainer)` is not supported) and forwards its step reports to Tune, so ASHA can
@@ -21,7 +22,7 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from hamu_ray import files
-from hamu_ray.pipeline import evaluate
+from hamu_ray.pipeline import evaluate, lm_pipeline
 from hamu_ray.pipeline import stages as pipeline
 from hamu_ray.pipeline import plots
 from hamu_ray.pipeline.config import PipelineConfig, TuneSection
@@ -33,9 +34,33 @@ DATA_CPUS = 1  # a Ray Data read task asks for one whole CPU
 JOURNAL = "journal.jsonl"  # one line per trial start and end: what ran, and how often
 PARENT_FILE = "mlflow_parent_run"  # the search's parent run, reopened on resume
 NO_STEP_CAP_REPORTS = 10_000  # ASHA's max_t when epochs, not max_steps, end a trial: never reached
-TRIAL_COLUMNS = ("trial", "status", "params", "steps", "stop", "forget_acc", "test_acc_retained",
-                 "forget_quality", "forget_ks_stat", "mia_auc", "feasible", "chosen")
 TRIAL_TEXT_COLUMNS = ("trial", "status", "params", "stop", "feasible", "chosen")
+
+
+@dataclass(frozen=True)
+class SearchView:
+    """What a search ranks and shows, by task: its utility (kept above the floor) and the
+    trials table's columns; forget quality (KS p-value against the oracle) is the objective."""
+    utility: str  # the metric the floor applies to
+    utility_label: str
+    percent: bool  # shown in percent (an accuracy)
+    columns: tuple[str, ...]
+
+    def show(self, value: float) -> str:
+        return f"{100 * value:.1f}%" if self.percent else f"{value:.3f}"
+
+
+CLASSIFIER_VIEW = SearchView("test_acc_retained", "test accuracy on retained classes", True,
+                             ("trial", "status", "params", "steps", "stop", "forget_acc", "test_acc_retained",
+                              "forget_quality", "forget_ks_stat", "mia_auc", "feasible", "chosen"))
+LM_VIEW = SearchView("model_utility", "model utility", False,
+                     ("trial", "status", "params", "steps", "stop", "forget_prob", "forget_rouge",
+                      "model_utility", "forget_quality", "mia_auc", "priv_leak", "feasible", "chosen"))
+TRIAL_COLUMNS = CLASSIFIER_VIEW.columns
+
+
+def view_of(cfg: PipelineConfig) -> SearchView:
+    return LM_VIEW if cfg.is_lm else CLASSIFIER_VIEW
 
 
 @dataclass(frozen=True)
@@ -65,22 +90,24 @@ def run_search(cfg: PipelineConfig) -> SearchResult:
                      tags={"kind": "tune", "search": directory.name}) as parent:
         (directory / PARENT_FILE).write_text(parent)
         prepared = pipeline.prepare(cfg, out, tracker)
+        view = view_of(cfg)
         with ray_session(cfg.cluster):
             refuse_local_store_on_cluster(uri)
             references = pipeline.train_references(cfg, prepared, out, tracker)
-            ruler = pipeline.yardstick(cfg, prepared, references["oracle"].weights)
+            ruler = pipeline.yardstick(cfg, prepared, references["oracle"].export(cfg))
             context = TrialContext(cfg.model_dump(by_alias=True), prepared, str(out), str(directory),
-                                   str(references["original"].weights), ruler)
-            results, complete = fit_search(cfg.tune, context, directory)
-        original = pipeline.measure(cfg, ruler, references["original"].weights)
-        trials, chosen = choose(results, original["test_acc_retained"], cfg.tune.utility_floor)
+                                   str(references["original"].export(cfg)), ruler,
+                                   pipeline.monitor_section(cfg, prepared, references, out))
+            results, complete = fit_search(cfg.tune, context, directory, view)
+            original = pipeline.measure(cfg, ruler, references["original"].export(cfg))[view.utility]
+        trials, chosen = choose(results, original, cfg.tune.utility_floor, view)
         log_trials(tracker, parent, trials, out)
-        write_search_report(trials, chosen, original["test_acc_retained"], cfg.tune, report)
+        write_search_report(trials, chosen, original, cfg.tune, report, view)
         for name in ("trials.csv", "trials.md", "pareto.png", "best.json", "config.yaml"):
             tracker.log_artifact(report / name)
 
-    print("\n" + render_text(trials))
-    print("\n" + describe_choice(chosen, cfg.tune, original["test_acc_retained"]))
+    print("\n" + render_text(trials, view))
+    print("\n" + describe_choice(chosen, cfg.tune, original, view))
     if not complete:
         print("the search was interrupted; run the same command again to resume it", flush=True)
     print(f"report: {report}\nMLflow: {ui_command(uri)}", flush=True)
@@ -93,6 +120,8 @@ def search_key(cfg: PipelineConfig) -> str:
     spec = {"tune": cfg.tune.model_dump(), "entry": entry.model_dump(), "unlearn": cfg.unlearn.model_dump(),
             "data": cfg.data.model_dump(by_alias=True), "model": cfg.model.model_dump(),
             "train": cfg.train.model_dump()}
+    if cfg.monitor is not None:  # added only when set: earlier searches keep their key
+        spec["monitor"] = cfg.monitor.model_dump()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -110,8 +139,9 @@ class TrialContext:
     prepared: dict[str, str]
     output_dir: str
     search_dir: str
-    original_weights: str
-    ruler: pipeline.Yardstick  # the sets and the oracle's results, evaluated once per search
+    original: str  # the original model's export (a classifier's weights, an LM's directory)
+    ruler: pipeline.Yardstick | lm_pipeline.LMYardstick  # the sets and the oracle's results
+    monitor: dict | None = None  # the engine's monitor section (samples, stop target), if any
 
 
 def tune_space(tune: TuneSection) -> dict:
@@ -128,7 +158,8 @@ def tune_space(tune: TuneSection) -> dict:
     return space
 
 
-def fit_search(tune_cfg: TuneSection, context: TrialContext, directory: Path) -> tuple[list[dict], bool]:
+def fit_search(tune_cfg: TuneSection, context: TrialContext, directory: Path,
+               view: SearchView = CLASSIFIER_VIEW) -> tuple[list[dict], bool]:
     """Run (or resume) the Tuner: one dict per trial (id, status, params, last metrics), and
     whether every trial ended (False after an interruption: Tune saved its state on SIGINT)."""
     from ray import tune
@@ -157,7 +188,7 @@ def fit_search(tune_cfg: TuneSection, context: TrialContext, directory: Path) ->
                                         search_alg=BasicVariantGenerator(random_state=tune_cfg.seed,
                                                                          max_concurrent=tune_cfg.max_concurrent)),
             run_config=tune.RunConfig(name="tuner", storage_path=str(directory), verbose=0,
-                                      callbacks=[TrialLines()]))
+                                      callbacks=[TrialLines(view)]))
     tuner.fit()
     # the grid fit() returns marks trials stopped by Ctrl-C as terminated; the state Tune saved
     # before stopping them still says which ones were running
@@ -209,6 +240,9 @@ def trial_summary(result, complete: bool) -> dict:
 class TrialLines(Callback):
     """One line per trial start and end on the driver: a search takes minutes per trial."""
 
+    def __init__(self, view: SearchView = CLASSIFIER_VIEW):
+        self.view = view
+
     def on_trial_start(self, iteration, trials, trial, **info):
         print(f"[tune] trial {trial.trial_id} started: {format_params(trial.config)}", flush=True)
 
@@ -216,7 +250,8 @@ class TrialLines(Callback):
         m = trial.last_result or {}
         if m.get("evaluated"):
             print(f"[tune] trial {trial.trial_id} finished: forget_quality {m['forget_quality']:.3g}, "
-                  f"test_acc_retained {100 * m['test_acc_retained']:.1f}%, {m['steps']} steps", flush=True)
+                  f"{self.view.utility} {self.view.show(m[self.view.utility])}, {m['steps']} steps, "
+                  f"stop {m['stop']}", flush=True)
         else:
             print(f"[tune] trial {trial.trial_id} stopped early by ASHA after "
                   f"{m.get('training_iteration', 0)} reports", flush=True)
@@ -238,10 +273,12 @@ def run_trial(sample: dict, context: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     journal(context, {"event": "start", "trial": trial_id, "params": sample})
     stage = trial_stage(cfg, context, sample)
-    metrics = pipeline.measure(cfg, context.ruler, stage.weights)
+    metrics = pipeline.measure(cfg, context.ruler, stage.export(cfg))
     steps = stage.step_log()
     last_step = steps[-1] if steps else {}
-    final = {**last_step, **metrics, "loss/retain": metrics["retain_loss"], "steps": stage.summary["steps"],
+    if "retain_loss" in metrics:  # ASHA's metric at the last report: the evaluation's (classifiers)
+        metrics["loss/retain"] = metrics["retain_loss"]
+    final = {**last_step, **metrics, "steps": stage.summary["steps"],
              "stop": stage.summary["stop"], "wall_s": stage.summary["wall_s"], "stage": stage.directory.name,
              "trial_id": trial_id, "evaluated": True}
     journal(context, {"event": "end", "trial": trial_id, "stage": stage.directory.name})
@@ -252,8 +289,10 @@ def trial_stage(cfg: PipelineConfig, context: TrialContext, sample: dict) -> pip
     """Fit the trial's job, forwarding step reports to Tune; cached like a pipeline stage."""
     entry = cfg.method_entry(cfg.tune.method)
     method, train = cfg.trial_settings(entry, sample)
-    job = pipeline.job_dict(cfg, train, method=method.model_dump(), start=context.original_weights,
+    job = pipeline.job_dict(cfg, train, method=method.model_dump(), start=Path(context.original),
                             data={"forget": context.prepared["forget"], "retain": context.prepared["retain"]})
+    if context.monitor is not None:
+        job["monitor"] = context.monitor
     return pipeline.cached_stage(f"trial-{entry.key}", job, Path(context.output_dir),
                                  callbacks=[StepReportsToTune()])
 
@@ -274,37 +313,40 @@ def journal(context: TrialContext, event: dict) -> None:
 
 # ---- choosing, reporting -------------------------------------------------------------------
 
-def choose(results: list[dict], original_utility: float, floor_points: float) -> tuple[list[dict], dict | None]:
-    """Best forget quality among finished trials whose utility is within the floor: the KS
-    p-value, then (where it underflows to 0) the smaller KS statistic, then more utility.
-    Returns the table rows and the chosen one (None: no trial qualifies)."""
+def choose(results: list[dict], original_utility: float, floor_points: float,
+           view: SearchView = CLASSIFIER_VIEW) -> tuple[list[dict], dict | None]:
+    """Best forget quality among finished trials whose utility is within the floor (points:
+    hundredths of the utility): the KS p-value, then (where it underflows to 0) the smaller KS
+    statistic where the task reports it, then more utility. Returns the table rows and the
+    chosen one (None: no trial qualifies)."""
     threshold = original_utility - floor_points / 100
+    shown = [c for c in view.columns if c not in ("trial", "status", "params", "feasible", "chosen")]
     rows = []
     for r in results:
         m = r["metrics"]
         finished = r["status"] == "finished"
         rows.append({"trial": r["trial"], "status": r["status"], "params": r["params"],
-                     **{k: m.get(k) for k in ("steps", "stop", "forget_acc", "test_acc_retained",
-                                              "forget_quality", "forget_ks_stat", "mia_auc")},
+                     **{k: m.get(k) for k in shown}, "forget_ks_stat": m.get("forget_ks_stat"),
                      "stage": m.get("stage"),
-                     "feasible": finished and m["test_acc_retained"] >= threshold - 1e-12,
+                     "feasible": finished and m[view.utility] >= threshold - 1e-12,
                      "chosen": False})
     feasible = [row for row in rows if row["feasible"]]
     chosen = max(feasible, default=None, key=lambda row: (
-        row["forget_quality"], -row["forget_ks_stat"], row["test_acc_retained"]))
+        row["forget_quality"], -(row["forget_ks_stat"] or 0.0), row[view.utility]))
     if chosen is not None:
         chosen["chosen"] = True
     return rows, chosen
 
 
-def describe_choice(chosen: dict | None, tune: TuneSection, original_utility: float) -> str:
-    floor = 100 * original_utility - tune.utility_floor
+def describe_choice(chosen: dict | None, tune: TuneSection, original_utility: float,
+                    view: SearchView = CLASSIFIER_VIEW) -> str:
+    floor = view.show(original_utility - tune.utility_floor / 100)
     if chosen is None:
-        return (f"no finished trial kept test accuracy on the retained classes ≥ {floor:.1f}% "
-                f"(original {100 * original_utility:.1f}% − {tune.utility_floor} points)")
+        return (f"no finished trial kept {view.utility_label} ≥ {floor} "
+                f"(original {view.show(original_utility)} − {tune.utility_floor} points)")
     return (f"chosen: trial {chosen['trial']} ({format_params(chosen['params'])}): forget quality "
-            f"{chosen['forget_quality']:.3g}, test accuracy on retained classes "
-            f"{100 * chosen['test_acc_retained']:.1f}% (floor {floor:.1f}%)")
+            f"{chosen['forget_quality']:.3g}, {view.utility_label} "
+            f"{view.show(chosen[view.utility])} (floor {floor})")
 
 
 def trial_cell(column: str, value) -> str:
@@ -315,20 +357,23 @@ def trial_cell(column: str, value) -> str:
     return str(value)
 
 
-def render_text(rows: list[dict]) -> str:
-    return evaluate.to_text(rows, TRIAL_COLUMNS, trial_cell, TRIAL_TEXT_COLUMNS)
+def render_text(rows: list[dict], view: SearchView = CLASSIFIER_VIEW) -> str:
+    return evaluate.to_text(rows, view.columns, trial_cell, TRIAL_TEXT_COLUMNS)
 
 
 def write_search_report(rows: list[dict], chosen: dict | None, original_utility: float,
-                        tune: TuneSection, report: Path) -> None:
+                        tune: TuneSection, report: Path, view: SearchView = CLASSIFIER_VIEW) -> None:
     evaluate.write_csv([{**row, "params": format_params(row["params"])} for row in rows],
-                       report / "trials.csv", TRIAL_COLUMNS)
-    markdown = evaluate.to_markdown(rows, TRIAL_COLUMNS, trial_cell, TRIAL_TEXT_COLUMNS)
+                       report / "trials.csv", view.columns)
+    markdown = evaluate.to_markdown(rows, view.columns, trial_cell, TRIAL_TEXT_COLUMNS)
     files.write_atomic(report / "trials.md", markdown + "\n")
-    best = {"chosen": chosen, "original_test_acc_retained": original_utility,
+    best = {"chosen": chosen, f"original_{view.utility}": original_utility,
             "utility_floor_points": tune.utility_floor, "method": tune.method}
     files.write_atomic(report / "best.json", json.dumps(best, indent=2, default=str))
-    plots.pareto(rows, floor=original_utility - tune.utility_floor / 100, path=report / "pareto.png")
+    axis = plots.Axis(view.utility, view.utility_label + (" (%)" if view.percent else ""),
+                      100 if view.percent else 1)
+    plots.pareto(rows, floor=original_utility - tune.utility_floor / 100, path=report / "pareto.png",
+                 utility=axis)
 
 
 def log_trials(tracker: Tracker, parent: str, rows: list[dict], out: Path) -> None:

@@ -194,3 +194,35 @@ def test_user_inputs_are_refused_with_one_clear_error_before_ray(qa_run, tmp_pat
     with pytest.raises(DataError, match="forget set .*: missing column\\(s\\) reply"):
         run_pipeline(cfg)
     assert not any((tmp_path / name).exists() for name in "bcd")
+
+
+# ---- the threshold search on a language model -------------------------------------------------
+
+@pytest.mark.integration
+def test_a_search_on_the_qa_pipeline_ranks_trials_by_forget_quality_above_a_model_utility_floor(qa_run):
+    """Two trials of HAMU-Q's constraint in the built-in run's directory (its original and
+    oracle are reused), each stopped at the oracle's forget probability by the monitor: the
+    trials table has the language-model columns, the original's model utility is the one the
+    pipeline measured, and the chosen trial keeps model utility above the floor."""
+    from hamu_ray.pipeline.tune import LM_VIEW, run_search
+
+    out, _, first = qa_run
+
+    def search(raw):
+        small(raw)
+        raw["tune"] = {"method": "hamu-q", "space": {"constraint_ratio": {"values": [0.5, 2.0]}},
+                       "num_samples": 2, "scheduler": None, "utility_floor": 5.0}
+    result = run_search(qa_config(out, search))
+    assert result.complete and len(result.trials) == 2
+    best = json.loads((result.report_dir / "best.json").read_text())
+    pipeline_original = {row["model"]: row for row in first.rows}["original"]["model_utility"]
+    assert best["original_model_utility"] == pytest.approx(pipeline_original, rel=1e-9)
+    for row in result.trials:
+        assert row["status"] == "finished" and 0 < row["forget_quality"] <= 1
+        assert row["stop"] in ("none", "forget_target")
+        assert row["feasible"] == (row["model_utility"] >= pipeline_original - 0.05 - 1e-12)
+    feasible = [row for row in result.trials if row["feasible"]]
+    assert result.chosen == max(feasible, default=None, key=lambda r: (r["forget_quality"], r["model_utility"]))
+    header = (result.report_dir / "trials.csv").read_text().splitlines()[0].split(",")
+    assert header == list(LM_VIEW.columns)
+    assert (result.report_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG"

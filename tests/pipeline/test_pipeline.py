@@ -112,8 +112,10 @@ COUNTRY_QA = PIPELINE.parent / "country_qa.yaml"
     (COUNTRY_QA, lambda raw: raw.update(model={"kind": "mlp", "sizes": [4, 2]}), "do not go together"),
     (COUNTRY_QA, lambda raw: raw["data"].update(forget_share=0.6, holdout_share=0.5), "must leave countries to retain"),
     (COUNTRY_QA, lambda raw: raw["model"]["init"].update(hidden_size=30), "must divide by heads"),
-    (COUNTRY_QA, lambda raw: raw.update(tune={"method": "hamu-q", "space": {"radius": {"values": [0.1]}}}),
-     "the threshold search serves classifier pipelines"),
+    (COUNTRY_QA, lambda raw: raw.update(
+        model={"kind": "causal_lm", "path": "/models/x"}, tune={"method": "hamu-q", "space": {"radius": {"values": [0.1]}}},
+        data={"source": "files", "forget": "f.parquet", "retain": "r.parquet"}),
+     "tune: the search ranks trials by forget quality against the oracle; give model.oracle"),
     (COUNTRY_QA, lambda raw: raw["model"].update(dtype="bf16"), "needs train.bf16 and unlearn.bf16"),
     (COUNTRY_QA, lambda raw: raw["model"].update(path="/models/x"), "give exactly one of init"),
     (COUNTRY_QA, lambda raw: raw["model"].update(init=None, path="/models/x"), "the country-qa set trains its own original"),

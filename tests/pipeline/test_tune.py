@@ -41,7 +41,7 @@ def config(raw: dict) -> PipelineConfig:
 
 @pytest.mark.parametrize("tune, expected", [
     ({"method": "nope"}, "tune.method: 'nope' is not a label in methods"),
-    ({"method": "gdiff"}, "the search is for hamu-q, hamu-u, surgery"),
+    ({"method": "gdiff"}, "constraint_ratio, radius cannot be searched for gdiff; valid: lr"),
     ({"space": {"epsilon": {"low": 0, "high": 1}}}, "epsilon cannot be searched for hamu-q"),
     ({"space": {"radius": {"values": ["wide"]}}}, "tune.space.radius: 'wide' is not valid"),
     ({"space": {"constraint_ratio": {"low": -1, "high": 1}}}, "tune.space.constraint_ratio: -1"),
