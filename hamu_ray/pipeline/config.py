@@ -62,17 +62,29 @@ class CountryQASection(Section):
         return self
 
 
-class QAFilesSection(Section):
-    """The user's own question/answer rows (parquet or jsonl), in place of a built-in set."""
+class FilesSection(Section):
+    """The user's own rows (parquet or jsonl) in place of a built-in set: question/answer rows
+    for a language model, input/label rows for a classifier."""
     source: Literal["files"]
     forget: str
     retain: str
-    holdout: str | None = None  # rows the original never saw (membership inference; without it
-    # the membership metrics are absent)
-    eval_retain_rows: int = Field(200, gt=0)
+    holdout: str | None = None  # language model: rows the original never saw (membership
+    # inference; without it the membership metrics are absent)
+    test: str | None = None  # classifier (required): held-out rows, for accuracy and membership
+    eval_retain_rows: int = Field(200, gt=0)  # language model: the retain sample scored per model
     seed: int = 0
     batch_size: int = Field(16, gt=0)
-    text: TextData = TextData()
+    text: TextData = TextData()  # language model: columns, prompt, max_length
+    input_column: str = "x"  # classifier: a list of floats per row
+    label_column: str = "y"  # classifier: an integer class per row
+    forget_classes: list[int] = Field(default_factory=list)  # classifier: classes forgotten whole
+    # (excluded from test_acc_retained)
+
+
+class PipelineClassifier(ClassifierModel):
+    """A classifier: built and trained here, or the user's (`weights`: safetensors of this shape,
+    trained on forget + retain; `oracle`, optional: the same shape trained on retain alone)."""
+    oracle: str | None = None
 
 
 class LanguageModelSection(Section):
@@ -113,11 +125,11 @@ def _data_kind(raw: Any) -> str | None:
 
 
 PipelineData = Annotated[Union[tagged(DatasetSection, "images"), tagged(CountryQASection, "country-qa"),
-                               tagged(QAFilesSection, "files")],
+                               tagged(FilesSection, "files")],
                          Discriminator(_data_kind, custom_error_type="source",
                                        custom_error_message="source must be one of "
                                        + ", ".join(DATA_SOURCES))]
-PipelineModel = Annotated[Union[tagged(ClassifierModel, "classifier"), tagged(LanguageModelSection, "causal_lm")],
+PipelineModel = Annotated[Union[tagged(PipelineClassifier, "classifier"), tagged(LanguageModelSection, "causal_lm")],
                           Discriminator(model_kind)]
 
 
@@ -221,18 +233,23 @@ class PipelineConfig(Section):
         keys = [m.key for m in self.methods]
         if len(set(keys)) != len(keys):
             raise ValueError(f"methods: labels must be unique, got {keys}; set label: on repeats")
-        if (self.data.source in ("country-qa", "files")) != self.is_lm:
+        if self.data.source == "country-qa" and not self.is_lm or self.data.source in ("fashion-mnist", "digits") and self.is_lm:
             raise ValueError(f"data.source {self.data.source} and model.kind {self.model.kind} "
-                             "do not go together: country-qa and files are for causal_lm, the "
-                             "image sets for mlp and cnn")
+                             "do not go together: country-qa is for causal_lm, the image sets "
+                             "for mlp and cnn (files for either)")
+        if self.data.source == "files":
+            self._check_files()
         if self.is_lm and self.data.text.format != "qa":
             raise ValueError("data.text.format: a language-model pipeline scores question/answer "
                              "rows (qa); plain text is for single jobs (hamu-ray unlearn)")
         if self.is_lm and self.data.source == "country-qa" and self.model.path is not None:
             raise ValueError("model.path: the country-qa set trains its own original (model.init); "
                              "an existing model goes with data.source files")
-        if not self.is_lm and self.model.weights is not None:
-            raise ValueError("model.weights: a pipeline trains its own original model; leave it out")
+        if not self.is_lm and (self.model.weights is not None) != (self.data.source == "files"):
+            raise ValueError("model.weights: your own classifier goes with data.source files (and "
+                             "needs one); a built-in image set trains its own")
+        if not self.is_lm and self.model.oracle is not None and self.model.weights is None:
+            raise ValueError("model.oracle: an oracle goes with model.weights (your own classifier)")
         for m in self.methods:  # overrides are validated here, not at the method's stage
             try:
                 self.unlearn_settings(m)
@@ -252,10 +269,28 @@ class PipelineConfig(Section):
                              "one, or a forget probability to stop at")
         return self
 
+    def _check_files(self) -> None:
+        """Each file setting belongs to one kind of model."""
+        d, fields = self.data, self.data.model_fields_set
+        if self.is_lm:
+            wrong = [f for f in ("test", "input_column", "label_column", "forget_classes") if f in fields]
+            if wrong:
+                raise ValueError(f"data.{wrong[0]} is for classifier pipelines; a language model's "
+                                 "unseen rows are data.holdout")
+        else:
+            wrong = [f for f in ("holdout", "eval_retain_rows", "text") if f in fields]
+            if wrong:
+                raise ValueError(f"data.{wrong[0]} is for language-model pipelines; a classifier's "
+                                 "unseen rows are data.test")
+            if d.test is None:
+                raise ValueError("data.test: a classifier pipeline needs held-out rows (accuracy "
+                                 "and membership inference)")
+
     @property
     def has_oracle(self) -> bool:
         """Trained here, or given by the user."""
-        return not self.is_lm or self.model.path is None or self.model.oracle is not None
+        given = self.model.path if self.is_lm else self.model.weights
+        return given is None or self.model.oracle is not None
 
     def _check_search(self, tune: TuneSection) -> None:
         entry = self.method_entry(tune.method)

@@ -6,10 +6,9 @@ Forget rows are the sensitive data: the report holds per-row numbers and digests
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,26 +17,10 @@ import pyarrow.parquet as pq
 from hamu_ray import files
 from hamu_ray.engine import data
 from hamu_ray.errors import MissingInputError
-from hamu_ray.pipeline import country_qa, lm_evaluate, lm_metrics
+from hamu_ray.pipeline import country_qa, lm_evaluate, lm_metrics, user_data
 from hamu_ray.tasks import small_llama
 
 EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout"}  # scored set → file
-
-
-def prepare_spec(cfg) -> dict:
-    """What the prepared sets are made of: the config, and for the user's files their content
-    digests too (an edited file at the same path must not reuse stale sets)."""
-    spec = cfg.data.model_dump(exclude={"batch_size"})
-    if cfg.data.source == "files":
-        spec["sha256"] = {name: info.digest for name, info in user_sets(cfg).items()}
-    return spec
-
-
-def user_sets(cfg) -> dict[str, data.SetInfo]:
-    d = cfg.data
-    paths = {"forget": d.forget, "retain": d.retain, "holdout": d.holdout}
-    return {name: data.inspect_set(name, path, [d.text.question_column, d.text.answer_column])
-            for name, path in paths.items() if path is not None}
 
 
 def build_sets(cfg, directory: Path) -> dict:
@@ -48,8 +31,10 @@ def build_sets(cfg, directory: Path) -> dict:
     if d.source == "country-qa":
         sets = country_qa.build(forget_share=d.forget_share, holdout_share=d.holdout_share, seed=d.seed)
     else:
-        sets = {name: read_rows(info) for name, info in user_sets(cfg).items()}
-        check_disjoint(sets["forget"], sets["retain"], cfg)
+        sets = {name: user_data.read_table(info).to_pylist() for name, info in user_data.user_sets(cfg).items()}
+        q, a = d.text.question_column, d.text.answer_column
+        digests = {name: [user_data.qa_digest(r[q], r[a]) for r in sets[name]] for name in ("forget", "retain")}
+        user_data.check_disjoint(digests["forget"], digests["retain"], cfg, f"{q} and {a}")
     if cfg.model.init is not None:  # the original is trained here
         sets["train"] = sets["forget"] + sets["retain"]
     sets["retain_eval"] = random.Random(d.seed).sample(sets["retain"], min(d.eval_retain_rows, len(sets["retain"])))
@@ -58,34 +43,6 @@ def build_sets(cfg, directory: Path) -> dict:
     columns = [d.text.question_column, d.text.answer_column]
     infos = {name: data.inspect_set(name, str(path), columns) for name, path in paths.items()}
     return {"sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in infos.items()}}
-
-
-def read_rows(info: data.SetInfo) -> list[dict]:
-    import pyarrow.dataset as pads
-
-    return pads.dataset(info.path, format=info.format).to_table().to_pylist()
-
-
-def check_disjoint(forget: list[dict], retain: list[dict], cfg) -> None:
-    """A forget row that is also a retain row would be learnt and unlearnt at once: refused,
-    named by row number and digest (never by content)."""
-    q, a = cfg.data.text.question_column, cfg.data.text.answer_column
-    retained = {row_digest(r[q], r[a]) for r in retain}
-    shared = [(i, digest) for i, r in enumerate(forget) if (digest := row_digest(r[q], r[a])) in retained]
-    if shared:
-        first = ", ".join(f"row {i} (sha256 {digest[:12]})" for i, digest in shared[:3])
-        raise data.DataError(f"forget set {cfg.data.forget}: {len(shared)} row(s) also in the retain "
-                             f"set {cfg.data.retain} (same {q} and {a}): {first}; remove them from one")
-
-
-def row_digest(question: str, answer: str) -> str:
-    return hashlib.sha256(json.dumps([question, answer]).encode()).hexdigest()
-
-
-def given_models(cfg) -> dict:
-    """The user's original (and oracle, when given) as stages that were not run here."""
-    models = {"original": cfg.model.path, "oracle": cfg.model.oracle}
-    return {role: GivenModel(role, Path(path)) for role, path in models.items() if path is not None}
 
 
 def check_given_models(cfg) -> None:
@@ -114,21 +71,6 @@ def load_tokenizer_checked(path: str, setting: str):
         return load_tokenizer(path)
     except (OSError, ValueError) as exc:
         raise MissingInputError(f"{setting} {path}: no usable tokenizer: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class GivenModel:
-    """A model the pipeline did not train: it is evaluated like a stage's export."""
-    name: str
-    model_dir: Path
-    cached: bool = True
-    summary: dict = field(default_factory=lambda: {"steps": None, "stop": "given", "wall_s": None})
-
-    def export(self, cfg) -> Path:
-        return self.model_dir
-
-    def step_log(self) -> list[dict]:
-        return []
 
 
 def initial_model(cfg, prepared: dict[str, str], out: Path, key) -> Path:
@@ -193,7 +135,7 @@ def row_digests(path: str, cfg) -> list[str]:
     table = pq.read_table(path)
     pairs = zip(table.column(cfg.data.text.question_column).to_pylist(),
                 table.column(cfg.data.text.answer_column).to_pylist())
-    return [row_digest(q, a) for q, a in pairs]
+    return [user_data.qa_digest(q, a) for q, a in pairs]
 
 
 def write_per_example(scores: dict, sets: dict[str, str], cfg, path: Path) -> None:

@@ -25,6 +25,7 @@ from hamu_ray.pipeline import evaluate
 from hamu_ray.pipeline import lm_evaluate
 from hamu_ray.pipeline import lm_pipeline
 from hamu_ray.pipeline import plots
+from hamu_ray.pipeline import user_data
 from hamu_ray.engine.config import TrainSettings, UnlearnConfig
 from hamu_ray.pipeline.config import PipelineConfig
 from hamu_ray.engine.driver import monitor_values, ray_session, run_unlearning
@@ -82,8 +83,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     # MLflow caches a store per URI, and one whose file was removed would swallow a retry's logs.
     with files.removed_unless_kept(out) as keep, contextlib.ExitStack() as ray:
         sets = prepare_sets(cfg, out)
-        if cfg.is_lm:
-            lm_pipeline.check_given_models(cfg)  # before Ray starts
+        check_given_models(cfg)  # before Ray starts
         ray.enter_context(ray_session(cfg.cluster))
         refuse_local_store_on_cluster(uri)
         tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
@@ -202,9 +202,17 @@ def prepare(cfg: PipelineConfig, out: Path, tracker: Tracker) -> dict[str, str]:
     return sets.paths
 
 
+def check_given_models(cfg: PipelineConfig) -> None:
+    if cfg.is_lm:
+        lm_pipeline.check_given_models(cfg)
+    elif cfg.model.weights is not None:
+        user_data.check_classifier_weights(cfg)
+
+
 def prepare_sets(cfg: PipelineConfig, out: Path) -> PreparedSets:
-    data_spec = (lm_pipeline.prepare_spec(cfg) if cfg.is_lm
-                 else cfg.data.model_dump(by_alias=True, exclude={"batch_size"}))
+    data_spec = cfg.data.model_dump(by_alias=True, exclude={"batch_size"})
+    if cfg.data.source == "files":  # an edited file at the same path must not reuse stale sets
+        data_spec["sha256"] = user_data.content_digests(cfg)
     spec = {"version": PREPARE_VERSION, "data": data_spec}
     directory = out / "stages" / f"prepare-{stage_key(spec, out)}"
     cached = (directory / "prepare.json").exists()
@@ -230,6 +238,16 @@ def log_prepare(tracker: Tracker, sets: PreparedSets) -> None:
 def build_sets(cfg: PipelineConfig, directory: Path) -> dict:
     if cfg.is_lm:
         return lm_pipeline.build_sets(cfg, directory)
+    if cfg.data.source == "files":
+        paths = user_data.write_classifier_sets(cfg, directory)
+    else:
+        paths = builtin_image_sets(cfg, directory)
+    infos = {name: data.inspect_set(name, path, ["x", "y"]) for name, path in paths.items()}
+    return {"sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in infos.items()},
+            "forget_classes": forget_classes(cfg)}
+
+
+def builtin_image_sets(cfg: PipelineConfig, directory: Path) -> dict[str, str]:
     request = cfg.data.forget
     train, test = datasets.load_source(cfg.data.source, root=cfg.data.root, seed=cfg.data.seed)
     train = datasets.subsample(train, cfg.data.max_train_rows, cfg.data.seed)
@@ -238,13 +256,12 @@ def build_sets(cfg: PipelineConfig, directory: Path) -> dict:
             train.y, request.forget_class, request.rho, cfg.data.seed)
     else:
         forget_idx, retain_idx = datasets.random_forget_indices(len(train.y), request.fraction, cfg.data.seed)
-    paths = datasets.write_sets(directory, train, test, forget_idx, retain_idx)
-    infos = {name: data.inspect_set(name, path, ["x", "y"]) for name, path in paths.items()}
-    return {"sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in infos.items()},
-            "forget_classes": forget_classes(cfg)}
+    return datasets.write_sets(directory, train, test, forget_idx, retain_idx)
 
 
 def forget_classes(cfg: PipelineConfig) -> list[int]:
+    if cfg.data.source == "files":
+        return list(cfg.data.forget_classes)
     return [cfg.data.forget.forget_class] if cfg.data.forget.kind == "class" else []
 
 
@@ -252,8 +269,8 @@ def train_references(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
                      tracker: Tracker) -> dict[str, StageOutput]:
     """The original model (trained on everything) and the oracle (retain set only); a user's
     given language models instead, when there are."""
-    if cfg.is_lm and cfg.model.path is not None:
-        return lm_pipeline.given_models(cfg)
+    if (cfg.model.path if cfg.is_lm else cfg.model.weights) is not None:
+        return user_data.given_models(cfg)
     start = lm_pipeline.initial_model(cfg, prepared, out, stage_key) if cfg.is_lm else None
     return {name: run_stage(cfg, name, training_job(cfg, prepared[split], start), out, tracker)
             for name, split in (("original", "train"), ("oracle", "retain"))}
@@ -281,7 +298,7 @@ def job_dict(cfg: PipelineConfig, train: TrainSettings, *, data: dict, method: d
         model = cfg.model.job_model(str(start), trains_adapters=method["name"] != "ft")
         data = {**data, "text": cfg.data.text.model_dump()}
     else:
-        model = {**cfg.model.model_dump(), "weights": None if start is None else str(start)}
+        model = {**cfg.model.model_dump(exclude={"oracle"}), "weights": None if start is None else str(start)}
     return {
         "data": {**data, "retain_batch_size": batch, "forget_batch_size": batch, "shuffle_seed": cfg.data.seed},
         "model": model,
@@ -329,8 +346,8 @@ class Yardstick:
     """What every model is measured against: the sets and the oracle's results on them."""
     sets: dict[str, tuple]
     forget_classes: list[int]
-    oracle: dict[str, float]  # measured like any model (forget quality 1, gaps 0)
-    oracle_forget_losses: np.ndarray
+    oracle: dict[str, float] | None  # measured like any model (forget quality 1, gaps 0)
+    oracle_forget_losses: np.ndarray | None
 
 
 def yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle: Path):
@@ -341,9 +358,13 @@ def yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle: Path):
     return classifier_yardstick(cfg, prepared, oracle)
 
 
-def classifier_yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle_weights: Path) -> Yardstick:
+def classifier_yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle_weights: Path | None) -> Yardstick:
+    """The sets, and the oracle's results on them (None without an oracle: the comparisons
+    that need one are then absent)."""
     splits = {name: datasets.read_split(prepared[name]) for name in ("forget", "retain", "test")}
     sets = {name: (split.x, split.y) for name, split in splits.items()}
+    if oracle_weights is None:
+        return Yardstick(sets, forget_classes(cfg), None, None)
     metrics, predictions = evaluate.evaluate(load_weights(cfg, oracle_weights), sets,
                                              forget_classes=forget_classes(cfg))
     losses = predictions["forget"].losses
@@ -363,8 +384,9 @@ def measure(cfg: PipelineConfig, ruler, model: Path) -> dict[str, float]:
 def classifier_measure(cfg: PipelineConfig, ruler: Yardstick, weights: Path) -> dict[str, float]:
     metrics, predictions = evaluate.evaluate(load_weights(cfg, weights), ruler.sets,
                                              forget_classes=ruler.forget_classes)
-    metrics.update(evaluate.compare_to_oracle(metrics, predictions["forget"].losses,
-                                              ruler.oracle, ruler.oracle_forget_losses))
+    if ruler.oracle is not None:
+        metrics.update(evaluate.compare_to_oracle(metrics, predictions["forget"].losses,
+                                                  ruler.oracle, ruler.oracle_forget_losses))
     return metrics
 
 
@@ -375,7 +397,7 @@ def load_weights(cfg: PipelineConfig, weights: Path):
 
 
 def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput]) -> list[dict]:
-    ruler = classifier_yardstick(cfg, prepared, stages["oracle"].weights)
+    ruler = classifier_yardstick(cfg, prepared, stages["oracle"].weights if "oracle" in stages else None)
     results = {}
     for name, stage in stages.items():  # original, oracle, then the methods
         summary = stage.summary

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -102,6 +104,78 @@ def test_a_rerun_skips_finished_stages_and_reruns_the_edited_one(pipeline_runs):
 COUNTRY_QA = PIPELINE.parent / "country_qa.yaml"
 
 
+# ---- your own classifier and files ---------------------------------------------------------------
+
+def byo_config(out: Path, stages: Path, files: Path, *, oracle: bool = True, edit=None) -> PipelineConfig:
+    """The user's files (the built-in run's sets, columns renamed) and weights (its models)."""
+    prepared = next(stages.glob("prepare-*"))
+    for name in ("forget", "retain", "test"):
+        if not (files / f"{name}.parquet").exists():
+            pq.write_table(pq.read_table(prepared / f"{name}.parquet").rename_columns(["pixels", "label"]),
+                           files / f"{name}.parquet")
+    raw = {"name": "byo-digits", "output_dir": str(out),
+           "data": {"source": "files", **{name: str(files / f"{name}.parquet") for name in ("forget", "retain", "test")},
+                    "input_column": "pixels", "label_column": "label", "forget_classes": [3], "batch_size": 32},
+           "model": {"kind": "mlp", "sizes": [64, 64, 10],
+                     "weights": str(next(stages.glob("original-*")) / "model.safetensors"),
+                     "oracle": str(next(stages.glob("oracle-*")) / "model.safetensors") if oracle else None},
+           "train": {"lr": 0.01}, "unlearn": {"lr": 0.01, "max_steps": 2, "progress_every": 1},
+           "methods": [{"name": "gdiff"}], "cluster": {"num_workers": 1}}
+    if edit:
+        edit(raw)
+    return parse_config(raw, source="byo.yaml", schema=PipelineConfig)
+
+
+@pytest.mark.integration
+def test_a_users_classifier_and_files_run_without_training(pipeline_runs, tmp_path):
+    """With an oracle every metric of the original equals the built-in run's (same weights,
+    same rows); without one (same directory: only the evaluation runs again) the comparisons
+    that need it are absent."""
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    out, first, _ = pipeline_runs
+    result = run_pipeline(byo_config(tmp_path / "byo", out / "stages", tmp_path))
+    rows = {row["model"]: row for row in result.rows}
+    assert list(rows) == ["original", "oracle", "gdiff"]  # nothing trained here but the method
+    assert rows["original"]["stop"] == "given" and rows["gdiff"]["steps"] == 2
+    built_in = {row["model"]: row for row in first.rows}
+    for model in ("original", "oracle"):
+        for column in ("forget_acc", "test_acc_retained", "mia_auc", "forget_quality", "avg_gap"):
+            assert rows[model][column] == pytest.approx(built_in[model][column], rel=1e-9), (model, column)
+
+    alone = run_pipeline(byo_config(tmp_path / "byo", out / "stages", tmp_path, oracle=False))
+    rows = {row["model"]: row for row in alone.rows}
+    assert list(rows) == ["original", "gdiff"]
+    assert all(row["forget_quality"] is None and row["avg_gap"] is None for row in rows.values())
+    assert rows["original"]["forget_acc"] == pytest.approx(built_in["original"]["forget_acc"])
+
+
+@pytest.mark.integration
+def test_a_users_classifier_inputs_are_refused_before_ray(pipeline_runs, tmp_path):
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    out, _, _ = pipeline_runs
+    stages = out / "stages"
+    cfg = byo_config(tmp_path / "a", stages, tmp_path)
+    retain = pq.read_table(tmp_path / "retain.parquet")
+    forget = pq.read_table(tmp_path / "forget.parquet")
+    pq.write_table(pa.concat_tables([retain, forget.slice(2, 2)]), tmp_path / "overlap.parquet")
+    cfg = byo_config(tmp_path / "a", stages, tmp_path,
+                     edit=lambda raw: raw["data"].update(retain=str(tmp_path / "overlap.parquet")))
+    with pytest.raises(DataError, match=r"2 row\(s\) also in the retain set .*row 2 \(sha256 [0-9a-f]{12}\)"):
+        run_pipeline(cfg)
+    cfg = byo_config(tmp_path / "b", stages, tmp_path, edit=lambda raw: raw["model"].update(sizes=[64, 32, 10]))
+    with pytest.raises(DataError, match=r"model.weights .*original-.*: not weights of this model"):
+        run_pipeline(cfg)
+    pq.write_table(forget.set_column(1, "label", forget.column("label").cast(pa.float64())), tmp_path / "floats.parquet")
+    cfg = byo_config(tmp_path / "c", stages, tmp_path,
+                     edit=lambda raw: raw["data"].update(forget=str(tmp_path / "floats.parquet")))
+    with pytest.raises(DataError, match=r"forget set .*floats.parquet: column pixels must hold a list .* label an integer"):
+        run_pipeline(cfg)
+    assert not any((tmp_path / name).exists() for name in "abc")  # nothing left behind
+
+
 @pytest.mark.parametrize("pipeline, edit, needle", [
     (PIPELINE, lambda raw: raw["data"]["forget"].update(rho=1.5), "data.forget.rho: Input should be less than or equal to 1"),
     (PIPELINE, lambda raw: raw["data"].update(source="cifar"),
@@ -122,6 +196,12 @@ COUNTRY_QA = PIPELINE.parent / "country_qa.yaml"
     (COUNTRY_QA, lambda raw: raw["model"].update(oracle="/models/x"), "an oracle model goes with path"),
     (COUNTRY_QA, lambda raw: raw["data"].update(source="files"), "data.forget: Field required"),
     (COUNTRY_QA, lambda raw: raw["data"]["text"].update(format="text"), "scores question/answer rows"),
+    (PIPELINE, lambda raw: raw["model"].update(weights="/w.safetensors"), "model.weights: your own classifier goes with data.source files"),
+    (PIPELINE, lambda raw: raw["data"].update(source="files", forget="f.parquet", retain="r.parquet"),
+     "data.test: a classifier pipeline needs held-out rows"),
+    (PIPELINE, lambda raw: raw.update(data={"source": "files", "forget": "f", "retain": "r", "test": "t", "holdout": "h"},
+                                      model={"kind": "mlp", "sizes": [4, 2], "weights": "w"}),
+     "data.holdout is for language-model pipelines"),
     (COUNTRY_QA, lambda raw: raw.update(monitor={"stop_at": 1.5}), "monitor.stop_at: Value error, a forget probability between 0 and 1"),
     (COUNTRY_QA, lambda raw: raw.update(monitor={"every": 0}), "monitor.every: Input should be greater than 0"),
     (COUNTRY_QA, lambda raw: raw.update(
