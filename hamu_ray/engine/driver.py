@@ -102,7 +102,7 @@ def prepared_sets(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> dict:
     return datasets
 
 
-def monitor_values(cfg: UnlearnConfig) -> dict[str, float]:
+def monitor_values(cfg: UnlearnConfig) -> dict:
     """The monitor's values for the job's model as given, before any step, computed by the
     workers' own code (the task's preparation, batches and scores) in one Ray task: e.g. a
     pipeline's oracle, whose forget probability becomes the methods' stop target."""
@@ -115,7 +115,7 @@ def monitor_values(cfg: UnlearnConfig) -> dict[str, float]:
     return ray.get(ray.remote(num_cpus=1)(_monitor_values).remote(cfg.model_dump(), datasets))
 
 
-def _monitor_values(job: dict, datasets: dict) -> dict[str, float]:
+def _monitor_values(job: dict, datasets: dict) -> dict:
     import torch
 
     from hamu_ray.engine import deepspeed_engine as eng

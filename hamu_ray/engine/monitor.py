@@ -41,10 +41,14 @@ def sample_batches(shards: dict, task, batch_size: int, device: torch.device | N
     return batches
 
 
+ROW_LOSSES = "monitor/forget_row_loss"  # the forget sample's per-row losses (a list)
+
+
 @torch.no_grad()
-def measure(model, task, batches: dict[str, list[dict]]) -> dict[str, float]:
+def measure(model, task, batches: dict[str, list[dict]]) -> dict:
     """`monitor/<role>_prob` (mean per-row probability) and `monitor/<role>_loss` (mean per-row
-    length-normalised negative log-likelihood), in eval mode."""
+    length-normalised negative log-likelihood), in eval mode; and the forget sample's per-row
+    losses (numbers only), from which a pipeline computes forget quality against the oracle's."""
     was_training = model.training
     model.eval()
     try:
@@ -53,9 +57,16 @@ def measure(model, task, batches: dict[str, list[dict]]) -> dict[str, float]:
             per_row = torch.cat([s.logprob / s.count for s in (task.scores(model, b) for b in role_batches)])
             values[f"monitor/{role}_prob"] = per_row.exp().mean().item()
             values[f"monitor/{role}_loss"] = (-per_row).mean().item()
+            if role == "forget":
+                values[ROW_LOSSES] = (-per_row).double().tolist()
         return values
     finally:
         model.train(was_training)
+
+
+def scalars(record: dict) -> dict:
+    """A step record without the per-row list: what goes into Ray Train's reports."""
+    return {key: value for key, value in record.items() if key != ROW_LOSSES}
 
 
 class Monitor:

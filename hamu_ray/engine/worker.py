@@ -85,9 +85,9 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not stop:
             with tempfile.TemporaryDirectory() as tmp:
                 save(engine, tmp, step, step_log, rank)
-                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                ray.train.report(monitor.scalars(record), checkpoint=ray.train.Checkpoint.from_directory(tmp))
         elif stop or step % cfg.train.progress_every == 0:
-            ray.train.report(record)
+            ray.train.report(monitor.scalars(record))
         if cfg.train.fail_after_step == step and not resumed:
             raise RuntimeError(f"injected failure after step {step} (train.fail_after_step)")
         if stop:

@@ -10,6 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from scipy.stats import ks_2samp  # noqa: E402
+
+from hamu_ray.engine.monitor import ROW_LOSSES  # noqa: E402
 
 REFERENCE_MARKERS = {"original": ("s", "black"), "oracle": ("*", "tab:red")}
 
@@ -138,23 +141,40 @@ def hardness(step_logs: dict[str, list[dict]], path: Path) -> None:
     _save(fig, path)
 
 
-def curves(step_logs: dict[str, list[dict]], path: Path, target: float | None = None) -> None:
-    """Per method, its path over the run: forget against retain probability on the monitor's
-    samples at each evaluation (step 0 = the original, the last = the exported model)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+def curves(step_logs: dict[str, list[dict]], path: Path, target: float | None = None,
+           oracle_losses: list[float] | None = None) -> None:
+    """Per method, its path over the run on the monitor's samples, one point per evaluation
+    (step 0 = the original, the last = the exported model): forget against retain probability;
+    with the oracle's per-row forget losses also forget quality (KS p-value of the model's per-row
+    forget losses against the oracle's) against retain probability."""
+    panels = 2 if oracle_losses is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
+    prob_ax = axes[0][0]
     for label, rows in step_logs.items():
-        points = [(r["monitor/retain_prob"], r["monitor/forget_prob"]) for r in rows if "monitor/forget_prob" in r]
-        if points:
-            line, = ax.plot(*zip(*points), marker=".", markersize=4, linewidth=1, label=label)
-            ax.scatter(*points[-1], color=line.get_color(), s=40, zorder=3)  # the exported model
+        evaluated = [r for r in rows if "monitor/forget_prob" in r]
+        if not evaluated:
+            continue
+        x = [r["monitor/retain_prob"] for r in evaluated]
+        line, = prob_ax.plot(x, [r["monitor/forget_prob"] for r in evaluated], marker=".", markersize=4,
+                             linewidth=1, label=label)
+        prob_ax.scatter(x[-1], evaluated[-1]["monitor/forget_prob"], color=line.get_color(), s=40, zorder=3)
+        if oracle_losses is not None:
+            quality = [max(ks_2samp(r[ROW_LOSSES], oracle_losses).pvalue, TINY) for r in evaluated]
+            axes[0][1].plot(x, quality, marker=".", markersize=4, linewidth=1, color=line.get_color(), label=label)
+            axes[0][1].scatter(x[-1], quality[-1], color=line.get_color(), s=40, zorder=3)
     if target is not None:
-        ax.axhline(target, color="tab:red", linestyle="--", linewidth=0.8, label="stop target (oracle)")
-    ax.set_xlabel("retain probability (monitor sample)  →  better")
-    ax.set_ylabel("forget probability (monitor sample)  ↓  more forgotten")
-    ax.set_title("each method's path during unlearning (dot: the exported model)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7, ncol=2)
+        prob_ax.axhline(target, color="tab:red", linestyle="--", linewidth=0.8, label="stop target (oracle)")
+    prob_ax.set_ylabel("forget probability (monitor sample)  ↓  more forgotten")
+    prob_ax.set_title("each method's path during unlearning (dot: the exported model)", fontsize=10)
+    if oracle_losses is not None:
+        axes[0][1].set_yscale("log")
+        axes[0][1].set_ylabel("forget quality (KS p vs oracle, per-row loss, log)  ↑  better")
+        axes[0][1].set_title("forget quality on the monitor sample", fontsize=10)
+    for ax in axes[0]:
+        ax.set_xlabel("retain probability (monitor sample)  →  better")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from hamu_ray import files
-from hamu_ray.engine import data
+from hamu_ray.engine import data, monitor
 from hamu_ray.pipeline import datasets
 from hamu_ray.pipeline import evaluate
 from hamu_ray.pipeline import lm_evaluate
@@ -127,16 +127,32 @@ def monitor_section(cfg: PipelineConfig, prepared: dict[str, str], references: d
     m = cfg.monitor
     section = {**monitor_samples(cfg, prepared, out), "every": m.every, "batch_size": m.batch_size,
                "stop_forget_prob": None if m.stop_at == "oracle" else m.stop_at}
+    if "oracle" in references:
+        values = oracle_monitor_values(cfg, prepared, references["oracle"].export(cfg), section, out)
     if m.stop_at == "oracle":
-        job = job_dict(cfg, cfg.unlearn, method={"name": "ft"}, start=references["oracle"].export(cfg),
-                       data={"forget": prepared["forget"], "retain": prepared["retain"]})
-        values = monitor_values(UnlearnConfig.model_validate(
-            {**job, "monitor": section, "output_dir": str(out / "unused")}))
         section["stop_forget_prob"] = values["monitor/forget_prob"]
         print(f"[monitor] the oracle's forget probability on the {m.forget_rows}-row sample is "
               f"{values['monitor/forget_prob']:.4g}: each method stops at its first evaluation at "
               f"or below it (every {m.every} steps)", flush=True)
     return section
+
+
+def oracle_monitor_values(cfg: PipelineConfig, prepared: dict[str, str], oracle: Path, section: dict,
+                          out: Path) -> dict:
+    """The oracle's monitor values on the samples (its forget probability: the stop target; its
+    per-row forget losses: the curves' forget quality), measured once and kept beside them."""
+    path = oracle_values_file(section, oracle, out)
+    if not path.exists():
+        job = job_dict(cfg, cfg.unlearn, method={"name": "ft"}, start=oracle,
+                       data={"forget": prepared["forget"], "retain": prepared["retain"]})
+        values = monitor_values(UnlearnConfig.model_validate(
+            {**job, "monitor": section, "output_dir": str(out / "unused")}))
+        files.write_atomic(path, json.dumps(values))
+    return json.loads(path.read_text())
+
+
+def oracle_values_file(section: dict, oracle: Path, out: Path) -> Path:
+    return Path(section["forget"]).parent / f"oracle-{stage_key({'oracle': str(oracle)}, out)}.json"
 
 
 def monitor_samples(cfg: PipelineConfig, prepared: dict[str, str], out: Path) -> dict[str, str]:
@@ -164,7 +180,7 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
                    report: Path, tracker: Tracker) -> tuple[list[dict], str]:
     print("evaluating", ", ".join(stages), flush=True)
     rows = lm_pipeline.compare(cfg, prepared, stages, report) if cfg.is_lm else compare(cfg, prepared, stages)
-    table = write_report(rows, stages, report, lm=cfg.is_lm)
+    table = write_report(cfg, rows, stages, report)
     names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png",
              "per_example.parquet")
     for name in names:
@@ -407,7 +423,8 @@ def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, Sta
     return evaluate.comparison_rows(results)
 
 
-def write_report(rows: list[dict], stages: dict[str, StageOutput], report: Path, lm: bool = False) -> str:
+def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageOutput], report: Path) -> str:
+    lm = cfg.is_lm
     columns = lm_evaluate.TABLE_COLUMNS if lm else evaluate.TABLE_COLUMNS
     evaluate.write_csv(rows, report / "comparison.csv", columns)
     files.write_atomic(report / "comparison.md", evaluate.to_markdown(rows, columns) + "\n")
@@ -417,7 +434,11 @@ def write_report(rows: list[dict], stages: dict[str, StageOutput], report: Path,
     monitors = [stage.summary["config"].get("monitor") for name, stage in stages.items()
                 if name not in REFERENCES]
     if any(monitors):
-        plots.curves(logs, report / "curves.png", target=monitors[0]["stop_forget_prob"])
+        oracle = None
+        if "oracle" in stages:
+            path = oracle_values_file(monitors[0], stages["oracle"].export(cfg), Path(cfg.output_dir).resolve())
+            oracle = json.loads(path.read_text())[monitor.ROW_LOSSES] if path.exists() else None
+        plots.curves(logs, report / "curves.png", target=monitors[0]["stop_forget_prob"], oracle_losses=oracle)
     else:  # an earlier run's curves would describe other runs
         (report / "curves.png").unlink(missing_ok=True)
     return evaluate.to_text(rows, columns)

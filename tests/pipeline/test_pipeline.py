@@ -36,7 +36,7 @@ def runs_of(uri: str, parent_id: str) -> dict[str, mlflow.entities.Run]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_runs(digits_run_dir):
+def pipeline_runs(digits_run_dir, ray_cluster):  # one Ray for every pipeline of this module
     from hamu_ray.pipeline.stages import run_pipeline
 
     out = digits_run_dir

@@ -120,6 +120,21 @@ def test_no_choice_when_every_trial_breaks_the_floor():
     assert chosen is None and not rows[0]["feasible"]
 
 
+def test_a_language_model_search_ranks_by_forget_quality_above_a_model_utility_floor():
+    from hamu_ray.pipeline.tune import LM_VIEW
+
+    def lm_trial(name, quality, utility):
+        return {"trial": name, "status": "finished", "params": {"lr": 0.1},
+                "metrics": {"forget_quality": quality, "model_utility": utility, "steps": 10,
+                            "stop": "forget_target", "forget_prob": 0.05}}
+    results = [lm_trial("a", 0.9, 0.50), lm_trial("b", 0.3, 0.57), lm_trial("c", 0.3, 0.58),
+               lm_trial("d", 0.1, 0.60)]
+    rows, chosen = choose(results, original_utility=0.58, floor_points=2.0, view=LM_VIEW)
+    assert chosen["trial"] == "c"  # a breaks the floor (0.56); c ties b and keeps more utility
+    assert [row["feasible"] for row in rows] == [False, True, True, True]
+    assert set(LM_VIEW.columns) <= set(rows[0]) and rows[0]["forget_ks_stat"] is None
+
+
 def test_pareto_front_keeps_only_undominated_points():
     points = [(90.0, 0.5), (95.0, 0.1), (92.0, 0.4), (89.0, 0.6), (91.0, 0.3), (95.0, 0.05)]
     assert pareto_front(points) == [(89.0, 0.6), (90.0, 0.5), (92.0, 0.4), (95.0, 0.1)]

@@ -33,18 +33,18 @@ def qa_sets(tmp_path_factory):
     return root, {"forget": rows[:8], "retain": rows[8:24]}
 
 
-def job(tiny_lm, root, out, monitor=None, **data) -> dict:
+def job(tiny_lm, root, out, monitor=None, workers=WORKERS, zero_stage=3, **data) -> dict:
     """Full-batch steps (each worker's batch is its whole shard), so any row order gives the
     same gradients and the single-process step on the whole sets is the reference."""
     monitor = {"monitor": {"forget": str(root / "forget.parquet"), "retain": str(root / "retain.parquet"),
                            "every": 1, "batch_size": 5, **monitor}} if monitor is not None else {}
     return parse_config({**monitor,
         "data": {"forget": str(root / "forget.parquet"), "retain": str(root / "retain.parquet"),
-                 "retain_batch_size": 16 // WORKERS, "forget_batch_size": 8 // WORKERS, **data},
+                 "retain_batch_size": 16 // workers, "forget_batch_size": 8 // workers, **data},
         "model": {"kind": "causal_lm", "path": str(tiny_lm)},
         "method": HAMU,
-        "train": {"lr": LR, "epochs": STEPS, "zero_stage": 3},
-        "cluster": {"num_workers": WORKERS},
+        "train": {"lr": LR, "epochs": STEPS, "zero_stage": zero_stage},
+        "cluster": {"num_workers": workers},
         "output_dir": str(out)})
 
 
@@ -120,8 +120,9 @@ def test_monitor_values_are_the_answer_probabilities_of_the_model_at_that_step(
 
 
 def test_a_forget_target_stops_at_the_first_evaluation_that_meets_it(tiny_lm, qa_sets, monitored_run, tmp_path):
-    """The same run with a target between the forget probabilities after steps 1 and 2 stops
-    after step 2, and exports that model; a target the original already meets takes no step."""
+    """The same run (full batch: one ZeRO-0 worker takes the same steps) with a target between
+    the forget probabilities after steps 1 and 2 stops after step 2, and exports that model; a
+    target the original already meets takes no step."""
     from transformers import AutoModelForCausalLM
 
     from hamu_ray.engine.driver import run_unlearning
@@ -130,14 +131,15 @@ def test_a_forget_target_stops_at_the_first_evaluation_that_meets_it(tiny_lm, qa
     _, log = monitored_run
     prob = [r["monitor/forget_prob"] for r in log]
     assert prob[2] < prob[1] < prob[0]
-    result = run_unlearning(job(tiny_lm, root, tmp_path / "out",
+    result = run_unlearning(job(tiny_lm, root, tmp_path / "out", workers=1, zero_stage=0,
                                 monitor={"every": 2, "stop_forget_prob": (prob[1] + prob[2]) / 2}))
     stopped = [json.loads(line) for line in (result.output_dir / EXPORT_LOG).read_text().splitlines()]
     assert (result.steps, result.stop) == (2, "forget_target")
     assert "monitor/forget_prob" not in stopped[1]  # every 2 steps: step 1 is not evaluated
     assert stopped[2]["monitor/forget_prob"] == pytest.approx(prob[2], rel=1e-5)
 
-    result = run_unlearning(job(tiny_lm, root, tmp_path / "none", monitor={"stop_forget_prob": 1.0}))
+    result = run_unlearning(job(tiny_lm, root, tmp_path / "none", workers=1, zero_stage=0,
+                                monitor={"stop_forget_prob": 1.0}))
     assert (result.steps, result.stop) == (0, "forget_target")
     exported = AutoModelForCausalLM.from_pretrained(result.output_dir / MODEL_DIR).state_dict()
     for name, tensor in AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict().items():
