@@ -93,8 +93,9 @@ def read_set(info: SetInfo, shuffle_seed: int | None, read_blocks: int | None = 
 
 def worker_shards(datasets: dict, world_size: int) -> list[dict]:
     """Rank r's share of every set: the r-th of world_size equal contiguous slices of the
-    set's (ordered) rows (a monitor sample: all of it). Ray Train's default streaming split hands out blocks as they finish,
-    so a restarted worker group could see other rows; this split is the same on every run."""
+    set's (ordered) rows (a monitor sample: all of it). Ray Train's default streaming split
+    hands out blocks as they finish, so a restarted worker group could see other rows; this
+    split is the same on every run."""
     from ray.data import ExecutionOptions
 
     from hamu_ray.engine import monitor
