@@ -271,7 +271,10 @@ class PipelineConfig(Section):
 
     def _check_files(self) -> None:
         """Each file setting belongs to one kind of model."""
-        d, fields = self.data, self.data.model_fields_set
+        d = self.data
+        # set to something other than its default (a dumped config repeats every default)
+        fields = {f for f, info in FilesSection.model_fields.items()
+                  if getattr(d, f) != info.get_default(call_default_factory=True)}
         if self.is_lm:
             wrong = [f for f in ("test", "input_column", "label_column", "forget_classes") if f in fields]
             if wrong:

@@ -269,3 +269,15 @@ def test_cached_stage_runs_a_job_once_then_reuses_it(tmp_path, monkeypatch):
     assert first.directory == again.directory == tmp_path / "stages" / f"trial-x-{pipeline.stage_key(job, tmp_path)}"
     assert calls == [(str(first.directory), None, ["cb"])]
     assert (first.cached, again.cached, again.summary["steps"]) == (False, True, 3)
+
+
+@pytest.mark.parametrize("data, model", [
+    ({"source": "files", "forget": "f", "retain": "r", "test": "t"}, {"kind": "mlp", "sizes": [4, 2], "weights": "w", "oracle": "o"}),
+    ({"source": "files", "forget": "f", "retain": "r", "holdout": "h"}, {"kind": "causal_lm", "path": "/m", "oracle": "/o"}),
+])
+def test_a_dumped_pipeline_of_your_own_files_validates_again(data, model):
+    """Search trials and submitted jobs re-validate the dump, which repeats every default."""
+    raw = {"name": "byo", "output_dir": "out", "data": data, "model": model, "train": {"lr": 0.1},
+           "unlearn": {"lr": 0.1}, "methods": [{"name": "gdiff"}]}
+    cfg = parse_config(raw, source="byo.yaml", schema=PipelineConfig)
+    assert PipelineConfig.model_validate(cfg.model_dump(by_alias=True)) == cfg
