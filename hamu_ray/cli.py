@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from hamu_ray.bench import METHODS as BENCH_METHODS, MODELS as BENCH_MODELS
 from hamu_ray.errors import UserError
 
 ADDRESS_HELP = ("the Ray dashboard's HTTP address, e.g. http://HEAD:8265 "
@@ -56,6 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("pipeline", help="pipeline YAML with a tune: section; running it again resumes")
     add_overrides(tune)
     tune.set_defaults(handler=tune_command)
+
+    bench = commands.add_parser("bench", help="time every method's step side by side (ZeRO 0-3, 1-2 workers)")
+    bench.add_argument("--models", default=",".join(BENCH_MODELS),
+                       help="comma-separated: mlp, llama-fp32, llama-bf16, llama-lora")
+    bench.add_argument("--methods", default=",".join(BENCH_METHODS), help="comma-separated subset")
+    bench.add_argument("--stages", default="0,1,2,3", help="ZeRO stages, comma-separated")
+    bench.add_argument("--workers", default="1,2", help="worker counts, comma-separated")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per case (after warm-up)")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--hidden", type=int, default=1024, help="MLP width")
+    bench.add_argument("--llama-size", choices=("tiny", "1b"), default="tiny")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--small", action="store_true", help="tiny shapes and 3 steps: every row, fast")
+    bench.add_argument("--out", default="bench", help="directory for bench.json and bench.md")
+    bench.add_argument("--tracking-uri", help="also log to this MLflow tracking URI")
+    bench.set_defaults(handler=bench_command)
 
     unlearn = commands.add_parser("unlearn", help="run one unlearning job on the engine")
     unlearn.add_argument("config", help="job YAML: data, model, method, train, cluster, output_dir")
@@ -165,6 +182,38 @@ def plan_command(args) -> int:
                        model_config=args.model_config)
     print(json.dumps(plan.as_dict(result), indent=2) if args.json else plan.describe(result))
     return 0 if result.fits else 1
+
+
+def bench_command(args) -> int:
+    from pathlib import Path
+
+    from hamu_ray import bench
+    from hamu_ray.bench import runner
+
+    def listed(text: str, flag: str, valid, convert=str) -> list:
+        try:
+            values = [convert(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = None
+        if not values or any(v not in valid for v in values):
+            raise UserError(f"--{flag} {text!r}: expected a comma-separated subset of "
+                            f"{', '.join(map(str, valid))}")
+        return values
+
+    spec = runner.BenchSpec(
+        models=listed(args.models, "models", BENCH_MODELS),
+        methods=listed(args.methods, "methods", BENCH_METHODS),
+        stages=listed(args.stages, "stages", (0, 1, 2, 3), int),
+        workers=listed(args.workers, "workers", range(1, 65), int),
+        steps=args.steps, warmup=args.warmup, hidden=args.hidden, llama_size=args.llama_size,
+        device=args.device)
+    if args.small:
+        for key, value in bench.SMALL.items():
+            setattr(spec, key, value)
+    if spec.steps < 1 or spec.warmup < 0:
+        raise UserError(f"--steps must be ≥ 1 and --warmup ≥ 0, got {spec.steps} and {spec.warmup}")
+    bench.main(spec, Path(args.out), args.tracking_uri)
+    return 0
 
 
 def methods_command(args) -> int:

@@ -28,6 +28,10 @@ class GradAccess(Protocol):
         """One tensor per block, the same K blocks in the same order on every rank."""
         ...
 
+    def take_local_grads(self) -> list[torch.Tensor]:
+        """The local pieces as tensors the next backward will not touch (moved out or copied)."""
+        ...
+
     def write_local_grads(self, grads: list[torch.Tensor]) -> None: ...
 
     def zero_grads(self) -> None: ...
@@ -49,6 +53,12 @@ class TorchGrads:
 
     def local_grads(self) -> list[torch.Tensor]:
         return [_grad_or_zeros(p) for p in self.params]
+
+    def take_local_grads(self) -> list[torch.Tensor]:
+        taken = self.local_grads()
+        for p in self.params:  # the next backward writes fresh tensors: no copy, no zeroing
+            p.grad = None
+        return taken
 
     def write_local_grads(self, grads: list[torch.Tensor]) -> None:
         _copy_unless_same(self.local_grads(), grads)
@@ -93,6 +103,9 @@ class DeepSpeedGrads:
         if self.mode == "fragments":
             return [self._fragment(p) for p in self.params]
         return [_grad_or_zeros(p) for p in self.params]
+
+    def take_local_grads(self) -> list[torch.Tensor]:
+        return [g.detach().clone() for g in self.local_grads()]  # views into DeepSpeed's buffers
 
     def write_local_grads(self, grads: list[torch.Tensor]) -> None:
         if self.mode == "zero3":

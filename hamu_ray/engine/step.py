@@ -32,6 +32,11 @@ from hamu_ray.rules.surgery import ImplicitSurgeryParams, dual_update
 
 LossFn = Callable[[], torch.Tensor]
 StatsReduce = Callable[[torch.Tensor], torch.Tensor]
+Lap = Callable[[str], None]  # called at the end of each phase with its name (the benchmark's clock)
+
+
+def _no_lap(name: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class MeanAcrossRanks:
 
 def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: LossFn,
                     forget_loss: LossFn, reduce_stats: StatsReduce | None = None,
-                    clip_norm: float | None = None) -> StepOutput:
+                    clip_norm: float | None = None, lap: Lap = _no_lap) -> StepOutput:
     """g_r then g_f on this process's micro-batches, d_b = a_b·g_r,b + c_b·g_f,b, optimizer step.
 
     `lr` must be the optimizer's learning rate: the rule's guarantee is for Δ = −lr·d (plain SGD).
@@ -85,16 +90,20 @@ def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: Lo
     grads.zero_grads()
     loss_r = retain_loss()
     grads.backward(loss_r)
-    retain = [g.detach().clone() for g in grads.local_grads()]
+    lap("retain forward+backward")
+    retain = grads.take_local_grads()
+    lap("keep g_r")
 
     # forget pass: g_f stays in (or is copied out of) the gradient buffers
     grads.zero_grads()
     loss_f = forget_loss()
     grads.backward(loss_f)
+    lap("forget forward+backward")
     forget = grads.local_grads()
 
     # hardness: local partial sums, one reduction of K×3 floats, the rule on the global values
     stats = BlockStats.from_grads(retain, forget).to_tensor()
+    lap("statistics")
     reduced_values = 0
     if not grads.holds_full_gradient:
         if reduce_stats is None:
@@ -102,6 +111,7 @@ def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: Lo
         stats = reduce_stats(stats)
         reduced_values = stats.numel()
     stats, (retain_value, forget_value) = to_host(stats, loss_r, loss_f)
+    lap("reduce + host copy")
     retain_scale, forget_scale = clip_scales(stats, clip_norm)
     seen = stats.scaled(retain_scale, forget_scale)
     result = rule(seen, lr)
@@ -109,6 +119,7 @@ def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: Lo
     out = StepOutput(retain_value, forget_value, seen, result,
                      true["forget_gain"], true["retain_change"], retain_scale, forget_scale,
                      reduced_values, stepped=result.stop is None)
+    lap("rule")
     if result.stop is not None:
         grads.zero_grads()
         return out
@@ -119,7 +130,9 @@ def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: Lo
     for g_r, g_f, a, c in zip(retain, forget, retain_coef, forget_coef):
         g_f.mul_(c).add_(g_r, alpha=a)
     grads.write_local_grads(forget)
+    lap("combine + write back")
     grads.step()
+    lap("optimizer step")
     return out
 
 
@@ -132,12 +145,14 @@ def to_host(stats: torch.Tensor, *losses: torch.Tensor) -> tuple[BlockStats, lis
     return BlockStats.from_tensor(host[:3 * k].view(k, 3)), host[3 * k:].tolist()
 
 
-def descent_step(grads: GradAccess, loss: LossFn) -> float:
+def descent_step(grads: GradAccess, loss: LossFn, lap: Lap = _no_lap) -> float:
     """Plain training (the original model, the retrain oracle): one backward, one step."""
     grads.zero_grads()
     value = loss()
     grads.backward(value)
+    lap("forward+backward")
     grads.step()
+    lap("optimizer step")
     return value.item()
 
 
@@ -175,8 +190,8 @@ class ImplicitStepOutput:
 
 def implicit_surgery_step(grads: GradAccess, state: ImplicitSurgery, *, lr: float,
                           retain_loss: LossFn, forget_loss: LossFn,
-                          reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
-                          ) -> ImplicitStepOutput:
+                          reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          lap: Lap = _no_lap) -> ImplicitStepOutput:
     """One backward on L_u + w·L_r with L_u = −forget loss, an optimizer step, then the dual update
     of w from the measured retain-loss change.
 
@@ -195,7 +210,9 @@ def implicit_surgery_step(grads: GradAccess, state: ImplicitSurgery, *, lr: floa
             state.weight = dual_update(state.weight, state.pending_before, before_value, lr, state.params)
     weight = state.weight
     grads.backward(weight * loss_r - loss_f)
+    lap("forward+backward")
     grads.step()
+    lap("optimizer step")
     after_value = None
     if state.params.fast:
         state.pending_before = before_value
@@ -204,6 +221,7 @@ def implicit_surgery_step(grads: GradAccess, state: ImplicitSurgery, *, lr: floa
             after = mean(retain_loss().detach().reshape(1).to(torch.float64))
         before_value, after_value, retain_value, forget_value = _host_floats(before, after, loss_r, loss_f)
         state.weight = dual_update(weight, before_value, after_value, lr, state.params)
+        lap("retain forward after the step")
     return ImplicitStepOutput(retain_value, forget_value, weight, before_value, after_value, state.weight)
 
 

@@ -106,12 +106,39 @@ class BlockStats:
             )
 
 
+CHUNK = 4096  # elements per low-precision partial dot product (see _dot3)
+
+
 def _dot3(retain: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
+    """(‖r‖², ‖f‖², r·f) in float64 from one pass over the gradients' own memory.
+
+    Partial dot products over CHUNK elements in float32, summed in float64: ≲1e-6 relative error
+    (against float64 throughout), without a float64 copy of every gradient, which cost more
+    than the backward pass on a CPU. Float64 gradients stay float64.
+    """
     if retain.shape != forget.shape:
         raise ValueError(f"block shapes differ: retain {tuple(retain.shape)} vs forget {tuple(forget.shape)}")
-    r = retain.detach().reshape(-1).to(DTYPE)
-    f = forget.detach().reshape(-1).to(DTYPE)
-    return torch.stack([torch.dot(r, r), torch.dot(f, f), torch.dot(r, f)])
+    work = DTYPE if retain.dtype == DTYPE else torch.float32
+    r = retain.detach().reshape(-1).to(work)
+    f = forget.detach().reshape(-1).to(work)
+    whole = r.numel() - r.numel() % CHUNK
+    tail_r, tail_f = r[whole:].to(DTYPE), f[whole:].to(DTYPE)
+    out = torch.stack([tail_r @ tail_r, tail_f @ tail_f, tail_r @ tail_f])
+    if whole:
+        rows_r, rows_f = r[:whole].view(-1, CHUNK), f[:whole].view(-1, CHUNK)
+        partial = torch.stack([_row_dots(rows_r, rows_r), _row_dots(rows_f, rows_f), _row_dots(rows_r, rows_f)])
+        out += partial.sum(dim=1, dtype=DTYPE)
+    return out
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two [m, n] tensors. On a CPU a batched matrix product [1, n]·[n, 1]
+    (one read of each, 2–3× faster than multiply-then-sum; the right operand as a transposed
+    view, which takes a GEMM kernel 5× faster than an unsqueezed one); elsewhere
+    multiply-then-sum, which TF32 matmul settings cannot touch."""
+    if a.device.type == "cpu":
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(1).transpose(1, 2)).view(-1)
+    return (a * b).sum(dim=1)
 
 
 def check_number(name: str, value: object, *, low: float | None = None, strict: bool = False) -> None:

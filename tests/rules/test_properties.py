@@ -220,3 +220,24 @@ def test_constraint_split_weights():
     e = np.exp([-1.0, 2.0])
     torch.testing.assert_close(split_constraint(stats, 1.0, "exp_dot", radius),
                                torch.tensor(e / e.sum(), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_statistics_match_float64_sums(dtype):
+    # blocks on both sides of the chunk size: the float32 partial sums, summed in float64, must
+    # give what float64 throughout gives (to 1e-5 relative; rf relative to ‖g_r‖·‖g_f‖)
+    from hamu_ray.rules.stats import CHUNK
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = (1, CHUNK - 1, CHUNK, 3 * CHUNK + 5, 1 << 20)
+    retain = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    forget = [(0.3 * r.double() + torch.randn(n, generator=gen, dtype=torch.float64)).to(dtype)
+              for n, r in zip(sizes, retain)]
+    got = BlockStats.from_grads(retain, forget)
+    exact = [(r.double() @ r.double(), f.double() @ f.double(), r.double() @ f.double())
+             for r, f in zip(retain, forget)]
+    assert got.rr.dtype == torch.float64
+    for b, (rr, ff, rf) in enumerate(exact):
+        assert abs(got.rr[b] - rr) <= 1e-5 * rr
+        assert abs(got.ff[b] - ff) <= 1e-5 * ff
+        assert abs(got.rf[b] - rf) <= 1e-5 * (rr * ff).sqrt()
