@@ -67,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=20, help="timed steps per case (after warm-up)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--hidden", type=int, default=1024, help="MLP width")
-    bench.add_argument("--llama-size", choices=("tiny", "1b"), default="tiny")
+    bench.add_argument("--llama-size", choices=("micro", "tiny", "1b"), default="tiny",
+                       help="micro (~0.07M), tiny (~0.85M, the tests' model) or 1b (a GPU)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--zero-config", default="{}",
+                       help='JSON merged into DeepSpeed\'s zero_optimization, e.g. \'{"overlap_comm": true}\'')
     bench.add_argument("--small", action="store_true", help="tiny shapes and 3 steps: every row, fast")
     bench.add_argument("--out", default="bench", help="directory for bench.json and bench.md")
     bench.add_argument("--tracking-uri", help="also log to this MLflow tracking URI")
@@ -206,7 +209,7 @@ def bench_command(args) -> int:
         stages=listed(args.stages, "stages", (0, 1, 2, 3), int),
         workers=listed(args.workers, "workers", range(1, 65), int),
         steps=args.steps, warmup=args.warmup, hidden=args.hidden, llama_size=args.llama_size,
-        device=args.device)
+        device=args.device, zero=zero_config(args.zero_config))
     if args.small:
         for key, value in bench.SMALL.items():
             setattr(spec, key, value)
@@ -214,6 +217,18 @@ def bench_command(args) -> int:
         raise UserError(f"--steps must be ≥ 1 and --warmup ≥ 0, got {spec.steps} and {spec.warmup}")
     bench.main(spec, Path(args.out), args.tracking_uri)
     return 0
+
+
+def zero_config(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--zero-config {text!r}: not JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--zero-config {text!r}: expected a JSON object")
+    return value
 
 
 def methods_command(args) -> int:

@@ -17,7 +17,8 @@ METHODS = ("ft", "gdiff-1bwd", "gdiff-2bwd", "hamu-q", "hamu-q-full", "surgery",
            "implicit-fast")  # described in hamu_ray.bench.cases
 BASELINE = "gdiff-1bwd"  # every ratio is to this method at the same stage and worker count
 MODELS = ("mlp", "llama-fp32", "llama-bf16", "llama-lora")
-SMALL = {"hidden": 64, "batch": 16, "lm_batch": 4, "steps": 3, "warmup": 1}  # CI: every row, fast
+SMALL = {"hidden": 64, "batch": 16, "lm_batch": 4, "steps": 3, "warmup": 1,
+         "llama_size": "micro"}  # CI: every row, fast
 
 
 def main(spec, out_dir: Path, mlflow_uri: str | None = None) -> dict:
@@ -50,7 +51,8 @@ def where(spec) -> str:
     return (f"Measured on {device}; torch {torch.__version__}, Python {sys.version.split()[0]}; "
             f"{spec.steps} timed steps after {spec.warmup} warm-up steps per case; MLP "
             f"784-{spec.hidden}-{spec.hidden}-10 at {spec.batch}+{spec.batch} rows, Llama "
-            f"'{spec.llama_size}' at {spec.lm_batch}+{spec.lm_batch} QA rows; gloo/NCCL between workers.")
+            f"'{spec.llama_size}' at {spec.lm_batch}+{spec.lm_batch} QA rows; gloo/NCCL between workers"
+            + (f"; zero_optimization overrides {spec.zero}." if spec.zero else "."))
 
 
 def log_to_mlflow(uri: str, rows: list[dict], out_dir: Path) -> None:
@@ -60,11 +62,13 @@ def log_to_mlflow(uri: str, rows: list[dict], out_dir: Path) -> None:
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("hamu-ray-bench")
+    metrics = {}
+    for r in rows:
+        key = f"{r['model']}/{report.config_name(r)}/{r['method']}".replace(", ", "_").replace(" ", "_")
+        metrics[f"{key}/ms"] = r["ms"]
+        if r["ratio"] is not None:
+            metrics[f"{key}/ratio"] = r["ratio"]
     with mlflow.start_run(run_name="bench"):
-        for r in rows:
-            key = f"{r['model']}/{report.config_name(r)}/{r['method']}".replace(", ", "_").replace(" ", "_")
-            mlflow.log_metric(f"{key}/ms", r["ms"])
-            if r["ratio"] is not None:
-                mlflow.log_metric(f"{key}/ratio", r["ratio"])
+        mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(out_dir / "bench.json"))
         mlflow.log_artifact(str(out_dir / "bench.md"))

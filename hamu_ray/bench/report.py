@@ -80,7 +80,7 @@ def breakdown(rows: list[dict]) -> str:
         r["phases_ms"]["(one gradient all-reduce)"] = r.get("gradient_all_reduce_ms", 0.0)
     phases.append("(one gradient all-reduce)")
     lines = ["Phases (median ms; ZeRO's own collectives run inside forward+backward and the optimizer "
-             f"step):\n", "| configuration | method | " + " | ".join(phases) + " |",
+             "step):\n", "| configuration | method | " + " | ".join(phases) + " |",
              "|---" * (len(phases) + 2) + "|"]
     for r in picked:
         lines.append(f"| {config_name(r)} | {r['method']} | "

@@ -42,6 +42,7 @@ class BenchSpec:
     lm_batch: int = 8  # LM global rows per set and step
     llama_size: str = "tiny"
     device: str = "cpu"
+    zero: dict = field(default_factory=dict)  # merged into every zero_optimization section (levers)
     model_dir: str = ""  # where the Llama is built (set by run)
 
     def case(self, model: str) -> cases.ModelCase:
@@ -104,7 +105,8 @@ def summarise(kept: list[dict[str, float]]) -> dict:
     q1, _, q3 = statistics.quantiles(totals, n=4) if len(totals) > 1 else (totals[0],) * 3
     phases = {name: statistics.median(s.get(name, 0.0) for s in kept) * 1e3
               for name in dict.fromkeys(n for s in kept for n in s) if name != "total"}
-    return {"ms": statistics.median(totals), "q1_ms": q1, "q3_ms": q3, "phases_ms": phases}
+    return {"ms": statistics.median(totals), "q1_ms": q1, "q3_ms": q3, "phases_ms": phases,
+            "step_ms": [s["total"] * 1e3 for s in kept]}
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -140,6 +142,7 @@ def torch_rows(spec: BenchSpec, model: str, ref_dir: Path) -> list[dict]:
         torch.save(state, ref_dir / f"{model}-{method}.pt")
         rows.append(row(case, model, "torch", None, 1, method, results[method], peak_memory_mib(device),
                         grads[method].bytes, 0.0))
+        rows[-1]["trainable_params"] = sum(p.numel() for p in modules[method].parameters() if p.requires_grad)
     return rows
 
 
@@ -162,7 +165,7 @@ class KeptBytes:
 def row(case, model, backend, stage, workers, method, result, peak_mib, kept, diff) -> dict:
     return {"model": model, "backend": backend, "stage": stage, "workers": workers, "method": method,
             **result, "peak_mib": peak_mib, "g_r_bytes": kept, "max_abs_diff_vs_torch": diff,
-            "trainable_params": case.trainable_params, "rows_per_step": case.rows_per_step, "tokens_per_step": case.tokens_per_step,
+            "rows_per_step": case.rows_per_step, "tokens_per_step": case.tokens_per_step,
             "bf16": case.bf16}
 
 
@@ -194,6 +197,7 @@ def _world(rank: int, world: int, port: int, spec_dict: dict, ref_dir: str, out:
             engines, grads, steps = {}, {}, {}
             ds_config = eng.deepspeed_config(stage=stage, lr=case.lr, bf16=case.bf16,
                                              micro_batch_size=max(1, case.rows_per_step // 2 // world))
+            ds_config["zero_optimization"].update(spec.zero)
             for method in spec.methods:
                 engine = engines[method] = eng.initialize(case.build(ds_config), ds_config)
                 grads[method] = KeptBytes(DeepSpeedGrads(engine))
@@ -285,6 +289,9 @@ def run(spec: BenchSpec, progress=lambda row: None) -> tuple[list[dict], dict[st
             for model in spec.models if {"gdiff-1bwd", "gdiff-2bwd"} <= set(spec.methods)}
         for world in spec.workers:
             rows += deepspeed_rows(spec, world, ref_dir)
+    trainable = {r["model"]: r["trainable_params"] for r in rows if r["backend"] == "torch"}
+    for r in rows:
+        r["trainable_params"] = trainable[r["model"]]
     for model in spec.models:
         for method in ("gdiff-1bwd", "gdiff-2bwd", "hamu-q"):
             compared = [r["max_abs_diff_vs_torch"] for r in rows if r["model"] == model
@@ -295,10 +302,13 @@ def run(spec: BenchSpec, progress=lambda row: None) -> tuple[list[dict], dict[st
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
-    """ratio = ms / ms of gdiff-1bwd in the same (model, backend, stage, workers)."""
-    base = defaultdict(lambda: None, {_config(r): r["ms"] for r in rows if r["method"] == BASELINE})
+    """ratio: the median over steps of this step's time / gdiff-1bwd's on the same batch, in the
+    same (model, backend, stage, workers). The steps ran in turn, so each pair shares the
+    machine's load at that moment: paired ratios drift less than a ratio of medians."""
+    base = defaultdict(lambda: None, {_config(r): r["step_ms"] for r in rows if r["method"] == BASELINE})
     for r in rows:
-        r["ratio"] = r["ms"] / base[_config(r)] if base[_config(r)] else None
+        pairs = base[_config(r)]
+        r["ratio"] = statistics.median(t / b for t, b in zip(r["step_ms"], pairs)) if pairs else None
     return rows
 
 
