@@ -56,8 +56,14 @@ def matrix(model: str, rows: list[dict]) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     first = rows[0]
     if first["tokens_per_step"]:
-        lines.append(f"\nTokens per step (retain + forget, global): {first['tokens_per_step']}; "
-                     "tokens/s = tokens per step / step time.")
+        lines.append(f"\nTokens/s (retain + forget tokens, {first['tokens_per_step']} per step, over the "
+                     "median step time):\n")
+        lines.append("| method | " + " | ".join(configs) + " |")
+        lines.append("|---" * (len(configs) + 1) + "|")
+        for method in [m for m in (BASELINE, "hamu-q") if any(r["method"] == m for r in rows)]:
+            lines.append(f"| {method} | " + " | ".join(
+                f"{cell[(method, c)]['tokens_per_step'] / cell[(method, c)]['ms'] * 1e3:,.0f}"
+                if (method, c) in cell else "" for c in configs) + " |")
     lines.append("\nMax |Δθ| vs plain torch after every step, peak memory per worker (MiB), "
                  "g_r kept (MiB per worker):\n")
     lines.append("| method | " + " | ".join(configs) + " |")
