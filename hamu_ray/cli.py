@@ -77,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tracking-uri", help="also log to this MLflow tracking URI")
     bench.set_defaults(handler=bench_command)
 
+    receipt = commands.add_parser("receipt", help="check an unlearning receipt, or prove a forget row was in it")
+    steps = receipt.add_subparsers(dest="action", required=True)
+    verify = steps.add_parser("verify", help="recompute the digests of the model and the forget set")
+    verify.add_argument("receipt", help="receipt.json of an unlearning job")
+    verify.add_argument("--model", help="the job's output directory (its model files are hashed)")
+    verify.add_argument("--forget", help="the forget file (its Merkle root is recomputed)")
+    verify.set_defaults(handler=receipt_command)
+    prove = steps.add_parser("prove", help="the Merkle inclusion proof of one forget row")
+    prove.add_argument("receipt", help="receipt.json of an unlearning job")
+    prove.add_argument("--forget", required=True, help="the forget file the receipt commits to")
+    prove.add_argument("--row", type=int, required=True, help="the row's index in the file, from 0")
+    prove.set_defaults(handler=receipt_command)
+
     unlearn = commands.add_parser("unlearn", help="run one unlearning job on the engine")
     unlearn.add_argument("config", help="job YAML: data, model, method, train, cluster, output_dir")
     add_overrides(unlearn)
@@ -217,6 +230,30 @@ def bench_command(args) -> int:
         raise UserError(f"--steps must be ≥ 1 and --warmup ≥ 0, got {spec.steps} and {spec.warmup}")
     bench.main(spec, Path(args.out), args.tracking_uri)
     return 0
+
+
+def receipt_command(args) -> int:
+    import json
+
+    from hamu_ray import receipt
+
+    content = receipt.load(args.receipt)
+    if args.action == "prove":
+        digests = receipt.row_digests(args.forget)
+        root = receipt.merkle_root(digests)
+        if root != content["forget"]["merkle_root"]:
+            raise receipt.ReceiptError(f"--forget {args.forget}: its Merkle root is not the receipt's; "
+                                       "this is not the forget set the receipt commits to")
+        proof = receipt.inclusion_proof(digests, args.row)
+        print(json.dumps({"row": args.row, "row_digest": digests[args.row], "proof": proof,
+                          "merkle_root": root, "tree_rule": receipt.TREE_RULE}, indent=2))
+        return 0
+    if args.model is None and args.forget is None and "signature" not in content:
+        raise UserError("receipt verify: give --model DIR and/or --forget FILE to check against")
+    checks = receipt.verify(content, args.model, args.forget)
+    for what, ok, detail in checks:
+        print(f"{'ok      ' if ok else 'MISMATCH'} {what}: {detail}")
+    return 0 if all(ok for _, ok, _ in checks) else 1
 
 
 def zero_config(text: str) -> dict:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 from ray.train import UserCallback as UserCallbackBase
 
+from hamu_ray import receipt
 from hamu_ray.engine import data, monitor
 from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import OutputExistsError
 from hamu_ray.files import staging_dir
 from hamu_ray.rules import NonFiniteStatsError
-from hamu_ray.engine.worker import EXPORT_INFO, train_loop_per_worker
+from hamu_ray.engine.worker import EXPORT_INFO, EXPORT_LOG, train_loop_per_worker
 from hamu_ray.tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -278,4 +279,8 @@ def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: 
         "config": cfg.model_dump(),
     }
     (staging / "summary.json").write_text(json.dumps(summary, indent=2))
+    if "forget" in sets:  # an unlearning job (not plain training): its receipt, beside the model
+        step_log = [json.loads(line) for line in (staging / EXPORT_LOG).read_text().splitlines()]
+        (staging / "receipt.json").write_text(json.dumps(receipt.build(cfg, sets, summary, staging, step_log),
+                                                         indent=2))
     return summary

@@ -103,6 +103,32 @@ def test_two_zero3_workers_match_the_single_process_step(two_worker_run, inputs)
     assert summary["sets"]["forget"]["num_rows"] == 4 and len(summary["sets"]["forget"]["digest"]) == 16
 
 
+def test_the_job_writes_a_receipt_that_verifies_and_catches_a_changed_model(two_worker_run, inputs, tmp_path):
+    from hamu_ray import receipt
+
+    root, _ = inputs
+    content = receipt.load(str(two_worker_run.output_dir / "receipt.json"))
+    rows = pq.read_table(root / "forget.parquet").to_pylist()  # the commitment, recomputed by hand
+    digests = [hashlib.sha256(json.dumps(r, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+               for r in rows]
+    leaves = [hashlib.sha256(b"\x00" + bytes.fromhex(d)).digest() for d in digests]
+    pairs = [hashlib.sha256(b"\x01" + leaves[i] + leaves[i + 1]).digest() for i in (0, 2)]
+    assert content["forget"]["merkle_root"] == hashlib.sha256(b"\x01" + pairs[0] + pairs[1]).hexdigest()
+    assert content["forget"]["rows"] == 4 and content["retain"]["rows"] == 8
+    assert content["model_in"]["sha256"] == hashlib.sha256((root / "init.safetensors").read_bytes()).hexdigest()
+    assert list(content["model_out"]["files"]) == ["model.safetensors"]
+    assert content["guarantee"] == {"steps": STEPS, "held": STEPS, "hold_rate": 1.0}
+    assert (content["method"], content["steps"], content["stop"]) == (RULE[0], STEPS, "none")
+    assert all(ok for _, ok, _ in receipt.verify(content, two_worker_run.output_dir, str(root / "forget.parquet")))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    weights = bytearray((two_worker_run.output_dir / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    (check,) = receipt.verify(content, copy)
+    assert check[:2] == ("model.safetensors", False) and check[2].startswith("sha256 ")
+
+
 def test_one_worker_matches_two_workers(ray_cluster, inputs, two_worker_run, tmp_path):
     root, _ = inputs
     one = run_unlearning(config(root, tmp_path / "one", workers=1))
