@@ -121,7 +121,7 @@ DATA_SOURCES = {"fashion-mnist": "images", "digits": "images", "country-qa": "co
 
 def _data_kind(raw: Any) -> str | None:
     source = raw.get("source") if isinstance(raw, dict) else getattr(raw, "source", None)
-    return DATA_SOURCES.get(source)
+    return DATA_SOURCES.get(source) if isinstance(source, str) else None  # a list: no source
 
 
 PipelineData = Annotated[Union[tagged(DatasetSection, "images"), tagged(CountryQASection, "country-qa"),

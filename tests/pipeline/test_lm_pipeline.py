@@ -103,7 +103,7 @@ def test_methods_are_evaluated_during_the_run_and_stop_at_the_oracles_forget_pro
 
 
 @pytest.mark.integration
-def test_the_report_holds_numbers_and_digests_never_the_forget_text(qa_run):
+def test_the_report_logs_and_receipts_hold_numbers_and_digests_never_the_forget_text(qa_run):
     out, cfg, result = qa_run
     prepare = next((out / "stages").glob("prepare-*"))
     forget = pq.read_table(prepare / "forget.parquet").to_pylist()
@@ -114,7 +114,10 @@ def test_the_report_holds_numbers_and_digests_never_the_forget_text(qa_run):
     assert all(len(r["row_sha256"]) == 64 and r["truth_ratio"] > 0 for r in per_example)
     secrets = {r[k] for r in forget for k in ("question", "answer", "paraphrased_answer")}
     stored = [p for p in result.report_dir.rglob("*") if p.is_file()] + [out / "mlflow.db"]
-    for path in stored:
+    stages = [p for name in ("receipt.json", "summary.json", "step_log.jsonl")
+              for p in (out / "stages").rglob(name)]  # every stage's logs and the unlearning receipt
+    assert any(p.name == "receipt.json" for p in stages)
+    for path in stored + stages:
         blob = path.read_bytes()
         leaked = [s for s in secrets if s.encode() in blob]
         assert not leaked, f"{path} holds {len(leaked)} forget strings"
