@@ -20,3 +20,7 @@ class OutputExistsError(UserError, FileExistsError):
 
 class MissingInputError(UserError, FileNotFoundError):
     """An input the user named (weights, a data set, a file) does not exist."""
+
+
+class ModelFileError(UserError, ValueError):
+    """A model file the user named cannot be used (not safetensors, truncated, wrong shapes)."""

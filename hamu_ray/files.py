@@ -8,13 +8,14 @@ half-written model, set or report where a later run would take it for a finished
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from hamu_ray.errors import OutputExistsError
+from hamu_ray.errors import ModelFileError, OutputExistsError
 
 
 def hidden_sibling(target: Path, kind: str) -> Path:
@@ -98,3 +99,22 @@ def write_rows(rows: list[dict], path: str | os.PathLike, schema=None) -> Path:
     with atomic_path(path, mode=0o600) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
     return Path(path)
+
+
+def check_safetensors(path: str | os.PathLike, field: str) -> None:
+    """A safetensors file whose header parses and whose tensors' bytes are all there, read
+    from the header alone: a truncated copy fails here, on the driver, with one message, not
+    in every worker with a deserialisation traceback."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= size - 8:
+                raise ValueError(f"header length {length} does not fit a {size}-byte file")
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelFileError(f"{field} {path}: not a safetensors file ({exc})") from None
+    if size < 8 + length + end:
+        raise ModelFileError(f"{field} {path}: truncated: {size} bytes, its header needs {8 + length + end}")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from hamu_ray.errors import MissingInputError, UserError
+from hamu_ray.files import check_safetensors
 from hamu_ray.objectives import Scores
 from hamu_ray.schema import Section
 
@@ -127,6 +128,8 @@ class CausalLMTask:
             if not (Path(path) / "config.json").is_file():
                 raise MissingInputError(f"model.path {path}: not a Hugging Face model directory "
                                         "(no config.json)")
+            for weights in sorted(Path(path).glob("*.safetensors")):  # a truncated copy, here
+                check_safetensors(weights, "model.path")
         elif path.startswith(("/", ".", "~")) or path.count("/") != 1:
             raise MissingInputError(f"model.path {path}: no such directory (and not a hub name "
                                     "of the form org/name)")

@@ -14,7 +14,8 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from hamu_ray.errors import MissingInputError
+from hamu_ray.errors import MissingInputError, ModelFileError
+from hamu_ray.files import check_safetensors
 from hamu_ray.objectives import Scores
 from hamu_ray.schema import Section
 
@@ -101,6 +102,20 @@ def build_model(cfg: ClassifierModel) -> torch.nn.Module:
     return model
 
 
+def load_weights_shapes(model: torch.nn.Module, path: str) -> None:
+    """The file's tensor names and shapes against the model's (from the header, no data read)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if shapes != expected:
+        wrong = sorted(k for k in set(shapes) | set(expected) if shapes.get(k) != expected.get(k))
+        raise ModelFileError(f"model.weights {path} does not fit the model: "
+                             + ", ".join(f"{k} {shapes.get(k, 'missing')} vs {expected.get(k, 'not in the model')}"
+                                         for k in wrong[:4]))
+
+
 def load_weights(model: torch.nn.Module, path: str) -> None:
     if not Path(path).is_file():
         raise MissingInputError(f"model.weights: no such file {path}")
@@ -143,6 +158,10 @@ class ClassifierTask:
         weights = self.cfg.model.weights
         if weights and not Path(weights).is_file():
             raise MissingInputError(f"model.weights: no such file {weights}")
+        if weights:
+            check_safetensors(weights, "model.weights")
+            with torch.device("meta"):  # shapes only: nothing allocated, no data read
+                load_weights_shapes(build_model(self.cfg.model.model_copy(update={"weights": None})), weights)
 
     def build(self, ds_config: dict) -> torch.nn.Module:
         return build_model(self.cfg.model)

@@ -184,6 +184,22 @@ def test_a_missing_model_directory_is_named(tmp_path, tiny_lm):
     CausalLMTask(parse_config(job(tiny_lm, model={"path": "org/name"}))).check_model()  # a hub name
 
 
+def test_a_truncated_weights_file_is_refused_on_the_driver(tmp_path, tiny_lm):
+    import shutil
+
+    from hamu_ray.errors import ModelFileError
+    from hamu_ray.tasks.causal_lm import CausalLMTask
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_lm, copy)
+    weights = copy / "model.safetensors"
+    CausalLMTask(parse_config(job(tiny_lm, model={"path": str(copy)}))).check_model()
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelFileError, match=f"model.path {weights}: truncated: .* bytes, its header needs"):
+        CausalLMTask(parse_config(job(tiny_lm, model={"path": str(copy)}))).check_model()
+    assert len(weights.read_bytes()) > 0  # refused, not touched
+
+
 def test_a_relative_model_directory_becomes_absolute_for_the_workers(tiny_lm, monkeypatch):
     # Ray's workers run in another directory: a path relative to the driver's would not resolve
     monkeypatch.chdir(tiny_lm.parent)

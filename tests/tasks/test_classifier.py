@@ -44,6 +44,33 @@ def test_weights_of_another_model_are_refused(tmp_path):
         build_model(CONFIGS["cnn"].model_copy(update={"weights": str(path)}))
 
 
+def test_unusable_weights_files_are_refused_on_the_driver_naming_the_file(tmp_path):
+    from hamu_ray.engine.config import parse_config
+    from hamu_ray.errors import ModelFileError
+    from hamu_ray.tasks.classifier import ClassifierTask
+
+    good = tmp_path / "good.safetensors"
+    save_file(build_model(CONFIGS["mlp"]).state_dict(), str(good))
+    blob = good.read_bytes()
+    cases = {"truncated.safetensors": (blob[:-10], "truncated: "),
+             "garbage.safetensors": (b"not a safetensors file at all", "not a safetensors file"),
+             "other.safetensors": (None, r"does not fit the model: 0.bias \(16,\) vs \(32,\), 0.weight")}
+    save_file(build_model(ModelSection(kind="mlp", sizes=[64, 16, 10])).state_dict(), str(tmp_path / "other.safetensors"))
+
+    def task(weights):
+        return ClassifierTask(parse_config({
+            "data": {"forget": "f.parquet", "retain": "r.parquet"}, "method": {"name": "gdiff"},
+            "model": {"kind": "mlp", "sizes": [64, 32, 10], "weights": str(weights)},
+            "train": {"lr": 0.1}, "output_dir": str(tmp_path / "out")}))
+
+    task(good).check_model()
+    for name, (content, needle) in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(ModelFileError, match=f"model.weights {tmp_path / name}.*{needle}"):
+            task(tmp_path / name).check_model()
+
+
 def test_a_cnn_needs_square_images():
     with pytest.raises(ValueError, match="square images"):
         ModelSection(kind="cnn", sizes=[60, 10])
