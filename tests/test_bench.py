@@ -87,3 +87,4 @@ def test_rows_reach_mlflow(result):
                 and r["model"] == "mlp")
     assert run.data.metrics["mlp/torch_1_process/hamu-q/ratio"] == pytest.approx(hamu["ratio"])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"bench.json", "bench.md"}
+    assert any((out / "mlflow-artifacts").rglob("bench.json"))  # beside the store, not in the cwd

@@ -56,19 +56,19 @@ def where(spec) -> str:
 
 
 def log_to_mlflow(uri: str, rows: list[dict], out_dir: Path) -> None:
-    import mlflow
-
+    """One run in the experiment hamu-ray-bench: every row's ms and ratio, and both files (a
+    local store keeps them under out_dir, not in the working directory)."""
     from hamu_ray.bench import report
+    from hamu_ray.pipeline.tracking import Tracker
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("hamu-ray-bench")
     metrics = {}
     for r in rows:
         key = f"{r['model']}/{report.config_name(r)}/{r['method']}".replace(", ", "_").replace(" ", "_")
         metrics[f"{key}/ms"] = r["ms"]
         if r["ratio"] is not None:
             metrics[f"{key}/ratio"] = r["ratio"]
-    with mlflow.start_run(run_name="bench"):
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(out_dir / "bench.json"))
-        mlflow.log_artifact(str(out_dir / "bench.md"))
+    tracker = Tracker(uri, "hamu-ray-bench", artifact_root=out_dir / "mlflow-artifacts")
+    with tracker.run("bench"):
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(out_dir / "bench.json")
+        tracker.log_artifact(out_dir / "bench.md")
