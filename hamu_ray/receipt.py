@@ -98,11 +98,8 @@ def proof_holds(digest: str, proof: list[dict], root: str) -> bool:
 # ---- digests of models -----------------------------------------------------------------------
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def model_files(directory: Path) -> dict[str, str]:

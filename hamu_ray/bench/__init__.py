@@ -29,7 +29,7 @@ def main(spec, out_dir: Path, mlflow_uri: str | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def progress(row: dict) -> None:
-        print(json.dumps(runner._progress_line(row)), flush=True)
+        print(json.dumps(runner.progress_line(row)), flush=True)
 
     rows, checks = runner.run(spec, progress)
     meta = {"where": where(spec), "checks": checks, "spec": asdict(spec)}

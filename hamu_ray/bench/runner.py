@@ -26,12 +26,12 @@ from typing import Callable
 import torch
 
 from hamu_ray.bench import cases
-from hamu_ray.bench import BASELINE, METHODS
+from hamu_ray.bench import BASELINE, METHODS, MODELS
 
 
 @dataclass
 class BenchSpec:
-    models: list[str] = field(default_factory=lambda: ["mlp", "llama-fp32", "llama-bf16", "llama-lora"])
+    models: list[str] = field(default_factory=lambda: list(MODELS))
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     workers: list[int] = field(default_factory=lambda: [1, 2])
@@ -211,7 +211,7 @@ def _world(rank: int, world: int, port: int, spec_dict: dict, ref_dir: str, out:
                                 peak_memory_mib(device), grads[method].bytes, max_abs_diff(state, reference)))
                 rows[-1]["gradient_all_reduce_ms"] = reduction_ms
                 if rank == 0:
-                    print(json.dumps(_progress_line(rows[-1])), flush=True)
+                    print(json.dumps(progress_line(rows[-1])), flush=True)
             del engines, grads, steps
             gc.collect()
     gathered = [None] * world
@@ -230,7 +230,7 @@ def _world(rank: int, world: int, port: int, spec_dict: dict, ref_dir: str, out:
     dist.destroy_process_group()
 
 
-def _progress_line(r: dict) -> dict:
+def progress_line(r: dict) -> dict:
     return {k: (float(f"{v:.3g}") if isinstance(v, float) else v)
             for k, v in r.items() if k in ("model", "stage", "workers", "method", "ms", "max_abs_diff_vs_torch")}
 

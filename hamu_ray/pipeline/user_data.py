@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 
 from hamu_ray import files
 from hamu_ray.engine import data
-from hamu_ray.errors import MissingInputError
 
 
 def set_columns(cfg) -> list[str]:
@@ -129,19 +128,16 @@ def given_models(cfg) -> dict[str, GivenModel]:
 
 
 def check_classifier_weights(cfg) -> None:
-    """The given weights load into the configured shape (before Ray starts)."""
-    from safetensors import SafetensorError
-
-    from hamu_ray.tasks.classifier import build_model
+    """The given weights fit the configured shape (before Ray starts)."""
+    from hamu_ray.errors import ModelFileError
+    from hamu_ray.tasks.classifier import check_weights
 
     for setting in ("weights", "oracle"):
         path = getattr(cfg.model, setting)
         if path is None:
             continue
-        if not Path(path).is_file():
-            raise MissingInputError(f"model.{setting}: no such file {path}")
         try:
-            build_model(cfg.model.model_copy(update={"weights": path, "oracle": None}))
-        except (ValueError, RuntimeError, OSError, SafetensorError) as exc:  # not this model's weights
+            check_weights(cfg.model, path, f"model.{setting}")
+        except ModelFileError as exc:  # not this model's weights
             raise data.DataError(f"model.{setting} {path}: not weights of this model "
                                  f"({cfg.model.kind}, sizes {getattr(cfg.model, 'sizes', None)}): {exc}") from exc

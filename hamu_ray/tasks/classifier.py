@@ -102,16 +102,23 @@ def build_model(cfg: ClassifierModel) -> torch.nn.Module:
     return model
 
 
-def load_weights_shapes(model: torch.nn.Module, path: str) -> None:
-    """The file's tensor names and shapes against the model's (from the header, no data read)."""
+def check_weights(model_cfg: ClassifierModel, path: str, setting: str) -> None:
+    """A weights file for this model, before anything loads it: present, whole
+    (files.check_safetensors) and of the model's tensor names and shapes — read from the header
+    against the model built on the meta device (nothing allocated, no data read)."""
     from safetensors import safe_open
 
+    if not Path(path).is_file():
+        raise MissingInputError(f"{setting}: no such file {path}")
+    check_safetensors(path, setting)
+    with torch.device("meta"):
+        model = build_model(model_cfg.model_copy(update={"weights": None}))
     with safe_open(path, "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if shapes != expected:
         wrong = sorted(k for k in set(shapes) | set(expected) if shapes.get(k) != expected.get(k))
-        raise ModelFileError(f"model.weights {path} does not fit the model: "
+        raise ModelFileError(f"{setting} {path} does not fit the model: "
                              + ", ".join(f"{k} {shapes.get(k, 'missing')} vs {expected.get(k, 'not in the model')}"
                                          for k in wrong[:4]))
 
@@ -155,13 +162,8 @@ class ClassifierTask:
         return []  # rows are used as they are
 
     def check_model(self) -> None:
-        weights = self.cfg.model.weights
-        if weights and not Path(weights).is_file():
-            raise MissingInputError(f"model.weights: no such file {weights}")
-        if weights:
-            check_safetensors(weights, "model.weights")
-            with torch.device("meta"):  # shapes only: nothing allocated, no data read
-                load_weights_shapes(build_model(self.cfg.model.model_copy(update={"weights": None})), weights)
+        if self.cfg.model.weights is not None:
+            check_weights(self.cfg.model, self.cfg.model.weights, "model.weights")
 
     def build(self, ds_config: dict) -> torch.nn.Module:
         return build_model(self.cfg.model)
