@@ -13,7 +13,8 @@ from hamu_ray.engine.config import parse_config
 from hamu_ray.schema import ConfigError
 from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules.surgery import ImplicitSurgeryParams, dual_update
-from hamu_ray.engine.step import ImplicitSurgery, implicit_surgery_step
+from hamu_ray.engine.step import ImplicitSurgery, descent_step, implicit_surgery_step
+from hamu_ray.rules import NonFiniteStatsError
 from hamu_ray.tasks.classifier import label_scores
 
 LR = 0.05
@@ -182,3 +183,26 @@ def test_implicit_surgery_step_is_one_descent_on_the_weighted_loss(fast):
         for p, q in zip(model.parameters(), manual.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     assert mean_ce(model, forget) > mean_ce(reference, forget)  # it forgets
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_diverged_implicit_surgery_run_stops_with_one_clear_error(fast):
+    # max(0, NaN) is 0: without the check a NaN loss passed silently into the dual weight
+    model, _, batch = tiny_problem()
+    grads = TorchGrads(model, torch.optim.SGD(model.parameters(), lr=LR))
+    state = ImplicitSurgery(ImplicitSurgeryParams(fast=fast))
+    before = [p.detach().clone() for p in model.parameters()]
+    nan_forget = lambda: F.cross_entropy(model(batch["x"]), batch["y"]) * float("nan")  # noqa: E731
+    with pytest.raises(NonFiniteStatsError, match=r"forget_loss = nan.*diverged"):
+        implicit_surgery_step(grads, state, lr=LR, retain_loss=lambda: F.cross_entropy(model(batch["x"]), batch["y"]),
+                              forget_loss=nan_forget)
+    if fast:  # read before the backward: nothing stepped
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_diverged_descent_stops_with_one_clear_error():
+    model, _, batch = tiny_problem()
+    grads = TorchGrads(model, torch.optim.SGD(model.parameters(), lr=LR))
+    assert descent_step(grads, lambda: F.cross_entropy(model(batch["x"]), batch["y"])) > 0
+    with pytest.raises(NonFiniteStatsError, match=r"loss = -?inf"):
+        descent_step(grads, lambda: -F.cross_entropy(model(batch["x"]), batch["y"]) / 0.0)

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from hamu_ray.engine.grads import GradAccess
-from hamu_ray.rules import BlockStats, Rule, RuleResult
+from hamu_ray.rules import BlockStats, NonFiniteStatsError, Rule, RuleResult
 from hamu_ray.rules.stats import predicted_effects
 from hamu_ray.rules.surgery import ImplicitSurgeryParams, dual_update
 
@@ -153,7 +153,18 @@ def descent_step(grads: GradAccess, loss: LossFn, lap: Lap = _no_lap) -> float:
     lap("forward+backward")
     grads.step()
     lap("optimizer step")
-    return value.item()
+    loss_value = value.item()
+    check_finite_losses(loss=loss_value)
+    return loss_value
+
+
+def check_finite_losses(**losses: float) -> None:
+    """Stop a diverged run with one clear error: a NaN/Inf loss would otherwise pass silently
+    (max(0, NaN) is 0 in the dual update; DeepSpeed skips non-finite steps with only a warning)."""
+    bad = [f"{name} = {value}" for name, value in losses.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteStatsError(f"non-finite loss ({', '.join(bad)}): the run diverged; lower the "
+                                  "learning rate or check the data")
 
 
 def clip_scales(stats: BlockStats, clip_norm: float | None) -> tuple[float, float]:
@@ -206,6 +217,7 @@ def implicit_surgery_step(grads: GradAccess, state: ImplicitSurgery, *, lr: floa
     before = mean(loss_r.detach().reshape(1).to(torch.float64))
     if state.params.fast:
         before_value, retain_value, forget_value = _host_floats(before, loss_r, loss_f)
+        check_finite_losses(retain_loss=retain_value, forget_loss=forget_value)
         if state.pending_before is not None:
             state.weight = dual_update(state.weight, state.pending_before, before_value, lr, state.params)
     weight = state.weight
@@ -220,6 +232,8 @@ def implicit_surgery_step(grads: GradAccess, state: ImplicitSurgery, *, lr: floa
         with torch.no_grad():
             after = mean(retain_loss().detach().reshape(1).to(torch.float64))
         before_value, after_value, retain_value, forget_value = _host_floats(before, after, loss_r, loss_f)
+        check_finite_losses(retain_loss=retain_value, forget_loss=forget_value,
+                            retain_loss_after_step=after_value)
         state.weight = dual_update(weight, before_value, after_value, lr, state.params)
         lap("retain forward after the step")
     return ImplicitStepOutput(retain_value, forget_value, weight, before_value, after_value, state.weight)
