@@ -24,3 +24,7 @@ class MissingInputError(UserError, FileNotFoundError):
 
 class ModelFileError(UserError, ValueError):
     """A model file the user named cannot be used (not safetensors, truncated, wrong shapes)."""
+
+
+class TrackingError(UserError, ConnectionError):
+    """The MLflow tracking server named by the user does not answer."""

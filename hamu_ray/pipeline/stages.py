@@ -29,7 +29,8 @@ from hamu_ray.pipeline import user_data
 from hamu_ray.engine.config import TrainSettings, UnlearnConfig
 from hamu_ray.pipeline.config import PipelineConfig
 from hamu_ray.engine.driver import monitor_values, ray_session, run_unlearning
-from hamu_ray.pipeline.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
+from hamu_ray.pipeline.tracking import (Tracker, check_reachable, refuse_local_store_on_cluster, tracking_uri,
+                                        ui_command)
 from hamu_ray.engine.worker import EXPORT_LOG
 from hamu_ray.tasks.causal_lm import MODEL_DIR
 from hamu_ray.tasks.classifier import EXPORT_WEIGHTS
@@ -81,6 +82,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     # A new output_dir goes again if the call fails before a training stage starts. The MLflow
     # store (sqlite in output_dir by default) opens only once the sets exist and Ray is up:
     # MLflow caches a store per URI, and one whose file was removed would swallow a retry's logs.
+    check_reachable(uri)  # a server that is down fails here, before any data or worker
     with files.removed_unless_kept(out) as keep, contextlib.ExitStack() as ray:
         sets = prepare_sets(cfg, out)
         check_given_models(cfg)  # before Ray starts

@@ -11,14 +11,17 @@ import contextlib
 import math
 import numbers
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
+from hamu_ray.errors import TrackingError
 from hamu_ray.schema import ConfigError
 
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+HEALTH_TIMEOUT_S = 5.0  # one try: MLflow's own client retries for minutes before it gives up
 
 
 def tracking_uri(configured: str | None, output_dir: Path) -> str:
@@ -52,6 +55,24 @@ def refuse_local_store_on_cluster(uri: str, nodes: list[dict] | None = None) -> 
             "$MLFLOW_TRACKING_URI")
 
 
+def check_reachable(uri: str) -> None:
+    """An http(s) tracking URI must answer now, before anything runs: one GET of the server's
+    /health with a short timeout (any HTTP answer counts). Other stores are not probed."""
+    if urlparse(uri).scheme.lower() not in ("http", "https"):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S)
+    except requests.RequestException as exc:
+        errno = re.search(r"\[Errno -?\d+\][^'\")]*", str(exc))  # e.g. "[Errno 111] Connection refused"
+        reason = errno.group(0).strip() if errno else type(exc).__name__
+        raise TrackingError(
+            f"tracking URI {uri}: no MLflow server answers ({reason}); start it, "
+            "or point tracking.uri, --tracking-uri or $MLFLOW_TRACKING_URI at one that does. "
+            "Nothing has run.") from None
+
+
 def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
 
@@ -72,6 +93,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         import mlflow
 
+        check_reachable(uri)
         self.mlflow, self.uri = mlflow, uri
         exported = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)

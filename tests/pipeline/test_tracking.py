@@ -60,3 +60,58 @@ def test_a_tracker_does_not_leak_its_store_into_later_commands(tmp_path, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
     tracker(tmp_path)
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
+
+
+# ---- a tracking server that does not answer ---------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_server_fails_at_once_with_one_clear_error(tmp_path):
+    import time
+
+    import pytest
+
+    from hamu_ray.errors import TrackingError
+    from hamu_ray.pipeline.stages import run_pipeline
+    from tests.pipeline.test_pipeline import digits_config
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.perf_counter()
+    with pytest.raises(TrackingError, match=rf"{uri}: no MLflow server answers \(\[Errno 111\] Connection refused\)"):
+        Tracker(uri, "anything")
+    assert time.perf_counter() - started < 10  # MLflow's own client would retry for minutes
+
+    def to_the_dead_server(raw):
+        raw["tracking"] = {"uri": uri}
+    with pytest.raises(TrackingError, match="Nothing has run"):
+        run_pipeline(digits_config(tmp_path / "out", to_the_dead_server))
+    assert not (tmp_path / "out").exists()  # before any data, Ray or worker
+    import ray
+    assert not ray.is_initialized()
+
+
+def test_any_http_answer_counts_as_reachable():
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from hamu_ray.pipeline.tracking import check_reachable
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_reachable(f"http://127.0.0.1:{server.server_address[1]}")  # a proxy's 404 is an answer
+    finally:
+        server.shutdown()
