@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     prove.add_argument("--row", type=int, required=True, help="the row's index in the file, from 0")
     prove.set_defaults(handler=receipt_command)
 
+    preflight = commands.add_parser("hardness", help="the hardness pre-flight of a job: how much forget gain "
+                                    "its sets allow without retain damage (no step taken)")
+    preflight.add_argument("config", help="job YAML (as for `hamu-ray unlearn`)")
+    add_overrides(preflight)
+    preflight.add_argument("--out", help="new directory for hardness.json/.md/.png (default: output_dir + '-hardness')")
+    preflight.add_argument("--rows", type=int, default=64, help="forget rows scored one by one, from the "
+                           "first (default 64; each costs one backward)")
+    preflight.add_argument("--tracking-uri", help="also log an MLflow run here")
+    preflight.set_defaults(handler=hardness_command)
+
     unlearn = commands.add_parser("unlearn", help="run one unlearning job on the engine")
     unlearn.add_argument("config", help="job YAML: data, model, method, train, cluster, output_dir")
     add_overrides(unlearn)
@@ -165,6 +175,22 @@ def unlearn_command(args) -> int:
 
     result = run_unlearning(load_config(args.config, args.overrides), progress="unlearn")
     print(f"{result.output_dir}: {result.steps} steps, stop {result.stop}")
+    return 0
+
+
+def hardness_command(args) -> int:
+    from pathlib import Path
+
+    from hamu_ray import hardness
+    from hamu_ray.engine.config import load_config
+
+    if args.rows < 0:
+        raise UserError(f"--rows must be ≥ 0, got {args.rows}")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or f"{cfg.output_dir.rstrip('/')}-hardness")
+    summary = hardness.main(cfg, out, args.rows, args.tracking_uri)
+    print(summary["verdict"])
+    print(f"{out}: hardness.json, hardness.md, hardness.png")
     return 0
 
 

@@ -136,4 +136,4 @@ def test_help_of_every_command_imports_neither_ray_nor_torch():
         "        main([*argv, '--help'])\n"
         "    assert 'usage: hamu-ray' in out.getvalue(), argv\n"
         "print(len(argvs), 'ray' in sys.modules, 'torch' in sys.modules)")
-    assert done.stdout.split() == ["16", "False", "False"]
+    assert done.stdout.split() == ["17", "False", "False"]

@@ -102,7 +102,7 @@ def worker_shards(datasets: dict, world_size: int) -> list[dict]:
 
     shards = [{} for _ in range(world_size)]
     for name, ds in datasets.items():
-        if monitor.is_sample(name):  # small, and scored whole by every rank
+        if monitor.is_sample(name) or name.startswith("rows_"):  # small, read whole by every rank
             for shard in shards:
                 shard[name] = ds.iterator()
             continue

@@ -25,7 +25,8 @@ from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import OutputExistsError
 from hamu_ray.files import staging_dir
 from hamu_ray.rules import NonFiniteStatsError
-from hamu_ray.engine.worker import EXPORT_INFO, EXPORT_LOG, train_loop_per_worker
+from hamu_ray.engine.worker import (EXPORT_INFO, EXPORT_LOG, PREFLIGHT_FILE, PREFLIGHT_ROWS,
+                                   preflight_loop_per_worker, train_loop_per_worker)
 from hamu_ray.tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ def joining_runtime_env(env_vars: dict[str, str]) -> dict | None:
     return {"env_vars": missing} if missing else None
 
 
-def fit(cfg: UnlearnConfig, datasets: dict, storage: Path, progress: str | None = None, callbacks=()):
+def fit(cfg: UnlearnConfig, datasets: dict, storage: Path, progress: str | None = None, callbacks=(),
+        loop=train_loop_per_worker, loop_config: dict | None = None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -188,8 +190,8 @@ def fit(cfg: UnlearnConfig, datasets: dict, storage: Path, progress: str | None 
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg.model_dump(),
+        loop,
+        train_loop_config=cfg.model_dump() if loop_config is None else loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         datasets=datasets,
@@ -203,6 +205,32 @@ def fit(cfg: UnlearnConfig, datasets: dict, storage: Path, progress: str | None 
         return trainer.fit() if queue is None else fit_showing_progress(trainer, queue, progress)
     except ray.train.WorkerGroupError as exc:
         raise diverged_error(exc) or exc
+
+
+def run_preflight(cfg: UnlearnConfig, rows: int = 64) -> tuple[dict, dict[str, data.SetInfo]]:
+    """The hardness pre-flight on the job's own workers and ZeRO stage (no optimizer step):
+    whole-set statistics, then the first `rows` forget rows one by one. Returns the raw numbers
+    ({"stats": [K, 3], "names": [...], "rows": [N, 2]}) and the sets' infos."""
+    from ray.data import ExecutionOptions
+
+    if cfg.data.forget is None:
+        raise data.DataError("the hardness pre-flight compares two sets: data.forget is missing")
+    if rows < 0:
+        raise ValueError(f"rows must be ≥ 0, got {rows}")
+    sets = check_inputs(cfg)
+    task = task_for(cfg)
+    with tempfile.TemporaryDirectory() as tmp, ray_session(cfg.cluster):
+        datasets = prepared_sets(cfg, {name: sets[name] for name in ("retain", "forget")})
+        first = data.read_set(sets["forget"], None).limit(rows)
+        first.context.execution_options = ExecutionOptions(preserve_order=True)  # row i is row i
+        datasets[PREFLIGHT_ROWS] = task.prepare(first, "forget").materialize()
+        config = {"job": cfg.model_dump(), "set_rows": {name: sets[name].num_rows for name in ("retain", "forget")}}
+        result = fit(cfg, datasets, Path(tmp) / "ray", loop=preflight_loop_per_worker, loop_config=config)
+        if result.checkpoint is None:
+            raise RuntimeError("the pre-flight reported no result")
+        with result.checkpoint.as_directory() as reported:
+            raw = json.loads((Path(reported) / PREFLIGHT_FILE).read_text())
+    return raw, sets
 
 
 def diverged_error(exc) -> NonFiniteStatsError | None:

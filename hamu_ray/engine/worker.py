@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from hamu_ray import objectives
-from hamu_ray.engine import data, monitor
+from hamu_ray.engine import data, monitor, preflight
 from hamu_ray.engine import deepspeed_engine as eng
 from hamu_ray.engine.config import UnlearnConfig
 from hamu_ray.engine.grads import DeepSpeedGrads
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 DS_TAG = "ds"  # the DeepSpeed checkpoint tag inside every Ray checkpoint
 STATE_FILE = "loop_state.json"  # step and step log, written by rank 0
 EXPORT_LOG, EXPORT_INFO = "step_log.jsonl", "run_info.json"  # beside the task's model export
+PREFLIGHT_FILE = "preflight.json"  # the pre-flight's raw numbers, reported by rank 0
+PREFLIGHT_ROWS = "rows_forget"  # the pre-flight's forget rows, whole on every rank, in file order
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -31,20 +33,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = UnlearnConfig.model_validate(config)
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(cfg.train.seed)
-
-    # build: the task's original model, wrapped by DeepSpeed at the configured ZeRO stage
-    task = task_for(cfg)
-    ds_config = eng.deepspeed_config(
-        stage=cfg.train.zero_stage, lr=cfg.train.lr, micro_batch_size=cfg.data.retain_batch_size,
-        bf16=cfg.train.bf16, optimizer=cfg.train.optimizer, offload=cfg.train.offload)
-    engine = eng.initialize(task.build(ds_config), ds_config)
+    task, engine, losses = build(cfg)
     device = engine.device  # the one place the device is decided: batches and reference follow it
-    reference = None
-    if cfg.data.forget is not None and objectives.needs_reference(cfg.method.spec):
-        reference = task.reference(engine, ds_config)
-    losses = objectives.loss_fns(cfg.method.spec, cfg.method.objective,
-                                 lambda batch: task.scores(engine, batch), reference)
 
     # resume: weights and optimizer state from the latest checkpoint, then skip the steps done
     start_step, step_log = restore(engine, ray.train.get_checkpoint())
@@ -105,6 +95,54 @@ def train_loop_per_worker(config: dict) -> None:
             export_log(tmp, step_log, summary)
         ray.train.report({**summary, "final": True},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def build(cfg: UnlearnConfig):
+    """(task, DeepSpeed engine, (retain_loss, forget_loss)): the task's original model wrapped at
+    the configured ZeRO stage, and the method's losses (with its frozen reference, if any)."""
+    torch.manual_seed(cfg.train.seed)
+    task = task_for(cfg)
+    ds_config = eng.deepspeed_config(
+        stage=cfg.train.zero_stage, lr=cfg.train.lr, micro_batch_size=cfg.data.retain_batch_size,
+        bf16=cfg.train.bf16, optimizer=cfg.train.optimizer, offload=cfg.train.offload)
+    engine = eng.initialize(task.build(ds_config), ds_config)
+    reference = None
+    if cfg.data.forget is not None and objectives.needs_reference(cfg.method.spec):
+        reference = task.reference(engine, ds_config)
+    losses = objectives.loss_fns(cfg.method.spec, cfg.method.objective,
+                                 lambda batch: task.scores(engine, batch), reference)
+    return task, engine, losses
+
+
+def preflight_loop_per_worker(config: dict) -> None:
+    """The hardness pre-flight (no optimizer step): whole-set statistics of g_r and g_f, then the
+    first `rows` forget rows one by one against g_r. Rank 0 reports PREFLIGHT_FILE."""
+    import ray.train
+
+    cfg = UnlearnConfig.model_validate(config["job"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    task, engine, (retain_loss, forget_loss) = build(cfg)
+    grads, reduce, device = DeepSpeedGrads(engine), SumAcrossRanks(), engine.device
+
+    def batches(name: str, batch_size: int):  # every row of this rank's slice, in order
+        for rows in ray.train.get_dataset_shard(name).iter_batches(batch_size=batch_size, batch_format="numpy"):
+            yield data.to_device(task.make_batch(rows), device), len(next(iter(rows.values())))
+
+    set_rows = config["set_rows"]  # equal slices: every rank holds num_rows // world of each set
+    measured = preflight.full_pass(
+        grads, batches("retain", cfg.data.retain_batch_size), batches("forget", cfg.data.forget_batch_size),
+        retain_loss, forget_loss, retain_rows=set_rows["retain"] // world,
+        forget_rows=set_rows["forget"] // world, reduce=reduce)
+    rows = (batch for batch, _ in batches(PREFLIGHT_ROWS, 1))
+    table = preflight.row_alignment(grads, measured.retain_pieces, rows, forget_loss, reduce)
+    names = [name for name, p in engine.module.named_parameters() if p.requires_grad]
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            (Path(tmp) / PREFLIGHT_FILE).write_text(json.dumps(
+                {"stats": measured.stats.to_tensor().tolist(), "batch_rr": measured.batch_rr.tolist(),
+                 "batch_ff": measured.batch_ff.tolist(), "names": names, "rows": table.tolist()}))
+        ray.train.report({"final": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
 def step_function(cfg: UnlearnConfig, grads: DeepSpeedGrads, retain_loss, forget_loss,

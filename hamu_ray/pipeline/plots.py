@@ -141,6 +141,26 @@ def hardness(step_logs: dict[str, list[dict]], path: Path) -> None:
     _save(fig, path)
 
 
+def preflight(summary: dict, path: Path) -> None:
+    """Per block: cos(g_r, g_f) of the whole-set gradients, and the forget gain reachable inside
+    its radius with and without retain damage (first order)."""
+    blocks = summary["blocks"]
+    x = range(len(blocks))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.28 * len(blocks) + 2), 6), sharex=True)
+    top.bar(x, [b["cosine"] for b in blocks], color=["tab:red" if b["cosine"] > 0 else "tab:blue" for b in blocks])
+    top.axhline(0.0, color="grey", linewidth=0.8)
+    top.set_ylim(-1.05, 1.05)
+    top.set_ylabel("cos(g_r, g_f)")
+    bottom.bar(x, [b["reach"] for b in blocks], color="lightgrey", label="reachable in the radius")
+    bottom.bar(x, [b["reach_without_damage"] for b in blocks], color="tab:green", label="... without retain damage")
+    bottom.set_ylabel("gain per step")
+    bottom.legend(fontsize=7)
+    bottom.set_xticks(list(x), [b["name"] for b in blocks], rotation=90, fontsize=6)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
 def curves(step_logs: dict[str, list[dict]], path: Path, target: float | None = None,
            oracle_losses: list[float] | None = None) -> None:
     """Per method, its path over the run on the monitor's samples, one point per evaluation

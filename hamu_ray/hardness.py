@@ -1,0 +1,109 @@
+"""`hamu-ray hardness JOB.yaml`: the hardness pre-flight's report, before any unlearning step.
+
+The engine measures (hamu_ray.engine.driver.run_preflight, on the job's own workers and ZeRO
+stage); hamu_ray.rules.hardness reads the numbers; this module names the forget rows by index and
+digest (never their content), writes hardness.json / hardness.md / hardness.png into a new
+directory, and logs an MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hamu_ray import receipt
+from hamu_ray.errors import OutputExistsError
+from hamu_ray.files import staging_dir
+from hamu_ray.rules import BlockStats, hardness
+
+SHOWN_ROWS = 10  # rows listed in hardness.md (hardness.json has every scored row)
+
+
+def rule_figures(cfg) -> dict:
+    """The radius, constraint and convention the job's rule would use (HAMU's own; any other
+    rule is read as HAMU-Q at the lr radius, with no B to judge)."""
+    name, hparams = cfg.method.rule_name, cfg.method.hparams
+    if name in ("hamu-q", "hamu-u") and not cfg.method.spec.implicit:
+        return {"radius": hparams.get("radius", "lr"), "reciprocal": name == "hamu-u",
+                "constraint": float(hparams["constraint"])}
+    return {"radius": "lr", "reciprocal": False, "constraint": None}
+
+
+def build_report(cfg, raw: dict, sets: dict) -> dict:
+    stats = BlockStats.from_tensor(torch.tensor(raw["stats"], dtype=torch.float64))
+    summary = hardness.summarize(stats, lr=cfg.train.lr, names=raw["names"],
+                                 batch_rr=torch.tensor(raw["batch_rr"], dtype=torch.float64),
+                                 batch_ff=torch.tensor(raw["batch_ff"], dtype=torch.float64), **rule_figures(cfg))
+    table = torch.tensor(raw["rows"], dtype=torch.float64).reshape(-1, 2)
+    cosines = hardness.row_alignment(float(stats.rr.sum()), table)
+    digests = receipt.row_digests(sets["forget"].path)[:len(cosines)]
+    scored = [{"row": i, "sha256": digest, "cosine": cos} for i, (digest, cos) in enumerate(zip(digests, cosines))]
+    summary["rows"] = {"scored": len(scored), "of": sets["forget"].num_rows,
+                       "by_conflict": sorted(scored, key=lambda r: -r["cosine"])}
+    summary["job"] = {"method": cfg.method.name, "rule": cfg.method.rule_name, "zero_stage": cfg.train.zero_stage,
+                      "workers": cfg.cluster.num_workers, "bf16": cfg.train.bf16,
+                      "sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in sets.items()}}
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    lines = ["# Hardness pre-flight", "", summary["verdict"], "",
+             f"- largest B without retain damage: {summary['max_constraint_without_damage']:.6g}",
+             f"- largest feasible B: {summary['max_feasible_constraint']:.6g}",
+             f"- largest B one step on a typical pair of batches reaches: "
+             f"{summary['max_feasible_constraint_per_batch']:.6g}",
+             f"- the paper's right-hand side (Σ R‖g_f‖ sin θ): {summary['paper_rhs']:.6g}",
+             f"- whole-model cos θ: {summary['cosine_whole_model']:.4f}; conflicting blocks "
+             f"{summary['conflicting_blocks']} of {len(summary['blocks'])}", "",
+             "| block | cos θ | R | reach | reach without damage |", "|---|---|---|---|---|"]
+    lines += [f"| {b['name']} | {b['cosine']:.3f} | {b['radius']:.3g} | {b['reach']:.3g} | "
+              f"{b['reach_without_damage']:.3g} |" for b in summary["blocks"]]
+    rows = summary["rows"]
+    lines += ["", f"Forget rows most aligned with the retain gradient ({rows['scored']} of {rows['of']} scored; "
+              "index in the file, sha256 of the row as in the receipt):", "",
+              "| row | cos(g_r, g_f,row) | sha256 |", "|---|---|---|"]
+    lines += [f"| {r['row']} | {r['cosine']:.3f} | {r['sha256'][:16]}… |" for r in rows["by_conflict"][:SHOWN_ROWS]]
+    return "\n".join(lines) + "\n"
+
+
+def write(summary: dict, out: Path) -> Path:
+    """hardness.json, hardness.md and hardness.png in a new directory (staged, then renamed)."""
+    from hamu_ray.pipeline import plots
+
+    with staging_dir(out) as staging:
+        (staging / "hardness.json").write_text(json.dumps(summary, indent=1))
+        (staging / "hardness.md").write_text(markdown(summary))
+        plots.preflight(summary, staging / "hardness.png")
+    return out
+
+
+def log_to_mlflow(uri: str, summary: dict, out: Path) -> None:
+    """One run in the experiment hamu-ray-hardness: the figures as metrics, the three files."""
+    from hamu_ray.pipeline.tracking import Tracker
+
+    metrics = {key: summary[key] for key in ("max_constraint_without_damage", "max_feasible_constraint",
+                                             "max_feasible_constraint_per_batch", "paper_rhs",
+                                             "cosine_whole_model", "conflicting_blocks")}
+    metrics.update({f"cosine/{b['name']}": b["cosine"] for b in summary["blocks"]})
+    tracker = Tracker(uri, "hamu-ray-hardness", artifact_root=out / "mlflow-artifacts")
+    params = {"method": summary["job"]["method"], "rule": summary["job"]["rule"], "lr": summary["lr"],
+              "radius": summary["radius"], "constraint": summary["constraint"]}
+    with tracker.run("hardness", params=params):
+        tracker.log_metrics(metrics)
+        for name in ("hardness.json", "hardness.md", "hardness.png"):
+            tracker.log_artifact(out / name)
+
+
+def main(cfg, out: Path, rows: int, tracking_uri: str | None) -> dict:
+    from hamu_ray.engine.driver import run_preflight
+
+    if out.exists():  # before any worker starts
+        raise OutputExistsError(f"--out {out} already exists; choose a new one (nothing is overwritten)")
+    raw, sets = run_preflight(cfg, rows)
+    summary = build_report(cfg, raw, sets)
+    write(summary, out)
+    if tracking_uri:
+        log_to_mlflow(tracking_uri, summary, out)
+    return summary
