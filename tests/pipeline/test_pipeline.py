@@ -281,3 +281,52 @@ def test_a_dumped_pipeline_of_your_own_files_validates_again(data, model):
            "unlearn": {"lr": 0.1}, "methods": [{"name": "gdiff"}]}
     cfg = parse_config(raw, source="byo.yaml", schema=PipelineConfig)
     assert PipelineConfig.model_validate(cfg.model_dump(by_alias=True)) == cfg
+
+
+# ---- privacy: no forget row in anything the pipeline stores or logs ---------------------------
+
+WINDOW = 8  # consecutive pixel values that identify a row's content
+
+
+def pixel_windows(rows) -> set[tuple[float, ...]]:
+    """Every run of WINDOW consecutive values of the rows with at least 4 non-zero ones (the
+    digits' borders are zeros: all-zero runs would match any zero-filled text)."""
+    return {tuple(round(v, 4) for v in row[i:i + WINDOW]) for row in rows
+            for i in range(len(row) - WINDOW + 1) if sum(v != 0 for v in row[i:i + WINDOW]) >= 4}
+
+
+def leaked_windows(blob: bytes, windows: set, raw: set[bytes]) -> int:
+    """Windows of the rows found in a file: as float32/float64 bytes, or as a run of numbers in
+    its text (any separator, any formatting: JSON lists, numpy reprs, CSV)."""
+    import re
+
+    if any(r in blob for r in raw):
+        return 1
+    numbers = [round(float(x), 4) for x in re.findall(rb"-?\d+(?:\.\d+)?(?:[eE]-?\d+)?", blob)]
+    return len({tuple(numbers[i:i + WINDOW]) for i in range(len(numbers) - WINDOW + 1)} & windows)
+
+
+@pytest.mark.integration
+def test_the_store_report_receipts_and_ray_logs_hold_no_forget_pixels(pipeline_runs, tmp_path):
+    import json
+
+    import numpy as np
+    import ray
+
+    out, _, _ = pipeline_runs
+    rows = pq.read_table(next((out / "stages").glob("prepare-*")) / "forget.parquet").column("x").to_pylist()
+    windows = pixel_windows(rows)
+    raw = {np.asarray(w, dtype=dtype).tobytes() for w in list(windows)[:200] for dtype in (np.float32, np.float64)}
+    # the detector finds a row however it is written
+    row = rows[0]
+    for planted in (json.dumps(row), str(np.asarray(row)), ",".join(map(str, row)), np.asarray(row, np.float32).tobytes()):
+        assert leaked_windows(planted if isinstance(planted, bytes) else planted.encode(), windows, raw), planted[:40]
+
+    stored = [p for p in (out / "report").rglob("*") if p.is_file()] + [out / "mlflow.db"]
+    stored += [p for p in (out / "mlartifacts").rglob("*") if p.is_file()]
+    stored += [p for name in ("receipt.json", "summary.json", "step_log.jsonl") for p in (out / "stages").rglob(name)]
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    stored += [p for p in logs.rglob("*") if p.is_file()]  # the workers' and Ray's own logs
+    assert any(p.name == "receipt.json" for p in stored) and any(p.suffix in (".out", ".err") for p in stored)
+    found = {str(p): n for p in stored if (n := leaked_windows(p.read_bytes(), windows, raw))}
+    assert not found, f"forget pixels in {found}"
