@@ -92,12 +92,13 @@ def removed_unless_kept(path: str | os.PathLike) -> Iterator[Callable[[], None]]
 
 def write_rows(rows: list[dict], path: str | os.PathLike, schema=None) -> Path:
     """Rows as one parquet file, whole or not at all, owner-only: every set is handled as a
-    user's forget rows are (they are sensitive)."""
+    user's forget rows are (they are sensitive). Pages carry CRC checksums, which
+    engine.data.inspect_set verifies before a job reads the set."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     with atomic_path(path, mode=0o600) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, write_page_checksum=True)
     return Path(path)
 
 

@@ -62,6 +62,24 @@ def test_unreadable_file(sets, name, content):
         inspect_set("forget", str(sets / name), ["x"])
 
 
+def test_a_damaged_page_is_found_on_the_driver(sets, tmp_path):
+    from hamu_ray.files import write_rows
+
+    rows = [{"x": [float(i)] * 12, "y": i % 3} for i in range(200)]
+    path = write_rows(rows, tmp_path / "forget.parquet")  # with page checksums
+    assert inspect_set("forget", str(path), ["x", "y"]).num_rows == 200
+    blob = bytearray(path.read_bytes())
+    for i in range(len(blob) // 3, len(blob) // 3 + 16):  # inside a data page; the footer is intact
+        blob[i] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    assert pq.ParquetFile(path).metadata.num_rows == 200  # the metadata still reads
+    with pytest.raises(DataError, match=r"forget set .*forget.parquet: damaged .*CRC checksum"):
+        inspect_set("forget", str(path), ["x", "y"])
+    path.write_bytes(bytes(blob[: len(blob) // 2]))  # cut short: no footer
+    with pytest.raises(DataError, match=r"forget set .*forget.parquet: cannot read it"):
+        inspect_set("forget", str(path), ["x", "y"])
+
+
 def test_unknown_format(sets):
     with pytest.raises(DataError, match="forget set .*data.csv: unknown format"):
         inspect_set("forget", str(sets / "data.csv"), ["x"])
