@@ -6,8 +6,10 @@ orders and splits rows, so it must equal the single-process step on all rows exa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -231,3 +233,53 @@ def test_a_crash_with_mini_batches_resumes_on_exactly_the_same_data(ray_cluster,
     expected, steps = mini_batch_reference(root, cfg)
     assert steps == resumed.steps == 6 and resumed.resumed_from_step == 2
     assert_same_weights(resumed.output_dir, expected)
+
+
+def train_worker_pids() -> list[int]:
+    """The Ray Train worker processes on this host (their process title names the actor)."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def registered_step(storages) -> int:
+    """The step of the latest checkpoint in Ray Train's checkpoint-manager snapshot, 0 if none."""
+    for storage in storages:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            latest = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+            return int((latest or {}).get("metrics", {}).get("step", 0))
+    return 0
+
+
+def test_a_worker_killed_with_sigkill_resumes_to_the_uninterrupted_result(ray_cluster, inputs, tmp_path):
+    """One worker process is SIGKILLed (by its pid) once a checkpoint is registered; Ray
+    Train restarts the group from the latest checkpoint and the result equals the single-process
+    run on exactly the batches an uninterrupted run sees."""
+    import signal
+    import threading
+    import time
+
+    root, _ = inputs
+    # 10 steps, a checkpoint after each (~2 s apiece here): the run outlasts the kill
+    cfg = config(root, tmp_path / "killed", epochs=5, checkpoint_every=1)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"retain_batch_size": 2, "forget_batch_size": 1, "shuffle_seed": 3})})
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=run_unlearning(cfg)), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 300
+    # a checkpoint Ray Train has registered (a report is collected asynchronously: a directory
+    # on storage alone may never be registered if its worker dies first)
+    while registered_step(tmp_path.glob(".killed.partial-*/ray/unlearn")) < 2:
+        assert runner.is_alive() and time.monotonic() < deadline, "no checkpoint was registered"
+        time.sleep(0.05)
+    victims = train_worker_pids()
+    assert len(victims) == 2
+    os.kill(victims[-1], signal.SIGKILL)
+    runner.join(timeout=300)
+    resumed = outcome["result"]
+    expected, steps = mini_batch_reference(root, cfg)
+    assert steps == resumed.steps == 10 and resumed.resumed_from_step >= 2
+    assert_same_weights(resumed.output_dir, expected)
+    assert not list(tmp_path.glob(".killed.*"))  # the staging directory is gone
