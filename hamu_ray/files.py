@@ -8,6 +8,7 @@ half-written model, set or report where a later run would take it for a finished
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -23,22 +24,94 @@ def hidden_sibling(target: Path, kind: str) -> Path:
 
 
 @contextlib.contextmanager
-def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
+def staging_dir(target: str | os.PathLike, *, resume_key: str | None = None) -> Iterator[Path]:
     """A fresh directory beside `target`, renamed to it when the block succeeds and removed when
     the block raises (KeyboardInterrupt included). An existing target is refused: results are
-    never overwritten."""
+    never overwritten. Staging directories left by a process that is gone (killed: it could not
+    clean up) are removed first.
+
+    With `resume_key` (the identity of the work) the staging directory has a fixed name, so the
+    same work started again after its process was killed continues in it (an unlearning job's
+    Ray Train checkpoints are there); one left by other work is refused with one error and
+    nothing removed."""
     target = Path(target)
     if target.exists():
         raise OutputExistsError(f"{target} already exists; nothing is overwritten: choose a new one")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = hidden_sibling(target, "partial")
-    staging.mkdir()
+    remove_abandoned(target, resume_key)
+    staging = resumable_sibling(target) if resume_key else hidden_sibling(target, "partial")
+    staging.mkdir(exist_ok=resume_key is not None)
+    write_atomic(owner_file(staging), json.dumps({**this_process(), "key": resume_key}))
     try:
         yield staging
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        owner_file(staging).unlink(missing_ok=True)
+
+
+def resumable_sibling(target: Path) -> Path:
+    return target.parent / f".{target.name}.partial"
+
+
+def owner_file(staging: Path) -> Path:
+    """Who is writing a staging directory (host, pid, process start time, resume key): a
+    sibling file, so that the staged directory holds only the output."""
+    return staging.parent / f"{staging.name}.owner.json"
+
+
+def this_process() -> dict:
+    import socket
+
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def owner_alive(owner: dict) -> bool:
+    """False only when the owner was on this host and its process is gone (a reused pid is
+    told apart by its start time); another host's process cannot be checked from here."""
+    import socket
+
+    import psutil
+
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        return abs(psutil.Process(int(owner["pid"])).create_time() - float(owner["started"])) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, ValueError, TypeError):
+        return False
+
+
+def remove_abandoned(target: Path, resume_key: str | None = None) -> None:
+    """Remove the staging directories of `target` whose owner process is gone, except the
+    resumable one of the same work (`resume_key`): that one is kept to be continued. A live
+    owner's resumable directory, or an abandoned one of other work, is refused."""
+    for staging in sorted(target.parent.glob(f".{glob.escape(target.name)}.partial*")):
+        if staging.name.endswith(".owner.json") or not staging.is_dir():
+            continue
+        try:
+            owner = json.loads(owner_file(staging).read_text())
+        except (OSError, ValueError):
+            continue  # no owner record (an older version's, or one being created): left alone
+        resumable = staging == resumable_sibling(target)
+        if owner_alive(owner):
+            if resumable and resume_key is not None:
+                raise OutputExistsError(
+                    f"{target}: another run is writing it ({staging.name}, pid {owner.get('pid')} on "
+                    f"{owner.get('host')}); wait for it, or stop it first")
+            continue
+        if resumable and resume_key is not None:
+            if owner.get("key") == resume_key:
+                continue  # the same work, interrupted: resumed from it
+            raise OutputExistsError(
+                f"{target}: {staging} holds an interrupted run of another job (its model, data, "
+                "method or settings differ from this one's); run that job again to resume it, or "
+                "remove that directory to start this one")
+        shutil.rmtree(staging, ignore_errors=True)
+        owner_file(staging).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -83,3 +83,66 @@ def test_removed_unless_kept_keeps_a_kept_or_existing_directory(tmp_path):
         with removed_unless_kept(out):
             raise ValueError("prepare failed")
     assert (out / "earlier").read_text() == "cached"
+
+
+def dead_owner() -> dict:
+    """The owner record of a process that has exited (this host, its pid and start time)."""
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    record = {"host": socket.gethostname(), "pid": child.pid, "started": psutil.Process(child.pid).create_time()}
+    child.wait()
+    return record
+
+
+def leave_staging(target, name: str, owner: dict, key: str | None = None):
+    """A staging directory as a killed process leaves it: its contents and its owner record."""
+    import json
+
+    from hamu_ray.files import owner_file
+
+    staging = target.parent / name
+    staging.mkdir(parents=True)
+    (staging / "checkpoint").write_text("step 2")
+    owner_file(staging).write_text(json.dumps({**owner, "key": key}))
+    return staging
+
+
+def test_staging_left_by_a_killed_process_is_removed_and_a_live_ones_kept(tmp_path):
+    from hamu_ray.files import this_process
+
+    target = tmp_path / "report"
+    gone = leave_staging(target, ".report.partial-0000dead", dead_owner())
+    alive = leave_staging(target, ".report.partial-0000live", this_process())  # a concurrent writer
+    with staging_dir(target) as staging:
+        (staging / "hardness.json").write_text("{}")
+    assert sorted(os.listdir(tmp_path)) == sorted(["report", alive.name, alive.name + ".owner.json"])
+    assert not gone.exists()
+
+
+def test_the_same_work_continues_in_its_interrupted_staging_and_other_work_is_refused(tmp_path):
+    from hamu_ray.errors import OutputExistsError
+    from hamu_ray.files import this_process
+
+    target = tmp_path / "out"
+    left = leave_staging(target, ".out.partial", dead_owner(), key="job-a")
+    with pytest.raises(OutputExistsError, match=r"out\.partial holds an interrupted run of another job"):
+        with staging_dir(target, resume_key="job-b"):
+            pytest.fail("the block must not run")
+    assert (left / "checkpoint").read_text() == "step 2"  # nothing removed
+
+    with staging_dir(target, resume_key="job-a") as staging:
+        assert staging == left and (staging / "checkpoint").read_text() == "step 2"  # continued
+        with pytest.raises(OutputExistsError, match="another run is writing it"):  # while it runs
+            with staging_dir(target, resume_key="job-a"):
+                pytest.fail("the block must not run")
+    assert (target / "checkpoint").read_text() == "step 2" and os.listdir(tmp_path) == ["out"]
+
+    leave_staging(tmp_path / "again", ".again.partial", this_process(), key="job-a")  # alive owner
+    with pytest.raises(OutputExistsError, match="another run is writing it"):
+        with staging_dir(tmp_path / "again", resume_key="job-a"):
+            pytest.fail("the block must not run")

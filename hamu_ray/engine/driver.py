@@ -7,6 +7,7 @@ directory beside it and renamed at the end, so a failed run leaves no half-writt
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ray.train
 from ray.train import UserCallback as UserCallbackBase
 
 from hamu_ray import receipt
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 # No telemetry, no token file (docs/design.md §9).
 RUNTIME_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                         "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+RUN_NAME = "unlearn"  # the Ray Train run's name in its storage (the staging directory's ray/)
 # Set by Ray's job supervisor in a submitted job's driver: the job's runtime env, as JSON.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -55,15 +58,60 @@ def run_unlearning(cfg: UnlearnConfig, progress: str | None = None, callbacks=()
         raise OutputExistsError(f"output_dir {out} already exists; choose a new one (nothing is overwritten)")
     sets = check_inputs(cfg)
     started = time.perf_counter()
-    with staging_dir(out) as staging:
-        with ray_session(cfg.cluster):
-            datasets = prepared_sets(cfg, sets)
-            if progress:  # starting the workers takes a while: say where the stage is
-                print(f"  [{progress}] sets ready ({', '.join(f'{i.name} {i.num_rows} rows' for i in sets.values())}); "
-                      f"starting {cfg.cluster.num_workers} worker(s)", flush=True)
-            result = fit(cfg, datasets, staging / "ray", progress, callbacks)
+    # a driver killed mid-run leaves its staging directory; the same job started again continues
+    # from the last checkpoint Ray Train registered there (Ray Train restores its run from the
+    # same storage path and name)
+    with staging_dir(out, resume_key=job_identity(cfg, sets)) as staging:
+        interrupted = latest_checkpoint(staging / "ray")
+        if interrupted is not None:
+            say(progress, f"resuming the interrupted run in {staging} from its checkpoint at step "
+                          f"{interrupted['metrics'].get('step', interrupted['metrics'].get('steps'))}")
+        if interrupted is not None and interrupted["metrics"].get("final"):  # only the publishing was left
+            result = FinishedRun(ray.train.Checkpoint(str(staging / "ray" / RUN_NAME / interrupted["checkpoint_dir_name"])))
+        else:
+            with ray_session(cfg.cluster):
+                datasets = prepared_sets(cfg, sets)
+                if progress:  # starting the workers takes a while: say where the stage is
+                    print(f"  [{progress}] sets ready ({', '.join(f'{i.name} {i.num_rows} rows' for i in sets.values())}); "
+                          f"starting {cfg.cluster.num_workers} worker(s)", flush=True)
+                result = fit(cfg, datasets, staging / "ray", progress, callbacks)
         summary = publish(cfg, sets, result, staging, wall_s=time.perf_counter() - started)
     return UnlearnResult(out, summary["steps"], summary["stop"], summary["resumed_from_step"], sets)
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    checkpoint: object  # the final export of a run whose driver died before publishing it
+
+
+def say(progress: str | None, line: str) -> None:
+    log.info("%s", line)
+    if progress:
+        print(f"  [{progress}] {line}", flush=True)
+
+
+def job_identity(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> str:
+    """What makes an interrupted run this job's: its whole config (not where it writes or which
+    cluster it joins), the sets' content digests and the starting model's files (size, mtime)."""
+    job = cfg.model_dump(exclude={"output_dir"})
+    job["cluster"].pop("address", None)
+    start = getattr(cfg.model, "weights", None) or getattr(cfg.model, "path", None)
+    model = []
+    if start is not None and Path(start).exists():
+        paths = sorted(Path(start).rglob("*")) if Path(start).is_dir() else [Path(start)]
+        model = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file()]
+    spec = {"job": job, "sets": {name: info.digest for name, info in sets.items()}, "model": model}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def latest_checkpoint(storage: Path) -> dict | None:
+    """The latest checkpoint Ray Train registered in a run's storage (its snapshot's entry:
+    checkpoint_dir_name, metrics), None when there is none."""
+    snapshot = storage / RUN_NAME / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):
+        return None
 
 
 def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
@@ -196,7 +244,7 @@ def fit(cfg: UnlearnConfig, datasets: dict, storage: Path, progress: str | None 
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         datasets=datasets,
         dataset_config=data.ordered_data_config(),
-        run_config=RunConfig(name="unlearn", storage_path=str(storage.resolve()),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage.resolve()),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=[*callbacks, *([ProgressCallback(queue)] if queue is not None else [])]),

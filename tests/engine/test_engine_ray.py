@@ -6,7 +6,6 @@ orders and splits rows, so it must equal the single-process step on all rows exa
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -243,13 +242,12 @@ def train_worker_pids() -> list[int]:
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
-def registered_step(storages) -> int:
-    """The step of the latest checkpoint in Ray Train's checkpoint-manager snapshot, 0 if none."""
-    for storage in storages:
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            latest = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
-            return int((latest or {}).get("metrics", {}).get("step", 0))
-    return 0
+def registered_step(storage) -> int:
+    """The step of the latest checkpoint Ray Train registered in a run's storage, 0 if none (a
+    report is collected asynchronously: a checkpoint directory alone may never be registered)."""
+    from hamu_ray.engine.driver import latest_checkpoint
+
+    return (latest_checkpoint(storage) or {}).get("metrics", {}).get("step", 0)
 
 
 def test_a_worker_killed_with_sigkill_resumes_to_the_uninterrupted_result(ray_cluster, inputs, tmp_path):
@@ -269,9 +267,7 @@ def test_a_worker_killed_with_sigkill_resumes_to_the_uninterrupted_result(ray_cl
     runner = threading.Thread(target=lambda: outcome.update(result=run_unlearning(cfg)), daemon=True)
     runner.start()
     deadline = time.monotonic() + 300
-    # a checkpoint Ray Train has registered (a report is collected asynchronously: a directory
-    # on storage alone may never be registered if its worker dies first)
-    while registered_step(tmp_path.glob(".killed.partial-*/ray/unlearn")) < 2:
+    while registered_step(tmp_path / ".killed.partial" / "ray") < 2:
         assert runner.is_alive() and time.monotonic() < deadline, "no checkpoint was registered"
         time.sleep(0.05)
     victims = train_worker_pids()
