@@ -138,6 +138,62 @@ def guarantee_record(step_log: list[dict]) -> dict:
     return {"steps": len(taken), "held": held, "hold_rate": held / len(taken) if taken else None}
 
 
+STOP_MEANING = {"none": "it ran its whole step budget",
+                "criterion": "the stopping criterion: gaining B more would have raised the retain loss",
+                "infeasible": "no step inside the radius could gain B",
+                "forget_target": "its forget probability reached the target"}
+
+
+def _span(values: list[float]) -> dict:
+    return {"first": values[0], "last": values[-1], "min": min(values), "max": max(values),
+            "mean": sum(values) / len(values)}
+
+
+def hardness_trace(step_log: list[dict]) -> dict | None:
+    """The run's hardness in numbers: per step the mean over blocks of cos(g_r, g_f), how many
+    steps conflicted (mean cos θ > 0), and the stopping margin (the exact test's right-hand side
+    minus B); None for a method that computes no hardness."""
+    rows = [r for r in step_log if "hardness/cosine_mean" in r]
+    if not rows:
+        return None
+    cosines = [r["hardness/cosine_mean"] for r in rows]
+    trace = {"steps": len(rows), "cosine_mean": _span(cosines),
+             "conflicting_steps": sum(c > 0 for c in cosines)}
+    margins = [r["stop/margin"] for r in rows if "stop/margin" in r]
+    if margins:
+        trace["stop_margin"] = _span(margins)
+    return trace
+
+
+def losses(step_log: list[dict]) -> dict:
+    """The batch losses at the first and last step (what the run did to them)."""
+    found = {}
+    for key in ("loss/retain", "loss/forget"):
+        values = [r[key] for r in step_log if key in r]
+        if values:
+            found[key.split("/")[1]] = {"first": values[0], "last": values[-1]}
+    return found
+
+
+def engine_verdict(receipt: dict) -> str:
+    """One paragraph on what the run did, from the receipt's own numbers."""
+    text = (f"{receipt['method']} took {receipt['steps']} steps and stopped because "
+            f"{STOP_MEANING.get(receipt['stop'], receipt['stop'])}.")
+    guarantee = receipt["guarantee"]
+    if guarantee["steps"]:
+        text += (f" Its first-order guarantee (forget gain ≥ B) held on {guarantee['held']} of "
+                 f"{guarantee['steps']} steps.")
+    else:
+        text += " The method gives no per-step guarantee."
+    trace = receipt.get("hardness")
+    if trace:
+        text += (f" Retain and forget gradients conflicted on {trace['conflicting_steps']} of {trace['steps']} "
+                 f"steps (mean block cos θ {trace['cosine_mean']['mean']:+.3f}).")
+    for name, span in receipt.get("losses", {}).items():
+        text += f" The {name} batch loss went from {span['first']:.4g} to {span['last']:.4g}."
+    return text
+
+
 def build(cfg, sets: dict, summary: dict, output_dir: Path, step_log: list[dict]) -> dict:
     forget = sets["forget"]
     files = model_files(output_dir)
@@ -154,9 +210,21 @@ def build(cfg, sets: dict, summary: dict, output_dir: Path, step_log: list[dict]
         "objective": cfg.method.objective, "lr": cfg.train.lr, "zero_stage": cfg.train.zero_stage,
         "steps": summary["steps"], "stop": summary["stop"],
         "guarantee": guarantee_record(step_log),
+        "hardness": hardness_trace(step_log),
+        "losses": losses(step_log),
         "code": code_version(),
     }
+    receipt["verdict"] = engine_verdict(receipt)
     return sign(receipt)
+
+
+def with_evaluation(receipt: dict, evaluation: dict, verdict: str) -> dict:
+    """The receipt with a pipeline's evaluation of the unlearned model (against the oracle when
+    there is one) and the verdict extended by it; signed anew when a key is set."""
+    updated = {k: v for k, v in receipt.items() if k != "signature"}
+    updated["evaluation"] = evaluation
+    updated["verdict"] = engine_verdict(updated) + " " + verdict
+    return sign(updated)
 
 
 def code_version() -> dict:

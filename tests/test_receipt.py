@@ -124,3 +124,61 @@ def test_a_file_that_is_not_a_receipt_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "r.json").write_text('{"a": 1}')
     assert cli.main(["receipt", "verify", str(tmp_path / "r.json"), "--model", str(tmp_path)]) == 2
     assert f"receipt {tmp_path / 'r.json'}: not a {receipt.VERSION}" in capsys.readouterr().err
+
+
+STEP_LOG = [  # three HAMU steps as the engine logs them (the values chosen to check by hand)
+    {"step": 1, "stop": "none", "loss/retain": 0.5, "loss/forget": 2.0, "hardness/cosine_mean": 0.25,
+     "stop/margin": 0.4, "guarantee/constraint": 0.1, "guarantee/forget_gain": 0.1},
+    {"step": 2, "stop": "none", "loss/retain": 0.55, "loss/forget": 2.5, "hardness/cosine_mean": -0.05,
+     "stop/margin": 0.2, "guarantee/constraint": 0.1, "guarantee/forget_gain": 0.09},
+    {"step": 3, "stop": "criterion", "loss/retain": 0.6, "loss/forget": 2.7, "hardness/cosine_mean": 0.4,
+     "stop/margin": -0.1, "guarantee/constraint": 0.1, "guarantee/forget_gain": 0.0},
+]
+
+
+def test_the_hardness_trace_losses_and_verdict_summarise_the_step_log():
+    trace = receipt.hardness_trace(STEP_LOG)
+    assert trace["steps"] == 3 and trace["conflicting_steps"] == 2  # cos 0.25 and 0.4 > 0
+    assert trace["cosine_mean"] == pytest.approx({"first": 0.25, "last": 0.4, "min": -0.05, "max": 0.4,
+                                                  "mean": 0.2})
+    assert trace["stop_margin"] == pytest.approx({"first": 0.4, "last": -0.1, "min": -0.1, "max": 0.4,
+                                                  "mean": 0.5 / 3})
+    assert receipt.losses(STEP_LOG) == {"retain": {"first": 0.5, "last": 0.6}, "forget": {"first": 2.0, "last": 2.7}}
+    assert receipt.hardness_trace([{"step": 1, "stop": "none", "loss/retain": 1.0}]) is None  # e.g. gdiff
+
+    # the stopped step takes no step: of the two taken, the first met B, the second fell short
+    facts = {"method": "hamu-q", "steps": 2, "stop": "criterion", "guarantee": receipt.guarantee_record(STEP_LOG),
+             "hardness": trace, "losses": receipt.losses(STEP_LOG)}
+    assert facts["guarantee"] == {"steps": 2, "held": 1, "hold_rate": 0.5}
+    text = receipt.engine_verdict(facts)
+    assert text.startswith("hamu-q took 2 steps and stopped because the stopping criterion")
+    assert "held on 1 of 2 steps" in text and "conflicted on 2 of 3 steps (mean block cos θ +0.200)" in text
+    assert "forget batch loss went from 2 to 2.7" in text
+
+
+def test_the_evaluation_extends_the_verdict_and_is_signed_anew(monkeypatch):
+    monkeypatch.setenv(receipt.KEY_ENV, "k")
+    base = receipt.sign({"receipt": receipt.VERSION, "method": "gdiff", "steps": 5, "stop": "none",
+                         "guarantee": {"steps": 0, "held": 0, "hold_rate": None}, "hardness": None, "losses": {}})
+    done = receipt.with_evaluation(base, {"against": "oracle", "model": {"forget_quality": 0.3}}, "Judged.")
+    assert done["evaluation"]["model"] == {"forget_quality": 0.3}
+    assert done["verdict"] == "gdiff took 5 steps and stopped because it ran its whole step budget. " \
+                              "The method gives no per-step guarantee. Judged."
+    assert done["signature"] != base["signature"]
+    assert [ok for what, ok, _ in receipt.verify(done) if what == "signature"] == [True]
+
+
+def test_the_evaluation_verdict_reads_forget_quality_at_the_ks_threshold():
+    from hamu_ray.pipeline.registry import evaluation_verdict
+
+    def judged(quality, oracle=True):
+        model = {"forget_acc": 0.02, "test_acc_retained": 0.95, "forget_quality": quality}
+        reference = {"forget_acc": 0.0, "test_acc_retained": 0.96, "forget_quality": 1.0}
+        return evaluation_verdict(False, {"model": model, "original": {**reference, "forget_acc": 0.99},
+                                          "oracle": reference if oracle else None})
+
+    assert judged(0.2).startswith("Its accuracy on the forget set is 0.02 (original 0.99, oracle 0); "
+                                  "its test accuracy on the retained classes is 0.95 (original 0.96).")
+    assert "cannot be told apart from the oracle (KS test, p ≥ 0.05)" in judged(0.05)
+    assert "can still be told apart from the oracle (KS test, p < 0.05)" in judged(0.049)
+    assert "Without an oracle" in judged(None, oracle=False) and "oracle 0" not in judged(None, oracle=False)
