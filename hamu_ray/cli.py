@@ -140,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. cluster/runtime_env.yaml)")
     submit.set_defaults(handler=submit_command)
 
+    tracking = commands.add_parser("tracking", help="MLflow tracking a command kept on disk while its server "
+                                   "did not answer")
+    tracking_actions = tracking.add_subparsers(dest="action", required=True)
+    upload = tracking_actions.add_parser("upload", help="send a tracking buffer's runs, metrics, artifacts and "
+                                         "models to the MLflow server, in order (safe to run again)")
+    upload.add_argument("buffer", help="the directory the command named, e.g. OUTPUT_DIR/mlflow-unsent")
+    upload.add_argument("--tracking-uri", help="the MLflow server to send it to (default: the one the buffer "
+                        "records)")
+    upload.set_defaults(handler=tracking_command)
+
     jobs = commands.add_parser("jobs", help="status, logs or stop of a submitted job")
     actions = jobs.add_subparsers(dest="action", required=True)
     for action, text in (("status", "print the job's status"), ("logs", "print the job's whole log"),
@@ -308,6 +318,21 @@ def submit_command(args) -> int:
     return jobs.submit(args.address, args.pipeline, tune=args.tune, follow=args.follow,
                        tracking_uri=args.tracking_uri, output_dir=args.output_dir,
                        runtime_env_file=args.runtime_env, overrides=args.overrides)
+
+
+def tracking_command(args) -> int:
+    from pathlib import Path
+
+    from hamu_ray.pipeline import tracking
+
+    result = tracking.upload(Path(args.buffer), args.tracking_uri)
+    if result.uploaded_file is None:
+        print(f"{args.buffer}: nothing to upload, everything in it was uploaded before")
+    else:
+        before = result.operations - result.sent
+        print(f"{result.uri}: {result.sent} operations uploaded" + (f" ({before} were before)" if before else "")
+              + f"; the buffer is done: {result.uploaded_file}")
+    return 0
 
 
 def jobs_command(args) -> int:

@@ -28,3 +28,7 @@ class ModelFileError(UserError, ValueError):
 
 class TrackingError(UserError, ConnectionError):
     """The MLflow tracking server named by the user does not answer."""
+
+
+class TrackingBufferError(UserError, ValueError):
+    """A directory given to `hamu-ray tracking upload` is not a tracking buffer, or is damaged."""

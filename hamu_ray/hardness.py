@@ -87,20 +87,25 @@ def log_to_mlflow(uri: str, summary: dict, out: Path) -> None:
                                              "max_feasible_constraint_per_batch", "paper_rhs",
                                              "cosine_whole_model", "conflicting_blocks")}
     metrics.update({f"cosine/{b['name']}": b["cosine"] for b in summary["blocks"]})
-    tracker = Tracker(uri, "hamu-ray-hardness", artifact_root=out / "mlflow-artifacts")
+    tracker = Tracker(uri, "hamu-ray-hardness", artifact_root=out / "mlflow-artifacts",
+                      buffer_dir=out / "mlflow-unsent", check=False)  # checked before the workers
     params = {"method": summary["job"]["method"], "rule": summary["job"]["rule"], "lr": summary["lr"],
               "radius": summary["radius"], "constraint": summary["constraint"]}
     with tracker.run("hardness", params=params):
         tracker.log_metrics(metrics)
         for name in ("hardness.json", "hardness.md", "hardness.png"):
             tracker.log_artifact(out / name)
+    tracker.finish()
 
 
 def main(cfg, out: Path, rows: int, tracking_uri: str | None) -> dict:
     from hamu_ray.engine.driver import run_preflight
+    from hamu_ray.pipeline.tracking import check_reachable
 
     if out.exists():  # before any worker starts
         raise OutputExistsError(f"--out {out} already exists; choose a new one (nothing is overwritten)")
+    if tracking_uri:
+        check_reachable(tracking_uri)  # down later: the run waits in out/mlflow-unsent
     raw, sets = run_preflight(cfg, rows)
     summary = build_report(cfg, raw, sets)
     write(summary, out)

@@ -25,7 +25,10 @@ def main(spec, out_dir: Path, mlflow_uri: str | None = None) -> dict:
     """Run the matrix (a runner.BenchSpec), write bench.json and bench.md into out_dir, print the
     Markdown."""
     from hamu_ray.bench import report, runner
+    from hamu_ray.pipeline.tracking import check_reachable
 
+    if mlflow_uri:
+        check_reachable(mlflow_uri)  # down later: the run waits in out_dir/mlflow-unsent
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def progress(row: dict) -> None:
@@ -67,8 +70,10 @@ def log_to_mlflow(uri: str, rows: list[dict], out_dir: Path) -> None:
         metrics[f"{key}/ms"] = r["ms"]
         if r["ratio"] is not None:
             metrics[f"{key}/ratio"] = r["ratio"]
-    tracker = Tracker(uri, "hamu-ray-bench", artifact_root=out_dir / "mlflow-artifacts")
+    tracker = Tracker(uri, "hamu-ray-bench", artifact_root=out_dir / "mlflow-artifacts",
+                      buffer_dir=out_dir / "mlflow-unsent", check=False)  # checked before the timing
     with tracker.run("bench"):
         tracker.log_metrics(metrics)
         tracker.log_artifact(out_dir / "bench.json")
         tracker.log_artifact(out_dir / "bench.md")
+    tracker.finish()

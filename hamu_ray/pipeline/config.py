@@ -145,18 +145,25 @@ class MethodEntry(MethodSection):
 class TrackingSection(Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the output directory
     experiment: str = "hamu-ray"
+    registered_model: str | None = None  # the registry's name for this pipeline's models (None: its name)
 
 
 class SearchDomain(Section):
-    """One searched hyper-parameter: a range (uniform, or log-uniform) or a list of values."""
+    """One searched hyper-parameter: a range (uniform, or log-uniform) or a list of values; for
+    HAMU's constraint_ratio also `preflight: true`: a log range read from the hardness pre-flight
+    of the original model (tune.preflight_range)."""
     low: float | None = None
     high: float | None = None
     log: bool = False
     values: list[float | str] | None = Field(None, min_length=1)
+    preflight: bool = False
 
     @model_validator(mode="after")
     def _range_or_values(self) -> "SearchDomain":
-        if self.values is not None:
+        if self.preflight:
+            if self.low is not None or self.high is not None or self.values is not None:
+                raise ValueError("preflight: true sets the range itself; give no low, high or values")
+        elif self.values is not None:
             if self.low is not None or self.high is not None:
                 raise ValueError("give either values or low/high, not both")
         elif self.low is None or self.high is None or not self.low < self.high:
@@ -166,6 +173,9 @@ class SearchDomain(Section):
         return self
 
     def candidates(self) -> list[float | str]:
+        """Values to validate now (a pre-flight range is known only when the search starts)."""
+        if self.preflight:
+            return []
         return list(self.values) if self.values is not None else [self.low, self.high]
 
 
@@ -305,6 +315,12 @@ class PipelineConfig(Section):
         if unknown:
             raise ValueError(f"tune.space: {', '.join(unknown)} cannot be searched for "
                              f"{entry.key}; valid: {', '.join(allowed)}")
+        preflight = sorted(name for name, domain in tune.space.items() if domain.preflight)
+        if preflight and preflight != ["constraint_ratio"]:
+            raise ValueError(f"tune.space.{preflight[-1]}: preflight: true is for constraint_ratio only")
+        if preflight and {"lr", "radius"} & set(tune.space):
+            raise ValueError("tune.space.constraint_ratio: a pre-flight range holds at the method's own lr "
+                             "and radius; do not search lr or radius with it")
         for name, domain in tune.space.items():  # every candidate must make a valid method
             for value in domain.candidates():
                 try:

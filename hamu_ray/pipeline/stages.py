@@ -9,6 +9,7 @@ only what it changed. Evaluation and the comparison take seconds and always run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import random
@@ -29,6 +30,7 @@ from hamu_ray.pipeline import user_data
 from hamu_ray.engine.config import TrainSettings, UnlearnConfig
 from hamu_ray.pipeline.config import PipelineConfig
 from hamu_ray.engine.driver import monitor_values, ray_session, run_unlearning
+from hamu_ray.pipeline import registry
 from hamu_ray.pipeline.tracking import (Tracker, check_reachable, refuse_local_store_on_cluster, tracking_uri,
                                         ui_command)
 from hamu_ray.engine.worker import EXPORT_LOG
@@ -45,6 +47,8 @@ class StageOutput:
     directory: Path
     cached: bool
     summary: dict
+    registered_version: str | None = None  # the model registry's version, once registered
+    run_id: str | None = None  # its MLflow child run in this invocation
 
     @classmethod
     def read(cls, directory: Path, name: str | None = None, cached: bool = True) -> "StageOutput":
@@ -88,7 +92,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         check_given_models(cfg)  # before Ray starts
         ray.enter_context(ray_session(cfg.cluster))
         refuse_local_store_on_cluster(uri)
-        tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
+        tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts",
+                          buffer_dir=out / "mlflow-unsent")
         report = write_config(cfg, out / "report")
         with tracker.run(cfg.name, params=cfg.model_dump(by_alias=True), tags={"kind": "pipeline"}) as parent:
             tracker.log_artifact(report / "config.yaml")
@@ -96,9 +101,12 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             keep()
             stages = run_stages(cfg, sets.paths, out, tracker)
             rows, table = report_results(cfg, sets.paths, stages, report, tracker)
+            original_version = getattr(stages["original"], "registered_version", None)  # None: the user's own
+            registry.publish_unlearned(cfg, stages, rows, tracker, original_version)
 
     print("\n" + table)
     print(f"\nreport: {report}\nMLflow: {ui_command(uri)}", flush=True)
+    tracker.finish()  # a server that stopped answering: the command that uploads the rest
     return PipelineResult(rows, table, report, uri, parent)
 
 
@@ -112,9 +120,9 @@ def run_stages(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
                tracker: Tracker) -> dict[str, StageOutput]:
     stages = train_references(cfg, prepared, out, tracker)
     watch = monitor_section(cfg, prepared, stages, out)
-    for entry in cfg.methods:
+    for entry in cfg.methods:  # their models are published after the evaluation (registry)
         job = unlearning_job(cfg, entry, prepared, stages["original"].export(cfg), watch)
-        stages[entry.key] = run_stage(cfg, f"unlearn-{entry.key}", job, out, tracker, final_model=True)
+        stages[entry.key] = run_stage(cfg, f"unlearn-{entry.key}", job, out, tracker)
     return stages
 
 
@@ -250,7 +258,7 @@ def log_prepare(tracker: Tracker, sets: PreparedSets) -> None:
     counts = sets.info["sets"]
     with tracker.run("prepare", params=sets.spec, tags={"stage": "prepare", "cached": str(sets.cached)}):
         tracker.log_metrics({f"rows/{k}": v["rows"] for k, v in counts.items()})
-        tracker.mlflow.set_tags({f"digest/{k}": v["sha256"] for k, v in counts.items()})
+        tracker.set_tags({f"digest/{k}": v["sha256"] for k, v in counts.items()})
 
 
 def build_sets(cfg: PipelineConfig, directory: Path) -> dict:
@@ -290,7 +298,8 @@ def train_references(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
     if (cfg.model.path if cfg.is_lm else cfg.model.weights) is not None:
         return user_data.given_models(cfg)
     start = lm_pipeline.initial_model(cfg, prepared, out, stage_key) if cfg.is_lm else None
-    return {name: run_stage(cfg, name, training_job(cfg, prepared[split], start), out, tracker)
+    return {name: run_stage(cfg, name, training_job(cfg, prepared[split], start), out, tracker,
+                            register_as="original" if name == "original" else None)
             for name, split in (("original", "train"), ("oracle", "retain"))}
 
 
@@ -345,16 +354,19 @@ def cached_stage(name: str, job: dict, out: Path, *, progress: str | None = None
 
 
 def run_stage(cfg: PipelineConfig, name: str, job: dict, out: Path, tracker: Tracker,
-              final_model: bool = False) -> StageOutput:
-    """A pipeline stage (cached_stage) and its MLflow child run."""
+              register_as: str | None = None) -> StageOutput:
+    """A pipeline stage (cached_stage) and its MLflow child run; with `register_as` (a role)
+    its model is logged as an MLflow model and registered."""
     stage = cached_stage(name, job, out, progress=name)
     with tracker.run(name, params=job, tags={"stage": name, "cached": str(stage.cached),
                                              "stop": stage.summary["stop"]}) as run_id:
         tracker.log_steps(run_id, stage.step_log())
         tracker.log_metrics({"steps": stage.summary["steps"], "wall_s": stage.summary["wall_s"]})
-        if final_model:
-            tracker.log_artifact(stage.export(cfg), "model")
-    return stage
+        version = None
+        if register_as is not None:
+            version = registry.register(tracker, cfg, stage, role=register_as)
+            tracker.set_tags({"registered_version": version})
+    return dataclasses.replace(stage, registered_version=version, run_id=run_id)
 
 
 # ---- evaluation and report -----------------------------------------------------------------

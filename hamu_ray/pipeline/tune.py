@@ -25,7 +25,7 @@ from hamu_ray import files
 from hamu_ray.pipeline import evaluate, lm_pipeline
 from hamu_ray.pipeline import stages as pipeline
 from hamu_ray.pipeline import plots
-from hamu_ray.pipeline.config import PipelineConfig, TuneSection
+from hamu_ray.pipeline.config import PipelineConfig, SearchDomain, TuneSection
 from hamu_ray.engine.driver import ray_session
 from hamu_ray.pipeline.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
 
@@ -81,7 +81,8 @@ def run_search(cfg: PipelineConfig) -> SearchResult:
     report = directory / "report"
     report.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking.uri, out)
-    tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
+    tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts",
+                      buffer_dir=directory / "mlflow-unsent")
     files.write_atomic(report / "config.yaml", yaml.safe_dump(cfg.model_dump(by_alias=True), sort_keys=False))
 
     parent_id = previous_parent(directory)  # a resumed search reopens its parent run
@@ -98,19 +99,23 @@ def run_search(cfg: PipelineConfig) -> SearchResult:
             context = TrialContext(cfg.model_dump(by_alias=True), prepared, str(out), str(directory),
                                    str(references["original"].export(cfg)), ruler,
                                    pipeline.monitor_section(cfg, prepared, references, out))
-            results, complete = fit_search(cfg.tune, context, directory, view)
+            space = searched_space(cfg, prepared, references["original"].export(cfg), directory)
+            results, complete = fit_search(space, context, directory, view)
             original = pipeline.measure(cfg, ruler, references["original"].export(cfg))[view.utility]
         trials, chosen = choose(results, original, cfg.tune.utility_floor, view)
         log_trials(tracker, parent, trials, out)
         write_search_report(trials, chosen, original, cfg.tune, report, view)
         for name in ("trials.csv", "trials.md", "pareto.png", "best.json", "config.yaml"):
             tracker.log_artifact(report / name)
+        if (directory / PREFLIGHT_DIR).is_dir():  # the pre-flight the range came from
+            tracker.log_artifact(directory / PREFLIGHT_DIR, PREFLIGHT_DIR)
 
     print("\n" + render_text(trials, view))
     print("\n" + describe_choice(chosen, cfg.tune, original, view))
     if not complete:
         print("the search was interrupted; run the same command again to resume it", flush=True)
     print(f"report: {report}\nMLflow: {ui_command(uri)}", flush=True)
+    tracker.finish()
     return SearchResult(trials, chosen, report, uri, complete)
 
 
@@ -123,6 +128,54 @@ def search_key(cfg: PipelineConfig) -> str:
     if cfg.monitor is not None:  # added only when set: earlier searches keep their key
         spec["monitor"] = cfg.monitor.model_dump()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---- the pre-flight's range ------------------------------------------------------------------
+
+PREFLIGHT_DIR = "preflight"  # in the search's directory: hardness.json/.md/.png of the original
+
+
+def searched_space(cfg: PipelineConfig, prepared: dict[str, str], original: Path, directory: Path) -> TuneSection:
+    """The tune section to search: `constraint_ratio: {preflight: true}` replaced by the log
+    range the hardness pre-flight of the original model gives (run once per search)."""
+    if not any(domain.preflight for domain in cfg.tune.space.values()):
+        return cfg.tune
+    entry = cfg.method_entry(cfg.tune.method)
+    summary = preflight_summary(cfg, prepared, original, directory / PREFLIGHT_DIR)
+    low, high = preflight_range(summary, cfg.unlearn_settings(entry).lr)
+    print(f"[tune] searching constraint_ratio in [{low:.4g}, {high:.4g}] (log), from the pre-flight: "
+          f"B from {low * cfg.unlearn_settings(entry).lr:.4g} to the largest feasible "
+          f"{summary['max_feasible_constraint']:.4g}", flush=True)
+    space = {**cfg.tune.space, "constraint_ratio": SearchDomain(low=low, high=high, log=True)}
+    return cfg.tune.model_copy(update={"space": space})
+
+
+def preflight_summary(cfg: PipelineConfig, prepared: dict[str, str], original: Path, out: Path) -> dict:
+    """The hardness pre-flight of the searched method's job from the original (hamu-ray
+    hardness, without per-row scores); a resumed search reads it back."""
+    from hamu_ray import hardness
+    from hamu_ray.engine.config import UnlearnConfig
+
+    if (out / "hardness.json").exists():
+        print(f"[tune] pre-flight: cached in {out}", flush=True)
+        return json.loads((out / "hardness.json").read_text())
+    print("[tune] pre-flight: whole-set gradients of the original on the forget and retain sets", flush=True)
+    job = pipeline.unlearning_job(cfg, cfg.method_entry(cfg.tune.method), prepared, original)
+    summary = hardness.main(UnlearnConfig.model_validate({**job, "output_dir": str(out / "unused")}),
+                            out, rows=0, tracking_uri=None)
+    print(f"[tune] pre-flight: {summary['verdict']}", flush=True)
+    return summary
+
+
+def preflight_range(summary: dict, lr: float) -> tuple[float, float]:
+    """constraint_ratio's range (B / lr): from a quarter of the largest damage-free B (well
+    inside it; at least a hundredth of the largest feasible B, so the range is never empty)
+    up to the largest feasible B on the whole-set gradients."""
+    free, feasible = summary["max_constraint_without_damage"], summary["max_feasible_constraint"]
+    if not feasible > 0:
+        raise ValueError("tune.space.constraint_ratio: the pre-flight finds no forget gain reachable "
+                         "within the method's radius; nothing to search (raise the radius or lr)")
+    return max(free / 4, feasible / 100) / lr, feasible / lr
 
 
 def previous_parent(directory: Path) -> str | None:
@@ -378,8 +431,8 @@ def write_search_report(rows: list[dict], chosen: dict | None, original_utility:
 
 def log_trials(tracker: Tracker, parent: str, rows: list[dict], out: Path) -> None:
     """A child run per trial under the search's parent run; a resumed search logs only new ones."""
-    logged = {run.data.tags.get("trial") for run in tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.kind = 'trial'")}
+    logged = {run.data.tags.get("trial") for run in tracker.search_runs(
+        f"tags.mlflow.parentRunId = '{parent}' and tags.kind = 'trial'")}
     for row in rows:
         if row["trial"] in logged or row["status"] == "unfinished":
             continue

@@ -14,6 +14,7 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from hamu_ray.engine.config import parse_config
@@ -104,6 +105,8 @@ def test_methods_are_evaluated_during_the_run_and_stop_at_the_oracles_forget_pro
 
 @pytest.mark.integration
 def test_the_report_logs_and_receipts_hold_numbers_and_digests_never_the_forget_text(qa_run):
+    import ray
+
     out, cfg, result = qa_run
     prepare = next((out / "stages").glob("prepare-*"))
     forget = pq.read_table(prepare / "forget.parquet").to_pylist()
@@ -114,9 +117,15 @@ def test_the_report_logs_and_receipts_hold_numbers_and_digests_never_the_forget_
     assert all(len(r["row_sha256"]) == 64 and r["truth_ratio"] > 0 for r in per_example)
     secrets = {r[k] for r in forget for k in ("question", "answer", "paraphrased_answer")}
     stored = [p for p in result.report_dir.rglob("*") if p.is_file()] + [out / "mlflow.db"]
+    # the registry's copies of the models, but not their tokenizer: a vocabulary built from the
+    # training text is the model's own (as in the stages' model directories), not a log of it
+    stored += [p for p in (out / "mlartifacts").rglob("*") if p.is_file() and "tokenizer" not in p.name]
     stages = [p for name in ("receipt.json", "summary.json", "step_log.jsonl")
               for p in (out / "stages").rglob(name)]  # every stage's logs and the unlearning receipt
-    assert any(p.name == "receipt.json" for p in stages)
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    stored += [p for p in logs.rglob("*") if p.is_file()]  # the workers' and Ray's own logs
+    assert any(p.name == "receipt.json" for p in stages) and any(p.suffix == ".out" for p in stored)
+    assert any(p.name == "model.safetensors" for p in stored)  # the registered models are scanned
     for path in stored + stages:
         blob = path.read_bytes()
         leaked = [s for s in secrets if s.encode() in blob]
@@ -124,18 +133,39 @@ def test_the_report_logs_and_receipts_hold_numbers_and_digests_never_the_forget_
 
 
 @pytest.mark.integration
-def test_stages_are_tracked_and_unlearned_models_logged_as_model_dirs(qa_run):
-    _, _, result = qa_run
+def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa_run):
+    from safetensors.torch import load_file
+
+    out, cfg, result = qa_run
     client = mlflow.MlflowClient(result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     runs = {run.info.run_name: run for run in children}
     assert sorted(runs) == sorted(["prepare", "original", "oracle", "unlearn-hamu-q"])
-    exported = {a.path for a in client.list_artifacts(runs["unlearn-hamu-q"].info.run_id, "model")}
-    assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= exported
+    assert "receipt.json" in {a.path for a in client.list_artifacts(runs["unlearn-hamu-q"].info.run_id)}
     assert "per_example.parquet" in {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert (result.report_dir / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+    registered = {v.tags["stage"]: v for v in client.search_model_versions(f"name = '{cfg.name}'")}
+    assert sorted(registered) == ["original", "unlearn-hamu-q"]
+    hamu = registered["unlearn-hamu-q"]
+    assert hamu.tags["original_version"] == str(registered["original"].version)
+    assert runs["unlearn-hamu-q"].data.tags["registered_version"] == str(hamu.version)
+    receipt = json.loads(next((out / "stages").glob("unlearn-hamu-q-*/receipt.json")).read_text())
+    row = next(r for r in result.rows if r["model"] == "hamu-q")
+    assert receipt["evaluation"]["model"] == {k: row[k] for k in receipt["evaluation"]["model"]}
+    assert {"forget_prob", "model_utility", "forget_quality"} <= set(receipt["evaluation"]["model"])
+    assert f"answer probability on the forget set is {row['forget_prob']:.3g}" in receipt["verdict"]
+    mlflow.set_tracking_uri(result.tracking_uri)
+    try:
+        components = mlflow.transformers.load_model(f"models:/{cfg.name}/{hamu.version}", return_type="components")
+    finally:
+        mlflow.set_tracking_uri(None)
+    exported = load_file(next((out / "stages").glob("unlearn-hamu-q-*")) / "model" / "model.safetensors")
+    loaded = components["model"].state_dict()
+    for name, value in exported.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
 
 
 # ---- bring your own model and data ----------------------------------------------------------
@@ -172,6 +202,10 @@ def test_a_users_model_and_files_run_without_training_and_without_an_oracle(qa_r
     for row in rows.values():  # without an oracle: absent, not zero
         assert row["forget_quality"] is None and row["priv_leak"] is None
     assert rows["gdiff"]["steps"] == 2 and "–" in result.table
+    # the user's original is not registered here: the unlearned version names it by digest
+    [version] = mlflow.MlflowClient(result.tracking_uri).search_model_versions("name = 'byo'")
+    receipt = json.loads(next((tmp_path / "byo" / "stages").glob("unlearn-gdiff-*/receipt.json")).read_text())
+    assert version.tags["original_sha256"] == receipt["model_in"]["sha256"] and "original_version" not in version.tags
 
 
 @pytest.mark.integration

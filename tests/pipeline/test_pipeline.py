@@ -27,6 +27,12 @@ def digits_config(output_dir: Path, edit=None) -> PipelineConfig:
     return parse_config(raw, source=str(PIPELINE), schema=PipelineConfig)
 
 
+def stage_log(directory: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (directory / "step_log.jsonl").read_text().splitlines()]
+
+
 def runs_of(uri: str, parent_id: str) -> dict[str, mlflow.entities.Run]:
     client = mlflow.MlflowClient(uri)
     parent = client.get_run(parent_id)
@@ -73,7 +79,7 @@ def test_mlflow_holds_the_parent_children_metrics_and_plots(pipeline_runs):
         history = client.get_metric_history(hamu.info.run_id, key)
         assert len(history) == steps and [m.step for m in history] == list(range(1, steps + 1)), key
     assert hamu.data.params["method.name"] == "hamu-q" and hamu.data.tags["cached"] == "False"
-    assert [a.path for a in client.list_artifacts(hamu.info.run_id, "model")] == ["model/model.safetensors"]
+    assert [a.path for a in client.list_artifacts(hamu.info.run_id)] == ["receipt.json"]
 
     parent_artifacts = {a.path for a in client.list_artifacts(first.parent_run_id)}
     assert {"tradeoff.png", "hardness.png", "comparison.csv", "comparison.md", "config.yaml"} <= parent_artifacts
@@ -85,6 +91,51 @@ def test_mlflow_holds_the_parent_children_metrics_and_plots(pipeline_runs):
     # the forget set appears only as counts and digests
     prepare = children["prepare"]
     assert prepare.data.metrics["rows/forget"] > 0 and len(prepare.data.tags["digest/forget"]) == 16
+
+
+@pytest.mark.integration
+def test_the_registry_says_which_model_forgot_what(pipeline_runs):
+    import hashlib
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    out, first, second = pipeline_runs
+    client = mlflow.MlflowClient(first.tracking_uri)
+    registered = client.search_model_versions("name = 'digits'")
+    # the original once, each unlearned model once: the rerun registered only the edited gdiff
+    assert sorted(v.tags["stage"] for v in registered) == ["original", "unlearn-gdiff", "unlearn-gdiff",
+                                                           "unlearn-hamu-q"]
+    versions = {v.tags["stage"]: v for v in registered}
+    stage_dir = {path.name.rsplit("-", 1)[0]: path for path in (out / "stages").iterdir()}
+    original = versions["original"]
+    assert original.tags["role"] == "original" and len(original.tags["model_sha256"]) == 64
+    hamu = versions["unlearn-hamu-q"]
+    receipt_path = stage_dir["unlearn-hamu-q"] / "receipt.json"
+    receipt = json.loads(receipt_path.read_text())
+    assert hamu.tags == {**hamu.tags, "role": "unlearned", "method": "hamu-q",
+                         "receipt_sha256": hashlib.sha256(receipt_path.read_bytes()).hexdigest(),
+                         "forget_merkle_root": receipt["forget"]["merkle_root"],
+                         "original_version": str(original.version)}
+    # the receipt carries the evaluation against the oracle, the hardness trace and the verdict
+    rows = {row["model"]: row for row in second.rows}
+    evaluation = receipt["evaluation"]
+    assert evaluation["against"] == "oracle"
+    for name, key in (("model", "hamu-q"), ("original", "original"), ("oracle", "oracle")):
+        assert evaluation[name] == {k: rows[key][k] for k in evaluation[name]}, name
+    steps = rows["hamu-q"]["steps"]
+    assert receipt["hardness"]["steps"] == steps and 0 <= receipt["hardness"]["conflicting_steps"] <= steps
+    assert receipt["hardness"]["stop_margin"]["last"] == stage_log(stage_dir["unlearn-hamu-q"])[-1]["stop/margin"]
+    held = receipt["guarantee"]["held"]
+    assert receipt["verdict"].startswith(f"hamu-q took {steps} steps") and f"held on {held} of" in receipt["verdict"]
+    assert f"forget set is {rows['hamu-q']['forget_acc']:.3g}" in receipt["verdict"]
+    assert "Forget quality" in receipt["verdict"]
+    # the registered model is the stage's export, loadable through MLflow's pytorch flavour
+    loaded = mlflow.pytorch.load_model(f"models:/digits/{hamu.version}")
+    exported = load_file(stage_dir["unlearn-hamu-q"] / "model.safetensors")
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, exported[name], rtol=0, atol=0)
 
 
 @pytest.mark.integration
@@ -330,3 +381,63 @@ def test_the_store_report_receipts_and_ray_logs_hold_no_forget_pixels(pipeline_r
     assert any(p.name == "receipt.json" for p in stored) and any(p.suffix in (".out", ".err") for p in stored)
     found = {str(p): n for p in stored if (n := leaked_windows(p.read_bytes(), windows, raw))}
     assert not found, f"forget pixels in {found}"
+
+
+@pytest.mark.integration
+def test_a_killed_driver_reruns_to_the_uninterrupted_result(pipeline_runs, tmp_path):
+    """`hamu-ray run` is SIGKILLed while HAMU-Q runs (with checkpoints: a new stage key, the same
+    math as the module's uninterrupted run); the same command then takes the finished stages from
+    the cache and continues HAMU-Q from its last registered checkpoint to the very same model."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    import torch
+    from safetensors.torch import load_file
+
+    from hamu_ray.engine.driver import latest_checkpoint
+
+    out, first, _ = pipeline_runs
+    raw = yaml.safe_load(PIPELINE.read_text())
+    raw.pop("tune")
+    raw["output_dir"] = str(out)
+    raw["methods"][0]["train"] = {"checkpoint_every": 2}
+    path = tmp_path / "digits.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "hamu_ray.cli", "run", str(path)]
+    before = set((out / "stages").glob("unlearn-hamu-q-*"))
+
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    try:
+        while not [s for s in (out / "stages").glob(".unlearn-hamu-q-*.partial")
+                   if (latest_checkpoint(s / "ray") or {}).get("metrics", {}).get("step", 0) >= 4]:
+            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    for stage in ("prepare", "original", "oracle", "unlearn-gdiff"):
+        assert f"[{stage}] cached" in rerun.stdout, stage
+    assert "[unlearn-hamu-q] resuming the interrupted run" in rerun.stdout
+    [resumed] = set((out / "stages").glob("unlearn-hamu-q-*")) - before
+    [uninterrupted] = before
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["resumed_from_step"] >= 4 and summary["steps"] == {r["model"]: r for r in first.rows}["hamu-q"]["steps"]
+    expected = load_file(uninterrupted / "model.safetensors")
+    for name, value in load_file(resumed / "model.safetensors").items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    assert not list((out / "stages").glob(".*partial*"))  # no staging directory, no owner record
+    # the killed driver's embedded Ray went with it (its agents notice within a minute)
+    _, alive = psutil.wait_procs(ray_processes, timeout=60)
+    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

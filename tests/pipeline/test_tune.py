@@ -47,6 +47,11 @@ def config(raw: dict) -> PipelineConfig:
     ({"space": {"constraint_ratio": {"low": -1, "high": 1}}}, "tune.space.constraint_ratio: -1"),
     ({"space": {"constraint_ratio": {"low": 1, "high": 0.5}}}, "a range needs low < high"),
     ({"space": {"lr": {"low": 0, "high": 1, "log": True}}}, "a log range needs low > 0"),
+    ({"space": {"constraint_ratio": {"preflight": True}, "radius": {"values": [0.1]}}},
+     "do not search lr or radius with it"),
+    ({"space": {"constraint_ratio": {"preflight": True, "low": 0.1}}}, "give no low, high or values"),
+    ({"space": {"constraint_ratio": {"low": 0.1, "high": 1}, "lr": {"preflight": True}}},
+     "tune.space.lr: preflight: true is for constraint_ratio only"),
     ({"utility_floor": -1}, "tune.utility_floor"),
 ])
 def test_search_config_errors_name_the_field(tune, expected):
@@ -63,6 +68,19 @@ def test_a_trial_sets_hamus_constraint_as_a_ratio_of_its_lr():
     method, train = cfg.trial_settings(entry, {"constraint_ratio": 0.5, "lr": 0.02, "radius": "lr"})
     assert train.lr == 0.02 and method.hparams["constraint"] == pytest.approx(0.01)
     assert method.hparams["radius"] == "lr" and train.max_steps == 30  # the rest is the entry's
+
+
+def test_a_preflight_range_runs_from_inside_the_damage_free_b_to_the_largest_feasible():
+    from hamu_ray.pipeline.tune import preflight_range
+
+    # B / lr: a quarter of the damage-free 0.08 to the feasible 0.2, at lr 0.1
+    assert preflight_range({"max_constraint_without_damage": 0.08, "max_feasible_constraint": 0.2}, 0.1) \
+        == pytest.approx((0.2, 2.0))
+    # every block fully conflicting (no damage-free B): from a hundredth of the feasible B
+    assert preflight_range({"max_constraint_without_damage": 0.0, "max_feasible_constraint": 0.2}, 0.1) \
+        == pytest.approx((0.02, 2.0))
+    with pytest.raises(ValueError, match="finds no forget gain reachable"):
+        preflight_range({"max_constraint_without_damage": 0.0, "max_feasible_constraint": 0.0}, 0.1)
 
 
 def test_surgery_searches_epsilon():
@@ -152,7 +170,8 @@ def hamu_ray(*args, **popen):
 def search(tmp_path_factory, digits_run_dir):
     """Run a 3-trial search, SIGINT it once its first trial finished, then resume it."""
     tmp = tmp_path_factory.mktemp("tune")
-    raw = digits_raw(num_samples=3)
+    # B's range from the hardness pre-flight of the original, at the method's own radius
+    raw = digits_raw(num_samples=3, space={"constraint_ratio": {"preflight": True}})
     raw["output_dir"] = str(digits_run_dir)  # shares the cached original and oracle
     path = tmp / "digits-tune.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -196,6 +215,21 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(search)
 
 
 @pytest.mark.integration
+def test_the_search_range_comes_from_one_preflight_of_the_original(search):
+    from hamu_ray.pipeline.tune import PREFLIGHT_DIR, preflight_range
+
+    summary = json.loads((search_dir(search["out"]) / PREFLIGHT_DIR / "hardness.json").read_text())
+    assert summary["job"]["method"] == "hamu-q" and summary["radius"] == 0.1 and summary["lr"] == 0.1
+    low, high = preflight_range(summary, 0.1)
+    assert "[tune] pre-flight: On the whole-set gradients" in search["first"]
+    assert f"constraint_ratio in [{low:.4g}, {high:.4g}] (log)" in search["first"]
+    assert "[tune] pre-flight: cached" in search["second"]  # the resumed search reads it back
+    events = [json.loads(line) for line in (search_dir(search["out"]) / JOURNAL).read_text().splitlines()]
+    ratios = [e["params"]["constraint_ratio"] for e in events if e["event"] == "start"]
+    assert len(ratios) >= 3 and all(low <= r <= high for r in ratios) and "radius" not in events[0]["params"]
+
+
+@pytest.mark.integration
 def test_three_trial_runs_under_one_parent_with_the_report_artifacts(search):
     uri = f"sqlite:///{search['out']}/mlflow.db"
     client = mlflow.MlflowClient(uri)
@@ -207,7 +241,9 @@ def test_three_trial_runs_under_one_parent_with_the_report_artifacts(search):
     (parent,) = parents
     assert client.get_run(parent).data.tags["kind"] == "tune"
     artifacts = {a.path for a in client.list_artifacts(parent)}
-    assert {"pareto.png", "trials.csv", "trials.md", "best.json"} <= artifacts
+    assert {"pareto.png", "trials.csv", "trials.md", "best.json", "preflight"} <= artifacts
+    assert {a.path for a in client.list_artifacts(parent, "preflight")} == {
+        "preflight/hardness.json", "preflight/hardness.md", "preflight/hardness.png"}
     assert all("constraint_ratio" in run.data.params for run in trials)
     finished = [run for run in trials if run.data.tags["status"] == "finished"]
     assert finished and all("forget_quality" in run.data.metrics for run in finished)

@@ -1,0 +1,153 @@
+"""Publishing a pipeline's models: the MLflow model registry and the finished receipts.
+
+Every model a pipeline publishes (the original it trained, each unlearned model) is logged as an
+MLflow model — the transformers flavour for a language model, the pytorch flavour for a
+classifier — and registered as a version of one registered model (`tracking.registered_model`,
+default the pipeline's name). An unlearned model is published after the evaluation: its receipt
+first gains the evaluation against the oracle and the verdict, then is logged to the method's
+run, and the version's tags carry the receipt's sha256 and forget-set Merkle root, the method,
+and the original's version (or the original's digest when the original is the user's own):
+"which model forgot what" is a registry query. A model already registered (same weights, same
+forget set) is not registered again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+def publish_unlearned(cfg, stages: dict, rows: list[dict], tracker, original_version: str | None) -> None:
+    """For every method: the receipt completed with its evaluation, logged to the method's run,
+    and the model registered there."""
+    by_model = {row["model"]: row for row in rows}
+    for entry in cfg.methods:
+        stage = stages[entry.key]
+        complete_receipt(cfg, stage.directory / "receipt.json", by_model[entry.key],
+                         by_model["original"], by_model.get("oracle"))
+        with tracker.run(stage.name, run_id=stage.run_id):
+            tracker.log_artifact(stage.directory / "receipt.json")
+            version = register(tracker, cfg, stage, role="unlearned", original_version=original_version)
+            tracker.set_tags({"registered_version": version})
+
+
+EVALUATED = {False: ("forget_acc", "test_acc_retained", "forget_quality", "mia_auc", "avg_gap"),
+             True: ("forget_prob", "forget_rouge", "model_utility", "forget_quality", "mia_auc", "priv_leak")}
+
+
+def complete_receipt(cfg, path: Path, row: dict, original: dict, oracle: dict | None) -> None:
+    """Add the evaluation (this model, the original and the oracle on the same metrics) and its
+    verdict to a stage's receipt; the file is replaced only when that changes it."""
+    from hamu_ray import files, receipt
+
+    keys = EVALUATED[cfg.is_lm]
+    evaluation = {"against": "oracle" if oracle is not None else None,
+                  "model": {k: row.get(k) for k in keys}, "original": {k: original.get(k) for k in keys},
+                  "oracle": {k: oracle.get(k) for k in keys} if oracle is not None else None}
+    current = json.loads(path.read_text())
+    updated = receipt.with_evaluation(current, evaluation, evaluation_verdict(cfg.is_lm, evaluation))
+    if updated != current:
+        files.write_atomic(path, json.dumps(updated, indent=2))
+
+
+def evaluation_verdict(is_lm: bool, evaluation: dict) -> str:
+    model, original, oracle = evaluation["model"], evaluation["original"], evaluation["oracle"]
+    forget, utility = ("forget_prob", "model_utility") if is_lm else ("forget_acc", "test_acc_retained")
+    forget_name = "answer probability on the forget set" if is_lm else "accuracy on the forget set"
+    utility_name = "model utility" if is_lm else "test accuracy on the retained classes"
+    text = f"Its {forget_name} is {model[forget]:.3g} (original {original[forget]:.3g}"
+    text += f", oracle {oracle[forget]:.3g})" if oracle is not None else ")"
+    text += f"; its {utility_name} is {model[utility]:.3g} (original {original[utility]:.3g})."
+    quality = model.get("forget_quality")
+    if oracle is None or quality is None:
+        return text + " Without an oracle (a model trained without the forget set) forget quality is not measured."
+    if quality >= 0.05:
+        return text + (f" Forget quality {quality:.3g}: on the forget set it cannot be told apart from the "
+                       "oracle (KS test, p ≥ 0.05).")
+    return text + (f" Forget quality {quality:.3g}: on the forget set it can still be told apart from the "
+                   "oracle (KS test, p < 0.05).")
+
+
+def register(tracker, cfg, stage, *, role: str, original_version: str | None = None) -> str:
+    """Log the stage's exported model in the active run and register it; returns the version.
+    A model registered before keeps its version (its receipt's digest tag is brought up to date).
+    With the server down, the registration waits in the tracker's buffer (Tracker.register_model)."""
+    name = cfg.tracking.registered_model or cfg.name
+    return tracker.register_model(name, model_source(cfg, stage), version_tags(stage, role, original_version))
+
+
+def model_source(cfg, stage) -> dict:
+    """What log_model needs to log the stage's model, now or at an upload: a language model's
+    directory; a classifier's stage directory and the pipeline's model config."""
+    if cfg.is_lm:
+        return {"kind": "causal_lm", "model_dir": str(stage.model_dir.resolve())}
+    return {"kind": "classifier", "stage_dir": str(stage.directory.resolve()),
+            "model": cfg.model.model_dump(mode="json")}
+
+
+def log_model(source: dict, name: str, tags: dict[str, str]):
+    """Log `source`'s model (model_source) in MLflow's active run and register it as a new
+    version of `name` with `tags`; returns MLflow's ModelInfo."""
+    if source["kind"] == "causal_lm":
+        return _log_language_model(Path(source["model_dir"]), name, tags)
+    return _log_classifier(source, name, tags)
+
+
+def version_tags(stage, role: str, original_version: str | None) -> dict[str, str]:
+    tags = {"role": role, "stage": stage.name}
+    receipt_path = stage.directory / "receipt.json"
+    if receipt_path.exists():
+        content = json.loads(receipt_path.read_text())
+        tags.update(method=content["method"], model_sha256=content["model_out"]["sha256"],
+                    receipt_sha256=hashlib.sha256(receipt_path.read_bytes()).hexdigest(),
+                    forget_merkle_root=content["forget"]["merkle_root"])
+        if original_version is not None:
+            tags["original_version"] = original_version
+        elif (content.get("model_in") or {}).get("sha256"):
+            tags["original_sha256"] = content["model_in"]["sha256"]
+    else:  # a model trained here (the original): its weights' digest names it
+        tags["model_sha256"] = _directory_digest(stage.model_dir if stage.model_dir.exists() else stage.weights)
+    return tags
+
+
+def find_version(client, name: str, model_sha256: str) -> str | None:
+    """The version already registered for these exact weights, if any."""
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get("model_sha256") == model_sha256:
+            return str(version.version)
+    return None
+
+
+def _log_language_model(model_dir: Path, name: str, tags: dict[str, str]):
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    components = {"model": AutoModelForCausalLM.from_pretrained(model_dir),
+                  "tokenizer": AutoTokenizer.from_pretrained(model_dir)}
+    return mlflow.transformers.log_model(transformers_model=components, task="text-generation", name="model",
+                                         registered_model_name=name, tags=tags,
+                                         pip_requirements=["transformers", "torch"])
+
+
+def _log_classifier(source: dict, name: str, tags: dict[str, str]):
+    import mlflow
+    import numpy as np
+
+    from hamu_ray.pipeline.config import PipelineClassifier
+    from hamu_ray.tasks.classifier import EXPORT_WEIGHTS, build_model
+
+    weights = Path(source["stage_dir"]) / EXPORT_WEIGHTS
+    config = PipelineClassifier.model_validate({**source["model"], "weights": str(weights)})
+    module = build_model(config).eval()
+    example = np.zeros((1, config.sizes[0]), dtype=np.float32)  # a shape, not a row of any set
+    # `tags` reach the new version as it is created: a registration cut off half-way is still
+    # found by find_version (its model_sha256) when the upload redoes it
+    return mlflow.pytorch.log_model(module, name="model", registered_model_name=name, tags=tags,
+                                    input_example=example, pip_requirements=["torch"])
+
+
+def _directory_digest(path: Path) -> str:
+    from hamu_ray import receipt
+
+    files = receipt.model_files(path) if path.is_dir() else {path.name: receipt.file_sha256(path)}
+    return receipt.combined(files)
