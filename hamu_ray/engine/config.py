@@ -110,7 +110,6 @@ class TrainSettings(Section):
 class TrainSection(TrainSettings):
     """A job's train section: a stage's settings plus what only a single job sets."""
     seed: int = 0
-    fail_after_step: int | None = Field(None, gt=0)  # TEST ONLY: crash once after this step
 
 
 class ClusterSection(Section):
@@ -144,8 +143,6 @@ class UnlearnConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "UnlearnConfig":
-        if self.train.fail_after_step and not self.train.checkpoint_every:
-            raise ValueError("train.fail_after_step needs train.checkpoint_every to resume from")
         if self.data.forget is None and self.method.name != "ft":
             raise ValueError(f"data.forget is missing: method {self.method.name} needs a forget set "
                              "(only ft trains on the retain set alone)")

@@ -38,7 +38,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     # resume: weights and optimizer state from the latest checkpoint, then skip the steps done
     start_step, step_log = restore(engine, ray.train.get_checkpoint())
-    resumed = start_step > 0
     take_step = step_function(cfg, DeepSpeedGrads(engine), *losses, step_log)
     forget_shard = ray.train.get_dataset_shard("forget") if cfg.data.forget is not None else None
     pairs = data.paired_batches(
@@ -78,8 +77,6 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(monitor.scalars(record), checkpoint=ray.train.Checkpoint.from_directory(tmp))
         elif stop or step % cfg.train.progress_every == 0:
             ray.train.report(monitor.scalars(record))
-        if cfg.train.fail_after_step == step and not resumed:
-            raise RuntimeError(f"injected failure after step {step} (train.fail_after_step)")
         if stop:
             break
 

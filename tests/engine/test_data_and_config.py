@@ -137,7 +137,7 @@ def digits(**edits) -> dict:
 def test_a_jobs_train_section_extends_the_stage_settings_without_repeating_them():
     assert issubclass(TrainSection, TrainSettings)
     own = set(TrainSection.model_fields) - set(TrainSettings.model_fields)
-    assert own == {"seed", "fail_after_step"}
+    assert own == {"seed"}
     assert not set(vars(TrainSection).get("__annotations__", {})) & set(TrainSettings.model_fields)
 
 

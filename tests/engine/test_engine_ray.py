@@ -219,21 +219,6 @@ def mini_batch_reference(root, cfg, world=2):
     return model.state_dict(), steps
 
 
-def test_a_crash_with_mini_batches_resumes_on_exactly_the_same_data(ray_cluster, inputs, tmp_path):
-    """Batches of 2 of each worker's 4 retain rows (and 1 of its 2 forget rows), shuffled anew each
-    epoch; the group fails after step 3 and restarts from step 2. The result must equal the
-    single-process step on exactly the batches an uninterrupted run sees (also what proves that
-    the group's data is the one the sharding promises)."""
-    root, _ = inputs
-    cfg = config(root, tmp_path / "resumed", epochs=3, checkpoint_every=2, fail_after_step=3)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-        update={"retain_batch_size": 2, "forget_batch_size": 1, "shuffle_seed": 3})})
-    resumed = run_unlearning(cfg)
-    expected, steps = mini_batch_reference(root, cfg)
-    assert steps == resumed.steps == 6 and resumed.resumed_from_step == 2
-    assert_same_weights(resumed.output_dir, expected)
-
-
 def train_worker_pids() -> list[int]:
     """The Ray Train worker processes on this host (their process title names the actor)."""
     import psutil
@@ -259,8 +244,8 @@ def test_a_worker_killed_with_sigkill_resumes_to_the_uninterrupted_result(ray_cl
     import time
 
     root, _ = inputs
-    # 10 steps, a checkpoint after each (~2 s apiece here): the run outlasts the kill
-    cfg = config(root, tmp_path / "killed", epochs=5, checkpoint_every=1)
+    # 6 steps, a checkpoint after each (~2 s apiece here): the run outlasts the kill
+    cfg = config(root, tmp_path / "killed", epochs=3, checkpoint_every=1)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
         update={"retain_batch_size": 2, "forget_batch_size": 1, "shuffle_seed": 3})})
     outcome = {}
@@ -276,6 +261,6 @@ def test_a_worker_killed_with_sigkill_resumes_to_the_uninterrupted_result(ray_cl
     runner.join(timeout=300)
     resumed = outcome["result"]
     expected, steps = mini_batch_reference(root, cfg)
-    assert steps == resumed.steps == 10 and resumed.resumed_from_step >= 2
+    assert steps == resumed.steps == 6 and resumed.resumed_from_step >= 2
     assert_same_weights(resumed.output_dir, expected)
     assert not list(tmp_path.glob(".killed.*"))  # the staging directory is gone

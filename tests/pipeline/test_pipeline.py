@@ -1,8 +1,10 @@
-"""The digits pipeline end to end on the real local Ray, DeepSpeed and a sqlite MLflow store,
-then a re-run with one method edited: only that method's stage runs again."""
+"""The digits pipeline end to end on the real local Ray, DeepSpeed and a sqlite MLflow store;
+then the same command with one method edited, killed while that method runs, and run again:
+the finished stages come from the cache and the edited one continues from its checkpoint."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -41,22 +43,67 @@ def runs_of(uri: str, parent_id: str) -> dict[str, mlflow.entities.Run]:
     return {run.info.run_name: run for run in children}
 
 
+def checkpointed_hamu(raw):  # a new stage key for HAMU-Q, the same math
+    raw["methods"][0]["train"] = {"checkpoint_every": 10}
+
+
 @pytest.fixture(scope="module")
-def pipeline_runs(digits_run_dir, ray_cluster):  # one Ray for every pipeline of this module
+def pipeline_runs(digits_run_dir, ray_cluster, tmp_path_factory):  # one Ray for the pipelines run here
+    """The digits pipeline; then, with HAMU-Q checkpointing, `hamu-ray run` in a subprocess
+    SIGKILLed while HAMU-Q runs; then that pipeline once more here: the finished stages come from
+    the cache and HAMU-Q continues from its last registered checkpoint. Returns (out, first run,
+    second run, the second run's printed lines, the killed driver's Ray processes)."""
+    import contextlib
+    import io
+
     from hamu_ray.pipeline.stages import run_pipeline
 
     out = digits_run_dir
     first = run_pipeline(digits_config(out))
+    ray_processes = kill_mid_stage(digits_config(out, checkpointed_hamu), tmp_path_factory.mktemp("killed"),
+                                   "unlearn-hamu-q", step=10)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        second = run_pipeline(digits_config(out, checkpointed_hamu))
+    return out, first, second, printed.getvalue(), ray_processes
 
-    def slower_gdiff(raw):
-        raw["methods"][1]["train"] = {"lr": 0.005}
-    second = run_pipeline(digits_config(out, slower_gdiff))
-    return out, first, second
+
+def kill_mid_stage(cfg: PipelineConfig, tmp: Path, stage: str, step: int) -> list:
+    """`hamu-ray run` of `cfg` in a subprocess, SIGKILLed once Ray Train has registered a
+    checkpoint at `step` or later in `stage`; returns the processes its embedded Ray ran."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from hamu_ray.engine.driver import latest_checkpoint
+
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(by_alias=True)))
+    stages = Path(cfg.output_dir) / "stages"
+    with open(tmp / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "hamu_ray.cli", "run", str(path)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    try:
+        while not [s for s in stages.glob(f".{stage}-*.partial")
+                   if (latest_checkpoint(s / "ray") or {}).get("metrics", {}).get("step", 0) >= step]:
+            assert driver.poll() is None and time.monotonic() < deadline, (tmp / "driver.log").read_text()[-3000:]
+            time.sleep(0.05)
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    return ray_processes
 
 
 @pytest.mark.integration
 def test_hamu_q_forgets_the_class_and_keeps_the_retained_classes(pipeline_runs):
-    _, first, _ = pipeline_runs
+    _, first, *_ = pipeline_runs
     rows = {row["model"]: row for row in first.rows}
     assert list(rows) == ["original", "oracle", "hamu-q", "gdiff"]
     original, hamu = rows["original"], rows["hamu-q"]
@@ -67,7 +114,7 @@ def test_hamu_q_forgets_the_class_and_keeps_the_retained_classes(pipeline_runs):
 
 @pytest.mark.integration
 def test_mlflow_holds_the_parent_children_metrics_and_plots(pipeline_runs):
-    out, first, _ = pipeline_runs
+    out, first, *_ = pipeline_runs
     assert first.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
     children = runs_of(first.tracking_uri, first.parent_run_id)
     assert sorted(children) == sorted(STAGES)
@@ -101,18 +148,20 @@ def test_the_registry_says_which_model_forgot_what(pipeline_runs):
     import torch
     from safetensors.torch import load_file
 
-    out, first, second = pipeline_runs
+    out, first, second, *_ = pipeline_runs
     client = mlflow.MlflowClient(first.tracking_uri)
     registered = client.search_model_versions("name = 'digits'")
-    # the original once, each unlearned model once: the rerun registered only the edited gdiff
-    assert sorted(v.tags["stage"] for v in registered) == ["original", "unlearn-gdiff", "unlearn-gdiff",
-                                                           "unlearn-hamu-q"]
+    # the original once, each unlearned model once: the resumed HAMU-Q (a new stage, the same
+    # weights) kept its version
+    assert sorted(v.tags["stage"] for v in registered) == ["original", "unlearn-gdiff", "unlearn-hamu-q"]
     versions = {v.tags["stage"]: v for v in registered}
-    stage_dir = {path.name.rsplit("-", 1)[0]: path for path in (out / "stages").iterdir()}
     original = versions["original"]
     assert original.tags["role"] == "original" and len(original.tags["model_sha256"]) == 64
     hamu = versions["unlearn-hamu-q"]
-    receipt_path = stage_dir["unlearn-hamu-q"] / "receipt.json"
+    # its tags name the receipt published last: the resumed stage's
+    [receipt_path] = [path for path in (out / "stages").glob("unlearn-hamu-q-*/receipt.json")
+                      if hashlib.sha256(path.read_bytes()).hexdigest() == hamu.tags["receipt_sha256"]]
+    assert json.loads((receipt_path.parent / "summary.json").read_text())["resumed_from_step"] >= 10
     receipt = json.loads(receipt_path.read_text())
     assert hamu.tags == {**hamu.tags, "role": "unlearned", "method": "hamu-q",
                          "receipt_sha256": hashlib.sha256(receipt_path.read_bytes()).hexdigest(),
@@ -126,30 +175,49 @@ def test_the_registry_says_which_model_forgot_what(pipeline_runs):
         assert evaluation[name] == {k: rows[key][k] for k in evaluation[name]}, name
     steps = rows["hamu-q"]["steps"]
     assert receipt["hardness"]["steps"] == steps and 0 <= receipt["hardness"]["conflicting_steps"] <= steps
-    assert receipt["hardness"]["stop_margin"]["last"] == stage_log(stage_dir["unlearn-hamu-q"])[-1]["stop/margin"]
+    assert receipt["hardness"]["stop_margin"]["last"] == stage_log(receipt_path.parent)[-1]["stop/margin"]
     held = receipt["guarantee"]["held"]
     assert receipt["verdict"].startswith(f"hamu-q took {steps} steps") and f"held on {held} of" in receipt["verdict"]
     assert f"forget set is {rows['hamu-q']['forget_acc']:.3g}" in receipt["verdict"]
     assert "Forget quality" in receipt["verdict"]
     # the registered model is the stage's export, loadable through MLflow's pytorch flavour
     loaded = mlflow.pytorch.load_model(f"models:/digits/{hamu.version}")
-    exported = load_file(stage_dir["unlearn-hamu-q"] / "model.safetensors")
+    exported = load_file(receipt_path.parent / "model.safetensors")
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, exported[name], rtol=0, atol=0)
 
 
 @pytest.mark.integration
-def test_a_rerun_skips_finished_stages_and_reruns_the_edited_one(pipeline_runs):
-    out, first, second = pipeline_runs
-    children = runs_of(second.tracking_uri, second.parent_run_id)
-    cached = {name: run.data.tags["cached"] for name, run in children.items()}
+def test_a_killed_run_reruns_from_the_cache_and_the_interrupted_stages_checkpoint(pipeline_runs):
+    """The second run: every finished stage cached, HAMU-Q resumed from its checkpoint to the
+    very model (and metrics) of the uninterrupted first run; the first results are kept."""
+    import psutil
+    import torch
+    from safetensors.torch import load_file
+
+    out, first, second, printed, ray_processes = pipeline_runs
+    cached = {name: run.data.tags["cached"] for name, run in runs_of(second.tracking_uri, second.parent_run_id).items()}
     assert cached == {"prepare": "True", "original": "True", "oracle": "True",
-                      "unlearn-hamu-q": "True", "unlearn-gdiff": "False"}
-    gdiff_dirs = sorted(p.name for p in (out / "stages").glob("unlearn-gdiff-*"))
-    assert len(gdiff_dirs) == 2  # the first result is kept, not overwritten
-    assert not list((out / "stages").glob(".*partial*"))
-    rows = {row["model"]: row for row in second.rows}
-    assert rows["hamu-q"] == {row["model"]: row for row in first.rows}["hamu-q"]
+                      "unlearn-hamu-q": "False", "unlearn-gdiff": "True"}
+    for stage in ("prepare", "original", "oracle", "unlearn-gdiff"):
+        assert f"[{stage}] cached" in printed, stage
+    assert "[unlearn-hamu-q] resuming the interrupted run" in printed
+    summaries = {path: json.loads((path / "summary.json").read_text()) for path in (out / "stages").glob("unlearn-hamu-q-*")}
+    [uninterrupted] = [p for p, s in summaries.items() if s["config"]["train"]["checkpoint_every"] is None]
+    [resumed] = [p for p, s in summaries.items() if s["config"]["train"]["checkpoint_every"] == 10]
+    assert summaries[resumed]["resumed_from_step"] >= 10
+    assert summaries[resumed]["steps"] == summaries[uninterrupted]["steps"]
+    expected = load_file(uninterrupted / "model.safetensors")
+    for name, value in load_file(resumed / "model.safetensors").items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    before, after = ({row["model"]: row for row in run.rows} for run in (first, second))
+    assert after["gdiff"] == before["gdiff"]
+    assert {k: v for k, v in after["hamu-q"].items() if k != "wall_s"} == \
+        {k: v for k, v in before["hamu-q"].items() if k != "wall_s"}
+    assert not list((out / "stages").glob(".*partial*"))  # no staging directory, no owner record
+    # the killed driver's embedded Ray went with it (its agents notice within a minute)
+    _, alive = psutil.wait_procs(ray_processes, timeout=60)
+    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 COUNTRY_QA = PIPELINE.parent / "country_qa.yaml"
@@ -184,7 +252,7 @@ def test_a_users_classifier_and_files_run_without_training(pipeline_runs, tmp_pa
     that need it are absent."""
     from hamu_ray.pipeline.stages import run_pipeline
 
-    out, first, _ = pipeline_runs
+    out, first, *_ = pipeline_runs
     result = run_pipeline(byo_config(tmp_path / "byo", out / "stages", tmp_path))
     rows = {row["model"]: row for row in result.rows}
     assert list(rows) == ["original", "oracle", "gdiff"]  # nothing trained here but the method
@@ -206,7 +274,7 @@ def test_a_users_classifier_inputs_are_refused_before_ray(pipeline_runs, tmp_pat
     from hamu_ray.engine.data import DataError
     from hamu_ray.pipeline.stages import run_pipeline
 
-    out, _, _ = pipeline_runs
+    out, *_ = pipeline_runs
     stages = out / "stages"
     cfg = byo_config(tmp_path / "a", stages, tmp_path)
     retain = pq.read_table(tmp_path / "retain.parquet")
@@ -364,7 +432,7 @@ def test_the_store_report_receipts_and_ray_logs_hold_no_forget_pixels(pipeline_r
     import numpy as np
     import ray
 
-    out, _, _ = pipeline_runs
+    out, *_ = pipeline_runs
     rows = pq.read_table(next((out / "stages").glob("prepare-*")) / "forget.parquet").column("x").to_pylist()
     windows = pixel_windows(rows)
     raw = {np.asarray(w, dtype=dtype).tobytes() for w in list(windows)[:200] for dtype in (np.float32, np.float64)}
@@ -381,63 +449,3 @@ def test_the_store_report_receipts_and_ray_logs_hold_no_forget_pixels(pipeline_r
     assert any(p.name == "receipt.json" for p in stored) and any(p.suffix in (".out", ".err") for p in stored)
     found = {str(p): n for p in stored if (n := leaked_windows(p.read_bytes(), windows, raw))}
     assert not found, f"forget pixels in {found}"
-
-
-@pytest.mark.integration
-def test_a_killed_driver_reruns_to_the_uninterrupted_result(pipeline_runs, tmp_path):
-    """`hamu-ray run` is SIGKILLed while HAMU-Q runs (with checkpoints: a new stage key, the same
-    math as the module's uninterrupted run); the same command then takes the finished stages from
-    the cache and continues HAMU-Q from its last registered checkpoint to the very same model."""
-    import json
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-    import torch
-    from safetensors.torch import load_file
-
-    from hamu_ray.engine.driver import latest_checkpoint
-
-    out, first, _ = pipeline_runs
-    raw = yaml.safe_load(PIPELINE.read_text())
-    raw.pop("tune")
-    raw["output_dir"] = str(out)
-    raw["methods"][0]["train"] = {"checkpoint_every": 2}
-    path = tmp_path / "digits.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    command = [sys.executable, "-m", "hamu_ray.cli", "run", str(path)]
-    before = set((out / "stages").glob("unlearn-hamu-q-*"))
-
-    with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    try:
-        while not [s for s in (out / "stages").glob(".unlearn-hamu-q-*.partial")
-                   if (latest_checkpoint(s / "ray") or {}).get("metrics", {}).get("step", 0) >= 4]:
-            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.05)
-        ray_processes = psutil.Process(driver.pid).children(recursive=True)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    for stage in ("prepare", "original", "oracle", "unlearn-gdiff"):
-        assert f"[{stage}] cached" in rerun.stdout, stage
-    assert "[unlearn-hamu-q] resuming the interrupted run" in rerun.stdout
-    [resumed] = set((out / "stages").glob("unlearn-hamu-q-*")) - before
-    [uninterrupted] = before
-    summary = json.loads((resumed / "summary.json").read_text())
-    assert summary["resumed_from_step"] >= 4 and summary["steps"] == {r["model"]: r for r in first.rows}["hamu-q"]["steps"]
-    expected = load_file(uninterrupted / "model.safetensors")
-    for name, value in load_file(resumed / "model.safetensors").items():
-        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
-    assert not list((out / "stages").glob(".*partial*"))  # no staging directory, no owner record
-    # the killed driver's embedded Ray went with it (its agents notice within a minute)
-    _, alive = psutil.wait_procs(ray_processes, timeout=60)
-    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
