@@ -132,10 +132,10 @@ def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = Fa
             f"{source}: {out!r} is relative; a submitted job runs in a temporary working directory "
             "on the cluster, so its results would be lost. Pass --output-dir with an absolute path "
             "on storage every node sees (e.g. a shared NFS or object-store mount)")
-    if cfg.data.root is not None and not Path(cfg.data.root).is_absolute():
-        raise ConfigError(f"{pipeline_path}: data.root: {cfg.data.root!r} is relative; inside the job "
-                          "it would resolve against the job's temporary working directory: make it "
-                          "absolute (a path every node sees)")
+    for field, path in relative_paths(cfg):
+        raise ConfigError(f"{pipeline_path}: {field}: {path!r} is relative; inside the job it would "
+                          "resolve against the job's temporary working directory: make it absolute "
+                          "(a path every node sees)")
 
     raw = cfg.model_dump(by_alias=True)
     raw["output_dir"] = out
@@ -158,6 +158,18 @@ def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = Fa
         runtime_env["pip"] = runtime_file["pip"]
     command = "tune" if tune else "run"
     return JobSpec(f"python -m hamu_ray.cli {command} {JOB_PIPELINE}", runtime_env, shipped)
+
+
+def relative_paths(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """(field, path) of every local input named by a relative path: the built-in sets' root, the
+    user's files and weights (a URI such as s3://… is not local)."""
+    data, model = cfg.data, cfg.model
+    named = {"data.root": getattr(data, "root", None)}
+    if data.source == "files":
+        named.update({f"data.{name}": getattr(data, name) for name in ("forget", "retain", "test", "holdout")})
+    named.update({f"model.{name}": getattr(model, name, None) for name in ("weights", "oracle")})
+    return [(field, path) for field, path in named.items()
+            if path is not None and "://" not in path and not Path(path).is_absolute()]
 
 
 def read_runtime_env_file(path: str | Path) -> dict[str, Any]:

@@ -87,6 +87,25 @@ def test_a_relative_output_dir_is_refused(nothing_sent, tmp_path, capsys, flag):
     assert "absolute path on storage every node sees" in err
 
 
+@pytest.mark.parametrize("field", ["data.forget", "model.weights"])
+def test_your_own_files_are_shipped_by_absolute_path_and_relative_ones_refused(nothing_sent, tmp_path, capsys,
+                                                                               monkeypatch, field):
+    pipeline = own_files_pipeline(tmp_path)
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    spec = jobs.prepare_job(pipeline, work, tracking_uri=SERVER, output_dir=str(tmp_path / "out"))
+    assert spec.config.data.forget == str(tmp_path / "forget.parquet")
+
+    raw = yaml.safe_load(pipeline.read_text())
+    section, key = field.split(".")
+    raw[section][key] = Path(raw[section][key]).name  # relative to tmp_path, the cwd here
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(submit_args(write_yaml(tmp_path / "relative.yaml", raw), "--tracking-uri", SERVER,
+                                "--output-dir", str(tmp_path / "out2"))) == 2
+    err = capsys.readouterr().err
+    assert f"relative.yaml: {field}: '{raw[section][key]}' is relative" in err, err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("content, needle", [
     ({"working_dir": "."}, "env.yaml: working_dir: unknown key; a runtime-env file may set env_vars, pip"),
     ({"env_vars": ["A=1"]}, "env.yaml: env_vars: expected a mapping"),
