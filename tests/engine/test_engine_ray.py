@@ -130,12 +130,6 @@ def test_the_job_writes_a_receipt_that_verifies_and_catches_a_changed_model(two_
     assert check[:2] == ("model.safetensors", False) and check[2].startswith("sha256 ")
 
 
-def test_one_worker_matches_two_workers(ray_cluster, inputs, two_worker_run, tmp_path):
-    root, _ = inputs
-    one = run_unlearning(config(root, tmp_path / "one", workers=1))
-    assert_same_weights(one.output_dir, load_file(two_worker_run.output_dir / "model.safetensors"))
-
-
 def test_a_nan_loss_fails_clearly_and_writes_no_model(ray_cluster, inputs, tmp_path):
     root, rows = inputs
     bad = tmp_path / "bad"

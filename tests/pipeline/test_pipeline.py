@@ -18,7 +18,7 @@ from hamu_ray.schema import ConfigError
 from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
-STAGES = ["prepare", "original", "oracle", "unlearn-hamu-q", "unlearn-gdiff"]
+STAGES = ["prepare", "original", "oracle", "unlearn-hamu-q"]
 
 
 def digits_config(output_dir: Path, edit=None) -> PipelineConfig:
@@ -43,23 +43,29 @@ def runs_of(uri: str, parent_id: str) -> dict[str, mlflow.entities.Run]:
     return {run.info.run_name: run for run in children}
 
 
+def hamu_only(raw):  # GradDiff on a classifier pipeline runs in the own-files test below
+    raw["methods"] = raw["methods"][:1]
+
+
 def checkpointed_hamu(raw):  # a new stage key for HAMU-Q, the same math
+    hamu_only(raw)
     raw["methods"][0]["train"] = {"checkpoint_every": 10}
 
 
 @pytest.fixture(scope="module")
 def pipeline_runs(digits_run_dir, ray_cluster, tmp_path_factory):  # one Ray for the pipelines run here
-    """The digits pipeline; then, with HAMU-Q checkpointing, `hamu-ray run` in a subprocess
-    SIGKILLed while HAMU-Q runs; then that pipeline once more here: the finished stages come from
-    the cache and HAMU-Q continues from its last registered checkpoint. Returns (out, first run,
-    second run, the second run's printed lines, the killed driver's Ray processes)."""
+    """The digits pipeline with HAMU-Q its one method; then, with HAMU-Q checkpointing, `hamu-ray
+    run` in a subprocess SIGKILLed while HAMU-Q runs; then that pipeline once more here: the
+    finished stages come from the cache and HAMU-Q continues from its last registered checkpoint.
+    Returns (out, first run, second run, the second run's printed lines, the killed driver's Ray
+    processes)."""
     import contextlib
     import io
 
     from hamu_ray.pipeline.stages import run_pipeline
 
     out = digits_run_dir
-    first = run_pipeline(digits_config(out))
+    first = run_pipeline(digits_config(out, hamu_only))
     ray_processes = kill_mid_stage(digits_config(out, checkpointed_hamu), tmp_path_factory.mktemp("killed"),
                                    "unlearn-hamu-q", step=10)
     printed = io.StringIO()
@@ -105,7 +111,7 @@ def kill_mid_stage(cfg: PipelineConfig, tmp: Path, stage: str, step: int) -> lis
 def test_hamu_q_forgets_the_class_and_keeps_the_retained_classes(pipeline_runs):
     _, first, *_ = pipeline_runs
     rows = {row["model"]: row for row in first.rows}
-    assert list(rows) == ["original", "oracle", "hamu-q", "gdiff"]
+    assert list(rows) == ["original", "oracle", "hamu-q"]
     original, hamu = rows["original"], rows["hamu-q"]
     assert hamu["forget_acc"] <= original["forget_acc"] - 0.30
     assert abs(hamu["test_acc_retained"] - original["test_acc_retained"]) <= 0.05
@@ -153,7 +159,7 @@ def test_the_registry_says_which_model_forgot_what(pipeline_runs):
     registered = client.search_model_versions("name = 'digits'")
     # the original once, each unlearned model once: the resumed HAMU-Q (a new stage, the same
     # weights) kept its version
-    assert sorted(v.tags["stage"] for v in registered) == ["original", "unlearn-gdiff", "unlearn-hamu-q"]
+    assert sorted(v.tags["stage"] for v in registered) == ["original", "unlearn-hamu-q"]
     versions = {v.tags["stage"]: v for v in registered}
     original = versions["original"]
     assert original.tags["role"] == "original" and len(original.tags["model_sha256"]) == 64
@@ -199,8 +205,8 @@ def test_a_killed_run_reruns_from_the_cache_and_the_interrupted_stages_checkpoin
     out, first, second, printed, ray_processes = pipeline_runs
     cached = {name: run.data.tags["cached"] for name, run in runs_of(second.tracking_uri, second.parent_run_id).items()}
     assert cached == {"prepare": "True", "original": "True", "oracle": "True",
-                      "unlearn-hamu-q": "False", "unlearn-gdiff": "True"}
-    for stage in ("prepare", "original", "oracle", "unlearn-gdiff"):
+                      "unlearn-hamu-q": "False"}
+    for stage in ("prepare", "original", "oracle"):
         assert f"[{stage}] cached" in printed, stage
     assert "[unlearn-hamu-q] resuming the interrupted run" in printed
     summaries = {path: json.loads((path / "summary.json").read_text()) for path in (out / "stages").glob("unlearn-hamu-q-*")}
@@ -212,7 +218,6 @@ def test_a_killed_run_reruns_from_the_cache_and_the_interrupted_stages_checkpoin
     for name, value in load_file(resumed / "model.safetensors").items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
     before, after = ({row["model"]: row for row in run.rows} for run in (first, second))
-    assert after["gdiff"] == before["gdiff"]
     assert {k: v for k, v in after["hamu-q"].items() if k != "wall_s"} == \
         {k: v for k, v in before["hamu-q"].items() if k != "wall_s"}
     assert not list((out / "stages").glob(".*partial*"))  # no staging directory, no owner record
