@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 
 from hamu_ray.bench import METHODS as BENCH_METHODS, MODELS as BENCH_MODELS
@@ -20,13 +22,16 @@ OVERRIDES_HELP = ("KEY=VALUE overrides of the YAML, e.g. unlearn.lr=0.02 "
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        args = parse_args(argv)
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return args.handler(args)
     except UserError as exc:  # one line; any other exception is a bug and keeps its traceback
         print(f"hamu-ray: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`… | head`): stop quietly, as a SIGPIPE'd tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would raise again
+        return 128 + signal.SIGPIPE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -3,6 +3,8 @@ light `--help`. Nothing here starts Ray; the commands' engines are replaced by r
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import types
@@ -65,6 +67,16 @@ def test_a_config_error_is_one_line_and_exit_2(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"hamu-ray: {PIPELINE}: override 'unlearn.lr': expected KEY=VALUE")
     assert err.count("\n") == 1, err
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
+    """`hamu-ray … | head`: the pipe closes before the output is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w") as closed_pipe:
+        done = subprocess.run([sys.executable, "-m", "hamu_ray.cli", "validate", str(PIPELINE)], cwd=ROOT,
+                              stdout=closed_pipe, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGPIPE and done.stderr == "", done.stderr
 
 
 # ---- validate --------------------------------------------------------------------------------
