@@ -109,6 +109,10 @@ def resolve_address(address: str | None) -> str:
     return address if "://" in address else f"http://{address}"
 
 
+# the config fields that name local files or directories (a built-in set's `forget` is a request)
+LOCAL_INPUTS = {"data": ("root", "forget", "retain", "test", "holdout"), "model": ("weights", "path", "oracle")}
+
+
 def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = False,
                 tracking_uri: str | None = None, output_dir: str | None = None,
                 runtime_env_file: str | Path | None = None, overrides: Sequence[str] = ()) -> JobSpec:
@@ -132,10 +136,11 @@ def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = Fa
             f"{source}: {out!r} is relative; a submitted job runs in a temporary working directory "
             "on the cluster, so its results would be lost. Pass --output-dir with an absolute path "
             "on storage every node sees (e.g. a shared NFS or object-store mount)")
-    for field, path in relative_paths(cfg):
-        raise ConfigError(f"{pipeline_path}: {field}: {path!r} is relative; inside the job it would "
-                          "resolve against the job's temporary working directory: make it absolute "
-                          "(a path every node sees)")
+    if relative := relative_paths(cfg):
+        raise ConfigError("\n".join(
+            f"{pipeline_path}: {field}: {path!r} is relative; inside the job it would resolve against "
+            "the job's temporary working directory: make it absolute (a path every node sees)"
+            for field, path in relative))
 
     raw = cfg.model_dump(by_alias=True)
     raw["output_dir"] = out
@@ -162,14 +167,15 @@ def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = Fa
 
 def relative_paths(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """(field, path) of every local input named by a relative path: the built-in sets' root, the
-    user's files and weights (a URI such as s3://… is not local)."""
-    data, model = cfg.data, cfg.model
-    named = {"data.root": getattr(data, "root", None)}
-    if data.source == "files":
-        named.update({f"data.{name}": getattr(data, name) for name in ("forget", "retain", "test", "holdout")})
-    named.update({f"model.{name}": getattr(model, name, None) for name in ("weights", "oracle")})
+    user's files, weights and model directories (a URI such as s3://… is not local; a language
+    model's path that is no local directory is a hub name, as its task reads it)."""
+    named = {f"{section}.{name}": getattr(getattr(cfg, section), name, None)
+             for section, names in LOCAL_INPUTS.items() for name in names}
+    if cfg.model.kind == "causal_lm":
+        named = {field: path for field, path in named.items()
+                 if not field.startswith("model.") or (path is not None and Path(path).exists())}
     return [(field, path) for field, path in named.items()
-            if path is not None and "://" not in path and not Path(path).is_absolute()]
+            if isinstance(path, str) and "://" not in path and not Path(path).is_absolute()]
 
 
 def read_runtime_env_file(path: str | Path) -> dict[str, Any]:

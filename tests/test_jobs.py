@@ -106,6 +106,16 @@ def test_your_own_files_are_shipped_by_absolute_path_and_relative_ones_refused(n
     assert "Traceback" not in err
 
 
+def test_a_language_models_local_directory_is_refused_by_relative_path_and_a_hub_name_passes(tmp_path, monkeypatch):
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    raw = {"name": "byo", "output_dir": "/runs/byo",
+           "data": {"source": "files", "forget": "/d/forget.parquet", "retain": "/d/retain.parquet"},
+           "model": {"kind": "causal_lm", "path": "my-model", "oracle": "org/oracle-on-the-hub"},
+           "train": {"lr": 0.01}, "unlearn": {"lr": 0.01}, "methods": [{"name": "gdiff"}]}
+    assert jobs.relative_paths(PipelineConfig.model_validate(raw)) == [("model.path", "my-model")]
+
+
 @pytest.mark.parametrize("content, needle", [
     ({"working_dir": "."}, "env.yaml: working_dir: unknown key; a runtime-env file may set env_vars, pip"),
     ({"env_vars": ["A=1"]}, "env.yaml: env_vars: expected a mapping"),

@@ -30,8 +30,6 @@ def digits_config(output_dir: Path, edit=None) -> PipelineConfig:
 
 
 def stage_log(directory: Path) -> list[dict]:
-    import json
-
     return [json.loads(line) for line in (directory / "step_log.jsonl").read_text().splitlines()]
 
 
@@ -149,7 +147,6 @@ def test_mlflow_holds_the_parent_children_metrics_and_plots(pipeline_runs):
 @pytest.mark.integration
 def test_the_registry_says_which_model_forgot_what(pipeline_runs):
     import hashlib
-    import json
 
     import torch
     from safetensors.torch import load_file
@@ -433,8 +430,6 @@ def leaked_windows(blob: bytes, windows: set, raw: set[bytes]) -> int:
 
 @pytest.mark.integration
 def test_the_store_report_receipts_and_ray_logs_hold_no_forget_pixels(pipeline_runs, tmp_path):
-    import json
-
     import numpy as np
     import ray
 
