@@ -22,13 +22,15 @@ SHOWN_ROWS = 10  # rows listed in hardness.md (hardness.json has every scored ro
 
 
 def rule_figures(cfg) -> dict:
-    """The radius, constraint and convention the job's rule would use (HAMU's own; any other
-    rule is read as HAMU-Q at the lr radius, with no B to judge)."""
+    """What the job's rule sees: its radius, constraint, convention, blocks and clipping (HAMU's
+    own; any other rule is read as HAMU-Q at the lr radius, per block, with no B to judge)."""
     name, hparams = cfg.method.rule_name, cfg.method.hparams
+    figures = {"radius": "lr", "reciprocal": False, "full_grad": False, "constraint": None,
+               "clip_norm": cfg.train.clip_norm}
     if name in ("hamu-q", "hamu-u") and not cfg.method.spec.implicit:
-        return {"radius": hparams.get("radius", "lr"), "reciprocal": name == "hamu-u",
-                "constraint": float(hparams["constraint"])}
-    return {"radius": "lr", "reciprocal": False, "constraint": None}
+        figures.update(radius=hparams.get("radius", "lr"), reciprocal=name == "hamu-u",
+                       full_grad=bool(hparams.get("full_grad", False)), constraint=float(hparams["constraint"]))
+    return figures
 
 
 def build_report(cfg, raw: dict, sets: dict) -> dict:
@@ -57,9 +59,9 @@ def markdown(summary: dict) -> str:
              f"- the paper's right-hand side (Σ R‖g_f‖ sin θ): {summary['paper_rhs']:.6g}",
              f"- whole-model cos θ: {summary['cosine_whole_model']:.4f}; conflicting blocks "
              f"{summary['conflicting_blocks']} of {len(summary['blocks'])}", "",
-             "| block | cos θ | R | reach | reach without damage |", "|---|---|---|---|---|"]
+             "| block | cos θ | R | reach | reach without raising its own retain loss |", "|---|---|---|---|---|"]
     lines += [f"| {b['name']} | {b['cosine']:.3f} | {b['radius']:.3g} | {b['reach']:.3g} | "
-              f"{b['reach_without_damage']:.3g} |" for b in summary["blocks"]]
+              f"{b['reach_without_own_damage']:.3g} |" for b in summary["blocks"]]
     rows = summary["rows"]
     lines += ["", f"Forget rows most aligned with the retain gradient ({rows['scored']} of {rows['of']} scored; "
               "index in the file, sha256 of the row as in the receipt):", "",

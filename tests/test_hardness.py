@@ -47,10 +47,48 @@ def test_the_reach_with_and_without_damage_matches_a_brute_force_search():
     for block, r, f in zip(summary["blocks"], g_r, g_f):
         full, free = brute_force_reach(r, f, R)
         assert block["reach"] == pytest.approx(full, rel=1e-6)
-        assert block["reach_without_damage"] == pytest.approx(free, rel=1e-4, abs=1e-9)
+        assert block["reach_without_own_damage"] == pytest.approx(free, rel=1e-4, abs=1e-9)
     assert summary["max_feasible_constraint"] == pytest.approx(sum(b["reach"] for b in summary["blocks"]))
-    assert summary["blocks"][2]["reach_without_damage"] == pytest.approx(0.0, abs=1e-9)  # colinear: none
-    assert summary["blocks"][3]["reach_without_damage"] == pytest.approx(summary["blocks"][3]["reach"])
+    assert summary["blocks"][2]["reach_without_own_damage"] == pytest.approx(0.0, abs=1e-9)  # colinear: none
+    assert summary["blocks"][3]["reach_without_own_damage"] == pytest.approx(summary["blocks"][3]["reach"])
+    # coupled over blocks, the damage-free B is at least the per-block sum (one block pays back another)
+    assert summary["max_constraint_without_damage"] >= sum(b["reach_without_own_damage"] for b in summary["blocks"])
+
+
+def _rule_view(stats, lr, **hparams):
+    from hamu_ray.engine.step import clip_scales
+    from hamu_ray.rules import get_rule
+
+    clip_norm = hparams.pop("clip_norm", None)
+    rule = get_rule(hparams.pop("rule"), constraint=0.0, stop_on_criterion=False, **hparams)
+    return rule(stats.scaled(*clip_scales(stats, clip_norm)), lr).diagnostics
+
+
+@pytest.mark.parametrize("setting", [
+    dict(rule="hamu-q", full_grad=True, radius="lr"), dict(rule="hamu-q", full_grad=True, radius=0.3),
+    dict(rule="hamu-u", full_grad=True, radius="lr"), dict(rule="hamu-q", radius="lr", clip_norm=0.5),
+    dict(rule="hamu-q", full_grad=True, radius="lr", clip_norm=0.5), dict(rule="hamu-u", radius=0.3, clip_norm=0.1)])
+def test_the_preflight_sees_what_the_rule_sees(setting):
+    # two blocks with swapped norms: per block the lr radius R_b = lr·‖g_r,b‖ pairs a short radius with a
+    # long g_f; one block over the whole model (full_grad) reaches ~5× further; clipping scales both
+    stats = BlockStats(rr=torch.tensor([100.0, 1.0], dtype=torch.float64), ff=torch.tensor([1.0, 100.0], dtype=torch.float64),
+                       rf=torch.tensor([3.0, -2.0], dtype=torch.float64))
+    rule = _rule_view(stats, 0.1, **setting)
+    summary = hardness.summarize(stats, lr=0.1, radius=setting["radius"], reciprocal=setting["rule"] == "hamu-u",
+                                 full_grad=setting.get("full_grad", False), clip_norm=setting.get("clip_norm"))
+    assert summary["max_feasible_constraint"] == pytest.approx(rule["max_gain"], rel=1e-12)
+    assert summary["max_constraint_without_damage"] == pytest.approx(rule["stop_rhs"], rel=1e-9)
+    assert summary["paper_rhs"] == pytest.approx(rule["paper_rhs"], rel=1e-12)
+
+
+def test_a_full_grad_job_reaches_what_per_block_figures_call_out_of_reach():
+    stats = BlockStats(rr=torch.tensor([100.0, 1.0], dtype=torch.float64), ff=torch.tensor([1.0, 100.0], dtype=torch.float64),
+                       rf=torch.tensor([0.0, 0.0], dtype=torch.float64))
+    per_block = hardness.summarize(stats, lr=1.0, constraint=15.0)
+    whole = hardness.summarize(stats, lr=1.0, constraint=15.0, full_grad=True)
+    assert per_block["max_feasible_constraint"] == pytest.approx(20.0)  # 10·1 + 1·10
+    assert whole["max_feasible_constraint"] == pytest.approx(101.0)  # √101·√101
+    assert "out of reach" not in whole["verdict"]
 
 
 def test_the_lr_radius_and_hamu_u_read_the_effective_pair():

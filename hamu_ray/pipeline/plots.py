@@ -152,7 +152,8 @@ def preflight(summary: dict, path: Path) -> None:
     top.set_ylim(-1.05, 1.05)
     top.set_ylabel("cos(g_r, g_f)")
     bottom.bar(x, [b["reach"] for b in blocks], color="lightgrey", label="reachable in the radius")
-    bottom.bar(x, [b["reach_without_damage"] for b in blocks], color="tab:green", label="... without retain damage")
+    bottom.bar(x, [b["reach_without_own_damage"] for b in blocks], color="tab:green",
+               label="... without raising its own retain loss")
     bottom.set_ylabel("gain per step")
     bottom.legend(fontsize=7)
     bottom.set_xticks(list(x), [b["name"] for b in blocks], rotation=90, fontsize=6)

@@ -10,7 +10,7 @@ HAMU-Q on the effective pair (g_r, g_f) → (−g_f, −g_r).
 
 Order of decisions on every step: (1) is B reachable at all, Σ_b R_b·‖g_f,b‖ ≥ B? If not, the
 on_infeasible policy stops or takes the minimal-norm ascent. (2) With stop_on_criterion, stop when B
-exceeds the exact stopping reach. (3) Otherwise split and solve.
+exceeds the damage-free reach D* (coupled over blocks, exact). (3) Otherwise split and solve.
 
 Device: every tensor follows the statistics' device and dtype (CUDA statistics stay on CUDA); the
 host reads back only what the result must hold as Python values (branch names, the stop decision,
@@ -53,7 +53,7 @@ class HamuParams:
     constraint_split: how B is divided over blocks (fixed shares, or the exact "optimal" split).
     on_infeasible: when B > Σ_b R_b·‖g_f,b‖, "stop" takes no step and stops; "ascent" takes the
     minimal-norm ascent Δ = (B/Σ_b ff_b)·g_f, which leaves the radius.
-    stop_on_criterion: stop when B exceeds the exact stopping reach (otherwise only log the margin)."""
+    stop_on_criterion: stop when B exceeds the damage-free reach D* (otherwise only log the margin)."""
 
     constraint: float
     radius: RadiusMode = "lr"
@@ -90,7 +90,7 @@ def _hamu(stats: BlockStats, lr: float, params: HamuParams, *, reciprocal: bool)
     B = float(params.constraint)
     radius = lr * eff.rr.sqrt() if params.radius == "lr" else torch.full_like(eff.rr, params.radius)
     reach = forget_reach(eff, radius)
-    exact_rhs, paper = stopping_rhs(eff, radius), paper_rhs(eff, radius)
+    exact_rhs, paper = damage_free_reach(eff, radius), paper_rhs(eff, radius)
 
     stop = None
     if B > float(reach.sum()) * (1 + FEASIBILITY_RTOL):  # no step inside the radii gains B
@@ -149,16 +149,57 @@ def forget_reach(stats: BlockStats, radius: torch.Tensor) -> torch.Tensor:
     return torch.where(stats.ff > TINY, radius * stats.ff.sqrt(), 0.0)
 
 
-def stopping_rhs(stats: BlockStats, radius: torch.Tensor) -> float:
-    """Σ_b of the most forget gain block b reaches inside R_b without raising its retain loss.
+def damage_free_reach(stats: BlockStats, radius: torch.Tensor) -> float:
+    """D* = max Σ_b g_f,b·Δ_b  s.t.  Σ_b g_r,b·Δ_b ≤ 0, ‖Δ_b‖ ≤ R_b: the largest forget gain no
+    step inside the radii can exceed without raising the *total* first-order retain loss.
 
-    max g_f·Δ s.t. ‖Δ‖ ≤ R, g_r·Δ ≤ 0 is R·‖g_f‖·sin θ when the pair conflicts (rf > 0: the
-    optimum lies on the plane g_r·Δ = 0) and R·‖g_f‖ otherwise (R·ĝ_f itself lowers the retain
-    loss); a flat retain loss (rr ≈ 0) constrains nothing. B above it makes retain damage unavoidable.
+    Coupled over blocks (one block may raise its own retain loss while another pays it back), so
+    the per-block sum of R_b·‖g_f,b‖·sin θ_b is only a lower bound. By duality (Δ = −ε·g_r is
+    strictly feasible, so there is no gap) D* = min over μ ≥ 0 of the convex
+    F(μ) = Σ_b R_b·‖g_f,b − μ·g_r,b‖ (docs/design.md §3). B above D* makes retain damage unavoidable.
+    Any μ gives an upper bound F(μ) ≥ D*, so a bisection error can only delay a stop, never cause one.
     """
-    conflict = (stats.rf > 0) & (stats.rr > TINY)
-    per_block = torch.where(conflict, _paper_per_block(stats, radius), forget_reach(stats, radius))
-    return float(per_block.sum())
+    dual = _DamageFreeDual(stats, radius)
+    return float(dual.value(dual.argmin()))
+
+
+class _DamageFreeDual:
+    """F(μ) = Σ_b R_b·n_b(μ), n_b(μ) = ‖g_f,b − μ·g_r,b‖ = hypot(‖g_f⊥,b‖, ‖g_r,b‖·(μ − s_b)),
+    s_b = rf_b/rr_b (the sum of squares keeps n_b accurate near its zero at s_b, where a colinear
+    block's term has a kink). A flat retain block (rr ≈ 0) adds the constant R_b·‖g_f,b‖."""
+
+    def __init__(self, stats: BlockStats, radius: torch.Tensor) -> None:
+        rr, ff, rf = stats.rr, stats.ff, stats.rf
+        self.R = radius.to(rr)
+        self.has_r = rr > TINY
+        self.norm_r = torch.where(self.has_r, rr.sqrt(), 0.0)
+        self.s = torch.where(self.has_r, rf / rr.clamp_min(TINY), 0.0)
+        perp_sq = torch.where(self.has_r, ff - rf * rf / rr.clamp_min(TINY), ff)
+        self.norm_perp = perp_sq.clamp_min(0.0).sqrt()
+
+    def _x_and_norm(self, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm_r * (mu - self.s)  # ‖g_r‖·(μ − s): (μ·g_r − g_f)·ĝ_r
+        return x, torch.hypot(self.norm_perp, x)
+
+    def value(self, mu: torch.Tensor) -> torch.Tensor:
+        return (self.R * self._x_and_norm(mu)[1]).sum()
+
+    def slope(self, mu: torch.Tensor) -> torch.Tensor:
+        """F'(μ) = Σ_b R_b·(μ·rr_b − rf_b)/n_b; at a kink (n_b = 0) that block's term is 0, a
+        subgradient, so the sign test below still brackets the minimum of the convex F."""
+        x, norm = self._x_and_norm(mu)
+        return (self.R * self.norm_r * x / norm.clamp_min(SQRT_TINY)).sum()
+
+    def argmin(self) -> torch.Tensor:
+        """μ* in [0, max_b s_b]: beyond every s_b each term increases, and F'(0) ≥ 0 gives μ* = 0.
+        Fixed-count bisection on the sign of F' (no host read inside the loop)."""
+        lo = self.R.new_zeros(())
+        hi = self.s.max().clamp_min(0.0) if self.s.numel() else lo
+        for _ in range(BISECTION_STEPS):
+            mid = (lo + hi) / 2
+            rising = self.slope(mid) >= 0
+            lo, hi = torch.where(rising, lo, mid), torch.where(rising, mid, hi)
+        return hi
 
 
 def paper_rhs(stats: BlockStats, radius: torch.Tensor) -> float:

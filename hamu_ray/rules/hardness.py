@@ -2,12 +2,14 @@
 
 Given the K×3 statistics of the whole-set gradients g_r and g_f, the configured lr and radius:
 - per block: cos θ_b (the hardness), R_b, the most forget gain inside R_b (R_b·‖g_f,b‖), and
-  the most that keeps the retain loss from rising (R_b·‖g_f,b‖·sin θ_b when rf_b > 0, else all);
-- their sums: the largest feasible B (every split, water-filled, reaches it) and the largest B
-  without unavoidable retain damage (the exact stopping test's right-hand side);
+  the most it gains without raising its *own* retain loss (R_b·‖g_f,b‖·sin θ_b when rf_b > 0, else all);
+- the largest feasible B (Σ_b R_b·‖g_f,b‖: every split, water-filled, reaches it) and the largest B
+  without unavoidable retain damage, D* (the stopping test's, coupled over blocks: at least the sum
+  of the per-block figures, since one block may pay back another's retain cost);
 - a verdict on the configured B, if any.
-Everything is first order and per step: a step of radius R_b in block b. HAMU-U's figures are
-HAMU-Q's on the effective pair (g_r, g_f) → (−g_f, −g_r), as in the rule itself.
+Everything is first order and per step: a step of radius R_b in block b. The statistics are read as
+the job's rule reads them: clipped to clip_norm, one block in full-gradient mode, and HAMU-U's figures
+are HAMU-Q's on the effective pair (g_r, g_f) → (−g_f, −g_r).
 """
 
 from __future__ import annotations
@@ -16,43 +18,45 @@ import math
 
 import torch
 
-from hamu_ray.rules.hamu import _paper_per_block, forget_reach
+from hamu_ray.rules.hamu import _paper_per_block, damage_free_reach, forget_reach
 from hamu_ray.rules.stats import TINY, BlockStats
 
 
 def summarize(stats: BlockStats, *, lr: float, radius: float | str = "lr", reciprocal: bool = False,
+              full_grad: bool = False, clip_norm: float | None = None,
               constraint: float | None = None, names: list[str] | None = None,
               batch_rr: torch.Tensor | None = None, batch_ff: torch.Tensor | None = None) -> dict:
     """The pre-flight's numbers as plain Python values (JSON-ready). With the batches' mean
     squared norms per block (batch_rr, batch_ff) also the reach of one step on a typical pair of
     batches (root-mean-square norms): a step's gradients carry the batches' noise on top of the
-    whole-set gradient, so a step reaches further than the whole-set figures say."""
-    eff = BlockStats(rr=stats.ff, ff=stats.rr, rf=stats.rf) if reciprocal else stats
-    radii = lr * eff.rr.sqrt() if radius == "lr" else torch.full_like(eff.rr, float(radius))
-    reach = forget_reach(eff, radii)
-    conflict = (eff.rf > 0) & (eff.rr > TINY)
-    free = torch.where(conflict, _paper_per_block(eff, radii), reach)
+    whole-set gradient, so a step reaches further than the whole-set figures say.
+    `blocks` lists the gradient's blocks as measured; the totals use the rule's view (full_grad,
+    clip_norm), so the largest feasible B equals the rule's max_gain and D* its stop_rhs."""
     names = names or [f"block {i}" for i in range(stats.num_blocks)]
     if len(names) != stats.num_blocks:
         raise ValueError(f"{len(names)} block names for {stats.num_blocks} blocks")
+    seen = _as_the_rule_sees(stats, clip_norm)
+    eff, radii = _effective(seen, lr, radius, reciprocal)
+    reach, free = forget_reach(eff, radii), _reach_without_own_damage(eff, radii)
+    solved, solved_radii = _effective(seen.total(), lr, radius, reciprocal) if full_grad else (eff, radii)
     total = stats.total()
     blocks = [{"name": name, "rr": float(rr), "ff": float(ff), "rf": float(rf), "cosine": float(cos),
-               "radius": float(r), "reach": float(full), "reach_without_damage": float(ok)}
+               "radius": float(r), "reach": float(full), "reach_without_own_damage": float(ok)}
               for name, rr, ff, rf, cos, r, full, ok in zip(names, stats.rr, stats.ff, stats.rf, stats.cosine(),
                                                           radii, reach, free)]
     summary = {
-        "lr": lr, "radius": radius, "reciprocal": reciprocal, "constraint": constraint,
+        "lr": lr, "radius": radius, "reciprocal": reciprocal, "full_grad": full_grad, "clip_norm": clip_norm,
+        "constraint": constraint,
         "cosine_whole_model": float(total.cosine()[0]) if total.num_blocks else math.nan,
-        "conflicting_blocks": int(conflict.sum()),
-        "max_feasible_constraint": float(reach.sum()),
-        "max_constraint_without_damage": float(free.sum()),
-        "paper_rhs": float(_paper_per_block(eff, radii).sum()),
+        "conflicting_blocks": int(((eff.rf > 0) & (eff.rr > TINY)).sum()),
+        "max_feasible_constraint": float(forget_reach(solved, solved_radii).sum()),
+        "max_constraint_without_damage": damage_free_reach(solved, solved_radii),
+        "paper_rhs": float(_paper_per_block(solved, solved_radii).sum()),
         "blocks": blocks,
     }
     if batch_rr is not None and batch_ff is not None:
-        b_rr, b_ff = (batch_ff, batch_rr) if reciprocal else (batch_rr, batch_ff)
-        b_radii = lr * b_rr.sqrt() if radius == "lr" else torch.full_like(b_rr, float(radius))
-        summary["max_feasible_constraint_per_batch"] = float((b_radii * b_ff.clamp_min(0.0).sqrt()).sum())
+        summary["max_feasible_constraint_per_batch"] = _batch_reach(
+            batch_rr, batch_ff, lr=lr, radius=radius, reciprocal=reciprocal, full_grad=full_grad, clip_norm=clip_norm)
         for block, rr, ff in zip(blocks, batch_rr.tolist(), batch_ff.tolist()):
             block.update(batch_rr=rr, batch_ff=ff)
     summary["verdict"] = verdict(summary)
@@ -86,6 +90,38 @@ def verdict(summary: dict) -> str:
                        "steps can meet it only by following batch noise (a larger radius or a smaller B "
                        "is the systematic choice).")
     return text + f" The configured B = {B:.4g} is out of reach: steps would be infeasible."
+
+
+def _as_the_rule_sees(stats: BlockStats, clip_norm: float | None) -> BlockStats:
+    """g_r and g_f each clipped to clip_norm by their global norm, as the step does before the rule."""
+    if clip_norm is None:
+        return stats
+    scale = [min(1.0, clip_norm / norm) if norm > 0 else 1.0 for norm in (float(stats.rr.sum()) ** 0.5,
+                                                                           float(stats.ff.sum()) ** 0.5)]
+    return stats.scaled(*scale)
+
+
+def _effective(stats: BlockStats, lr: float, radius: float | str, reciprocal: bool
+               ) -> tuple[BlockStats, torch.Tensor]:
+    """The rule's effective statistics (HAMU-U swaps g_r and g_f) and its radii."""
+    eff = BlockStats(rr=stats.ff, ff=stats.rr, rf=stats.rf) if reciprocal else stats
+    return eff, lr * eff.rr.sqrt() if radius == "lr" else torch.full_like(eff.rr, float(radius))
+
+
+def _reach_without_own_damage(eff: BlockStats, radii: torch.Tensor) -> torch.Tensor:
+    """Per block: R_b·‖g_f,b‖·sin θ_b when the pair conflicts, else R_b·‖g_f,b‖ (the block alone)."""
+    conflict = (eff.rf > 0) & (eff.rr > TINY)
+    return torch.where(conflict, _paper_per_block(eff, radii), forget_reach(eff, radii))
+
+
+def _batch_reach(batch_rr: torch.Tensor, batch_ff: torch.Tensor, *, lr: float, radius: float | str,
+                 reciprocal: bool, full_grad: bool, clip_norm: float | None) -> float:
+    """Σ_b R_b·‖g_f,b‖ on a typical pair of batches (root-mean-square norms), as the rule sees them."""
+    batch = _as_the_rule_sees(BlockStats(rr=batch_rr, ff=batch_ff, rf=torch.zeros_like(batch_rr)), clip_norm)
+    if full_grad:
+        batch = batch.total()
+    eff, radii = _effective(batch, lr, radius, reciprocal)
+    return float(forget_reach(eff, radii).sum())
 
 
 def _radius_text(summary: dict) -> str:

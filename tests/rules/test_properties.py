@@ -91,6 +91,21 @@ def test_criterion_stops_between_the_exact_and_the_total_reach(seed, hparams, fr
     assert float(result.retain_coef.abs().sum() + result.forget_coef.abs().sum()) == 0
 
 
+@settings(max_examples=300, deadline=None)
+@given(seeds, hamu_hparams, below_one)
+def test_criterion_stops_exactly_when_the_least_retain_change_is_positive(seed, hparams, fraction):
+    # "damage is unavoidable at B" ⇔ the optimal split (the least first-order retain change that
+    # gains B, criterion off) raises the retain loss; whatever split the stopping rule is run with
+    hparams = {**hparams, "stop_on_criterion": True}
+    retain, forget, stats, result, constraint = _hamu_q_case(seed, hparams, lambda exact, reach: fraction * reach)
+    optimal = get_rule("hamu-q", constraint=constraint, **{**hparams, "constraint_split": "optimal",
+                                                            "stop_on_criterion": False})(stats, LR)
+    least_change = optimal.diagnostics["retain_change"]
+    scale = constraint + LR * sum(float(r.norm() * f.norm()) for r, f in zip(retain, forget))
+    assume(abs(constraint - result.diagnostics["stop_rhs"]) > 1e-6 * scale)  # not on the boundary
+    assert (result.stop is StopReason.CRITERION) == (least_change > 0), (least_change, result.diagnostics["stop_margin"])
+
+
 @settings(max_examples=150, deadline=None)
 @given(seeds, hamu_hparams, st.floats(1e-6, 2.0))
 def test_out_of_reach_stops_or_takes_the_minimal_norm_ascent(seed, hparams, excess):
