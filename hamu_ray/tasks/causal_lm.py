@@ -294,8 +294,13 @@ def tokenize_batch(batch: pa.Table, *, path: str, text: dict, refusals: bool) ->
         "input_ids": pa.array([r[0] for r in rows], pa.list_(pa.int32())),
         "labels": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
         "truncated": pa.array([r[2] for r in rows], pa.int64()),
-        "no_target": pa.array([int(all(t == IGNORE for t in r[1][1:])) for r in rows], pa.int64()),
+        "no_target": pa.array([int(not has_target(r[1])) for r in rows], pa.int64()),
     })
+
+
+def has_target(labels: Sequence[int]) -> bool:
+    """Whether a row keeps a target token: position t predicts token t + 1, so labels[1:]."""
+    return any(t != IGNORE for t in labels[1:])
 
 
 def refusal_for(question: str) -> str:
