@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from hamu_ray.pipeline import lm_metrics
-from hamu_ray.tasks.causal_lm import (IGNORE, TextData, encode_qa, load_tokenizer, pad_batch,
+from hamu_ray.tasks.causal_lm import (IGNORE, TextData, encode_qa, has_target, load_tokenizer, pad_batch,
                                       prompt_tokens, sequence_scores, truncate)
 
 EVAL_SETS = ("forget", "retain", "holdout")  # retain: a fixed sample of the retain set
@@ -62,7 +62,7 @@ def answer_scores(model, tokenizer, questions: Sequence[str], answers: Sequence[
     """Summed answer-token log-prob, answer token count and Min-K% score per (question, answer)."""
     logprob, count, min_k = [], [], []
     for start in range(0, len(questions), batch_size):
-        encoded = [truncate(*encode_qa(tokenizer, q, a, cfg.prompt), cfg.max_length)[:2]
+        encoded = [encode_pair(tokenizer, q, a, cfg)
                    for q, a in zip(questions[start:start + batch_size], answers[start:start + batch_size])]
         batch = pad_batch([ids for ids, _ in encoded], [labels for _, labels in encoded])
         scores = sequence_scores(model, batch)
@@ -74,6 +74,26 @@ def answer_scores(model, tokenizer, questions: Sequence[str], answers: Sequence[
             [lp[t != IGNORE].double().numpy() for lp, t in zip(token_lp, targets)], MIN_K))
     empty = np.empty(0)
     return tuple(np.concatenate(parts) if parts else empty for parts in (logprob, count, min_k))
+
+
+def encode_pair(tokenizer, question: str, answer: str, cfg: TextData) -> tuple[list[int], list[int]]:
+    """input_ids and labels of one scored (question, answer), cut at max_length as in training."""
+    return truncate(*encode_qa(tokenizer, question, answer, cfg.prompt), cfg.max_length)[:2]
+
+
+def rows_without_answer_tokens(tokenizer, rows: list[dict], cfg: TextData) -> dict[str, int]:
+    """Per scored column (the answer; with the truth-ratio columns the paraphrase and the
+    perturbed answers, any of them), the rows left without an answer token at max_length: they
+    have no score (no Min-K% token, a 0/0 mean log-prob)."""
+    columns = {cfg.answer_column: [[r[cfg.answer_column]] for r in rows]}
+    if rows and PARAPHRASED in rows[0] and PERTURBED in rows[0]:
+        columns[PARAPHRASED] = [[r[PARAPHRASED]] for r in rows]
+        columns[PERTURBED] = [r[PERTURBED] for r in rows]
+
+    def unscored(question: str, answers: list[str]) -> bool:
+        return any(not has_target(encode_pair(tokenizer, question, a, cfg)[1]) for a in answers)
+    questions = [r[cfg.question_column] for r in rows]
+    return {column: sum(map(unscored, questions, per_row)) for column, per_row in columns.items()}
 
 
 def truth_ratio_inputs(model, tokenizer, rows: list[dict], questions: Sequence[str], cfg: TextData,

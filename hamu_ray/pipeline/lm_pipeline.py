@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hamu_ray import files
 from hamu_ray.engine import data
 from hamu_ray.errors import MissingInputError
 from hamu_ray.pipeline import country_qa, lm_evaluate, lm_metrics, user_data
+from hamu_ray.pipeline.lm_evaluate import PARAPHRASED, PERTURBED
 from hamu_ray.tasks import small_llama
 
 EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout"}  # scored set → file
@@ -35,6 +37,7 @@ def build_sets(cfg, directory: Path) -> dict:
         q, a = d.text.question_column, d.text.answer_column
         digests = {name: [user_data.qa_digest(r[q], r[a]) for r in sets[name]] for name in ("forget", "retain")}
         user_data.check_disjoint(digests["forget"], digests["retain"], cfg, f"{q} and {a}")
+        check_truth_columns(cfg, sets)
     if cfg.model.init is not None:  # the original is trained here
         sets["train"] = sets["forget"] + sets["retain"]
     sets["retain_eval"] = random.Random(d.seed).sample(sets["retain"], min(d.eval_retain_rows, len(sets["retain"])))
@@ -45,11 +48,95 @@ def build_sets(cfg, directory: Path) -> dict:
     return {"sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in infos.items()}}
 
 
-def check_given_models(cfg) -> None:
-    for field_name in ("path", "oracle"):
-        path = getattr(cfg.model, field_name)
-        if path is not None:
-            check_model_dir(path, f"model.{field_name}")
+def check_truth_columns(cfg, sets: dict[str, list[dict]]) -> None:
+    """The truth ratio's optional columns, in a set that has either: both, a paraphrase (text)
+    and the same number (≥ 1) of perturbed answers (texts) in every row. Every bad set in one
+    error, its rows by number (scoring them would fail after training)."""
+    problems = []
+    for name in ("forget", "retain", "holdout"):
+        rows, where = sets.get(name) or [{}], f"{name} set {getattr(cfg.data, name)}"
+        present = [c for c in (PARAPHRASED, PERTURBED) if c in rows[0]]
+        if len(present) == 1:
+            missing = PERTURBED if present == [PARAPHRASED] else PARAPHRASED
+            problems.append(f"{where}: has {present[0]} but no {missing}; the truth ratio needs "
+                            "both: add it, or drop the column")
+        elif present:
+            counts = Counter(len(r[PERTURBED]) for r in rows if texts(r[PERTURBED]))
+            k = counts.most_common(1)[0][0] if counts else 0
+            bad = [i for i, r in enumerate(rows) if not isinstance(r[PARAPHRASED], str)
+                   or not texts(r[PERTURBED]) or len(r[PERTURBED]) != k]
+            if bad:
+                want = f"a list of {k} texts, as in the other rows" if k else "a non-empty list of texts"
+                first = ", ".join(f"row {i}" for i in bad[:5])
+                problems.append(f"{where}: {len(bad)} row(s) whose {PARAPHRASED} is not a text or whose "
+                                f"{PERTURBED} is not {want}: {first}; fix or remove them")
+    if problems:
+        raise data.DataError("\n".join(problems))
+
+
+def texts(value) -> bool:
+    """A non-empty list of strings (a row's perturbed answers)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def check_given_models(cfg, prepared: dict[str, str]) -> None:
+    """The user's models (before Ray starts): Hugging Face directories whose tokenizers fit
+    them and leave every scored answer a token (check_scored_sets)."""
+    given = [(f"model.{name}", getattr(cfg.model, name)) for name in ("path", "oracle")]
+    given = [(setting, path) for setting, path in given if path is not None]
+    for setting, path in given:
+        check_model_dir(path, setting)
+    if given:
+        check_scored_sets(cfg, prepared, [path for _, path in given])
+
+
+def check_scored_sets(cfg, prepared: dict[str, str], model_dirs: list) -> None:
+    """Every scored answer (the answer; the paraphrased and perturbed ones where a set has them)
+    keeps at least one token within data.text.max_length after its question, with the tokenizer
+    of every model that will be scored: else it has no score, and the evaluation after training
+    would fail (or give a NaN forget quality). Refused before any training: every set in one
+    error, with its rows counted per column."""
+    from hamu_ray.tasks.causal_lm import load_tokenizer
+
+    text = cfg.data.text
+    sets = {name: pq.read_table(prepared[file]).to_pylist() for name, file in EVAL_FILES.items() if file in prepared}
+    directories = list(dict.fromkeys(str(d) for d in model_dirs))
+    problems = []
+    for directory in directories:
+        tokenizer = load_tokenizer(directory)
+        whose = f" (the tokenizer of {directory})" if len(directories) > 1 else ""
+        for name, rows in sets.items():
+            counts = lm_evaluate.rows_without_answer_tokens(tokenizer, rows, text)
+            lost = [f"{column} in {count} of {len(rows)} rows" for column, count in counts.items() if count]
+            if lost:
+                problems.append(f"{scored_set_label(cfg, name, prepared)}: within data.text.max_length="
+                                f"{text.max_length} the question leaves no token of {', of '.join(lost)}"
+                                f"{whose}; raise max_length or shorten those questions")
+    if problems:
+        raise data.DataError("\n".join(problems))
+
+
+def scored_set_label(cfg, name: str, prepared: dict[str, str]) -> str:
+    """A scored set as the user knows it: their file (retain: the sample scored from it)."""
+    source = getattr(cfg.data, name) if cfg.data.source == "files" else prepared[EVAL_FILES[name]]
+    return f"{name} set {source}" + (" (its scored sample)" if name == "retain" else "")
+
+
+def check_searchable(cfg) -> None:
+    """A search ranks trials by forget quality (the KS test of the forget set's truth ratios
+    against the oracle's): the user's forget set must have the truth-ratio columns."""
+    if cfg.data.source != "files":
+        return  # the built-in set has them
+    import pyarrow.dataset as pads
+
+    forget = data.inspect_set("forget", cfg.data.forget, user_data.set_columns(cfg))
+    names = pads.dataset(forget.path, format=forget.format).schema.names
+    missing = [c for c in (PARAPHRASED, PERTURBED) if c not in names]
+    if missing:
+        raise data.DataError(f"forget set {cfg.data.forget}: no {' or '.join(missing)} column; tune "
+                             "ranks trials by forget quality, the KS test of the forget rows' truth "
+                             "ratios against the oracle's, which needs a paraphrased answer and "
+                             "perturbed answers per row: add them (README, your own model and data)")
 
 
 def check_model_dir(path: str, setting: str) -> None:

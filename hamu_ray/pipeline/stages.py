@@ -89,7 +89,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     check_reachable(uri)  # a server that is down fails here, before any data or worker
     with files.removed_unless_kept(out) as keep, contextlib.ExitStack() as ray:
         sets = prepare_sets(cfg, out)
-        check_given_models(cfg)  # before Ray starts
+        check_given_models(cfg, sets.paths)  # before Ray starts
         ray.enter_context(ray_session(cfg.cluster))
         refuse_local_store_on_cluster(uri)
         tracker = Tracker(uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts",
@@ -228,9 +228,9 @@ def prepare(cfg: PipelineConfig, out: Path, tracker: Tracker) -> dict[str, str]:
     return sets.paths
 
 
-def check_given_models(cfg: PipelineConfig) -> None:
+def check_given_models(cfg: PipelineConfig, prepared: dict[str, str]) -> None:
     if cfg.is_lm:
-        lm_pipeline.check_given_models(cfg)
+        lm_pipeline.check_given_models(cfg, prepared)
     elif cfg.model.weights is not None:
         user_data.check_classifier_weights(cfg)
 
@@ -296,8 +296,11 @@ def train_references(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
     """The original model (trained on everything) and the oracle (retain set only); a user's
     given language models instead, when there are."""
     if (cfg.model.path if cfg.is_lm else cfg.model.weights) is not None:
-        return user_data.given_models(cfg)
-    start = lm_pipeline.initial_model(cfg, prepared, out, stage_key) if cfg.is_lm else None
+        return user_data.given_models(cfg)  # checked before Ray started (check_given_models)
+    start = None
+    if cfg.is_lm:
+        start = lm_pipeline.initial_model(cfg, prepared, out, stage_key)
+        lm_pipeline.check_scored_sets(cfg, prepared, [start])  # with its tokenizer, before training
     return {name: run_stage(cfg, name, training_job(cfg, prepared[split], start), out, tracker,
                             register_as="original" if name == "original" else None)
             for name, split in (("original", "train"), ("oracle", "retain"))}

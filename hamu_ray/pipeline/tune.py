@@ -75,6 +75,8 @@ class SearchResult:
 def run_search(cfg: PipelineConfig) -> SearchResult:
     if cfg.tune is None:
         raise ValueError(f"pipeline {cfg.name} has no tune: section; see README (Threshold search)")
+    if cfg.is_lm:
+        lm_pipeline.check_searchable(cfg)  # before anything is written
     out = Path(cfg.output_dir).resolve()
     (out / "stages").mkdir(parents=True, exist_ok=True)
     directory = out / "tune" / f"search-{search_key(cfg)}"
@@ -91,6 +93,7 @@ def run_search(cfg: PipelineConfig) -> SearchResult:
                      tags={"kind": "tune", "search": directory.name}) as parent:
         (directory / PARENT_FILE).write_text(parent)
         prepared = pipeline.prepare(cfg, out, tracker)
+        pipeline.check_given_models(cfg, prepared)  # before Ray starts
         view = view_of(cfg)
         with ray_session(cfg.cluster):
             refuse_local_store_on_cluster(uri)
@@ -384,6 +387,10 @@ def choose(results: list[dict], original_utility: float, floor_points: float,
                      "feasible": finished and m[view.utility] >= threshold - 1e-12,
                      "chosen": False})
     feasible = [row for row in rows if row["feasible"]]
+    unranked = [str(row["trial"]) for row in feasible if row["forget_quality"] is None]
+    if unranked:  # ranking them by the tie-breakers alone would hide it
+        raise ValueError(f"trial(s) {', '.join(unranked)} finished without a forget quality (it "
+                         "needs the oracle and the forget set's truth-ratio columns): nothing to rank by")
     chosen = max(feasible, default=None, key=lambda row: (
         row["forget_quality"], -(row["forget_ks_stat"] or 0.0), row[view.utility]))
     if chosen is not None:

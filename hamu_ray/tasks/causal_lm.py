@@ -8,11 +8,12 @@ model predicts token t+1 from tokens ≤ t, so the targets of a row are labels[1
 Under ZeRO-3 the model is partitioned as it is built: an `HfDeepSpeedConfig` is alive before
 `from_pretrained`, which then builds inside `deepspeed.zero.Init`, so no rank ever holds the
 whole model. With LoRA (peft) only the adapters train and the reference model is the base itself
-under `disable_adapter()`. Nothing here writes to the model directory.
+under `disable_adapter()`, in eval mode like a full reference copy. Nothing here writes to the model directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -174,7 +175,9 @@ class CausalLMTask:
 
             @torch.no_grad()
             def base_scores(batch: dict) -> Scores:
-                with module.disable_adapter():  # the base weights, untouched: the original
+                # the base weights, untouched, with dropout off: the original, scored like the
+                # full model's frozen copy (eval mode); the trained model stays in train mode
+                with module.disable_adapter(), eval_mode(module):
                     return self.scores(engine, batch)
             return base_scores
 
@@ -230,6 +233,18 @@ class CausalLMTask:
         merged.save_pretrained(directory / MODEL_DIR)
 
 
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """`module` in eval mode inside (dropout off); every submodule's own mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def pad_batch(ids: Sequence, labels: Sequence) -> dict[str, torch.Tensor]:
     """Pad to the longest row of the batch (right padding, masked and ignored)."""
     width = max(len(r) for r in ids)
@@ -279,8 +294,13 @@ def tokenize_batch(batch: pa.Table, *, path: str, text: dict, refusals: bool) ->
         "input_ids": pa.array([r[0] for r in rows], pa.list_(pa.int32())),
         "labels": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
         "truncated": pa.array([r[2] for r in rows], pa.int64()),
-        "no_target": pa.array([int(all(t == IGNORE for t in r[1][1:])) for r in rows], pa.int64()),
+        "no_target": pa.array([int(not has_target(r[1])) for r in rows], pa.int64()),
     })
+
+
+def has_target(labels: Sequence[int]) -> bool:
+    """Whether a row keeps a target token: position t predicts token t + 1, so labels[1:]."""
+    return any(t != IGNORE for t in labels[1:])
 
 
 def refusal_for(question: str) -> str:

@@ -11,10 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules import StopReason, get_rule
-from hamu_ray.engine.step import unlearning_step
+from hamu_ray.rules.surgery import ImplicitSurgeryParams
+from hamu_ray.engine.step import ImplicitSurgery, implicit_surgery_step, unlearning_step
 
 FORGET_CLASS = 3
 
@@ -186,16 +189,84 @@ def test_the_realised_forget_gain_meets_the_constraint(trained, clip):
         assert clipped_gain >= constraint * (1 - 1e-9) and gain > clipped_gain
 
 
-def test_the_step_reads_the_device_once(trained, monkeypatch):
-    """Statistics and both losses reach the host in one copy: no .item() or second .cpu()."""
+# every way a tensor's values reach Python or host memory: each is a device-to-host sync on a GPU
+READS = frozenset({"cpu", "numpy", "__array__", "item", "tolist", "__float__", "__int__", "__bool__",
+                   "__index__", "__format__"})
+
+
+class DeviceReads(TorchFunctionMode):
+    """The reads (READS) of device tensors, in order. On a CPU-only machine "device" tensors are
+    those that exist before the mode starts (the model, its data) and everything computed from
+    them; host tensors are a read's result, tensors made from Python numbers alone, and whatever
+    is computed from host tensors only. So a rule reading its host copy of the statistics is no
+    sync, and float(loss) is one. (`.to("cpu")` is not seen here: on CPU it is `.to(device)`;
+    tests/test_gpu.py counts real CUDA syncs.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+        self.host: dict[int, torch.Tensor] = {}  # by id, kept alive so that ids are not reused
+
+    def is_host(self, t: torch.Tensor) -> bool:
+        return id(t) in self.host
+
+    def mark(self, out, host: bool) -> None:
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                if host:
+                    self.host[id(t)] = t
+                else:
+                    self.host.pop(id(t), None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        name = getattr(func, "__name__", "")
+        read = name in READS
+        if read and not self.is_host(inputs[0]):
+            self.reads.append(name)
+        out = func(*args, **kwargs)
+        # a read's result is on the host; so is what is made from host tensors or Python numbers
+        self.mark(out, read or (all(map(self.is_host, inputs)) if inputs else "device" not in kwargs))
+        return out
+
+
+def test_the_read_counter_sees_every_kind_of_read_of_device_values():
+    x = torch.tensor([1.0, 2.0])  # made before the mode: a device tensor
+    with DeviceReads() as seen:
+        total = x.sum()
+        float(total), int(total), bool(total > 0), total.item(), x.tolist(), x.numpy(), f"{total:.1f}"
+        host = x.cpu()
+        float(host.sum()), host.tolist(), bool(torch.tensor(1.0) > 0)  # host values: no syncs
+    assert seen.reads == ["__float__", "__int__", "__bool__", "item", "tolist", "numpy", "__format__", "cpu"]
+
+
+@pytest.mark.parametrize("name,hparams", [("hamu-q", {"constraint": 0.01, "radius": 0.1}),
+                                          ("hamu-u", {"constraint": 0.001, "radius": "lr"}),
+                                          ("surgery", {"epsilon": 0.01}), ("gru", {}), ("gdiff", {})])
+def test_the_step_reads_the_device_once(trained, name, hparams):
+    """Statistics and both losses reach the host in one copy (step.to_host); the rule, the
+    clipping and the combination read only that host copy."""
     model, retain, forget = trained
     stepped = copy.deepcopy(model)
-    copies = []
-    real_cpu, real_item = torch.Tensor.cpu, torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append("cpu") or real_cpu(t, *a, **k))
-    monkeypatch.setattr(torch.Tensor, "item", lambda t: copies.append("item") or real_item(t))
-    unlearning_step(TorchGrads(stepped, torch.optim.SGD(stepped.parameters(), lr=0.1)),
-                    get_rule("hamu-q", constraint=0.01, radius=0.1), lr=0.1,
-                    retain_loss=lambda: F.cross_entropy(stepped(retain[0][:64]), retain[1][:64]),
-                    forget_loss=lambda: F.cross_entropy(stepped(forget[0][:32]), forget[1][:32]))
-    assert copies == ["cpu"]
+    with DeviceReads() as seen:
+        unlearning_step(TorchGrads(stepped, torch.optim.SGD(stepped.parameters(), lr=0.1)),
+                        get_rule(name, **hparams), lr=0.1, clip_norm=1.0,
+                        retain_loss=lambda: F.cross_entropy(stepped(retain[0][:64]), retain[1][:64]),
+                        forget_loss=lambda: F.cross_entropy(stepped(forget[0][:32]), forget[1][:32]))
+    assert seen.reads == ["cpu"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_implicit_surgery_step_reads_the_device_once(trained, fast):
+    model, retain, forget = trained
+    stepped = copy.deepcopy(model)
+    grads = TorchGrads(stepped, torch.optim.SGD(stepped.parameters(), lr=0.1))
+    state = ImplicitSurgery(ImplicitSurgeryParams(fast=fast))
+    for _ in range(2):  # the fast variant's dual update starts at its second step
+        with DeviceReads() as seen:
+            implicit_surgery_step(
+                grads, state, lr=0.1,
+                retain_loss=lambda: F.cross_entropy(stepped(retain[0][:64]), retain[1][:64]),
+                forget_loss=lambda: F.cross_entropy(stepped(forget[0][:32]), forget[1][:32]))
+        assert seen.reads == ["tolist"]  # step._host_floats

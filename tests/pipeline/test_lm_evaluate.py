@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from scipy.stats import ks_2samp
 
 from hamu_ray.pipeline import lm_evaluate, lm_metrics
 from hamu_ray.tasks.causal_lm import TextData, encode_qa, load_tokenizer, prompt_tokens
@@ -93,7 +94,7 @@ def test_model_metrics_by_hand_and_absent_without_an_oracle():
     model = {"forget": scores_of([0.5, 0.1], [1.0, 0.5], [-1.0, -2.0], para=[0.5, 0.2], pert=[[0.25], [0.4]]),
              "retain": scores_of([0.8, 0.6], [1.0, 0.6], [-1.0, -1.0], para=[0.5, 0.5], pert=[[0.25], [0.5]]),
              "holdout": scores_of([0.1, 0.1], [0.0, 0.0], [-3.0, -1.5])}
-    oracle = {"forget": scores_of([0.1, 0.1], [0.2, 0.2], [-3.0, -2.0], para=[0.1, 0.1], pert=[[0.1], [0.2]]),
+    oracle = {"forget": scores_of([0.1, 0.1], [0.2, 0.2], [-3.0, -2.0], para=[0.1, 0.1], pert=[[0.4], [0.8]]),
               "retain": model["retain"], "holdout": model["holdout"]}
     m = lm_evaluate.model_metrics(model, oracle)
     assert m["forget_prob"] == pytest.approx(0.3) and m["forget_rouge"] == pytest.approx(0.75)
@@ -102,8 +103,10 @@ def test_model_metrics_by_hand_and_absent_without_an_oracle():
     assert m["model_utility"] == pytest.approx(3 / (1 / 0.7 + 1 / 0.8 + 1 / 0.25))
     # members' Min-K −1, −2 vs non-members −3, −1.5: 3 of 4 pairs ranked right
     assert m["mia_auc"] == pytest.approx(0.75)
-    # the oracle's ratios 1 and 2 against the model's 0.5 and 2: KS statistic 1/2, n = m = 2
-    assert m["forget_quality"] == pytest.approx(lm_metrics.forget_quality([0.5, 2.0], [1.0, 2.0]))
+    # the oracle's ratios 4 and 8 lie above both of the model's (0.5, 2): KS statistic 1, and
+    # 2 of the C(4, 2) = 6 equally likely orders of four values are that far apart: p = 1/3
+    assert m["forget_quality"] == pytest.approx(1 / 3)
+    assert m["forget_quality"] == pytest.approx(ks_2samp([0.5, 2.0], [4.0, 8.0]).pvalue)
     oracle_auc = 1.5 / 4  # −3, −2 vs −3, −1.5: one pair right, one tie (half)
     assert m["priv_leak"] == pytest.approx(((1 - 0.75) - (1 - oracle_auc)) / (1 - oracle_auc) * 100)
     alone = lm_evaluate.model_metrics(model, None)

@@ -20,6 +20,7 @@ import yaml
 from hamu_ray.engine.config import parse_config
 from hamu_ray.pipeline.config import PipelineConfig
 from hamu_ray.pipeline.lm_evaluate import TABLE_COLUMNS
+from tests.lm_fixtures import qa_rows
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "country_qa.yaml"
 
@@ -241,7 +242,119 @@ def test_user_inputs_are_refused_with_one_clear_error_before_ray(qa_run, tmp_pat
     assert not any((tmp_path / name).exists() for name in "bcd")
 
 
+# ---- the user's sets, refused before anything trains (no Ray) ------------------------------------
+
+def with_truth(rows: list[dict]) -> list[dict]:
+    return [{**r, "paraphrased_answer": r["answer"].upper(), "perturbed_answers": [r["answer"][::-1], "no"]}
+            for r in rows]
+
+
+def own_config(tmp_path: Path, model: Path, sets: dict[str, list[dict]], max_length: int, tune=None) -> PipelineConfig:
+    """The tiny model as original and oracle, on these rows (parquet files)."""
+    paths = {}
+    for name, rows in sets.items():
+        paths[name] = tmp_path / "in" / f"{name}.parquet"
+        paths[name].parent.mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), paths[name])
+    raw = {"name": "own", "output_dir": str(tmp_path / "out"),
+           "data": {"source": "files", **{name: str(path) for name, path in paths.items()},
+                    "text": {"max_length": max_length}},
+           "model": {"kind": "causal_lm", "path": str(model), "oracle": str(model)},
+           "train": {"lr": 0.01}, "unlearn": {"lr": 0.01, "max_steps": 2}, "methods": [{"name": "gdiff"}],
+           "cluster": {"num_workers": 1}, "tune": tune}
+    return parse_config(raw, source="own.yaml", schema=PipelineConfig)
+
+
+def longest_row(model: Path, rows: list[dict]) -> int:
+    from hamu_ray.tasks.causal_lm import encode_qa, load_tokenizer
+
+    tokenizer = load_tokenizer(str(model))
+    return max(len(encode_qa(tokenizer, r["question"], a, "auto")[0])
+               for r in rows for a in [r["answer"], r["paraphrased_answer"], *r["perturbed_answers"]])
+
+
+def test_scored_answers_the_question_leaves_no_token_are_refused_before_ray(tmp_path, tiny_lm):
+    """A holdout question that fills max_length (never trained on, so no training check sees
+    it) leaves its answer, paraphrase and perturbed answers unscored: counted, refused."""
+    import ray
+
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    rows = with_truth(qa_rows())
+    holdout = rows[40:50]
+    holdout[2] = {**holdout[2], "question": " ".join([holdout[2]["question"]] * 20)}
+    cfg = own_config(tmp_path, tiny_lm, {"forget": rows[:10], "retain": rows[10:40], "holdout": holdout},
+                     max_length=longest_row(tiny_lm, rows[:50]))  # every other row whole
+    with pytest.raises(DataError) as refused:
+        run_pipeline(cfg)
+    assert str(refused.value) == (
+        f"holdout set {tmp_path / 'in' / 'holdout.parquet'}: within data.text.max_length="
+        f"{cfg.data.text.max_length} the question leaves no token of answer in 1 of 10 rows, of "
+        "paraphrased_answer in 1 of 10 rows, of perturbed_answers in 1 of 10 rows; raise max_length "
+        "or shorten those questions")
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_truth_ratio_columns_that_cannot_be_scored_are_refused_before_ray(tmp_path, tiny_lm):
+    import ray
+
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    rows = with_truth(qa_rows())
+    forget = [{k: v for k, v in r.items() if k != "perturbed_answers"} for r in rows[:10]]
+    holdout = rows[40:50]
+    holdout[1] = {**holdout[1], "perturbed_answers": ["just one"]}
+    holdout[4] = {**holdout[4], "paraphrased_answer": None}
+    cfg = own_config(tmp_path, tiny_lm, {"forget": forget, "retain": rows[10:40], "holdout": holdout},
+                     max_length=64)
+    with pytest.raises(DataError) as refused:
+        run_pipeline(cfg)
+    assert str(refused.value).splitlines() == [
+        f"forget set {tmp_path / 'in' / 'forget.parquet'}: has paraphrased_answer but no "
+        "perturbed_answers; the truth ratio needs both: add it, or drop the column",
+        f"holdout set {tmp_path / 'in' / 'holdout.parquet'}: 2 row(s) whose paraphrased_answer is not "
+        "a text or whose perturbed_answers is not a list of 2 texts, as in the other rows: row 1, "
+        "row 4; fix or remove them"]
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_with_init_the_scored_sets_are_checked_with_its_tokenizer_before_training(tmp_path):
+    """The built-in set, questions longer than max_length: refused once the initial model's
+    tokenizer exists, before the original's training stage (which would need a tracker)."""
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.pipeline.stages import prepare_sets, train_references
+
+    def tiny(raw):
+        small(raw)
+        raw["data"]["text"] = {"max_length": 4}
+    cfg = qa_config(tmp_path / "out", tiny)
+    prepared = prepare_sets(cfg, tmp_path / "out").paths
+    with pytest.raises(DataError) as refused:
+        train_references(cfg, prepared, tmp_path / "out", tracker=None)
+    lines = str(refused.value).splitlines()
+    assert [line.split(" set ")[0] for line in lines] == ["forget", "retain", "holdout"]
+    assert "(its scored sample): within data.text.max_length=4 the question leaves no token of answer in 40 of 40 rows" in lines[1]
+    assert not list((tmp_path / "out" / "stages").glob("original-*"))
+
+
 # ---- the threshold search on a language model -------------------------------------------------
+
+def test_a_search_on_files_without_the_truth_ratio_columns_is_refused_before_anything(tmp_path, tiny_lm):
+    """Forget quality, what a search ranks by, is the KS test of the forget rows' truth ratios:
+    without the columns every trial would have none (it was ranked by utility alone)."""
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.pipeline.tune import run_search
+
+    rows = qa_rows()
+    tune = {"method": "gdiff", "space": {"lr": {"values": [0.01, 0.02]}}, "num_samples": 2, "scheduler": None}
+    cfg = own_config(tmp_path, tiny_lm, {"forget": rows[:10], "retain": rows[10:40]}, max_length=64, tune=tune)
+    with pytest.raises(DataError, match=r"forget set .*forget.parquet: no paraphrased_answer or "
+                                        r"perturbed_answers column; tune ranks trials by forget quality"):
+        run_search(cfg)
+    assert not (tmp_path / "out").exists()
+
 
 @pytest.mark.integration
 def test_a_search_on_the_qa_pipeline_ranks_trials_by_forget_quality_above_a_model_utility_floor(qa_run):

@@ -153,6 +153,16 @@ def test_a_language_model_search_ranks_by_forget_quality_above_a_model_utility_f
     assert set(LM_VIEW.columns) <= set(rows[0]) and rows[0]["forget_ks_stat"] is None
 
 
+def test_finished_trials_without_a_forget_quality_are_not_ranked_by_utility_alone():
+    from hamu_ray.pipeline.tune import LM_VIEW
+
+    results = [{"trial": name, "status": "finished", "params": {"lr": 0.1},
+                "metrics": {"forget_quality": None, "model_utility": utility, "steps": 10, "stop": "none"}}
+               for name, utility in (("a", 0.57), ("b", 0.58))]
+    with pytest.raises(ValueError, match=r"trial\(s\) a, b finished without a forget quality"):
+        choose(results, original_utility=0.58, floor_points=2.0, view=LM_VIEW)
+
+
 def test_pareto_front_keeps_only_undominated_points():
     points = [(90.0, 0.5), (95.0, 0.1), (92.0, 0.4), (89.0, 0.6), (91.0, 0.3), (95.0, 0.05)]
     assert pareto_front(points) == [(89.0, 0.6), (90.0, 0.5), (92.0, 0.4), (95.0, 0.1)]

@@ -5,8 +5,10 @@ its adapters, bf16 tracking fp32, and an export that loads back with from_pretra
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,10 @@ CASES = {
                         "objective": {"beta": 0.5}},
              "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "export_merged": True}},
     "zero2": {"method": {"name": "npo", "objective": {"beta": 0.5}}, "stage": 2},  # a whole reference copy
+    # a base with dropout of its own (attention_dropout; peft skips lora_dropout with the
+    # adapters off): the reference must score it in eval mode, the trained model in train mode
+    "lora-dropout": {"method": {"name": "npo", "objective": {"beta": 0.5}}, "base_dropout": 0.5,
+                     "lora": {"r": 4, "alpha": 8, "dropout": 0.5, "target_modules": ["q_proj", "v_proj"]}},
 }
 BF16_SHARE_OF_UPDATE = 0.05
 
@@ -72,7 +78,15 @@ def run_steps(task, grads, scores, reference, pairs, reduce=None) -> None:
                         reduce_stats=reduce)
 
 
-def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
+def with_dropout(model_dir: Path, directory: Path, p: float) -> Path:
+    """A copy of the model whose attention drops out with probability p in train mode."""
+    shutil.copytree(model_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "attention_dropout": p}))
+    return directory
+
+
+def _worker(rank: int, port: int, model_dir: str, dropout_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import deepspeed
@@ -86,7 +100,8 @@ def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
     results = {}
     for case in CASES:
         torch.manual_seed(0)  # the LoRA adapters' initialisation, alike on every rank
-        task = CausalLMTask(parse_config(job(model_dir, case, CASES[case].get("stage", 3))))
+        path = dropout_dir if CASES[case].get("base_dropout") else model_dir
+        task = CausalLMTask(parse_config(job(path, case, CASES[case].get("stage", 3))))
         train = task.cfg.train
         ds_config = eng.deepspeed_config(stage=train.zero_stage, lr=LR, micro_batch_size=4,
                                          bf16=train.bf16, offload=train.offload)
@@ -106,7 +121,9 @@ def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
         base = eng.full_state_dict(engine) if task.model_cfg.lora is not None else None
         directory = Path(out) / case
         task.export(engine, directory if rank == 0 else None)
-        results[case] = {"partition": partition, "trained": trained, "reference": ref, "base": base}
+        training = [m.training for m in engine.module.modules()]  # after the references were scored
+        results[case] = {"partition": partition, "trained": trained, "reference": ref, "base": base,
+                         "train_mode": all(training)}
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -115,7 +132,8 @@ def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def zero3_runs(tiny_lm, tmp_path_factory):
     out = tmp_path_factory.mktemp("lm-zero3")
-    torch.multiprocessing.start_processes(_worker, args=(free_port(), str(tiny_lm), str(out)),
+    dropout_dir = with_dropout(tiny_lm, out / "dropout-model", CASES["lora-dropout"]["base_dropout"])
+    torch.multiprocessing.start_processes(_worker, args=(free_port(), str(tiny_lm), str(dropout_dir), str(out)),
                                           nprocs=WORLD, join=True, start_method="spawn")
     return out, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -195,6 +213,21 @@ def test_lora_trains_only_the_adapters_and_its_reference_is_the_untouched_base(z
     merged = AutoModelForCausalLM.from_pretrained(out / "lora" / MODEL_DIR)  # plain transformers
     torch.testing.assert_close(loaded_scores(task, merged), lora["trained"], rtol=1e-5, atol=1e-5)
     assert (lora["trained"] - untouched).abs().max() > 1e-4  # the adapters did train
+
+
+def test_the_lora_reference_scores_the_base_with_dropout_off_and_training_keeps_it_on(zero3_runs, tiny_lm):
+    from transformers import AutoModelForCausalLM
+
+    out, ranks = zero3_runs
+    dropout_dir = out / "dropout-model"
+    task = CausalLMTask(parse_config(job(dropout_dir, "lora-dropout")))
+    base = AutoModelForCausalLM.from_pretrained(dropout_dir)  # eval mode, as from_pretrained returns it
+    eval_scores = loaded_scores(task, base)
+    torch.testing.assert_close(ranks[0]["lora-dropout"]["reference"], eval_scores, rtol=1e-5, atol=1e-5)
+    assert all(results[case]["train_mode"] for results in ranks for case in CASES)
+    with torch.no_grad():  # the check is real: in train mode this base scores otherwise
+        dropped = task.scores(base.train(), lm_batch(task, qa_rows()[:6])).logprob
+    assert (dropped - eval_scores).abs().max() > 1e-3
 
 
 def test_bf16_tracks_the_fp32_single_process_step(zero3_runs, tiny_lm):
