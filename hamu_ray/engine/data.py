@@ -102,6 +102,10 @@ def read_set(info: SetInfo, shuffle_seed: int | None, read_blocks: int | None = 
 
     reader = ray.data.read_parquet if info.format == "parquet" else ray.data.read_json
     ds = reader(info.path, override_num_blocks=read_blocks)
+    # Blocks in order through every later step (the shuffle's input, a task's preparation such
+    # as tokenisation and its materialisation), not in the order their tasks finish: datasets
+    # derived from this one share its context.
+    ds.context.execution_options.preserve_order = True
     if shuffle_seed is None:
         return ds
     blocks = min(MAX_SHUFFLE_BLOCKS, max(1, info.num_rows // ROWS_PER_SHUFFLE_BLOCK))

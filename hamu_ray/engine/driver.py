@@ -259,8 +259,6 @@ def run_preflight(cfg: UnlearnConfig, rows: int = 64) -> tuple[dict, dict[str, d
     """The hardness pre-flight on the job's own workers and ZeRO stage (no optimizer step):
     whole-set statistics, then the first `rows` forget rows one by one. Returns the raw numbers
     ({"stats": [K, 3], "names": [...], "rows": [N, 2]}) and the sets' infos."""
-    from ray.data import ExecutionOptions
-
     if cfg.data.forget is None:
         raise data.DataError("the hardness pre-flight compares two sets: data.forget is missing")
     if rows < 0:
@@ -269,8 +267,7 @@ def run_preflight(cfg: UnlearnConfig, rows: int = 64) -> tuple[dict, dict[str, d
     task = task_for(cfg)
     with tempfile.TemporaryDirectory() as tmp, ray_session(cfg.cluster):
         datasets = prepared_sets(cfg, {name: sets[name] for name in ("retain", "forget")})
-        first = data.read_set(sets["forget"], None).limit(rows)
-        first.context.execution_options = ExecutionOptions(preserve_order=True)  # row i is row i
+        first = data.read_set(sets["forget"], None).limit(rows)  # in file order: row i is row i
         datasets[PREFLIGHT_ROWS] = task.prepare(first, "forget").materialize()
         config = {"job": cfg.model_dump(), "set_rows": {name: sets[name].num_rows for name in ("retain", "forget")}}
         result = fit(cfg, datasets, Path(tmp) / "ray", loop=preflight_loop_per_worker, loop_config=config)

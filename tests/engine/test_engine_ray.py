@@ -189,6 +189,43 @@ def test_worker_shards_do_not_depend_on_the_block_layout_and_reshuffle_every_epo
     assert rank0_epoch0 != sorted(rank0_epoch0)  # shuffled, not in file order
 
 
+def slow_on_block_with(first_id: int):
+    """A stand-in for a task's preparation (the causal LM's tokenisation): 2 s slower on the
+    block that holds row `first_id`, so that block's task finishes last."""
+    def prepare(batch: pa.Table) -> pa.Table:
+        import time
+
+        if first_id in batch.column("id").to_pylist():
+            time.sleep(2)
+        return batch
+    return prepare
+
+
+def prepared_ids(info, seed, prepare) -> list[int]:
+    """The set read as the engine reads it, prepared by `prepare` and materialised (as
+    CausalLMTask.prepare does): its row ids in the resulting order."""
+    from hamu_ray.engine import data
+
+    ds = data.read_set(info, seed).map_batches(prepare, batch_format="pyarrow").materialize()
+    return [row["id"] for row in ds.iter_rows()]
+
+
+def test_a_set_of_two_files_keeps_its_order_when_the_earlier_block_is_prepared_last(ray_cluster, tmp_path,
+                                                                                   monkeypatch):
+    from hamu_ray.engine import data
+
+    files = tmp_path / "ids.parquet"  # a set of two files, as Spark writes one
+    files.mkdir()
+    for part in range(2):
+        pq.write_table(pa.table({"id": list(range(20 * part, 20 * part + 20))}), files / f"part-{part}.parquet")
+    info = data.inspect_set("retain", str(files), ["id"])
+    assert prepared_ids(info, None, slow_on_block_with(0)) == list(range(40))  # file order
+    monkeypatch.setattr(data, "ROWS_PER_SHUFFLE_BLOCK", 20)  # two blocks after the seeded shuffle
+    shuffled = prepared_ids(info, 3, slow_on_block_with(-1))
+    assert sorted(shuffled) == list(range(40)) and shuffled != list(range(40))
+    assert prepared_ids(info, 3, slow_on_block_with(shuffled[0])) == shuffled  # the same seed, the same order
+
+
 def mini_batch_reference(root, cfg, world=2):
     """The single-process step on exactly the batches the engine's sharding and pairing give each
     rank (rebuilt here on the driver), the ranks' batches of a step joined into one."""
