@@ -115,7 +115,8 @@ def latest_checkpoint(storage: Path) -> dict | None:
 
 
 def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
-    """Every set readable, with its columns, non-empty, large enough for one batch per worker."""
+    """Every set readable, with its columns, non-empty, large enough for one batch per worker;
+    no forget row also a retain row."""
     task = task_for(cfg)
     columns = task.columns()
     paths = {"forget": cfg.data.forget, "retain": cfg.data.retain, "eval": cfg.data.eval,
@@ -128,6 +129,8 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
             raise data.DataError(
                 f"{name} set {sets[name].path}: {sets[name].num_rows} rows give {per_worker} per worker, "
                 f"fewer than data.{name}_batch_size={batch}")
+    if "forget" in sets:
+        data.check_disjoint(sets["forget"], sets["retain"], columns)
     task.check_model()
     for info in sets.values():  # counts and digests only: never the rows
         log.info("%s set: %d rows, sha256 %s", info.name, info.num_rows, info.digest)
