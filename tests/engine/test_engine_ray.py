@@ -295,3 +295,62 @@ def test_a_worker_killed_with_sigkill_resumes_to_the_uninterrupted_result(ray_cl
     assert steps == resumed.steps == 6 and resumed.resumed_from_step >= 2
     assert_same_weights(resumed.output_dir, expected)
     assert not list(tmp_path.glob(".killed.*"))  # the staging directory is gone
+
+
+def test_ctrl_c_and_a_failed_publish_lose_nothing_and_the_same_command_finishes_the_run(
+        ray_cluster, inputs, tmp_path, monkeypatch, caplog):
+    """`hamu-ray unlearn` gets SIGINT once a checkpoint is registered: its staging directory
+    stays, and it says how to go on. The same job continues from that checkpoint and its
+    publishing fails (the receipt writer raises): the trained model stays. Run once more, only
+    the publishing is done, and the model is the one an uninterrupted run makes."""
+    import errno
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from hamu_ray import receipt
+    from hamu_ray.engine.driver import latest_checkpoint
+
+    root, _ = inputs
+    cfg = config(root, tmp_path / "out", epochs=3, checkpoint_every=1)  # 6 steps, a checkpoint after each
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"retain_batch_size": 2, "forget_batch_size": 1, "shuffle_seed": 3})})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    staging, printed = tmp_path / ".out.partial", tmp_path / "driver.log"
+    with open(printed, "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "hamu_ray.cli", "unlearn", str(tmp_path / "job.yaml")],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    try:
+        while registered_step(staging / "ray") < 1:
+            assert driver.poll() is None and time.monotonic() < deadline, printed.read_text()[-3000:]
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert f"is kept in {staging}: run the same command again to continue" in printed.read_text(), \
+        printed.read_text()[-3000:]
+    interrupted_at = registered_step(staging / "ray")
+    assert 1 <= interrupted_at < 6 and not (tmp_path / "out").exists()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(receipt, "build", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_unlearning(cfg)
+    assert latest_checkpoint(staging / "ray")["metrics"]["final"] and not (tmp_path / "out").exists()
+    assert "the trained model (only its publishing is left) is kept in" in caplog.text
+    monkeypatch.undo()
+
+    result = run_unlearning(cfg)
+    expected, steps = mini_batch_reference(root, cfg)
+    assert result.steps == steps == 6 and result.resumed_from_step >= interrupted_at
+    assert_same_weights(result.output_dir, expected)
+    assert json.loads((result.output_dir / "receipt.json").read_text())["steps"] == 6
+    assert not list(tmp_path.glob(".out.*"))  # no staging directory, no owner record
