@@ -76,6 +76,7 @@ def run_search(cfg: PipelineConfig) -> SearchResult:
     if cfg.tune is None:
         raise ValueError(f"pipeline {cfg.name} has no tune: section; see README (Threshold search)")
     out = Path(cfg.output_dir).resolve()
+    pipeline.check_output_dir(out)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     directory = out / "tune" / f"search-{search_key(cfg)}"
     report = directory / "report"
