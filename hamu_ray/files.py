@@ -24,7 +24,8 @@ def hidden_sibling(target: Path, kind: str) -> Path:
 
 
 @contextlib.contextmanager
-def staging_dir(target: str | os.PathLike, *, resume_key: str | None = None) -> Iterator[Path]:
+def staging_dir(target: str | os.PathLike, *, resume_key: str | None = None,
+                keep_if: Callable[[Path, BaseException], bool] | None = None) -> Iterator[Path]:
     """A fresh directory beside `target`, renamed to it when the block succeeds and removed when
     the block raises (KeyboardInterrupt included). An existing target is refused: results are
     never overwritten. Staging directories left by a process that is gone (killed: it could not
@@ -33,10 +34,14 @@ def staging_dir(target: str | os.PathLike, *, resume_key: str | None = None) -> 
     With `resume_key` (the identity of the work) the staging directory has a fixed name, so the
     same work started again after its process was killed continues in it (an unlearning job's
     Ray Train checkpoints are there); one left by other work is refused with one error and
-    nothing removed."""
+    nothing removed. `keep_if(staging, error)` (with a resume_key) says whether a failed block's
+    directory is kept for the same work to continue, as a killed process's is; its owner
+    record then says that no process writes it."""
     target = Path(target)
     if target.exists():
         raise OutputExistsError(f"{target} already exists; nothing is overwritten: choose a new one")
+    if keep_if is not None and resume_key is None:
+        raise ValueError("keep_if needs a resume_key: only resumable work is kept")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(target, resume_key)
     staging = resumable_sibling(target) if resume_key else hidden_sibling(target, "partial")
@@ -45,11 +50,14 @@ def staging_dir(target: str | os.PathLike, *, resume_key: str | None = None) -> 
     try:
         yield staging
         staging.rename(target)
-    except BaseException:
+    except BaseException as exc:
+        if keep_if is not None and keep_if(staging, exc):
+            write_atomic(owner_file(staging), json.dumps({"stopped": True, "key": resume_key}))
+            raise
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
         owner_file(staging).unlink(missing_ok=True)
+        raise
+    owner_file(staging).unlink(missing_ok=True)
 
 
 def resumable_sibling(target: Path) -> Path:
@@ -71,12 +79,15 @@ def this_process() -> dict:
 
 
 def owner_alive(owner: dict) -> bool:
-    """False only when the owner was on this host and its process is gone (a reused pid is
-    told apart by its start time); another host's process cannot be checked from here."""
+    """False when the owner stopped (a failed run kept for resuming), or was on this host and its
+    process is gone (a reused pid is told apart by its start time); another host's process
+    cannot be checked from here."""
     import socket
 
     import psutil
 
+    if owner.get("stopped"):
+        return False
     if owner.get("host") != socket.gethostname():
         return True
     try:

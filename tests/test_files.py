@@ -146,3 +146,25 @@ def test_the_same_work_continues_in_its_interrupted_staging_and_other_work_is_re
     with pytest.raises(OutputExistsError, match="another run is writing it"):
         with staging_dir(tmp_path / "again", resume_key="job-a"):
             pytest.fail("the block must not run")
+
+
+def test_a_failed_block_kept_on_request_is_continued_by_the_same_work_only(tmp_path):
+    from hamu_ray.errors import OutputExistsError
+
+    target = tmp_path / "out"
+    interrupted = lambda staging, error: isinstance(error, KeyboardInterrupt)  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        with staging_dir(target, resume_key="job-a", keep_if=interrupted) as staging:
+            (staging / "checkpoint").write_text("step 2")
+            raise KeyboardInterrupt
+    assert (staging / "checkpoint").read_text() == "step 2" and not target.exists()
+    with pytest.raises(OutputExistsError, match=r"out\.partial holds an interrupted run of another job"):
+        with staging_dir(target, resume_key="job-b"):
+            pytest.fail("the block must not run")
+    # the same process continues it (its owner record says no process writes it); an error the
+    # predicate does not keep removes it
+    with pytest.raises(RuntimeError):
+        with staging_dir(target, resume_key="job-a", keep_if=interrupted) as again:
+            assert again == staging and (again / "checkpoint").read_text() == "step 2"
+            raise RuntimeError("diverged")
+    assert os.listdir(tmp_path) == []

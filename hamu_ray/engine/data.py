@@ -44,8 +44,7 @@ def inspect_set(name: str, path: str, columns: list[str]) -> SetInfo:
     """Open the set without reading its rows into memory: format, schema, row count, digest."""
     fmt = file_format(name, path)
     try:
-        fs, fs_path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-        dataset = pads.dataset(fs_path, format=fmt, filesystem=fs)
+        fs, dataset = open_dataset(path, fmt)
         schema, num_rows = dataset.schema, dataset.count_rows()
         digest = _digest(fs, sorted(dataset.files))
     except (OSError, pa.ArrowException, ValueError) as exc:
@@ -59,6 +58,52 @@ def inspect_set(name: str, path: str, columns: list[str]) -> SetInfo:
     if num_rows == 0:
         raise DataError(f"{name} set {path} is empty")
     return SetInfo(name, path, fmt, num_rows, digest)
+
+
+def open_dataset(path: str, fmt: str) -> tuple[pafs.FileSystem, pads.Dataset]:
+    """A set's files (a local path or any pyarrow URI) as one pyarrow dataset."""
+    fs, fs_path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    return fs, pads.dataset(fs_path, format=fmt, filesystem=fs)
+
+
+def check_disjoint(forget: SetInfo, retain: SetInfo, columns: list[str]) -> None:
+    """A forget row that is also a retain row (the same values in the columns the task trains
+    on) would be learnt and unlearnt at once: refused, named by its row numbers (from 0, in file
+    order) and never by its content. The one check of `hamu-ray unlearn` and of a pipeline."""
+    retained: dict[bytes, int] = {}
+    for row, key in enumerate(row_keys(retain, columns)):
+        retained.setdefault(key, row)
+    shared = [(row, retained[key]) for row, key in enumerate(row_keys(forget, columns)) if key in retained]
+    if shared:
+        named = ", ".join(f"forget row {f} = retain row {r}" for f, r in shared[:3])
+        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        raise DataError(f"forget set {forget.path}: {len(shared)} row(s) also in the retain set {retain.path} "
+                        f"(the same {' and '.join(columns)}): {named}{more}; remove them from one")
+
+
+def row_keys(info: SetInfo, columns: list[str]) -> Iterator[bytes]:
+    """A 16-byte key per row in file order, equal for rows with equal values in `columns`:
+    lists of numbers (a classifier's inputs) compared as float32, as the model reads them;
+    any other value as its Python value."""
+    _, dataset = open_dataset(info.path, info.format)
+    for batch in dataset.to_batches(columns=columns, batch_size=8192):
+        cells = [_cell_bytes(batch.column(c)) for c in columns]
+        for row in zip(*cells):
+            key = hashlib.blake2b(digest_size=16)
+            for cell in row:
+                key.update(len(cell).to_bytes(8, "little") + cell)
+            yield key.digest()
+
+
+def _cell_bytes(column: pa.Array) -> list[bytes]:
+    kind = column.type
+    if ((pa.types.is_list(kind) or pa.types.is_large_list(kind))
+            and (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type))):
+        values = column.flatten().cast(pa.float32(), safe=False).to_numpy(zero_copy_only=False)
+        offsets = column.offsets.to_numpy()
+        offsets = offsets - offsets[0]  # a sliced column's offsets start where its values do
+        return [values[start:end].tobytes() for start, end in zip(offsets[:-1], offsets[1:])]
+    return [repr(value).encode() for value in column.to_pylist()]
 
 
 def _check_pages(name: str, path: str, fs: pafs.FileSystem, files: list[str]) -> None:
@@ -102,6 +147,10 @@ def read_set(info: SetInfo, shuffle_seed: int | None, read_blocks: int | None = 
 
     reader = ray.data.read_parquet if info.format == "parquet" else ray.data.read_json
     ds = reader(info.path, override_num_blocks=read_blocks)
+    # Blocks in order through every later step (the shuffle's input, a task's preparation such
+    # as tokenisation and its materialisation), not in the order their tasks finish: datasets
+    # derived from this one share its context.
+    ds.context.execution_options.preserve_order = True
     if shuffle_seed is None:
         return ds
     blocks = min(MAX_SHUFFLE_BLOCKS, max(1, info.num_rows // ROWS_PER_SHUFFLE_BLOCK))

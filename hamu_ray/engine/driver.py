@@ -1,7 +1,9 @@
 """Driver side of an unlearning job: check inputs, start or join Ray, fit, publish the output.
 
 The output directory appears only when the run succeeds: everything is written to a staging
-directory beside it and renamed at the end, so a failed run leaves no half-written model.
+directory beside it and renamed at the end, so a failed run leaves no half-written model. A run
+that fails after Ray Train registered a checkpoint (Ctrl-C, a lost head node, a failed publish)
+keeps that staging directory: the same command continues from the checkpoint.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,10 +60,10 @@ def run_unlearning(cfg: UnlearnConfig, progress: str | None = None, callbacks=()
         raise OutputExistsError(f"output_dir {out} already exists; choose a new one (nothing is overwritten)")
     sets = check_inputs(cfg)
     started = time.perf_counter()
-    # a driver killed mid-run leaves its staging directory; the same job started again continues
-    # from the last checkpoint Ray Train registered there (Ray Train restores its run from the
-    # same storage path and name)
-    with staging_dir(out, resume_key=job_identity(cfg, sets)) as staging:
+    # a driver killed or failed mid-run leaves its staging directory; the same job started again
+    # continues from the last checkpoint Ray Train registered there (Ray Train restores its run
+    # from the same storage path and name)
+    with staging_dir(out, resume_key=job_identity(cfg, sets), keep_if=kept_for_retry) as staging:
         interrupted = latest_checkpoint(staging / "ray")
         if interrupted is not None:
             say(progress, f"resuming the interrupted run in {staging} from its checkpoint at step "
@@ -114,8 +116,24 @@ def latest_checkpoint(storage: Path) -> dict | None:
         return None
 
 
+def kept_for_retry(staging: Path, error: BaseException) -> bool:
+    """Whether a failed run's staging directory is kept (and says so): when Ray Train has
+    registered a checkpoint there, so that nothing trained is lost; not for a diverged run
+    (continued, it would diverge again)."""
+    checkpoint = latest_checkpoint(staging / "ray")
+    if checkpoint is None or isinstance(error, NonFiniteStatsError):
+        return False
+    metrics = checkpoint["metrics"]
+    kept = ("the trained model (only its publishing is left)" if metrics.get("final") else
+            f"the checkpoint at step {metrics.get('step')}")
+    log.warning("the run stopped (%s); %s is kept in %s: run the same command again to continue, "
+                "or remove that directory to start over", type(error).__name__, kept, staging)
+    return True
+
+
 def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
-    """Every set readable, with its columns, non-empty, large enough for one batch per worker."""
+    """Every set readable, with its columns, non-empty, large enough for one batch per worker;
+    no forget row also a retain row."""
     task = task_for(cfg)
     columns = task.columns()
     paths = {"forget": cfg.data.forget, "retain": cfg.data.retain, "eval": cfg.data.eval,
@@ -128,6 +146,8 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
             raise data.DataError(
                 f"{name} set {sets[name].path}: {sets[name].num_rows} rows give {per_worker} per worker, "
                 f"fewer than data.{name}_batch_size={batch}")
+    if "forget" in sets:
+        data.check_disjoint(sets["forget"], sets["retain"], columns)
     task.check_model()
     for info in sets.values():  # counts and digests only: never the rows
         log.info("%s set: %d rows, sha256 %s", info.name, info.num_rows, info.digest)
@@ -259,8 +279,6 @@ def run_preflight(cfg: UnlearnConfig, rows: int = 64) -> tuple[dict, dict[str, d
     """The hardness pre-flight on the job's own workers and ZeRO stage (no optimizer step):
     whole-set statistics, then the first `rows` forget rows one by one. Returns the raw numbers
     ({"stats": [K, 3], "names": [...], "rows": [N, 2]}) and the sets' infos."""
-    from ray.data import ExecutionOptions
-
     if cfg.data.forget is None:
         raise data.DataError("the hardness pre-flight compares two sets: data.forget is missing")
     if rows < 0:
@@ -269,8 +287,7 @@ def run_preflight(cfg: UnlearnConfig, rows: int = 64) -> tuple[dict, dict[str, d
     task = task_for(cfg)
     with tempfile.TemporaryDirectory() as tmp, ray_session(cfg.cluster):
         datasets = prepared_sets(cfg, {name: sets[name] for name in ("retain", "forget")})
-        first = data.read_set(sets["forget"], None).limit(rows)
-        first.context.execution_options = ExecutionOptions(preserve_order=True)  # row i is row i
+        first = data.read_set(sets["forget"], None).limit(rows)  # in file order: row i is row i
         datasets[PREFLIGHT_ROWS] = task.prepare(first, "forget").materialize()
         config = {"job": cfg.model_dump(), "set_rows": {name: sets[name].num_rows for name in ("retain", "forget")}}
         result = fit(cfg, datasets, Path(tmp) / "ray", loop=preflight_loop_per_worker, loop_config=config)
@@ -320,21 +337,35 @@ def progress_line(row: dict) -> str:
 
 
 def fit_showing_progress(trainer, queue, label: str):
+    """trainer.fit() in a daemon thread while this one prints the progress lines. Ctrl-C (here,
+    in the main thread) stops the waiting at once, not when the training ends (a thread pool
+    would join the fit first): ray_session's shutdown then ends the run."""
     from ray.util.queue import Empty
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(trainer.fit)
-        while not (future.done() and queue.empty()):
-            try:
-                print(f"  [{label}] {queue.get(timeout=0.5)}", flush=True)
-            except Empty:
-                pass
-        return future.result()
+    outcome = {}
+
+    def fit_into_outcome():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # raised again below, in the caller's thread
+            outcome["error"] = exc
+
+    fitting = threading.Thread(target=fit_into_outcome, name="hamu-ray-fit", daemon=True)
+    fitting.start()
+    while fitting.is_alive() or not queue.empty():
+        try:
+            print(f"  [{label}] {queue.get(timeout=0.5)}", flush=True)
+        except Empty:
+            pass
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: Path,
             wall_s: float) -> dict:
-    """Copy the final export out of the Ray checkpoint and write the run summary."""
+    """Copy the final export out of the Ray checkpoint and write the run summary (again, over
+    what a failed earlier try copied, when a kept run is published on a retry)."""
     if result.checkpoint is None:
         raise RuntimeError("the run reported no final checkpoint")
     with result.checkpoint.as_directory() as exported:
@@ -342,7 +373,7 @@ def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: 
             if entry.name == EXPORT_INFO:
                 continue
             if entry.is_dir():
-                shutil.copytree(entry, staging / entry.name)
+                shutil.copytree(entry, staging / entry.name, dirs_exist_ok=True)
             else:
                 shutil.copy2(entry, staging / entry.name)
         info = json.loads((Path(exported) / EXPORT_INFO).read_text())

@@ -33,10 +33,9 @@ def build_sets(cfg, directory: Path) -> dict:
     if d.source == "country-qa":
         sets = country_qa.build(forget_share=d.forget_share, holdout_share=d.holdout_share, seed=d.seed)
     else:
-        sets = {name: user_data.read_table(info).to_pylist() for name, info in user_data.user_sets(cfg).items()}
-        q, a = d.text.question_column, d.text.answer_column
-        digests = {name: [user_data.qa_digest(r[q], r[a]) for r in sets[name]] for name in ("forget", "retain")}
-        user_data.check_disjoint(digests["forget"], digests["retain"], cfg, f"{q} and {a}")
+        infos = user_data.user_sets(cfg)
+        user_data.check_disjoint(cfg, infos)
+        sets = {name: user_data.read_table(info).to_pylist() for name, info in infos.items()}
         check_truth_columns(cfg, sets)
     if cfg.model.init is not None:  # the original is trained here
         sets["train"] = sets["forget"] + sets["retain"]

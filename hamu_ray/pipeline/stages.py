@@ -34,6 +34,7 @@ from hamu_ray.pipeline import registry
 from hamu_ray.pipeline.tracking import (Tracker, check_reachable, refuse_local_store_on_cluster, tracking_uri,
                                         ui_command)
 from hamu_ray.engine.worker import EXPORT_LOG
+from hamu_ray.errors import OutputExistsError
 from hamu_ray.tasks.causal_lm import MODEL_DIR
 from hamu_ray.tasks.classifier import EXPORT_WEIGHTS
 
@@ -82,6 +83,7 @@ class PipelineResult:
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     out = Path(cfg.output_dir).resolve()
+    check_output_dir(out)
     uri = tracking_uri(cfg.tracking.uri, out)
     # A new output_dir goes again if the call fails before a training stage starts. The MLflow
     # store (sqlite in output_dir by default) opens only once the sets exist and Ray is up:
@@ -108,6 +110,28 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     print(f"\nreport: {report}\nMLflow: {ui_command(uri)}", flush=True)
     tracker.finish()  # a server that stopped answering: the command that uploads the rest
     return PipelineResult(rows, table, report, uri, parent)
+
+
+# What a pipeline or a search writes at the top of its output_dir: the stages, the report, the
+# searches, the default MLflow store (sqlite, with its journal files) and its artifacts.
+OUTPUT_ENTRIES = ("stages", "report", "tune", "mlflow.db", "mlartifacts", "mlflow-unsent")
+
+
+def check_output_dir(out: Path) -> None:
+    """A pipeline writes into a new or empty directory, or into a pipeline's earlier output (its
+    stages are reused); a directory holding anything else is refused, so nothing is ever
+    written beside the user's own files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"output_dir {out} is a file; choose a new or empty directory")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in OUTPUT_ENTRIES and not p.name.startswith("mlflow.db-"))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise OutputExistsError(
+            f"output_dir {out} holds files that are not a pipeline's output ({', '.join(foreign[:3])}{more}); "
+            "choose a new or empty directory, or the output_dir of an earlier run")
 
 
 def write_config(cfg: PipelineConfig, report: Path) -> Path:

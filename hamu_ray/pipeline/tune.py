@@ -78,6 +78,7 @@ def run_search(cfg: PipelineConfig) -> SearchResult:
     if cfg.is_lm:
         lm_pipeline.check_searchable(cfg)  # before anything is written
     out = Path(cfg.output_dir).resolve()
+    pipeline.check_output_dir(out)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     directory = out / "tune" / f"search-{search_key(cfg)}"
     report = directory / "report"

@@ -1,16 +1,14 @@
 """The user's own sets and models (`data.source: files`, `model.path` / `model.weights`): opened
 and checked before Ray starts, the same way for a language model and a classifier. Rows are
-named by number and digest in every message, never by content (forget rows are sensitive)."""
+named by number in every message, never by content (forget rows are sensitive)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -47,21 +45,9 @@ def qa_digest(question: str, answer: str) -> str:
     return hashlib.sha256(json.dumps([question, answer]).encode()).hexdigest()
 
 
-def example_digests(x: np.ndarray, y: np.ndarray) -> list[str]:
-    """sha256 of each classifier row: its float32 input bytes and its label."""
-    return [hashlib.sha256(row.tobytes() + int(label).to_bytes(8, "little", signed=True)).hexdigest()
-            for row, label in zip(np.ascontiguousarray(x, np.float32), y)]
-
-
-def check_disjoint(forget: Sequence[str], retain: Sequence[str], cfg, same: str) -> None:
-    """A forget row that is also a retain row (same digest) would be learnt and unlearnt at
-    once: refused, named by row number and digest."""
-    retained = set(retain)
-    shared = [(i, digest) for i, digest in enumerate(forget) if digest in retained]
-    if shared:
-        first = ", ".join(f"row {i} (sha256 {digest[:12]})" for i, digest in shared[:3])
-        raise data.DataError(f"forget set {cfg.data.forget}: {len(shared)} row(s) also in the retain "
-                             f"set {cfg.data.retain} (same {same}): {first}; remove them from one")
+def check_disjoint(cfg, sets: dict[str, data.SetInfo]) -> None:
+    """No forget row in the retain set (the engine's check, on the user's files, before Ray)."""
+    data.check_disjoint(sets["forget"], sets["retain"], set_columns(cfg))
 
 
 # ---- a classifier's files ------------------------------------------------------------------------
@@ -69,17 +55,12 @@ def check_disjoint(forget: Sequence[str], retain: Sequence[str], cfg, same: str)
 def write_classifier_sets(cfg, directory: Path) -> dict[str, str]:
     """forget / retain / test as the pipeline's x (list<float32>) and y (int64) parquet files,
     from the user's columns; forget rows found in retain are refused."""
-    from hamu_ray.pipeline.datasets import read_split
-
-    d, paths = cfg.data, {}
-    for name, info in user_sets(cfg).items():
+    d, paths, sets = cfg.data, {}, user_sets(cfg)
+    check_disjoint(cfg, sets)
+    for name, info in sets.items():
         paths[name] = str(directory / f"{name}.parquet")
         with files.atomic_path(paths[name], mode=0o600) as tmp:
             pq.write_table(classifier_table(read_table(info), info, d.input_column, d.label_column), tmp)
-    splits = {name: read_split(paths[name]) for name in ("forget", "retain")}
-    check_disjoint(example_digests(splits["forget"].x, splits["forget"].y),
-                   example_digests(splits["retain"].x, splits["retain"].y), cfg,
-                   f"{d.input_column} and {d.label_column}")
     return paths
 
 

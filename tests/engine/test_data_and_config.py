@@ -91,6 +91,25 @@ def test_too_few_rows_for_the_workers(sets):
         check_inputs(cfg)
 
 
+def test_unlearn_refuses_forget_rows_that_are_retain_rows_by_their_numbers_only(tmp_path, capsys):
+    from hamu_ray.cli import main
+
+    retain = pa.table({"x": pa.array([[0.5 * i, 1.0] for i in range(6)], pa.list_(pa.float32())),
+                       "y": [0, 1, 2, 0, 1, 2]})
+    # float64 inputs, as the model reads them in float32: rows 1 and 3 are retain rows 5 and 1;
+    # row 2 has retain row 4's input with another label
+    forget = pa.table({"x": [[9.25, 9.25], [2.5, 1.0], [2.0, 1.0], [0.5, 1.0]], "y": [0, 2, 0, 1]})
+    pq.write_table(retain, tmp_path / "retain.parquet")
+    pq.write_table(forget, tmp_path / "forget.parquet")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw(tmp_path)))
+    assert main(["unlearn", str(tmp_path / "job.yaml")]) == 2
+    message = capsys.readouterr().err
+    assert (f"forget set {tmp_path}/forget.parquet: 2 row(s) also in the retain set {tmp_path}/retain.parquet "
+            "(the same x and y): forget row 1 = retain row 5, forget row 3 = retain row 1; remove them from one") \
+        in message, message
+    assert "2.5" not in message and not (tmp_path / "out").exists()  # no row content; nothing written
+
+
 def test_config_errors_name_the_file_and_every_field(sets):
     bad = raw(sets)
     bad["train"] = {"lr": -1, "zero_stage": 4}

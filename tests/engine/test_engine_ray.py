@@ -189,6 +189,43 @@ def test_worker_shards_do_not_depend_on_the_block_layout_and_reshuffle_every_epo
     assert rank0_epoch0 != sorted(rank0_epoch0)  # shuffled, not in file order
 
 
+def slow_on_block_with(first_id: int):
+    """A stand-in for a task's preparation (the causal LM's tokenisation): 2 s slower on the
+    block that holds row `first_id`, so that block's task finishes last."""
+    def prepare(batch: pa.Table) -> pa.Table:
+        import time
+
+        if first_id in batch.column("id").to_pylist():
+            time.sleep(2)
+        return batch
+    return prepare
+
+
+def prepared_ids(info, seed, prepare) -> list[int]:
+    """The set read as the engine reads it, prepared by `prepare` and materialised (as
+    CausalLMTask.prepare does): its row ids in the resulting order."""
+    from hamu_ray.engine import data
+
+    ds = data.read_set(info, seed).map_batches(prepare, batch_format="pyarrow").materialize()
+    return [row["id"] for row in ds.iter_rows()]
+
+
+def test_a_set_of_two_files_keeps_its_order_when_the_earlier_block_is_prepared_last(ray_cluster, tmp_path,
+                                                                                   monkeypatch):
+    from hamu_ray.engine import data
+
+    files = tmp_path / "ids.parquet"  # a set of two files, as Spark writes one
+    files.mkdir()
+    for part in range(2):
+        pq.write_table(pa.table({"id": list(range(20 * part, 20 * part + 20))}), files / f"part-{part}.parquet")
+    info = data.inspect_set("retain", str(files), ["id"])
+    assert prepared_ids(info, None, slow_on_block_with(0)) == list(range(40))  # file order
+    monkeypatch.setattr(data, "ROWS_PER_SHUFFLE_BLOCK", 20)  # two blocks after the seeded shuffle
+    shuffled = prepared_ids(info, 3, slow_on_block_with(-1))
+    assert sorted(shuffled) == list(range(40)) and shuffled != list(range(40))
+    assert prepared_ids(info, 3, slow_on_block_with(shuffled[0])) == shuffled  # the same seed, the same order
+
+
 def mini_batch_reference(root, cfg, world=2):
     """The single-process step on exactly the batches the engine's sharding and pairing give each
     rank (rebuilt here on the driver), the ranks' batches of a step joined into one."""
@@ -258,3 +295,62 @@ def test_a_worker_killed_with_sigkill_resumes_to_the_uninterrupted_result(ray_cl
     assert steps == resumed.steps == 6 and resumed.resumed_from_step >= 2
     assert_same_weights(resumed.output_dir, expected)
     assert not list(tmp_path.glob(".killed.*"))  # the staging directory is gone
+
+
+def test_ctrl_c_and_a_failed_publish_lose_nothing_and_the_same_command_finishes_the_run(
+        ray_cluster, inputs, tmp_path, monkeypatch, caplog):
+    """`hamu-ray unlearn` gets SIGINT once a checkpoint is registered: its staging directory
+    stays, and it says how to go on. The same job continues from that checkpoint and its
+    publishing fails (the receipt writer raises): the trained model stays. Run once more, only
+    the publishing is done, and the model is the one an uninterrupted run makes."""
+    import errno
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from hamu_ray import receipt
+    from hamu_ray.engine.driver import latest_checkpoint
+
+    root, _ = inputs
+    cfg = config(root, tmp_path / "out", epochs=3, checkpoint_every=1)  # 6 steps, a checkpoint after each
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"retain_batch_size": 2, "forget_batch_size": 1, "shuffle_seed": 3})})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    staging, printed = tmp_path / ".out.partial", tmp_path / "driver.log"
+    with open(printed, "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "hamu_ray.cli", "unlearn", str(tmp_path / "job.yaml")],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    try:
+        while registered_step(staging / "ray") < 1:
+            assert driver.poll() is None and time.monotonic() < deadline, printed.read_text()[-3000:]
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert f"is kept in {staging}: run the same command again to continue" in printed.read_text(), \
+        printed.read_text()[-3000:]
+    interrupted_at = registered_step(staging / "ray")
+    assert 1 <= interrupted_at < 6 and not (tmp_path / "out").exists()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(receipt, "build", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_unlearning(cfg)
+    assert latest_checkpoint(staging / "ray")["metrics"]["final"] and not (tmp_path / "out").exists()
+    assert "the trained model (only its publishing is left) is kept in" in caplog.text
+    monkeypatch.undo()
+
+    result = run_unlearning(cfg)
+    expected, steps = mini_batch_reference(root, cfg)
+    assert result.steps == steps == 6 and result.resumed_from_step >= interrupted_at
+    assert_same_weights(result.output_dir, expected)
+    assert json.loads((result.output_dir / "receipt.json").read_text())["steps"] == 6
+    assert not list(tmp_path.glob(".out.*"))  # no staging directory, no owner record

@@ -222,7 +222,7 @@ def test_user_inputs_are_refused_with_one_clear_error_before_ray(qa_run, tmp_pat
     overlap = tmp_path / "retain_with_forget_rows.parquet"
     pq.write_table(pa.Table.from_pylist(retain + forget[3:5]), overlap)
     cfg = byo_config(tmp_path / "a", stages, edit=lambda raw: raw["data"].update(retain=str(overlap)))
-    with pytest.raises(DataError, match=r"2 row\(s\) also in the retain set .* row 3 \(sha256 "):
+    with pytest.raises(DataError, match=r"2 row\(s\) also in the retain set .*: forget row 3 = retain row \d+, forget row 4 = "):
         run_pipeline(cfg)
     assert not (tmp_path / "a").exists()
 
