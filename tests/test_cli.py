@@ -97,8 +97,8 @@ def test_validate_reads_pipelines_and_jobs_without_importing_ray(tmp_path):
 def test_validate_prints_the_config_errors_and_exits_2(tmp_path, capsys):
     assert cli.main(["validate", str(PIPELINE), "unlearn.lr=-1", "methods.1.name=nope"]) == 2
     err = capsys.readouterr().err
-    assert f"{PIPELINE}: unlearn.lr: Input should be greater than 0" in err
-    assert f"{PIPELINE}: methods.1: Value error, unknown method 'nope'" in err
+    assert f"command line 'unlearn.lr=-1' (over {PIPELINE}): unlearn.lr: Input should be greater than 0" in err
+    assert f"{PIPELINE} with command line 'methods.1.name=nope': methods.1: Value error, unknown method 'nope'" in err
     neither = tmp_path / "neither.yaml"
     neither.write_text("name: x\n")
     assert cli.main(["validate", str(neither)]) == 2

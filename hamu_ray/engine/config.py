@@ -25,7 +25,8 @@ MOVES_WITHOUT_FORGET_GRADIENT = ("gdiff", "pcgrad", "hamu-u", "ft")
 
 
 class DataSection(Section):
-    forget: str | None  # parquet or jsonl, a local path or a URI; None: plain training on retain
+    forget: str | None = None  # parquet or jsonl, a local path or a URI; None (or left out):
+    # plain training on retain, method ft
     retain: str
     eval: str | None = None
     input_column: str = "x"  # classifier: list of floats per row
@@ -75,7 +76,9 @@ class MethodSection(Section):
             get_rule(self.rule_name, **self.hparams)
         except TypeError as exc:  # a required hyper-parameter is missing: pydantic would not
             # turn a TypeError into a field error, so it would escape as a traceback
-            raise ValueError(f"rule {self.rule_name}: {exc}") from None
+            raise ValueError(f"{self._rule_origin()}rule {self.rule_name}: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"{self._rule_origin()}{exc}") from None
         reason = ZERO_FORGET_GRADIENT_AT_START.get(self.spec.forget)
         if reason and self.rule_name not in MOVES_WITHOUT_FORGET_GRADIENT:
             raise ValueError(
@@ -83,6 +86,13 @@ class MethodSection(Section):
                 f"({self.spec.forget}) has a zero gradient at the original model ({reason}), and "
                 f"{self.rule_name} has nothing to move along; valid rules for {self.name}: "
                 f"{', '.join(MOVES_WITHOUT_FORGET_GRADIENT)}")
+
+    def _rule_origin(self) -> str:
+        """Where the rule comes from, when the user did not write it: the method's own."""
+        if self.rule is not None or self.rule_name == self.name:
+            return ""
+        return (f"method {self.name} runs rule {self.rule_name} (its own; method.rule, e.g. "
+                "hamu-q, runs it under another): ")
 
     @property
     def spec(self) -> Method:

@@ -14,7 +14,7 @@ from hamu_ray.engine.config import ClusterSection, MethodSection, TrainSettings,
 from hamu_ray.tasks.causal_lm import LoraSection, TextData
 from hamu_ray.tasks.classifier import ClassifierModel
 from hamu_ray.tasks.small_llama import SmallLlama
-from hamu_ray.schema import Section, load, tagged
+from hamu_ray.schema import FieldError, Section, field_path, load, problem, tagged
 
 
 def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
@@ -260,12 +260,8 @@ class PipelineConfig(Section):
                              "needs one); a built-in image set trains its own")
         if not self.is_lm and self.model.oracle is not None and self.model.weights is None:
             raise ValueError("model.oracle: an oracle goes with model.weights (your own classifier)")
-        for m in self.methods:  # overrides are validated here, not at the method's stage
-            try:
-                self.unlearn_settings(m)
-            except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-                raise ValueError(f"method {m.key}: train overrides: {problems}") from None
+        for i, m in enumerate(self.methods):  # overrides are validated here, not at the method's stage
+            self._check_train_overrides(i, m)
         if self.tune is not None and not self.has_oracle:
             raise ValueError("tune: the search ranks trials by forget quality against the oracle; "
                              "give model.oracle")
@@ -278,6 +274,19 @@ class PipelineConfig(Section):
             raise ValueError("monitor.stop_at: oracle needs an oracle model (model.oracle); give "
                              "one, or a forget probability to stop at")
         return self
+
+    def _check_train_overrides(self, index: int, entry: MethodEntry) -> None:
+        """The entry's `train:` over the pipeline's unlearn settings, each error at its key."""
+        try:
+            self.unlearn_settings(entry)
+        except ValidationError as exc:
+            errors = exc.errors()
+            where = f"methods.{index}.train"
+            if len(errors) == 1:
+                raise FieldError(f"{where}.{field_path(errors[0]['loc'])}",
+                                 problem(errors[0], TrainSettings)) from None
+            raise FieldError(where, "; ".join(f"{field_path(e['loc'])}: {problem(e, TrainSettings)}"
+                                              for e in errors)) from None
 
     def _check_files(self) -> None:
         """Each file setting belongs to one kind of model."""

@@ -303,7 +303,7 @@ def test_a_users_classifier_inputs_are_refused_before_ray(pipeline_runs, tmp_pat
     (PIPELINE, lambda raw: raw["data"].update(source="cifar"),
      "data: source must be one of fashion-mnist, digits, country-qa, files"),
     (PIPELINE, lambda raw: raw["methods"].append({"name": "gdiff"}), "labels must be unique"),
-    (PIPELINE, lambda raw: raw["methods"][0].update(train={"lr": -1}), "method hamu-q: train overrides: lr: Input should be greater than 0"),
+    (PIPELINE, lambda raw: raw["methods"][0].update(train={"lr": -1}), "methods.0.train.lr: Input should be greater than 0"),
     (PIPELINE, lambda raw: raw["methods"][0].update(name="hamu-z"), "methods.0: Value error, unknown method 'hamu-z'"),
     (COUNTRY_QA, lambda raw: raw.update(model={"kind": "mlp", "sizes": [4, 2]}), "do not go together"),
     (COUNTRY_QA, lambda raw: raw["data"].update(forget_share=0.6, holdout_share=0.5), "must leave countries to retain"),
