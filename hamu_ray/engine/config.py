@@ -13,7 +13,7 @@ from hamu_ray.rules import get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
 from hamu_ray.tasks.causal_lm import CausalLMModel, TextData
 from hamu_ray.tasks.classifier import ClassifierModel
-from hamu_ray.schema import Section, load, tagged, validate
+from hamu_ray.schema import ConfigError, Section, load, read_yaml, tagged, validate
 
 # Forget objectives whose gradient is zero at the original model, and why. Under such an
 # objective only a rule that also steps along g_r leaves the start; the others stop at step 1
@@ -178,7 +178,21 @@ class UnlearnConfig(Section):
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> UnlearnConfig:
+    refuse_pipeline(read_yaml(path), path)
     return load(path, overrides, UnlearnConfig)
+
+
+def refuse_pipeline(raw: dict[str, Any], path: str | Path) -> None:
+    """A pipeline where a job belongs: one message saying what to do instead (the schema's
+    errors would be one per key the two do not share)."""
+    if "methods" not in raw:
+        return
+    labels = [m.get("label") or m.get("name") for m in raw["methods"] if isinstance(m, dict)] \
+        if isinstance(raw["methods"], list) else []
+    example = f" (e.g. --method {labels[0]})" if labels and isinstance(labels[0], str) else ""
+    raise ConfigError(f"{path} is a pipeline (it has methods:), not a job (method: and output_dir:): "
+                      f"`hamu-ray run` runs it; `hamu-ray plan` and `hamu-ray hardness` take the job of "
+                      f"one of its methods with --method LABEL{example}")
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>", schema: type[Section] | None = None):

@@ -230,7 +230,8 @@ class PipelineConfig(Section):
     output_dir: str  # stages are cached here by a hash of their inputs: a re-run skips them
     data: PipelineData  # a built-in image set (classifiers) or country QA (language models)
     model: PipelineModel
-    train: TrainSettings  # the original model and the retrain oracle
+    train: TrainSettings | None = None  # the original model and the retrain oracle, when the
+    # pipeline trains them (required then; your own model, model.weights or model.path, leaves it out)
     unlearn: TrainSettings  # every method, unless its entry overrides a field
     methods: list[MethodEntry] = Field(min_length=1)
     cluster: ClusterSection = ClusterSection()
@@ -265,7 +266,12 @@ class PipelineConfig(Section):
         if self.tune is not None and not self.has_oracle:
             raise ValueError("tune: the search ranks trials by forget quality against the oracle; "
                              "give model.oracle")
-        if self.is_lm and (self.model.dtype == "bf16") != (self.train.bf16 and self.unlearn.bf16):
+        if self.train is None and self.given_original is None:
+            raise FieldError("train", "Field required: the pipeline trains its original model and the "
+                             "oracle with these settings (only your own model, model.weights or "
+                             "model.path, goes without)")
+        trained_bf16 = (self.train is None or self.train.bf16) and self.unlearn.bf16
+        if self.is_lm and (self.model.dtype == "bf16") != trained_bf16:
             raise ValueError(f"model.dtype {self.model.dtype} needs train.bf16 and unlearn.bf16 "
                              "to match it (bf16 weights train in DeepSpeed's bf16 mode)")
         if self.tune is not None:
@@ -309,10 +315,14 @@ class PipelineConfig(Section):
                                  "and membership inference)")
 
     @property
+    def given_original(self) -> str | None:
+        """The user's own original model (None: the pipeline trains it)."""
+        return self.model.path if self.is_lm else self.model.weights
+
+    @property
     def has_oracle(self) -> bool:
         """Trained here, or given by the user."""
-        given = self.model.path if self.is_lm else self.model.weights
-        return given is None or self.model.oracle is not None
+        return self.given_original is None or self.model.oracle is not None
 
     def _check_search(self, tune: TuneSection) -> None:
         entry = self.method_entry(tune.method)
