@@ -21,10 +21,10 @@ def local_inputs(cfg) -> list[tuple[str, str]]:
 
 
 def is_hub_name(path: str) -> bool:
-    """A language model's path that is no local directory is a hub name (`org/name`), as its
-    task reads it; an absolute or ./-relative path, or one of more parts, is always local."""
+    """A language model's path that is no local directory and reads `org/name` is a hub name
+    (as the task reads it); an absolute or ./-relative path is always local."""
     return (not Path(path).expanduser().exists() and not path.startswith((".", "/", "~"))
-            and path.count("/") <= 1)
+            and path.count("/") == 1)
 
 
 def missing_inputs(cfg) -> list[tuple[str, str]]:
