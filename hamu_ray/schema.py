@@ -57,7 +57,7 @@ def parse_override(override: str, source: str) -> tuple[list[str], Any]:
     keys = path.strip().split(".")
     if not sep or not all(keys):
         raise ConfigError(f"{source}: override {override!r}: expected KEY=VALUE with a dotted key, "
-                          "e.g. unlearn.lr=0.02 or methods.0.hparams.constraint=0.1")
+                          "e.g. train.lr=0.02 (a key of pipelines and jobs alike)")
     try:
         return keys, yaml.safe_load(text)
     except yaml.YAMLError as exc:
