@@ -16,9 +16,11 @@ from hamu_ray.errors import UserError
 
 ADDRESS_HELP = ("the Ray dashboard's HTTP address, e.g. http://HEAD:8265 "
                 "(default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
-OVERRIDES_HELP = ("KEY=VALUE overrides of the YAML, e.g. unlearn.lr=0.02 "
-                  "methods.0.hparams.constraint=0.1 (dotted keys, integers index lists, "
-                  "values read as YAML)")
+# KEY=VALUE examples per kind of YAML: a pipeline's keys are refused in a job, and back
+PIPELINE_OVERRIDES = "unlearn.lr=0.02 methods.0.hparams.constraint=0.1"
+JOB_OVERRIDES = "train.lr=0.02 method.hparams.constraint=0.1"
+METHOD_HELP = ("with a pipeline YAML: the job of its method with this label, on the sets and "
+               "original model `hamu-ray run` made (kept in its output_dir)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+def add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help=f"KEY=VALUE overrides of the YAML, e.g. {example} (dotted keys, integers "
+                        "index lists, values read as YAML)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a pipeline: prepare, train, unlearn, evaluate, compare")
     run.add_argument("pipeline", help="pipeline YAML (see pipelines/)")
-    add_overrides(run)
+    add_overrides(run, PIPELINE_OVERRIDES)
     run.set_defaults(handler=run_command)
 
     tune = commands.add_parser("tune", help="search a method's threshold with Ray Tune (the tune: section)")
     tune.add_argument("pipeline", help="pipeline YAML with a tune: section; running it again resumes")
-    add_overrides(tune)
+    add_overrides(tune, PIPELINE_OVERRIDES)
     tune.set_defaults(handler=tune_command)
 
     bench = commands.add_parser("bench", help="time every method's step side by side (ZeRO 0-3, 1-2 workers)")
@@ -97,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     preflight = commands.add_parser("hardness", help="the hardness pre-flight of a job: how much forget gain "
                                     "its sets allow without retain damage (no step taken)")
-    preflight.add_argument("config", help="job YAML (as for `hamu-ray unlearn`)")
-    add_overrides(preflight)
+    preflight.add_argument("config", help="job YAML (as for `hamu-ray unlearn`), or a pipeline YAML "
+                           "with --method")
+    add_overrides(preflight, JOB_OVERRIDES)
+    preflight.add_argument("--method", metavar="LABEL", help=METHOD_HELP)
     preflight.add_argument("--out", help="new directory for hardness.json/.md/.png (default: output_dir + '-hardness')")
     preflight.add_argument("--rows", type=int, default=64, help="forget rows scored one by one, from the "
                            "first (default 64; each costs one backward)")
@@ -107,19 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     unlearn = commands.add_parser("unlearn", help="run one unlearning job on the engine")
     unlearn.add_argument("config", help="job YAML: data, model, method, train, cluster, output_dir")
-    add_overrides(unlearn)
+    add_overrides(unlearn, JOB_OVERRIDES)
     unlearn.set_defaults(handler=unlearn_command)
 
     validate = commands.add_parser("validate", help="check a pipeline or job YAML; starts nothing")
     validate.add_argument("config", help="pipeline YAML (has methods:) or job YAML (has method: "
                           "and output_dir:)")
-    add_overrides(validate)
+    add_overrides(validate, f"{PIPELINE_OVERRIDES} for a pipeline, {JOB_OVERRIDES} for a job")
+    validate.add_argument("--skip-inputs", action="store_true", help="do not check that the local "
+                          "files and directories it reads exist (e.g. paths on cluster storage)")
     validate.set_defaults(handler=validate_command)
 
     plan = commands.add_parser("plan", help="per-GPU memory of a causal-LM job's model, from its "
                                "config.json (no weights loaded): does it fit?")
-    plan.add_argument("config", help="job YAML with model.kind causal_lm")
-    add_overrides(plan)
+    plan.add_argument("config", help="job YAML with model.kind causal_lm, or a pipeline YAML with --method")
+    add_overrides(plan, JOB_OVERRIDES)
+    plan.add_argument("--method", metavar="LABEL", help=METHOD_HELP + " (or not yet: a plan reads no data)")
     plan.add_argument("--gpus-per-node", type=int, default=8)
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
     plan.add_argument("--model-config", help="a config.json (or its directory) to size instead of "
@@ -127,12 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=plan_command)
 
-    methods = commands.add_parser("methods", help="list the methods a pipeline can use")
+    methods = commands.add_parser("methods", help="list the methods, each with its rule and "
+                                  "hyper-parameters (and their defaults)")
     methods.set_defaults(handler=methods_command)
 
     submit = commands.add_parser("submit", help="run a pipeline on a Ray cluster as a Ray job")
     submit.add_argument("pipeline", help="pipeline YAML; validated here before anything is sent")
-    add_overrides(submit)
+    add_overrides(submit, PIPELINE_OVERRIDES)
     submit.add_argument("--address", help=ADDRESS_HELP)
     submit.add_argument("--tune", action="store_true", help="run `hamu-ray tune` on it instead of `run`")
     submit.add_argument("--no-follow", dest="follow", action="store_false",
@@ -197,11 +207,10 @@ def hardness_command(args) -> int:
     from pathlib import Path
 
     from hamu_ray import hardness
-    from hamu_ray.engine.config import load_config
 
     if args.rows < 0:
         raise UserError(f"--rows must be ≥ 0, got {args.rows}")
-    cfg = load_config(args.config, args.overrides)
+    cfg = job_of(args)
     out = Path(args.out or f"{cfg.output_dir.rstrip('/')}-hardness")
     summary = hardness.main(cfg, out, args.rows, args.tracking_uri)
     print(summary["verdict"])
@@ -219,26 +228,61 @@ def validate_command(args) -> int:
         cfg = load_pipeline(source, args.overrides)
         keys = [m.key for m in cfg.methods]
         search = f"; tune: {cfg.tune.method}" if cfg.tune is not None else ""
-        print(f"{source}: valid pipeline {cfg.name} ({len(keys)} method{'s' * (len(keys) != 1)}: "
-              f"{', '.join(keys)}{search})")
+        what = (f"valid pipeline {cfg.name} ({len(keys)} method{'s' * (len(keys) != 1)}: "
+                f"{', '.join(keys)}{search})")
     else:
-        job = load_config(source, args.overrides)
-        print(f"{source}: valid job (method {job.method.name}, rule {job.method.rule_name}, "
-              f"{job.cluster.num_workers} workers, output_dir {job.output_dir})")
+        cfg = load_config(source, args.overrides)
+        what = (f"valid job (method {cfg.method.name}, rule {cfg.method.rule_name}, "
+                f"{cfg.cluster.num_workers} workers, output_dir {cfg.output_dir})")
+    print(f"{source}: {what}; {checked_inputs(cfg, source, args.skip_inputs)}")
     return 0
+
+
+def checked_inputs(cfg, source: str, skip: bool) -> str:
+    """What validate says of the inputs: their paths exist here (else one error naming each),
+    or that they were not checked. Their content is read when a command runs."""
+    from hamu_ray.inputs import local_inputs, missing_inputs
+    from hamu_ray.schema import ConfigError
+
+    if skip:
+        return "inputs not checked (--skip-inputs)"
+    missing = missing_inputs(cfg)
+    if missing:
+        raise ConfigError("\n".join([*(f"{source}: {field}: no such file or directory: {path}"
+                                       for field, path in missing),
+                                     "(--skip-inputs for paths on another machine's storage)"]))
+    found = len(local_inputs(cfg))
+    if not found:
+        return "it names no local input"
+    return f"its {found} local input{'s' * (found != 1)} exist (their content is read when it runs)"
 
 
 def plan_command(args) -> int:
     import json
 
     from hamu_ray import plan
-    from hamu_ray.engine.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = job_of(args, needs_sets=False)
     result = plan.plan(cfg, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory,
                        model_config=args.model_config)
     print(json.dumps(plan.as_dict(result), indent=2) if args.json else plan.describe(result))
     return 0 if result.fits else 1
+
+
+def job_of(args, *, needs_sets: bool = True):
+    """The job a command works on: a job YAML, or with --method one method's job of a pipeline."""
+    from hamu_ray.engine.config import load_config
+    from hamu_ray.schema import config_kind, read_yaml
+
+    if args.method is None:
+        return load_config(args.config, args.overrides)
+    if config_kind(read_yaml(args.config), args.config) != "pipeline":
+        raise UserError(f"--method {args.method}: {args.config} is a job, not a pipeline; "
+                        "leave --method out")
+    from hamu_ray.pipeline.config import load_pipeline
+    from hamu_ray.pipeline.stages import method_job
+
+    return method_job(load_pipeline(args.config, args.overrides), args.method, needs_sets=needs_sets)
 
 
 def bench_command(args) -> int:
@@ -310,11 +354,27 @@ def zero_config(text: str) -> dict:
 
 
 def methods_command(args) -> int:
-    from hamu_ray.objectives import METHODS
+    from hamu_ray.objectives import METHODS, hyper_parameters
 
+    print("Each method: what it does; its rule (method.rule runs it under another), method.hparams "
+          "and method.objective with their defaults.\n")
     for name, method in METHODS.items():
-        print(f"{name:18} {method.summary}")
+        rule = "one backward, no rule" if method.implicit else f"rule {method.rule}"
+        sections = [f"{section}: {listed(params)}" for section, params in hyper_parameters(method).items()
+                    if params or section == "hparams"]
+        print(f"{name:18} {method.summary}\n{'':18} {rule}; {'; '.join(sections)}")
     return 0
+
+
+def listed(params: dict) -> str:
+    """name=default, …; a required one as `name (required)`; YAML's true/false."""
+    import dataclasses
+
+    def entry(name: str, default) -> str:
+        if default is dataclasses.MISSING:
+            return f"{name} (required)"
+        return f"{name}={str(default).lower() if isinstance(default, bool) else default}"
+    return ", ".join(entry(name, default) for name, default in params.items()) or "none"
 
 
 def submit_command(args) -> int:

@@ -30,6 +30,7 @@ from hamu_ray.schema import ConfigError
 from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
 from hamu_ray.schema import read_yaml
 from hamu_ray.errors import UserError
+from hamu_ray.inputs import local_inputs
 
 PACKAGE_DIR = Path(hamu_ray.__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -109,10 +110,6 @@ def resolve_address(address: str | None) -> str:
     return address if "://" in address else f"http://{address}"
 
 
-# the config fields that name local files or directories (a built-in set's `forget` is a request)
-LOCAL_INPUTS = {"data": ("root", "forget", "retain", "test", "holdout"), "model": ("weights", "path", "oracle")}
-
-
 def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = False,
                 tracking_uri: str | None = None, output_dir: str | None = None,
                 runtime_env_file: str | Path | None = None, overrides: Sequence[str] = ()) -> JobSpec:
@@ -167,15 +164,8 @@ def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = Fa
 
 def relative_paths(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """(field, path) of every local input named by a relative path: the built-in sets' root, the
-    user's files, weights and model directories (a URI such as s3://… is not local; a language
-    model's path that is no local directory is a hub name, as its task reads it)."""
-    named = {f"{section}.{name}": getattr(getattr(cfg, section), name, None)
-             for section, names in LOCAL_INPUTS.items() for name in names}
-    if cfg.model.kind == "causal_lm":
-        named = {field: path for field, path in named.items()
-                 if not field.startswith("model.") or (path is not None and Path(path).exists())}
-    return [(field, path) for field, path in named.items()
-            if isinstance(path, str) and "://" not in path and not Path(path).is_absolute()]
+    user's files, weights and model directories (inputs.local_inputs)."""
+    return [(field, path) for field, path in local_inputs(cfg) if not Path(path).is_absolute()]
 
 
 def read_runtime_env_file(path: str | Path) -> dict[str, Any]:

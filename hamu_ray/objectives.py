@@ -18,6 +18,8 @@ step on the concatenated batch; a token mean would weight ranks by their token c
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,6 +131,20 @@ def check_objective_params(method: Method, params: dict) -> None:
     if unknown:
         raise ValueError(f"unknown objective parameter(s) {', '.join(unknown)} for this method; "
                          f"it takes {', '.join(sorted(known)) or 'none'}")
+
+
+def hyper_parameters(method: Method) -> dict[str, dict]:
+    """A method's hyper-parameters with their defaults (dataclasses.MISSING: required): its
+    rule's (method.hparams) and its objectives' (method.objective)."""
+    from hamu_ray.rules import RULES
+    from hamu_ray.rules.surgery import ImplicitSurgeryParams
+
+    params = ImplicitSurgeryParams if method.implicit else RULES[method.rule].params
+    objective = {}
+    for name in (method.retain, method.forget):
+        signature = inspect.signature(OBJECTIVES[name].fn).parameters
+        objective |= {p: signature[p].default for p in OBJECTIVES[name].params}
+    return {"hparams": {f.name: f.default for f in dataclasses.fields(params)}, "objective": objective}
 
 
 def needs_reference(method: Method) -> bool:

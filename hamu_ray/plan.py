@@ -17,9 +17,13 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hamu_ray import quiet
 from hamu_ray.errors import MissingInputError
 
 GB = 1e9
+# DeepSpeed's guess at import on a machine without a GPU (printed on stdout): the plan is for
+# the cluster's GPUs, whatever this machine has
+ACCELERATOR_GUESS = "Setting accelerator to CPU"
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,9 @@ def model_size(config_path: str | Path, lora=None) -> ModelSize:
 def plan(cfg, *, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
          model_config: str | None = None) -> MemoryPlan:
     """The per-GPU and per-node memory of `cfg`'s causal LM on cfg.cluster.num_workers GPUs."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    with quiet.without_log_messages("DeepSpeed", ACCELERATOR_GUESS):  # a plan uses no accelerator
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     from hamu_ray.objectives import needs_reference
 

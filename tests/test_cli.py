@@ -86,19 +86,35 @@ def test_validate_reads_pipelines_and_jobs_without_importing_ray(tmp_path):
     done = run_in_subprocess(
         "import sys; from hamu_ray.cli import main\n"
         f"assert main(['validate', {str(PIPELINE)!r}, *{OVERRIDES!r}]) == 0\n"
-        f"assert main(['validate', {str(job)!r}, 'train.lr=0.5']) == 0\n"
+        f"assert main(['validate', {str(job)!r}, 'train.lr=0.5', '--skip-inputs']) == 0\n"
         "print('ray' in sys.modules)")
     lines = done.stdout.splitlines()
-    assert lines[0] == f"{PIPELINE}: valid pipeline digits (2 methods: hamu-q, gdiff; tune: hamu-q)"
+    assert lines[0] == (f"{PIPELINE}: valid pipeline digits (2 methods: hamu-q, gdiff; tune: hamu-q); "
+                        "it names no local input")
     assert lines[1].startswith(f"{job}: valid job (method gdiff, rule gdiff, 2 workers")
+    assert lines[1].endswith("; inputs not checked (--skip-inputs)")
     assert lines[2] == "False"
+
+
+def test_validate_checks_that_the_local_inputs_exist(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the job names its sets relative to the working directory
+    job = job_yaml(tmp_path)
+    assert cli.main(["validate", str(job), "data.eval=s3://bucket/eval.parquet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{job}: data.forget: no such file or directory: forget.parquet" in err, err
+    assert f"{job}: data.retain: no such file or directory: retain.parquet" in err
+    assert "eval" not in err  # a URI is not this machine's to check
+    (tmp_path / "forget.parquet").write_bytes(b"")
+    (tmp_path / "retain.parquet").write_bytes(b"")
+    assert cli.main(["validate", str(job)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("its 2 local inputs exist (their content is read when it runs)")
 
 
 def test_validate_prints_the_config_errors_and_exits_2(tmp_path, capsys):
     assert cli.main(["validate", str(PIPELINE), "unlearn.lr=-1", "methods.1.name=nope"]) == 2
     err = capsys.readouterr().err
-    assert f"{PIPELINE}: unlearn.lr: Input should be greater than 0" in err
-    assert f"{PIPELINE}: methods.1: Value error, unknown method 'nope'" in err
+    assert f"command line 'unlearn.lr=-1' (over {PIPELINE}): unlearn.lr: Input should be greater than 0" in err
+    assert f"{PIPELINE} with command line 'methods.1.name=nope': methods.1: Value error, unknown method 'nope'" in err
     neither = tmp_path / "neither.yaml"
     neither.write_text("name: x\n")
     assert cli.main(["validate", str(neither)]) == 2
@@ -149,3 +165,43 @@ def test_help_of_every_command_imports_neither_ray_nor_torch():
         "    assert 'usage: hamu-ray' in out.getvalue(), argv\n"
         "print(len(argvs), 'ray' in sys.modules, 'torch' in sys.modules)")
     assert done.stdout.split() == ["19", "False", "False"]
+
+
+# ---- what --help and `methods` tell a new user ---------------------------------------------------
+
+JOB = ROOT / "cluster" / "jobs" / "llama-8b-lora.yaml"
+
+
+@pytest.mark.parametrize("command, kinds", [
+    ("run", ["pipeline"]), ("tune", ["pipeline"]), ("submit", ["pipeline"]), ("unlearn", ["job"]),
+    ("hardness", ["job"]), ("plan", ["job"]), ("validate", ["pipeline", "job"])])
+def test_the_override_examples_in_help_are_valid_for_the_commands_yaml(command, kinds, capsys):
+    """Each command's --help shows KEY=VALUE examples its own kind of YAML accepts."""
+    import re
+
+    from hamu_ray.engine.config import load_config
+    from hamu_ray.pipeline.config import load_pipeline
+
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    examples = re.search(r"KEY=VALUE overrides of the YAML, e\.g\. (.*?) \(dotted keys", text).group(1)
+    groups = [g for g in re.split(r" for a (?:pipeline|job),?", examples) if g.strip()]  # validate: two
+    assert len(groups) == len(kinds), examples
+    for kind, group in zip(kinds, groups):
+        overrides = [word for word in group.split() if "=" in word]
+        assert overrides, examples
+        load = load_pipeline if kind == "pipeline" else load_config
+        load(PIPELINE if kind == "pipeline" else JOB, overrides)  # raises if a key is the other kind's
+
+
+def test_methods_lists_each_methods_hyper_parameters_with_their_defaults(capsys):
+    assert cli.main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    detail = {line.split()[0]: lines[i + 1].strip() for i, line in enumerate(lines[:-1])
+              if line and not line.startswith(" ") and line.split()[0] in ("hamu-q", "npo", "surgery-implicit", "scrub")}
+    assert detail["hamu-q"].startswith("rule hamu-q; hparams: constraint (required), radius=lr, full_grad=false")
+    assert detail["npo"] == "rule gdiff; hparams: none; objective: beta=0.1"
+    assert detail["surgery-implicit"] == ("one backward, no rule; hparams: epsilon=0.0, dual_lr=1.0, "
+                                          "initial_weight=1.0, fast=false")
+    assert detail["scrub"] == "rule gdiff; hparams: none; objective: kl_weight=1.0, ce_weight=1.0, temperature=1.0"

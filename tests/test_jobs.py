@@ -184,7 +184,8 @@ def test_the_job_ships_the_pipeline_with_the_command_lines_overrides(nothing_sen
     assert shipped["methods"][0]["hparams"]["constraint"] == 0.1
     # a bad override is refused before anything is sent
     assert cli.main(submit_args(PIPELINE, "unlearn.lr=0", "--tracking-uri", SERVER)) == 2
-    assert f"{PIPELINE}: unlearn.lr: Input should be greater than 0" in capsys.readouterr().err
+    assert f"command line 'unlearn.lr=0' (over {PIPELINE}): unlearn.lr: Input should be greater than 0" \
+        in capsys.readouterr().err
 
 
 def test_an_unreachable_cluster_is_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):

@@ -64,3 +64,43 @@ def test_the_command_prints_json_and_fails_when_it_does_not_fit(capsys):
     assert "does NOT fit in 16.0 GB" in capsys.readouterr().out
     assert cli.main(["plan", job]) == 2  # the weights' directory is not on this machine
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_json_is_all_that_reaches_stdout_on_a_machine_without_a_gpu():
+    """DeepSpeed guesses its accelerator at import and prints the guess on stdout, which made
+    `plan --json` unreadable (a plan is for the cluster's GPUs, whatever this machine has)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # as a user's shell
+    done = subprocess.run([sys.executable, "-m", "hamu_ray.cli", "plan", "cluster/jobs/llama-8b-full.yaml",
+                           "--model-config", str(LLAMA_8B), "--json"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["params"] == 8_030_261_248
+    assert "accelerator" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_a_pipeline_is_planned_by_its_methods_job(tiny_lm, tmp_path, capsys):
+    import yaml
+
+    from hamu_ray.files import write_rows
+
+    sets = {name: str(write_rows([{"question": f"{name}?", "answer": "yes"}], tmp_path / f"{name}.parquet"))
+            for name in ("forget", "retain")}  # your own files; their sets are not prepared yet
+    raw = {"name": "byo", "output_dir": str(tmp_path / "run"), "data": {"source": "files", **sets},
+           "model": {"kind": "causal_lm", "path": str(tiny_lm)}, "unlearn": {"lr": 0.01},
+           "methods": [{"name": "gdiff"}, {"name": "npo", "label": "npo-slow"}], "cluster": {"num_workers": 2}}
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(raw))
+    assert cli.main(["plan", str(pipeline)]) == 2  # a job is expected: say how to give one
+    assert capsys.readouterr().err == (
+        f"hamu-ray: {pipeline} is a pipeline (it has methods:), not a job (method: and output_dir:): "
+        "`hamu-ray run` runs it; `hamu-ray plan` and `hamu-ray hardness` take the job of one of its "
+        "methods with --method LABEL (e.g. --method gdiff)\n")
+    assert cli.main(["plan", str(pipeline), "--method", "npo-slow", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)  # the pipeline's model and cluster
+    assert (planned["model"], planned["gpus"], planned["params"]) == (str(tiny_lm), 2, plan.model_size(tiny_lm).total)
+    assert cli.main(["plan", str(REPO / "cluster" / "jobs" / "llama-8b-full.yaml"), "--method", "npo"]) == 2
+    assert "is a job, not a pipeline; leave --method out" in capsys.readouterr().err

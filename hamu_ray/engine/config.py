@@ -13,7 +13,7 @@ from hamu_ray.rules import get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
 from hamu_ray.tasks.causal_lm import CausalLMModel, TextData
 from hamu_ray.tasks.classifier import ClassifierModel
-from hamu_ray.schema import Section, load, tagged, validate
+from hamu_ray.schema import ConfigError, Section, load, read_yaml, tagged, validate
 
 # Forget objectives whose gradient is zero at the original model, and why. Under such an
 # objective only a rule that also steps along g_r leaves the start; the others stop at step 1
@@ -25,7 +25,8 @@ MOVES_WITHOUT_FORGET_GRADIENT = ("gdiff", "pcgrad", "hamu-u", "ft")
 
 
 class DataSection(Section):
-    forget: str | None  # parquet or jsonl, a local path or a URI; None: plain training on retain
+    forget: str | None = None  # parquet or jsonl, a local path or a URI; None (or left out):
+    # plain training on retain, method ft
     retain: str
     eval: str | None = None
     input_column: str = "x"  # classifier: list of floats per row
@@ -75,7 +76,9 @@ class MethodSection(Section):
             get_rule(self.rule_name, **self.hparams)
         except TypeError as exc:  # a required hyper-parameter is missing: pydantic would not
             # turn a TypeError into a field error, so it would escape as a traceback
-            raise ValueError(f"rule {self.rule_name}: {exc}") from None
+            raise ValueError(f"{self._rule_origin()}rule {self.rule_name}: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"{self._rule_origin()}{exc}") from None
         reason = ZERO_FORGET_GRADIENT_AT_START.get(self.spec.forget)
         if reason and self.rule_name not in MOVES_WITHOUT_FORGET_GRADIENT:
             raise ValueError(
@@ -83,6 +86,13 @@ class MethodSection(Section):
                 f"({self.spec.forget}) has a zero gradient at the original model ({reason}), and "
                 f"{self.rule_name} has nothing to move along; valid rules for {self.name}: "
                 f"{', '.join(MOVES_WITHOUT_FORGET_GRADIENT)}")
+
+    def _rule_origin(self) -> str:
+        """Where the rule comes from, when the user did not write it: the method's own."""
+        if self.rule is not None or self.rule_name == self.name:
+            return ""
+        return (f"method {self.name} runs rule {self.rule_name} (its own; method.rule, e.g. "
+                "hamu-q, runs it under another): ")
 
     @property
     def spec(self) -> Method:
@@ -168,7 +178,21 @@ class UnlearnConfig(Section):
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> UnlearnConfig:
+    refuse_pipeline(read_yaml(path), path)
     return load(path, overrides, UnlearnConfig)
+
+
+def refuse_pipeline(raw: dict[str, Any], path: str | Path) -> None:
+    """A pipeline where a job belongs: one message saying what to do instead (the schema's
+    errors would be one per key the two do not share)."""
+    if "methods" not in raw:
+        return
+    labels = [m.get("label") or m.get("name") for m in raw["methods"] if isinstance(m, dict)] \
+        if isinstance(raw["methods"], list) else []
+    example = f" (e.g. --method {labels[0]})" if labels and isinstance(labels[0], str) else ""
+    raise ConfigError(f"{path} is a pipeline (it has methods:), not a job (method: and output_dir:): "
+                      f"`hamu-ray run` runs it; `hamu-ray plan` and `hamu-ray hardness` take the job of "
+                      f"one of its methods with --method LABEL{example}")
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>", schema: type[Section] | None = None):

@@ -6,7 +6,9 @@ The forget set is the sensitive data: nothing here logs its rows, only counts an
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
+import json
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -43,12 +45,17 @@ def file_format(name: str, path: str) -> str:
 def inspect_set(name: str, path: str, columns: list[str]) -> SetInfo:
     """Open the set without reading its rows into memory: format, schema, row count, digest."""
     fmt = file_format(name, path)
+    fs, fs_path = None, path
     try:
-        fs, dataset = open_dataset(path, fmt)
+        fs, fs_path = filesystem(path)
+        dataset = pads.dataset(fs_path, format=fmt, filesystem=fs)
         schema, num_rows = dataset.schema, dataset.count_rows()
         digest = _digest(fs, sorted(dataset.files))
+    except FileNotFoundError:
+        raise DataError(f"{name} set {path}: no such file") from None
     except (OSError, pa.ArrowException, ValueError) as exc:
-        raise DataError(f"{name} set {path}: cannot read it: {exc}") from exc
+        bad_line = _first_bad_json_line(fs, fs_path) if fmt == "json" and fs is not None else None
+        raise DataError(f"{name} set {path}: {bad_line or f'cannot read it: {exc}'}") from exc
     if fmt == "parquet":
         _check_pages(name, path, fs, sorted(dataset.files))
     missing = [c for c in columns if c not in schema.names]
@@ -62,8 +69,13 @@ def inspect_set(name: str, path: str, columns: list[str]) -> SetInfo:
 
 def open_dataset(path: str, fmt: str) -> tuple[pafs.FileSystem, pads.Dataset]:
     """A set's files (a local path or any pyarrow URI) as one pyarrow dataset."""
-    fs, fs_path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs, fs_path = filesystem(path)
     return fs, pads.dataset(fs_path, format=fmt, filesystem=fs)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a local path or URI, and the path within it."""
+    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
 
 
 def check_disjoint(forget: SetInfo, retain: SetInfo, columns: list[str]) -> None:
@@ -104,6 +116,47 @@ def _cell_bytes(column: pa.Array) -> list[bytes]:
         offsets = offsets - offsets[0]  # a sliced column's offsets start where its values do
         return [values[start:end].tobytes() for start, end in zip(offsets[:-1], offsets[1:])]
     return [repr(value).encode() for value in column.to_pylist()]
+
+
+def _first_bad_json_line(fs: pafs.FileSystem, path: str) -> str | None:
+    """Where a JSON-lines set first breaks, by 1-based line (pyarrow counts rows from 0 within
+    a block and skips blank lines), in the parser's words: never a row's content. None: no line
+    is at fault that this scan sees."""
+    try:
+        info = fs.get_file_info(path)
+        files = ([f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                  if f.type == pafs.FileType.File] if info.type == pafs.FileType.Directory else [path])
+        kinds: dict[str, tuple[str, int]] = {}  # column → its JSON kind and the line it was first seen
+        for f in sorted(files):
+            with fs.open_input_stream(f) as stream:
+                for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
+                    if problem := _json_line_problem(line, number, kinds):
+                        return f"{'line' if f == path else f'{f}, line'} {number}: {problem}"
+    except (OSError, UnicodeDecodeError, pa.ArrowException):
+        return None
+    return None
+
+
+JSON_KINDS = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
+
+
+def _json_line_problem(line: str, number: int, kinds: dict[str, tuple[str, int]]) -> str | None:
+    """What is wrong with one line: not JSON, not an object, or a column whose kind changes
+    (pyarrow's reader needs one kind per column; null goes with any)."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(row, dict):
+        return f"not a JSON object (a {JSON_KINDS.get(type(row), 'null')})"
+    for column, value in row.items():
+        kind = JSON_KINDS.get(type(value))
+        first = kinds.setdefault(column, (kind, number)) if kind else None
+        if first and first[0] != kind:
+            return f"{column} is a {kind}, but a {first[0]} on line {first[1]}"
+    return None
 
 
 def _check_pages(name: str, path: str, fs: pafs.FileSystem, files: list[str]) -> None:

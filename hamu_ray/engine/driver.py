@@ -23,7 +23,7 @@ from pathlib import Path
 import ray.train
 from ray.train import UserCallback as UserCallbackBase
 
-from hamu_ray import receipt
+from hamu_ray import quiet, receipt
 from hamu_ray.engine import data, monitor
 from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import OutputExistsError
@@ -209,6 +209,7 @@ def ray_session(cluster: ClusterSection):
         return
     for key, value in RUNTIME_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    quiet.ray_driver_output()
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     # DeepSpeed picks cuda on GPU nodes and cpu elsewhere by itself; pass only an explicit choice
     accelerator = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}
@@ -220,11 +221,17 @@ def ray_session(cluster: ClusterSection):
         # always has a CPU left; with whole CPUs on 2 cores the job hangs silently (docs/design.md §9).
         # Idle workers are kept (up to 4 per core) instead of being killed while a stage's
         # training actors run: the next stage's data tasks then reuse a process that has
-        # already imported transformers (seconds per stage on a small machine).
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+        # already imported transformers (seconds per stage on a small machine). The raylet warns
+        # (on stdout, at every stage) once its worker processes reach 4× its startup
+        # concurrency, by default one per core: that is the idle workers this keeps on purpose.
+        # As many starts at once as workers kept (Ray starts no more than are asked for) move
+        # the warning to 4× those, where it again means a runaway.
+        cores = os.cpu_count() or 2
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
                  _temp_dir=os.path.join(tempfile.gettempdir(), "hamu-ray"),
                  runtime_env={"env_vars": env_vars},
-                 _system_config={"num_workers_soft_limit": 4 * (os.cpu_count() or 2)})
+                 _system_config={"num_workers_soft_limit": 4 * cores,
+                                 "worker_maximum_startup_concurrency": 4 * cores})
     try:
         yield
     finally:

@@ -14,7 +14,7 @@ from hamu_ray.engine.config import ClusterSection, MethodSection, TrainSettings,
 from hamu_ray.tasks.causal_lm import LoraSection, TextData
 from hamu_ray.tasks.classifier import ClassifierModel
 from hamu_ray.tasks.small_llama import SmallLlama
-from hamu_ray.schema import Section, load, tagged
+from hamu_ray.schema import FieldError, Section, field_path, load, problem, tagged
 
 
 def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
@@ -230,7 +230,8 @@ class PipelineConfig(Section):
     output_dir: str  # stages are cached here by a hash of their inputs: a re-run skips them
     data: PipelineData  # a built-in image set (classifiers) or country QA (language models)
     model: PipelineModel
-    train: TrainSettings  # the original model and the retrain oracle
+    train: TrainSettings | None = None  # the original model and the retrain oracle, when the
+    # pipeline trains them (required then; your own model, model.weights or model.path, leaves it out)
     unlearn: TrainSettings  # every method, unless its entry overrides a field
     methods: list[MethodEntry] = Field(min_length=1)
     cluster: ClusterSection = ClusterSection()
@@ -260,16 +261,17 @@ class PipelineConfig(Section):
                              "needs one); a built-in image set trains its own")
         if not self.is_lm and self.model.oracle is not None and self.model.weights is None:
             raise ValueError("model.oracle: an oracle goes with model.weights (your own classifier)")
-        for m in self.methods:  # overrides are validated here, not at the method's stage
-            try:
-                self.unlearn_settings(m)
-            except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-                raise ValueError(f"method {m.key}: train overrides: {problems}") from None
+        for i, m in enumerate(self.methods):  # overrides are validated here, not at the method's stage
+            self._check_train_overrides(i, m)
         if self.tune is not None and not self.has_oracle:
             raise ValueError("tune: the search ranks trials by forget quality against the oracle; "
                              "give model.oracle")
-        if self.is_lm and (self.model.dtype == "bf16") != (self.train.bf16 and self.unlearn.bf16):
+        if self.train is None and self.given_original is None:
+            raise FieldError("train", "Field required: the pipeline trains its original model and the "
+                             "oracle with these settings (only your own model, model.weights or "
+                             "model.path, goes without)")
+        trained_bf16 = (self.train is None or self.train.bf16) and self.unlearn.bf16
+        if self.is_lm and (self.model.dtype == "bf16") != trained_bf16:
             raise ValueError(f"model.dtype {self.model.dtype} needs train.bf16 and unlearn.bf16 "
                              "to match it (bf16 weights train in DeepSpeed's bf16 mode)")
         if self.tune is not None:
@@ -278,6 +280,19 @@ class PipelineConfig(Section):
             raise ValueError("monitor.stop_at: oracle needs an oracle model (model.oracle); give "
                              "one, or a forget probability to stop at")
         return self
+
+    def _check_train_overrides(self, index: int, entry: MethodEntry) -> None:
+        """The entry's `train:` over the pipeline's unlearn settings, each error at its key."""
+        try:
+            self.unlearn_settings(entry)
+        except ValidationError as exc:
+            errors = exc.errors()
+            where = f"methods.{index}.train"
+            if len(errors) == 1:
+                raise FieldError(f"{where}.{field_path(errors[0]['loc'])}",
+                                 problem(errors[0], TrainSettings)) from None
+            raise FieldError(where, "; ".join(f"{field_path(e['loc'])}: {problem(e, TrainSettings)}"
+                                              for e in errors)) from None
 
     def _check_files(self) -> None:
         """Each file setting belongs to one kind of model."""
@@ -300,10 +315,14 @@ class PipelineConfig(Section):
                                  "and membership inference)")
 
     @property
+    def given_original(self) -> str | None:
+        """The user's own original model (None: the pipeline trains it)."""
+        return self.model.path if self.is_lm else self.model.weights
+
+    @property
     def has_oracle(self) -> bool:
         """Trained here, or given by the user."""
-        given = self.model.path if self.is_lm else self.model.weights
-        return given is None or self.model.oracle is not None
+        return self.given_original is None or self.model.oracle is not None
 
     def _check_search(self, tune: TuneSection) -> None:
         entry = self.method_entry(tune.method)

@@ -159,12 +159,17 @@ def load_tokenizer_checked(path: str, setting: str):
         raise MissingInputError(f"{setting} {path}: no usable tokenizer: {exc}") from exc
 
 
+def initial_model_dir(cfg, prepared: dict[str, str], out: Path, key) -> Path:
+    """Where initial_model builds (or has built) the model: out/stages/init-<key>/model."""
+    spec = {"init": cfg.model.init.model_dump(), "text": cfg.data.text.model_dump(),
+            "train_set": prepared["train"]}
+    return out / "stages" / f"init-{key(spec, out)}" / "model"
+
+
 def initial_model(cfg, prepared: dict[str, str], out: Path, key) -> Path:
     """The untrained small Llama, its tokenizer trained on the training questions and answers;
     cached under out/stages/init-<key> like the training stages."""
-    spec = {"init": cfg.model.init.model_dump(), "text": cfg.data.text.model_dump(),
-            "train_set": prepared["train"]}
-    directory = out / "stages" / f"init-{key(spec, out)}"
+    directory = initial_model_dir(cfg, prepared, out, key).parent
     if not (directory / "model" / "config.json").exists():
         print(f"[init] building a small Llama and its tokenizer ({directory.name})", flush=True)
         table = pq.read_table(prepared["train"])

@@ -118,15 +118,24 @@ def find_version(client, name: str, model_sha256: str) -> str | None:
     return None
 
 
+# MLflow's warnings for a model that is not on the Hugging Face hub (a local directory has no
+# model card or license there): two lines per registered model, nothing for the user to act on
+NOT_ON_THE_HUB = ("The model card could not be retrieved from the hub",
+                  "Unable to find license information for this model")
+
+
 def _log_language_model(model_dir: Path, name: str, tags: dict[str, str]):
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hamu_ray import quiet
+
     components = {"model": AutoModelForCausalLM.from_pretrained(model_dir),
                   "tokenizer": AutoTokenizer.from_pretrained(model_dir)}
-    return mlflow.transformers.log_model(transformers_model=components, task="text-generation", name="model",
-                                         registered_model_name=name, tags=tags,
-                                         pip_requirements=["transformers", "torch"])
+    with quiet.without_log_messages("mlflow.transformers", *NOT_ON_THE_HUB):
+        return mlflow.transformers.log_model(transformers_model=components, task="text-generation",
+                                             name="model", registered_model_name=name, tags=tags,
+                                             pip_requirements=["transformers", "torch"])
 
 
 def _log_classifier(source: dict, name: str, tags: dict[str, str]):
@@ -139,7 +148,9 @@ def _log_classifier(source: dict, name: str, tags: dict[str, str]):
     weights = Path(source["stage_dir"]) / EXPORT_WEIGHTS
     config = PipelineClassifier.model_validate({**source["model"], "weights": str(weights)})
     module = build_model(config).eval()
-    example = np.zeros((1, config.sizes[0]), dtype=np.float32)  # a shape, not a row of any set
+    # a shape, not a row of any set; two rows: torch.export fixes a batch dimension of 1 (and
+    # says so), and the logged model would then take one row at a time
+    example = np.zeros((2, config.sizes[0]), dtype=np.float32)
     # `tags` reach the new version as it is created: a registration cut off half-way is still
     # found by find_version (its model_sha256) when the upload redoes it
     return mlflow.pytorch.log_model(module, name="model", registered_model_name=name, tags=tags,

@@ -34,7 +34,8 @@ from hamu_ray.pipeline import registry
 from hamu_ray.pipeline.tracking import (Tracker, check_reachable, refuse_local_store_on_cluster, tracking_uri,
                                         ui_command)
 from hamu_ray.engine.worker import EXPORT_LOG
-from hamu_ray.errors import OutputExistsError
+from hamu_ray.errors import MissingInputError, OutputExistsError
+from hamu_ray.schema import ConfigError
 from hamu_ray.tasks.causal_lm import MODEL_DIR
 from hamu_ray.tasks.classifier import EXPORT_WEIGHTS
 
@@ -259,12 +260,17 @@ def check_given_models(cfg: PipelineConfig, prepared: dict[str, str]) -> None:
         user_data.check_classifier_weights(cfg)
 
 
-def prepare_sets(cfg: PipelineConfig, out: Path) -> PreparedSets:
+def prepared_directory(cfg: PipelineConfig, out: Path) -> tuple[dict, Path]:
+    """What the sets are made from, and the directory they are (or will be) in."""
     data_spec = cfg.data.model_dump(by_alias=True, exclude={"batch_size"})
     if cfg.data.source == "files":  # an edited file at the same path must not reuse stale sets
         data_spec["sha256"] = user_data.content_digests(cfg)
     spec = {"version": PREPARE_VERSION, "data": data_spec}
-    directory = out / "stages" / f"prepare-{stage_key(spec, out)}"
+    return spec, out / "stages" / f"prepare-{stage_key(spec, out)}"
+
+
+def prepare_sets(cfg: PipelineConfig, out: Path) -> PreparedSets:
+    spec, directory = prepared_directory(cfg, out)
     cached = (directory / "prepare.json").exists()
     if not cached:
         print(f"[prepare] {cfg.data.source}: building the sets", flush=True)
@@ -362,12 +368,48 @@ def job_dict(cfg: PipelineConfig, train: TrainSettings, *, data: dict, method: d
     }
 
 
+def stage_directory(name: str, job: dict, out: Path) -> Path:
+    return out / "stages" / f"{name}-{stage_key(job, out)}"
+
+
+def method_job(cfg: PipelineConfig, label: str, *, needs_sets: bool = True) -> UnlearnConfig:
+    """The engine job of method `label`'s stage as `hamu-ray run` starts it (without a monitor:
+    its target is measured by the run), on the sets and original model a run left in
+    output_dir, or the user's own original. `needs_sets` False: only the model need be there
+    (`hamu-ray plan` reads no data). For `hamu-ray plan` and `hardness` on a pipeline."""
+    entry = cfg.method_entry(label)
+    if entry is None:
+        raise ConfigError(f"--method {label}: not a label of the pipeline's methods "
+                          f"({', '.join(m.key for m in cfg.methods)})")
+    out = Path(cfg.output_dir).resolve()
+    _, sets = prepared_directory(cfg, out)
+    prepared = {name: str(sets / f"{name}.parquet") for name in ("forget", "retain", "train")}
+    original = original_export(cfg, prepared, out)
+    made_here = {"the original model": original if cfg.given_original is None else None,
+                 "the prepared sets": sets / "prepare.json" if needs_sets else None}
+    missing = [f"{what} ({path})" for what, path in made_here.items() if path and not path.exists()]
+    if missing:  # (the user's own original is checked where it is read)
+        raise MissingInputError(f"--method {label}: not made yet: {' and '.join(missing)}; `hamu-ray run` "
+                                "on the pipeline makes them (and keeps its finished stages), or give a job YAML")
+    job = unlearning_job(cfg, entry, prepared, original)
+    return UnlearnConfig.model_validate({**job, "output_dir": str(stage_directory(f"unlearn-{entry.key}", job, out))})
+
+
+def original_export(cfg: PipelineConfig, prepared: dict[str, str], out: Path) -> Path:
+    """Where the original model is: the user's own, or the export of its training stage."""
+    if cfg.given_original is not None:
+        return Path(cfg.given_original)
+    start = lm_pipeline.initial_model_dir(cfg, prepared, out, stage_key) if cfg.is_lm else None
+    stage = stage_directory("original", training_job(cfg, prepared["train"], start), out)
+    return stage / (MODEL_DIR if cfg.is_lm else EXPORT_WEIGHTS)
+
+
 def cached_stage(name: str, job: dict, out: Path, *, progress: str | None = None,
                  callbacks=()) -> StageOutput:
     """`out/stages/<name>-<key>`, fitted by the engine unless a finished one is there (a pipeline
     stage and a search trial alike). `progress`: the label of the driver's lines (None: silent);
     `callbacks`: more Ray Train callbacks for the fit."""
-    directory = out / "stages" / f"{name}-{stage_key(job, out)}"
+    directory = stage_directory(name, job, out)
     cached = (directory / "summary.json").exists()
     if progress and cached:
         print(f"[{progress}] cached: {directory.name}", flush=True)

@@ -128,7 +128,7 @@ def search_key(cfg: PipelineConfig) -> str:
     entry = cfg.method_entry(cfg.tune.method)
     spec = {"tune": cfg.tune.model_dump(), "entry": entry.model_dump(), "unlearn": cfg.unlearn.model_dump(),
             "data": cfg.data.model_dump(by_alias=True), "model": cfg.model.model_dump(),
-            "train": cfg.train.model_dump()}
+            "train": cfg.train and cfg.train.model_dump()}  # None: the user's own original
     if cfg.monitor is not None:  # added only when set: earlier searches keep their key
         spec["monitor"] = cfg.monitor.model_dump()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]

@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 
 from hamu_ray.errors import MissingInputError, UserError
 from hamu_ray.files import check_safetensors
+from hamu_ray.inputs import is_hub_name
 from hamu_ray.objectives import Scores
 from hamu_ray.schema import Section
 
@@ -131,7 +132,7 @@ class CausalLMTask:
                                         "(no config.json)")
             for weights in sorted(Path(path).glob("*.safetensors")):  # a truncated copy, here
                 check_safetensors(weights, "model.path")
-        elif path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        elif not is_hub_name(path):
             raise MissingInputError(f"model.path {path}: no such directory (and not a hub name "
                                     "of the form org/name)")
 

@@ -54,12 +54,33 @@ def test_empty_forget_set(sets):
         inspect_set("forget", str(sets / "empty.parquet"), ["x", "y"])
 
 
-@pytest.mark.parametrize("name, content", [("missing.parquet", None), ("garbage.parquet", b"not parquet")])
-def test_unreadable_file(sets, name, content):
+@pytest.mark.parametrize("name, content, problem", [("missing.parquet", None, "no such file"),
+                                                    ("garbage.parquet", b"not parquet", "cannot read it")])
+def test_unreadable_file(sets, name, content, problem):
     if content is not None:
         (sets / name).write_bytes(content)
-    with pytest.raises(DataError, match=rf"forget set .*{name}: cannot read it"):
+    with pytest.raises(DataError, match=rf"forget set .*{name}: {problem}"):
         inspect_set("forget", str(sets / name), ["x"])
+
+
+GOOD_LINE = '{"x": [1.0, 2.0], "y": 0}\n'
+
+
+@pytest.mark.parametrize("lines, where", [
+    # pyarrow: "row 2" (from 0, blank lines skipped)
+    ([GOOD_LINE, "\n", GOOD_LINE, '{"x": [1.0], y: 1}\n'], "line 4: not valid JSON (Expecting property name"),
+    # pyarrow counts rows within a block of the file (≈1 MB): "row 9805" here
+    ([GOOD_LINE] * 60_000 + ['{"x": [1.0] "y": 1}\n'], "line 60001: not valid JSON (Expecting ',' delimiter"),
+    ([GOOD_LINE, "[1, 2]\n"], "line 2: not a JSON object (a list)"),
+    ([GOOD_LINE, '{"x": [1.0, 2.0], "y": "zero"}\n'], "line 2: y is a string, but a number on line 1"),
+])
+def test_a_broken_json_line_is_named_by_its_line_from_1(tmp_path, lines, where):
+    path = tmp_path / "forget.jsonl"
+    path.write_text("".join(lines))
+    with pytest.raises(DataError) as err:
+        inspect_set("forget", str(path), ["x", "y"])
+    assert str(err.value).startswith(f"forget set {path}: {where}"), str(err.value)
+    assert "row" not in str(err.value) and "zero" not in str(err.value)  # pyarrow's count; no content
 
 
 def test_a_damaged_page_is_found_on_the_driver(sets, tmp_path):
@@ -243,5 +264,6 @@ def test_overridden_configs_are_validated_like_the_file():
     with pytest.raises(ConfigError) as err:
         load_pipeline(DIGITS, ["unlearn.lr=-1", "cluster.nodes=3"])
     message = str(err.value)
-    assert f"{DIGITS}: unlearn.lr: Input should be greater than 0" in message
-    assert f"{DIGITS}: cluster.nodes: Extra inputs are not permitted" in message
+    # each error names the command line's override that made it, not the file
+    assert f"command line 'unlearn.lr=-1' (over {DIGITS}): unlearn.lr: Input should be greater than 0" in message
+    assert f"command line 'cluster.nodes=3' (over {DIGITS}): cluster.nodes: Extra inputs are not permitted" in message

@@ -303,7 +303,7 @@ def test_a_users_classifier_inputs_are_refused_before_ray(pipeline_runs, tmp_pat
     (PIPELINE, lambda raw: raw["data"].update(source="cifar"),
      "data: source must be one of fashion-mnist, digits, country-qa, files"),
     (PIPELINE, lambda raw: raw["methods"].append({"name": "gdiff"}), "labels must be unique"),
-    (PIPELINE, lambda raw: raw["methods"][0].update(train={"lr": -1}), "method hamu-q: train overrides: lr: Input should be greater than 0"),
+    (PIPELINE, lambda raw: raw["methods"][0].update(train={"lr": -1}), "methods.0.train.lr: Input should be greater than 0"),
     (PIPELINE, lambda raw: raw["methods"][0].update(name="hamu-z"), "methods.0: Value error, unknown method 'hamu-z'"),
     (COUNTRY_QA, lambda raw: raw.update(model={"kind": "mlp", "sizes": [4, 2]}), "do not go together"),
     (COUNTRY_QA, lambda raw: raw["data"].update(forget_share=0.6, holdout_share=0.5), "must leave countries to retain"),
@@ -425,6 +425,51 @@ def test_a_dumped_pipeline_of_your_own_files_validates_again(data, model):
            "unlearn": {"lr": 0.1}, "methods": [{"name": "gdiff"}]}
     cfg = parse_config(raw, source="byo.yaml", schema=PipelineConfig)
     assert PipelineConfig.model_validate(cfg.model_dump(by_alias=True)) == cfg
+
+
+@pytest.mark.parametrize("data, model", [
+    ({"source": "files", "forget": "f", "retain": "r", "test": "t"}, {"kind": "mlp", "sizes": [4, 2], "weights": "w"}),
+    ({"source": "files", "forget": "f", "retain": "r"}, {"kind": "causal_lm", "path": "/m"}),
+])
+def test_your_own_original_needs_no_train_section_and_one_trained_here_does(data, model):
+    """Only the methods train with your own model (README): `train:` is left out, and survives
+    the dump's round trip as null; a pipeline that trains its original asks for it."""
+    raw = {"name": "byo", "output_dir": "out", "data": data, "model": model,
+           "unlearn": {"lr": 0.1}, "methods": [{"name": "gdiff"}]}
+    cfg = parse_config(raw, source="byo.yaml", schema=PipelineConfig)
+    assert cfg.train is None and PipelineConfig.model_validate(cfg.model_dump(by_alias=True)) == cfg
+    raw["model"] = {**model, "weights": None} if model["kind"] == "mlp" else {
+        "kind": "causal_lm", "init": {"hidden_size": 8, "intermediate_size": 16, "layers": 1, "heads": 2}}
+    if model["kind"] == "mlp":
+        raw["data"] = {"source": "digits"}
+    with pytest.raises(ConfigError, match="byo.yaml: train: Field required: the pipeline trains its original"):
+        parse_config(raw, source="byo.yaml", schema=PipelineConfig)
+
+
+def test_a_methods_job_is_the_one_run_starts_from_the_stages_it_left(tmp_path):
+    """`hamu-ray hardness/plan PIPELINE --method LABEL`: the job of that stage, on the prepared
+    sets and the original's export as a run leaves them in output_dir; until then, one error."""
+    from hamu_ray.errors import MissingInputError
+    from hamu_ray.pipeline import stages
+
+    cfg = digits_config(tmp_path / "run")
+    with pytest.raises(MissingInputError, match="--method gdiff: not made yet: the original model "
+                       r"\(.*/stages/original-\w+/model.safetensors\) and the prepared sets"):
+        stages.method_job(cfg, "gdiff")
+    with pytest.raises(ConfigError, match=r"--method gdif: not a label of the pipeline's methods \(hamu-q, gdiff\)"):
+        stages.method_job(cfg, "gdif")
+    out = Path(cfg.output_dir).resolve()
+    _, sets = stages.prepared_directory(cfg, out)
+    prepared = {name: str(sets / f"{name}.parquet") for name in ("forget", "retain", "train")}
+    original = stages.stage_directory("original", stages.training_job(cfg, prepared["train"]), out)
+    for made in (sets / "prepare.json", original / "model.safetensors"):
+        made.parent.mkdir(parents=True, exist_ok=True)
+        made.write_text("{}")
+    job = stages.method_job(cfg, "gdiff")
+    expected = stages.unlearning_job(cfg, cfg.method_entry("gdiff"), prepared, original / "model.safetensors")
+    assert job.model_dump(exclude={"output_dir"}) == parse_config({**expected, "output_dir": "x"}).model_dump(
+        exclude={"output_dir"})
+    assert (job.method.name, job.train.lr, job.data.forget) == ("gdiff", 0.01, str(sets / "forget.parquet"))
 
 
 # ---- privacy: no forget row in anything the pipeline stores or logs ---------------------------
