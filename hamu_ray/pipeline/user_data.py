@@ -55,13 +55,17 @@ def example_digests(x: np.ndarray, y: np.ndarray) -> list[str]:
 
 def check_disjoint(forget: Sequence[str], retain: Sequence[str], cfg, same: str) -> None:
     """A forget row that is also a retain row (same digest) would be learnt and unlearnt at
-    once: refused, named by row number and digest."""
-    retained = set(retain)
-    shared = [(i, digest) for i, digest in enumerate(forget) if digest in retained]
+    once: refused, named by its row numbers in both files. The digests stay in this process:
+    a plain digest of a guessable row would name the row to whoever reads the message."""
+    retained: dict[str, int] = {}
+    for i, digest in enumerate(retain):
+        retained.setdefault(digest, i)
+    shared = [(i, retained[digest]) for i, digest in enumerate(forget) if digest in retained]
     if shared:
-        first = ", ".join(f"row {i} (sha256 {digest[:12]})" for i, digest in shared[:3])
+        first = ", ".join(f"forget row {i} = retain row {j}" for i, j in shared[:3])
         raise data.DataError(f"forget set {cfg.data.forget}: {len(shared)} row(s) also in the retain "
-                             f"set {cfg.data.retain} (same {same}): {first}; remove them from one")
+                             f"set {cfg.data.retain} (same {same}; rows numbered from 0): {first}; "
+                             "remove them from one")
 
 
 # ---- a classifier's files ------------------------------------------------------------------------
