@@ -12,13 +12,16 @@ that leaves a run is an HMAC-SHA256 under a secret *digest key*:
     and read back on every later run, so cached stages and rerun reports name rows alike.
 Whoever holds the key (the owner of the output) can recompute and check the digests (`hamu-ray
 receipt verify/prove` read it); without it a digest says nothing about the row. Keep the key
-file when you share a model: copy the model files and the receipt, not the whole directory.
+file to yourself when you share a model: copy the model files and the receipt, not the whole
+output directory.
 
-The row encoding (ROW_RULE): the row as JSON, an object of every column of the file (values as
-pyarrow reads them), keys sorted, separators (',', ':'), UTF-8, non-ASCII kept; timestamps,
-dates, times and durations as the integer count of their unit (the stored value, whatever the
-time zone), decimals as their decimal string, binary values as lowercase hex, half floats as
-floats, dictionary columns as their values, extension columns (uuid, …) as their storage.
+The row encoding (ROW_RULE, json_plan): the row as JSON, an object of every column of the file
+(values as pyarrow reads them), keys sorted, separators (',', ':'), UTF-8, non-ASCII kept;
+timestamps, times and durations as integer nanoseconds (since the epoch, since midnight, long),
+dates as integer days since the epoch, whatever unit or time zone the file stores; decimals as
+their decimal string, binary values as lowercase hex, half floats as floats, dictionary columns as
+their values, extension columns (uuid, …) as their storage; lists, maps (as [key, value] pairs)
+and structs element by element.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from hamu_ray.errors import UserError
 KEY_ENV = "HAMU_RECEIPT_KEY"
 KEY_FILE = "digest.key"
 ROW_RULE = ("HMAC-SHA256 under the digest key of the row as JSON: every column, keys sorted, separators "
-            "(',', ':'), UTF-8; temporal values as the integer count of their unit, decimals as strings, "
-            "binary as hex (hamu_ray/digests.py)")
+            "(',', ':'), UTF-8; timestamps, times and durations as integer nanoseconds, dates as days, "
+            "decimals as strings, binary as hex (hamu_ray/digests.py)")
 ENV_DERIVATION = b"hamu-ray row digests"  # the digest secret under $HAMU_RECEIPT_KEY (domain separation)
 KEY_ID_MESSAGE = b"hamu-ray digest key id"
 

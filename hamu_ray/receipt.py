@@ -359,7 +359,7 @@ def model_checks(receipt: dict, model_dir: Path) -> list[tuple[str, bool, str]]:
     if not model_dir.is_dir():
         what = "is a file" if model_dir.is_file() else "does not exist"
         raise ReceiptError(f"--model {model_dir} {what}: give the job's output directory, the one its receipt "
-                           f"was written to (it holds {', '.join(sorted(expected))})")
+                           f"was written to (it holds the model, {receipt['model_out']['path']})")
     got, checks = model_files(model_dir), []
     for name in sorted(set(expected) | set(got)):
         if name not in got:

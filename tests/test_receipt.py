@@ -62,7 +62,8 @@ def a_job(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"question": f"q{i}", "answer": f"a{i}"} for i in range(5)]), forget)
     key = digests.output_key(out)
     files = receipt.model_files(out)
-    content = receipt.sign({"receipt": receipt.VERSION, "model_out": {"files": files, "sha256": receipt.combined(files)},
+    content = receipt.sign({"receipt": receipt.VERSION, "model_out": {"path": "model", "files": files,
+                                                                      "sha256": receipt.model_digest(out / "model")},
                             "forget": {"path": str(forget), "digest_key": receipt.key_record(key, out),
                                        "merkle_root": receipt.merkle_root(digests.row_digests(str(forget), key))}})
     (out / "receipt.json").write_text(json.dumps(content))
@@ -135,7 +136,8 @@ def test_model_and_forget_paths_say_what_was_expected(tmp_path, monkeypatch, cap
     for model, what in ((out / "model" / "weights.safetensors", "is a file"), (tmp_path / "gone", "does not exist")):
         assert cli.main(["receipt", "verify", path, "--model", str(model)]) == 2
         err = capsys.readouterr().err
-        assert f"--model {model} {what}: give the job's output directory" in err and "MISMATCH" not in err
+        assert f"--model {model} {what}: give the job's output directory, the one its receipt was written to " \
+               "(it holds the model, model)" in err and "MISMATCH" not in err
     assert cli.main(["receipt", "verify", path, "--forget", str(tmp_path / "nope.parquet")]) == 2
     assert f"--forget {tmp_path / 'nope.parquet'}: no such file" in capsys.readouterr().err
 
