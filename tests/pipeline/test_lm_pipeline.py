@@ -136,6 +136,8 @@ def test_the_report_logs_and_receipts_hold_numbers_and_digests_never_the_forget_
 def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa_run):
     from safetensors.torch import load_file
 
+    from hamu_ray.receipt import model_digest
+
     out, cfg, result = qa_run
     client = mlflow.MlflowClient(result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
@@ -151,6 +153,12 @@ def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa
     assert sorted(registered) == ["original", "unlearn-hamu-q"]
     hamu = registered["unlearn-hamu-q"]
     assert hamu.tags["original_version"] == str(registered["original"].version)
+    # one model digest (receipt.MODEL_RULE): the original's tag is the receipt's model_in, the
+    # unlearned version's the digest of its model directory, as it would be as another job's input
+    stage = next((out / "stages").glob("unlearn-hamu-q-*"))
+    content = json.loads((stage / "receipt.json").read_text())
+    assert registered["original"].tags["model_sha256"] == content["model_in"]["sha256"]
+    assert hamu.tags["model_sha256"] == content["model_out"]["sha256"] == model_digest(stage / "model")
     assert runs["unlearn-hamu-q"].data.tags["registered_version"] == str(hamu.version)
     receipt = json.loads(next((out / "stages").glob("unlearn-hamu-q-*/receipt.json")).read_text())
     row = next(r for r in result.rows if r["model"] == "hamu-q")
