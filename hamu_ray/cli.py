@@ -88,16 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     receipt = commands.add_parser("receipt", help="check an unlearning receipt, or prove a forget row was in it")
     steps = receipt.add_subparsers(dest="action", required=True)
-    verify = steps.add_parser("verify", help="recompute the digests of the model and the forget set")
+    verify = steps.add_parser("verify", help="recompute the signature and the digests of the model and the forget set")
     verify.add_argument("receipt", help="receipt.json of an unlearning job")
     verify.add_argument("--model", help="the job's output directory (its model files are hashed)")
-    verify.add_argument("--forget", help="the forget file (its Merkle root is recomputed)")
-    verify.set_defaults(handler=receipt_command)
     prove = steps.add_parser("prove", help="the Merkle inclusion proof of one forget row")
     prove.add_argument("receipt", help="receipt.json of an unlearning job")
-    prove.add_argument("--forget", required=True, help="the forget file the receipt commits to")
     prove.add_argument("--row", type=int, required=True, help="the row's index in the file, from 0")
-    prove.set_defaults(handler=receipt_command)
+    for step in (verify, prove):
+        step.add_argument("--forget", help="the forget file (its Merkle root is recomputed; default: the "
+                          "path the receipt records)")
+        step.add_argument("--key", help="the digest key file the row digests are keyed by (default: the one "
+                          "the receipt names, or $HAMU_RECEIPT_KEY when the job ran with it)")
+        step.set_defaults(handler=receipt_command)
 
     preflight = commands.add_parser("hardness", help="the hardness pre-flight of a job: how much forget gain "
                                     "its sets allow without retain damage (no step taken)")
@@ -319,26 +321,49 @@ def bench_command(args) -> int:
 
 def receipt_command(args) -> int:
     import json
+    from pathlib import Path
 
-    from hamu_ray import receipt
+    from hamu_ray import digests, receipt
 
     content = receipt.load(args.receipt)
+    forget = receipt_forget_file(args, content)
+    key = receipt.forget_key(content, Path(args.receipt).parent, args.key) if forget else None
     if args.action == "prove":
-        digests = receipt.row_digests(args.forget)
-        root = receipt.merkle_root(digests)
+        if forget is None:
+            raise receipt.ReceiptError(f"the forget file the receipt records, {content['forget']['path']}, "
+                                       "is not here: pass --forget FILE")
+        rows = digests.row_digests(forget, key)
+        root = receipt.merkle_root(rows)
         if root != content["forget"]["merkle_root"]:
-            raise receipt.ReceiptError(f"--forget {args.forget}: its Merkle root is not the receipt's; "
+            raise receipt.ReceiptError(f"--forget {forget}: its Merkle root is not the receipt's; "
                                        "this is not the forget set the receipt commits to")
-        proof = receipt.inclusion_proof(digests, args.row)
-        print(json.dumps({"row": args.row, "row_digest": digests[args.row], "proof": proof,
+        proof = receipt.inclusion_proof(rows, args.row)
+        print(json.dumps({"row": args.row, "row_digest": rows[args.row], "proof": proof,
                           "merkle_root": root, "tree_rule": receipt.TREE_RULE}, indent=2))
         return 0
-    if args.model is None and args.forget is None and "signature" not in content:
-        raise UserError("receipt verify: give --model DIR and/or --forget FILE to check against")
-    checks = receipt.verify(content, args.model, args.forget)
+    checks = receipt.verify(content, args.model, forget, key)
+    if forget is None:
+        print(f"skipped  forget set: the file the receipt records, {content['forget']['path']}, is not here "
+              "(pass --forget FILE)")
+    if not checks:
+        raise UserError("receipt verify: nothing to check; give --model DIR and/or --forget FILE")
     for what, ok, detail in checks:
         print(f"{'ok      ' if ok else 'MISMATCH'} {what}: {detail}")
     return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def receipt_forget_file(args, content: dict) -> str | None:
+    """--forget, else the path the receipt records when it is here (None: it is not)."""
+    from pathlib import Path
+
+    from hamu_ray import receipt
+
+    path = args.forget or content["forget"]["path"]
+    if "://" in path or Path(path).exists():
+        return path
+    if args.forget is not None:
+        raise receipt.ReceiptError(f"--forget {path}: no such file")
+    return None
 
 
 def zero_config(text: str) -> dict:

@@ -2,8 +2,8 @@
 
 The engine measures (hamu_ray.engine.driver.run_preflight, on the job's own workers and ZeRO
 stage); hamu_ray.rules.hardness reads the numbers; this module names the forget rows by index and
-digest (never their content), writes hardness.json / hardness.md / hardness.png into a new
-directory, and logs an MLflow run.
+keyed digest (hamu_ray.digests, the output's own key; never their content), writes hardness.json /
+hardness.md / hardness.png into a new directory, and logs an MLflow run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hamu_ray import receipt
+from hamu_ray import digests
 from hamu_ray.errors import OutputExistsError
 from hamu_ray.files import staging_dir
 from hamu_ray.rules import BlockStats, hardness
@@ -33,21 +33,32 @@ def rule_figures(cfg) -> dict:
     return figures
 
 
-def build_report(cfg, raw: dict, sets: dict) -> dict:
+def build_report(cfg, raw: dict, sets: dict, key_dir: Path) -> dict:
+    """The report's numbers; scored forget rows are named by their digest under `key_dir`'s key."""
     stats = BlockStats.from_tensor(torch.tensor(raw["stats"], dtype=torch.float64))
     summary = hardness.summarize(stats, lr=cfg.train.lr, names=raw["names"],
                                  batch_rr=torch.tensor(raw["batch_rr"], dtype=torch.float64),
                                  batch_ff=torch.tensor(raw["batch_ff"], dtype=torch.float64), **rule_figures(cfg))
     table = torch.tensor(raw["rows"], dtype=torch.float64).reshape(-1, 2)
     cosines = hardness.row_alignment(float(stats.rr.sum()), table)
-    digests = receipt.row_digests(sets["forget"].path)[:len(cosines)]
-    scored = [{"row": i, "sha256": digest, "cosine": cos} for i, (digest, cos) in enumerate(zip(digests, cosines))]
-    summary["rows"] = {"scored": len(scored), "of": sets["forget"].num_rows,
-                       "by_conflict": sorted(scored, key=lambda r: -r["cosine"])}
+    summary["rows"] = scored_rows(sets["forget"], cosines, key_dir)
     summary["job"] = {"method": cfg.method.name, "rule": cfg.method.rule_name, "zero_stage": cfg.train.zero_stage,
                       "workers": cfg.cluster.num_workers, "bf16": cfg.train.bf16,
                       "sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in sets.items()}}
     return summary
+
+
+def scored_rows(forget, cosines: list[float], key_dir: Path) -> dict:
+    """The scored forget rows by index and keyed digest, most conflicting first (no key is made
+    when no row was scored)."""
+    rows = {"scored": len(cosines), "of": forget.num_rows, "by_conflict": []}
+    if cosines:
+        key = digests.output_key(key_dir)
+        names = digests.row_digests(forget.path, key)[:len(cosines)]
+        scored = [{"row": i, "digest": name, "cosine": cos} for i, (name, cos) in enumerate(zip(names, cosines))]
+        rows.update(by_conflict=sorted(scored, key=lambda r: -r["cosine"]),
+                    digest_key={"id": key.id, "from": key.source if key.file is None else key.file.name})
+    return rows
 
 
 def markdown(summary: dict) -> str:
@@ -64,21 +75,20 @@ def markdown(summary: dict) -> str:
               f"{b['reach_without_own_damage']:.3g} |" for b in summary["blocks"]]
     rows = summary["rows"]
     lines += ["", f"Forget rows most aligned with the retain gradient ({rows['scored']} of {rows['of']} scored; "
-              "index in the file, sha256 of the row as in the receipt):", "",
-              "| row | cos(g_r, g_f,row) | sha256 |", "|---|---|---|"]
-    lines += [f"| {r['row']} | {r['cosine']:.3f} | {r['sha256'][:16]}… |" for r in rows["by_conflict"][:SHOWN_ROWS]]
+              "index in the file, the row's digest keyed by this directory's digest key, as in a receipt "
+              "made with that key):", "",
+              "| row | cos(g_r, g_f,row) | digest |", "|---|---|---|"]
+    lines += [f"| {r['row']} | {r['cosine']:.3f} | {r['digest'][:16]}… |" for r in rows["by_conflict"][:SHOWN_ROWS]]
     return "\n".join(lines) + "\n"
 
 
-def write(summary: dict, out: Path) -> Path:
-    """hardness.json, hardness.md and hardness.png in a new directory (staged, then renamed)."""
+def write(summary: dict, directory: Path) -> None:
+    """hardness.json, hardness.md and hardness.png."""
     from hamu_ray.pipeline import plots
 
-    with staging_dir(out) as staging:
-        (staging / "hardness.json").write_text(json.dumps(summary, indent=1))
-        (staging / "hardness.md").write_text(markdown(summary))
-        plots.preflight(summary, staging / "hardness.png")
-    return out
+    (directory / "hardness.json").write_text(json.dumps(summary, indent=1))
+    (directory / "hardness.md").write_text(markdown(summary))
+    plots.preflight(summary, directory / "hardness.png")
 
 
 def log_to_mlflow(uri: str, summary: dict, out: Path) -> None:
@@ -109,8 +119,9 @@ def main(cfg, out: Path, rows: int, tracking_uri: str | None) -> dict:
     if tracking_uri:
         check_reachable(tracking_uri)  # down later: the run waits in out/mlflow-unsent
     raw, sets = run_preflight(cfg, rows)
-    summary = build_report(cfg, raw, sets)
-    write(summary, out)
+    with staging_dir(out) as staging:  # a new directory, renamed into place when complete
+        summary = build_report(cfg, raw, sets, key_dir=staging)
+        write(summary, staging)
     if tracking_uri:
         log_to_mlflow(tracking_uri, summary, out)
     return summary

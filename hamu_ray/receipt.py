@@ -8,11 +8,16 @@ the rule's guarantee held. `verify` recomputes every digest it can from the file
 request without the other rows being revealed.
 
 The forget-set commitment (the rule, written once; ROW_RULE and TREE_RULE go into each receipt):
-  row digest   sha256 of the row as canonical JSON: an object of every column of the file,
-               keys sorted, no spaces, UTF-8 (values as pyarrow reads them)
+  row digest   HMAC-SHA256 under the output's digest key of the row as canonical JSON
+               (hamu_ray.digests: the key, the encoding of every Arrow type); the receipt
+               records which key (its id, and its file or $HAMU_RECEIPT_KEY), never the key
   leaf         sha256(0x00 ‖ row digest), rows in file order
   node         sha256(0x01 ‖ left ‖ right); a level with an odd count promotes its last node
                unchanged; the root is the single node left (one row: its leaf)
+
+A model's digest (MODEL_RULE, one definition for receipts and the model registry): a weights
+file's sha256 (what `sha256sum` prints); a directory's, the sha256 of the JSON object
+{path relative to it: file sha256} of its model files, keys sorted, separators (',', ':').
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import json
 import os
 from pathlib import Path
 
+from hamu_ray import digests
+from hamu_ray.digests import KEY_ENV, ROW_RULE, DigestKey
 from hamu_ray.errors import UserError
 
-ROW_RULE = "sha256 of the row as JSON: every column, keys sorted, separators (',', ':'), UTF-8"
 TREE_RULE = ("leaf = sha256(0x00 || row digest), rows in file order; node = sha256(0x01 || left || "
              "right); an odd level promotes its last node unchanged; the root is the last node")
-VERSION = "hamu-ray unlearning receipt v1"
-KEY_ENV = "HAMU_RECEIPT_KEY"  # optional HMAC-SHA256 key: the receipt is then signed
-NOT_MODEL = {"ray", "step_log.jsonl", "summary.json", "receipt.json"}  # beside the model in output_dir
+MODEL_RULE = ("a file: its sha256; a directory: sha256 of the JSON object {relative path: file sha256} "
+              "of its model files, keys sorted, separators (',', ':')")
+VERSION = "hamu-ray unlearning receipt v2"  # v2: keyed row digests, one model digest rule
+# $HAMU_RECEIPT_KEY (optional): the receipt is then HMAC-SHA256 signed, and the row digests keyed by it
+NOT_MODEL = {"ray", "step_log.jsonl", "summary.json", "receipt.json", digests.KEY_FILE}  # beside the model
 
 
 class ReceiptError(UserError, ValueError):
@@ -38,18 +46,6 @@ class ReceiptError(UserError, ValueError):
 
 
 # ---- the Merkle commitment ------------------------------------------------------------------
-
-def row_digests(path: str) -> list[str]:
-    """One hex digest per row of a parquet or JSON-lines file, in file order (ROW_RULE)."""
-    import pyarrow.dataset as pads
-
-    from hamu_ray.engine.data import file_format
-
-    table = pads.dataset(path, format=file_format("forget", path)).to_table()
-    return [hashlib.sha256(json.dumps(row, sort_keys=True, separators=(",", ":"),
-                                      ensure_ascii=False).encode()).hexdigest()
-            for row in table.to_pylist()]
-
 
 def _leaf(digest: str) -> bytes:
     return hashlib.sha256(b"\x00" + bytes.fromhex(digest)).digest()
@@ -111,7 +107,14 @@ def model_files(directory: Path) -> dict[str, str]:
 
 
 def combined(files: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def model_digest(path: Path) -> str:
+    """A model's digest by MODEL_RULE: the same for a model wherever it is read (a job's input,
+    a job's export, a registry version)."""
+    path = Path(path)
+    return combined(model_files(path)) if path.is_dir() else file_sha256(path)
 
 
 def input_model(model_cfg) -> dict | None:
@@ -122,20 +125,56 @@ def input_model(model_cfg) -> dict | None:
         return None
     p = Path(path)
     if p.is_file():
-        return {"path": str(p), "sha256": file_sha256(p)}
+        return {"path": str(p), "sha256": model_digest(p)}
     if p.is_dir():
-        files = model_files(p)
-        return {"path": str(p), "files": files, "sha256": combined(files)}
+        return {"path": str(p), "files": model_files(p), "sha256": model_digest(p)}
     return {"path": str(path), "sha256": None}
+
+
+def exported_model(output_dir: Path) -> Path:
+    """The model a job exported into its output directory: a language model's Hugging Face
+    directory (with LoRA: the merged model, else the adapter) or a classifier's weights file."""
+    from hamu_ray.tasks.causal_lm import ADAPTER_DIR, MODEL_DIR
+    from hamu_ray.tasks.classifier import EXPORT_WEIGHTS
+
+    found = [output_dir / name for name in (MODEL_DIR, ADAPTER_DIR, EXPORT_WEIGHTS) if (output_dir / name).exists()]
+    if not found:
+        raise ReceiptError(f"{output_dir}: no exported model ({MODEL_DIR}/, {ADAPTER_DIR}/ or {EXPORT_WEIGHTS})")
+    return found[0]
 
 
 # ---- the receipt -----------------------------------------------------------------------------
 
-def guarantee_record(step_log: list[dict]) -> dict:
-    """Of the steps a HAMU rule took, how many made a first-order forget gain of at least B."""
-    taken = [r for r in step_log if "guarantee/constraint" in r and r.get("stop") == "none"]
-    held = sum(r["guarantee/forget_gain"] >= r["guarantee/constraint"] * (1 - 1e-6) for r in taken)
-    return {"steps": len(taken), "held": held, "hold_rate": held / len(taken) if taken else None}
+# What each rule's guarantee bounds (RuleSpec.guarantees), as the step log has it: the true
+# (unclipped) first-order effects of the step taken. With clip_norm the rule keeps the clipped
+# quantity ≥ B, so the true one is ≥ B / scale ≥ B as well.
+GUARANTEED = {"forget_gain": ("forget gain", lambda r: r["guarantee/forget_gain"]),
+              "retain_drop": ("retain-loss drop", lambda r: -r["guarantee/retain_change"])}
+# Rounding allowance, relative to the step's first-order effects: the realised values are
+# computed in float64 from the same statistics the rule solved with.
+GUARANTEE_RTOL = 1e-9
+
+
+def guarantee_record(step_log: list[dict], rule_name: str) -> dict:
+    """Of the steps the rule took (every step but one it stopped instead of taking; a step after
+    which the monitor stopped the run was taken), on how many its guaranteed quantity reached
+    the B logged with it."""
+    from hamu_ray.rules import RULES, StopReason
+
+    kind = RULES[rule_name].guarantees if rule_name in RULES else None
+    if kind is None:
+        return {"quantity": None, "B": None, "steps": 0, "held": 0, "hold_rate": None}
+    quantity, value = GUARANTEED[kind]
+    not_taken = {reason.value for reason in StopReason}
+    taken = [r for r in step_log if "guarantee/B" in r and r["stop"] not in not_taken]
+    held = sum(_holds(value(r), r["guarantee/B"], r) for r in taken)
+    return {"quantity": quantity, "B": taken[0]["guarantee/B"] if taken else None, "steps": len(taken),
+            "held": held, "hold_rate": held / len(taken) if taken else None}
+
+
+def _holds(achieved: float, constraint: float, record: dict) -> bool:
+    scale = constraint + abs(record["guarantee/forget_gain"]) + abs(record["guarantee/retain_change"])
+    return achieved >= constraint - GUARANTEE_RTOL * scale
 
 
 STOP_MEANING = {"none": "it ran its whole step budget",
@@ -181,8 +220,10 @@ def engine_verdict(receipt: dict) -> str:
             f"{STOP_MEANING.get(receipt['stop'], receipt['stop'])}.")
     guarantee = receipt["guarantee"]
     if guarantee["steps"]:
-        text += (f" Its first-order guarantee (forget gain ≥ B) held on {guarantee['held']} of "
-                 f"{guarantee['steps']} steps.")
+        text += (f" Its first-order guarantee ({guarantee['quantity']} ≥ B = {guarantee['B']:.4g}) held on "
+                 f"{guarantee['held']} of {guarantee['steps']} steps taken.")
+    elif guarantee["quantity"]:
+        text += f" It took no step, so its guarantee ({guarantee['quantity']} ≥ B) was never tested."
     else:
         text += " The method gives no per-step guarantee."
     trace = receipt.get("hardness")
@@ -194,22 +235,27 @@ def engine_verdict(receipt: dict) -> str:
     return text
 
 
-def build(cfg, sets: dict, summary: dict, output_dir: Path, step_log: list[dict]) -> dict:
+def build(cfg, sets: dict, summary: dict, output_dir: Path, step_log: list[dict], key: DigestKey) -> dict:
+    """The receipt of the job whose output is (being written) in `output_dir`; `key` keys the
+    forget rows' digests (digests.output_key)."""
     forget = sets["forget"]
-    files = model_files(output_dir)
+    model = exported_model(Path(output_dir))
     receipt = {
         "receipt": VERSION,
         "forget": {"path": forget.path, "rows": forget.num_rows,
-                   "merkle_root": merkle_root(row_digests(forget.path)),
+                   "merkle_root": merkle_root(digests.row_digests(forget.path, key)),
+                   "digest_key": key_record(key, Path(output_dir)),
                    "row_rule": ROW_RULE, "tree_rule": TREE_RULE},
         "retain": {"path": sets["retain"].path, "rows": sets["retain"].num_rows,
                    "sha256_16": sets["retain"].digest},
         "model_in": input_model(cfg.model),
-        "model_out": {"files": files, "sha256": combined(files)},
+        "model_out": {"path": str(model.relative_to(output_dir)), "sha256": model_digest(model),
+                      "files": model_files(Path(output_dir))},
+        "model_rule": MODEL_RULE,
         "method": cfg.method.name, "rule": cfg.method.rule_name, "hparams": cfg.method.hparams,
         "objective": cfg.method.objective, "lr": cfg.train.lr, "zero_stage": cfg.train.zero_stage,
         "steps": summary["steps"], "stop": summary["stop"],
-        "guarantee": guarantee_record(step_log),
+        "guarantee": guarantee_record(step_log, cfg.method.rule_name),
         "hardness": hardness_trace(step_log),
         "losses": losses(step_log),
         "code": code_version(),
@@ -249,32 +295,80 @@ def sign(receipt: dict) -> dict:
     return receipt
 
 
-def verify(receipt: dict, model_dir: Path | None = None, forget: str | None = None) -> list[tuple[str, bool, str]]:
-    """(what, matches, detail) for every digest that can be recomputed from what is given."""
-    checks = []
-    if "signature" in receipt:
-        key = os.environ.get(KEY_ENV)
-        if not key:
-            checks.append(("signature", False, f"signed, but ${KEY_ENV} is not set to check it"))
-        else:
-            ok = hmac.compare_digest(receipt["signature"]["hmac_sha256"],
-                                     hmac.new(key.encode(), _payload(receipt), "sha256").hexdigest())
-            checks.append(("signature", ok, "valid" if ok else "does not match this receipt and key"))
+def key_record(key: DigestKey, output_dir: Path) -> dict:
+    """Which key made the row digests: its id, and where it is (its file relative to the
+    receipt's directory, or $HAMU_RECEIPT_KEY); never the key itself."""
+    if key.file is None:
+        return {"id": key.id, "from": f"${KEY_ENV}"}
+    return {"id": key.id, "file": os.path.relpath(key.file.resolve(), Path(output_dir).resolve())}
+
+
+def forget_key(receipt: dict, receipt_dir: Path, key_file: str | None = None) -> DigestKey:
+    """The key to recompute the receipt's row digests with: `key_file` when given, else the one
+    the receipt names. A key whose id is not the receipt's is refused: with it every digest
+    would differ, and the forget set would look changed when it is not."""
+    recorded = receipt["forget"]["digest_key"]
+    if key_file is not None:
+        key = digests.read_key(key_file)
+    elif "file" in recorded:
+        path = Path(receipt_dir) / recorded["file"]
+        if not path.exists():
+            raise ReceiptError(f"the receipt's row digests are keyed by {path}, which is not there; pass "
+                               f"--key FILE (the {digests.KEY_FILE} of the job's or pipeline's output directory)")
+        key = digests.read_key(path)
+    else:
+        key = digests.env_key()
+        if key is None:
+            raise ReceiptError(f"the receipt's row digests are keyed by ${KEY_ENV}: set it to the key the job ran with")
+    if key.id != recorded["id"]:
+        raise ReceiptError(f"digest key {key.source} is not the one this receipt's row digests were made with "
+                           f"(key id {key.id}; the receipt's is {recorded['id']})")
+    return key
+
+
+def verify(receipt: dict, model_dir: Path | None = None, forget: str | None = None,
+           key: DigestKey | None = None) -> list[tuple[str, bool, str]]:
+    """(what, matches, detail) for every digest that can be recomputed from what is given:
+    the signature, the model files in `model_dir` (the job's output directory), the forget
+    set's Merkle root (with `key`, forget_key's)."""
+    checks = [signature_check(receipt)] if "signature" in receipt or os.environ.get(KEY_ENV) else []
     if model_dir is not None:
-        expected, got = receipt["model_out"]["files"], model_files(Path(model_dir))
-        for name in sorted(set(expected) | set(got)):
-            if name not in got:
-                checks.append((name, False, "missing"))
-            elif name not in expected:
-                checks.append((name, False, "not in the receipt"))
-            else:
-                ok = got[name] == expected[name]
-                checks.append((name, ok, "matches" if ok else f"sha256 {got[name][:16]}… ≠ {expected[name][:16]}…"))
+        checks += model_checks(receipt, Path(model_dir))
     if forget is not None:
-        root = merkle_root(row_digests(forget))
+        root = merkle_root(digests.row_digests(forget, key))
         ok = root == receipt["forget"]["merkle_root"]
         checks.append(("forget set", ok, "Merkle root matches" if ok else
                        f"Merkle root {root[:16]}… ≠ {receipt['forget']['merkle_root'][:16]}…"))
+    return checks
+
+
+def signature_check(receipt: dict) -> tuple[str, bool, str]:
+    key = os.environ.get(KEY_ENV)
+    if "signature" not in receipt:  # with the key, every receipt is signed as it is written
+        return ("signature", False, f"missing, and ${KEY_ENV} is set: the receipt was not made with this "
+                                    "key, or its signature was removed")
+    if not key:
+        return ("signature", False, f"signed, but ${KEY_ENV} is not set to check it")
+    ok = hmac.compare_digest(receipt["signature"]["hmac_sha256"],
+                             hmac.new(key.encode(), _payload(receipt), "sha256").hexdigest())
+    return ("signature", ok, "valid" if ok else "does not match this receipt and key")
+
+
+def model_checks(receipt: dict, model_dir: Path) -> list[tuple[str, bool, str]]:
+    expected = receipt["model_out"]["files"]
+    if not model_dir.is_dir():
+        what = "is a file" if model_dir.is_file() else "does not exist"
+        raise ReceiptError(f"--model {model_dir} {what}: give the job's output directory, the one its receipt "
+                           f"was written to (it holds the model, {receipt['model_out']['path']})")
+    got, checks = model_files(model_dir), []
+    for name in sorted(set(expected) | set(got)):
+        if name not in got:
+            checks.append((name, False, "missing"))
+        elif name not in expected:
+            checks.append((name, False, "not in the receipt"))
+        else:
+            ok = got[name] == expected[name]
+            checks.append((name, ok, "matches" if ok else f"sha256 {got[name][:16]}… ≠ {expected[name][:16]}…"))
     return checks
 
 
@@ -283,6 +377,9 @@ def load(path: str) -> dict:
         receipt = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ReceiptError(f"receipt {path}: cannot read it ({exc})") from None
-    if not isinstance(receipt, dict) or receipt.get("receipt") != VERSION:
+    if not isinstance(receipt, dict) or not str(receipt.get("receipt", "")).startswith("hamu-ray unlearning receipt"):
         raise ReceiptError(f"receipt {path}: not a {VERSION}")
+    if receipt["receipt"] != VERSION:
+        raise ReceiptError(f"receipt {path}: a {receipt['receipt']}, written by an earlier hamu-ray; this one reads "
+                           f"{VERSION} (rerun the job, or check it with the version that wrote it)")
     return receipt

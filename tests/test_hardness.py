@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from hamu_ray import receipt
+from hamu_ray import digests
 from hamu_ray.engine import preflight
 from hamu_ray.engine.config import parse_config
 from hamu_ray.engine.grads import TorchGrads
@@ -219,12 +219,14 @@ def test_the_command_equals_plain_torch(preflight_run):
         assert block["rf"] == pytest.approx(float((r * f).sum()), rel=1e-5, abs=1e-9)
     assert [b["name"] for b in summary["blocks"]] == [name for name, _ in model.named_parameters()]
     flat_r = torch.cat([g.flatten() for g in g_r])
+    key = digests.read_key(out / digests.KEY_FILE)  # the report directory's own, owner-only
+    assert summary["rows"]["digest_key"] == {"id": key.id, "from": digests.KEY_FILE}
     by_row = {r["row"]: r for r in summary["rows"]["by_conflict"]}
     assert sorted(by_row) == [0, 1, 2] and summary["rows"]["of"] == 4
     for i, row in by_row.items():
         g_i = torch.cat([g.flatten() for g in torch.autograd.grad(loss([forget[i]]), list(model.parameters()))])
         assert row["cosine"] == pytest.approx(float(F.cosine_similarity(flat_r, g_i, dim=0)), abs=1e-5)
-        assert row["sha256"] == receipt.row_digests(str(root / "forget.parquet"))[i]
+        assert row["digest"] == digests.row_digests(str(root / "forget.parquet"), key)[i]
     cosines = [r["cosine"] for r in summary["rows"]["by_conflict"]]
     assert cosines == sorted(cosines, reverse=True)
 

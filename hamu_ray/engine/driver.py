@@ -23,7 +23,7 @@ from pathlib import Path
 import ray.train
 from ray.train import UserCallback as UserCallbackBase
 
-from hamu_ray import quiet, receipt
+from hamu_ray import digests, quiet, receipt
 from hamu_ray.engine import data, monitor
 from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import OutputExistsError
@@ -52,9 +52,12 @@ class UnlearnResult:
     sets: dict[str, data.SetInfo]
 
 
-def run_unlearning(cfg: UnlearnConfig, progress: str | None = None, callbacks=()) -> UnlearnResult:
+def run_unlearning(cfg: UnlearnConfig, progress: str | None = None, callbacks=(),
+                   key_dir: Path | None = None) -> UnlearnResult:
     """Run one job; with `progress` (a label) print a line every train.progress_every steps.
-    `callbacks`: more Ray Train UserCallbacks (a Tune trial forwards the reports with one)."""
+    `callbacks`: more Ray Train UserCallbacks (a Tune trial forwards the reports with one).
+    `key_dir`: whose digest key names the receipt's forget rows (hamu_ray.digests; a pipeline
+    passes its output directory, so all its stages share one); None: the job's own output's."""
     out = Path(cfg.output_dir)
     if out.exists():  # staging_dir refuses it too; here before the sets are read, naming the field
         raise OutputExistsError(f"output_dir {out} already exists; choose a new one (nothing is overwritten)")
@@ -77,7 +80,8 @@ def run_unlearning(cfg: UnlearnConfig, progress: str | None = None, callbacks=()
                     print(f"  [{progress}] sets ready ({', '.join(f'{i.name} {i.num_rows} rows' for i in sets.values())}); "
                           f"starting {cfg.cluster.num_workers} worker(s)", flush=True)
                 result = fit(cfg, datasets, staging / "ray", progress, callbacks)
-        summary = publish(cfg, sets, result, staging, wall_s=time.perf_counter() - started)
+        summary = publish(cfg, sets, result, staging, wall_s=time.perf_counter() - started,
+                          key_dir=key_dir or staging)
     return UnlearnResult(out, summary["steps"], summary["stop"], summary["resumed_from_step"], sets)
 
 
@@ -148,6 +152,8 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
                 f"fewer than data.{name}_batch_size={batch}")
     if "forget" in sets:
         data.check_disjoint(sets["forget"], sets["retain"], columns)
+        # its receipt digests every row: a column it cannot encode fails here, not after training
+        digests.check_encodable(sets["forget"].path)
     task.check_model()
     for info in sets.values():  # counts and digests only: never the rows
         log.info("%s set: %d rows, sha256 %s", info.name, info.num_rows, info.digest)
@@ -370,7 +376,7 @@ def fit_showing_progress(trainer, queue, label: str):
 
 
 def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: Path,
-            wall_s: float) -> dict:
+            wall_s: float, key_dir: Path) -> dict:
     """Copy the final export out of the Ray checkpoint and write the run summary (again, over
     what a failed earlier try copied, when a kept run is published on a retry)."""
     if result.checkpoint is None:
@@ -395,6 +401,6 @@ def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: 
     (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     if "forget" in sets:  # an unlearning job (not plain training): its receipt, beside the model
         step_log = [json.loads(line) for line in (staging / EXPORT_LOG).read_text().splitlines()]
-        (staging / "receipt.json").write_text(json.dumps(receipt.build(cfg, sets, summary, staging, step_log),
-                                                         indent=2))
+        content = receipt.build(cfg, sets, summary, staging, step_log, digests.output_key(key_dir))
+        (staging / "receipt.json").write_text(json.dumps(content, indent=2))
     return summary

@@ -14,7 +14,7 @@ from hamu_ray.engine import data, monitor, preflight
 from hamu_ray.engine import deepspeed_engine as eng
 from hamu_ray.engine.config import UnlearnConfig
 from hamu_ray.engine.grads import DeepSpeedGrads
-from hamu_ray.rules import get_rule
+from hamu_ray.rules import Rule, get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
 from hamu_ray.tasks import task_for
 from hamu_ray.engine.step import (ImplicitStepOutput, ImplicitSurgery, MeanAcrossRanks, StepOutput,
@@ -175,7 +175,7 @@ def step_function(cfg: UnlearnConfig, grads: DeepSpeedGrads, retain_loss, forget
             grads, rule, lr=cfg.train.lr, reduce_stats=reduce, clip_norm=cfg.train.clip_norm,
             retain_loss=lambda: retain_loss(retain_batch),
             forget_loss=lambda: forget_loss(forget_batch))
-        return step_record(step, out)
+        return step_record(step, out, rule)
     return two_backward
 
 
@@ -196,7 +196,7 @@ def implicit_record(step: int, out: ImplicitStepOutput) -> dict:
     return record
 
 
-def step_record(step: int, out: StepOutput) -> dict:
+def step_record(step: int, out: StepOutput, rule: Rule) -> dict:
     """One flat, slash-namespaced metrics row per step (no forget-set content, only numbers)."""
     d = out.result.diagnostics
     cosine = d["cosine"]
@@ -217,8 +217,9 @@ def step_record(step: int, out: StepOutput) -> dict:
         "clip/forget_scale": out.forget_scale,
         "stop": out.result.stop.value if out.result.stop else "none",
     }
+    if rule.spec.guarantees:  # the B the rule promises, as requested (receipt.guarantee_record)
+        record["guarantee/B"] = float(rule.params.constraint)
     if "stop_rhs" in d:
-        record["guarantee/constraint"] = float(d["constraint"].sum())
         record["stop/rhs"] = d["stop_rhs"]  # exact: largest gain with no retain damage
         record["stop/margin"] = d["stop_margin"]
         record["stop/paper_rhs"] = d["paper_rhs"]  # the paper's Σ R_b‖g_f,b‖ sin θ_b

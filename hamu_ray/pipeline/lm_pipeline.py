@@ -1,7 +1,7 @@
 """The language-model side of a pipeline: the QA sets, the initial model built here, and the
 comparison of every model against the oracle (scored by Ray tasks, lm_evaluate).
 
-Forget rows are the sensitive data: the report holds per-row numbers and digests, never text.
+Forget rows are the sensitive data: the report holds per-row numbers and keyed digests, never text.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hamu_ray import files
+from hamu_ray import digests, files
 from hamu_ray.engine import data
 from hamu_ray.errors import MissingInputError
 from hamu_ray.pipeline import country_qa, lm_evaluate, lm_metrics, user_data
@@ -210,7 +210,8 @@ def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[d
     sets = {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared}
     scores = lm_evaluate.score_models({name: str(stage.model_dir) for name, stage in stages.items()},
                                       sets, cfg.data.text.model_dump(), bf16=cfg.model.dtype == "bf16")
-    write_per_example(scores, sets, cfg, report / "per_example.parquet")
+    write_per_example(scores, sets, digests.output_key(Path(cfg.output_dir).resolve()),
+                      report / "per_example.parquet")
     oracle = scores.get("oracle")
     rows = []
     for name, stage in stages.items():
@@ -221,18 +222,11 @@ def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[d
     return [{c: row.get(c) for c in lm_evaluate.TABLE_COLUMNS} for row in rows]
 
 
-def row_digests(path: str, cfg) -> list[str]:
-    """sha256 of each row's question and answer: identifies a row without revealing it."""
-    table = pq.read_table(path)
-    pairs = zip(table.column(cfg.data.text.question_column).to_pylist(),
-                table.column(cfg.data.text.answer_column).to_pylist())
-    return [user_data.qa_digest(q, a) for q, a in pairs]
-
-
-def write_per_example(scores: dict, sets: dict[str, str], cfg, path: Path) -> None:
-    """One row per (model, set, example): numbers and the row's digest, no text."""
-    digests = {name: row_digests(p, cfg) for name, p in sets.items()}
-    columns: dict[str, list] = {k: [] for k in ("model", "set", "row", "row_sha256", "probability",
+def write_per_example(scores: dict, sets: dict[str, str], key: digests.DigestKey, path: Path) -> None:
+    """One row per (model, set, example): numbers and the row's keyed digest (the receipts' row
+    digest, hamu_ray.digests), no text."""
+    rows = {name: digests.row_digests(p, key) for name, p in sets.items()}
+    columns: dict[str, list] = {k: [] for k in ("model", "set", "row", "row_digest", "probability",
                                                 "rouge_l_recall", "min_k", "truth_ratio")}
     for model, per_set in scores.items():
         for name, s in per_set.items():
@@ -241,7 +235,7 @@ def write_per_example(scores: dict, sets: dict[str, str], cfg, path: Path) -> No
             columns["model"] += [model] * n
             columns["set"] += [name] * n
             columns["row"] += list(range(n))
-            columns["row_sha256"] += digests[name]
+            columns["row_digest"] += rows[name]
             columns["probability"] += lm_metrics.probability(s["logprob"], s["count"]).tolist()
             columns["rouge_l_recall"] += s["rouge"].tolist()
             columns["min_k"] += s["min_k"].tolist()

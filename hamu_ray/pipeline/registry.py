@@ -5,9 +5,10 @@ MLflow model — the transformers flavour for a language model, the pytorch flav
 classifier — and registered as a version of one registered model (`tracking.registered_model`,
 default the pipeline's name). An unlearned model is published after the evaluation: its receipt
 first gains the evaluation against the oracle and the verdict, then is logged to the method's
-run, and the version's tags carry the receipt's sha256 and forget-set Merkle root, the method,
-and the original's version (or the original's digest when the original is the user's own):
-"which model forgot what" is a registry query. A model already registered (same weights, same
+run, and the version's tags carry the model's digest (receipt.MODEL_RULE, as in receipts), the
+receipt's sha256 and forget-set Merkle root, the method, and the original's version (or the
+original's digest when the original is the user's own): "which model forgot what" is a registry
+query, and "which original did this forget" one by hash. A model already registered (same weights, same
 forget set) is not registered again.
 """
 
@@ -44,7 +45,7 @@ def complete_receipt(cfg, path: Path, row: dict, original: dict, oracle: dict | 
     evaluation = {"against": "oracle" if oracle is not None else None,
                   "model": {k: row.get(k) for k in keys}, "original": {k: original.get(k) for k in keys},
                   "oracle": {k: oracle.get(k) for k in keys} if oracle is not None else None}
-    current = json.loads(path.read_text())
+    current = receipt.load(str(path))
     updated = receipt.with_evaluation(current, evaluation, evaluation_verdict(cfg.is_lm, evaluation))
     if updated != current:
         files.write_atomic(path, json.dumps(updated, indent=2))
@@ -94,19 +95,23 @@ def log_model(source: dict, name: str, tags: dict[str, str]):
 
 
 def version_tags(stage, role: str, original_version: str | None) -> dict[str, str]:
-    tags = {"role": role, "stage": stage.name}
+    """`model_sha256` is the exported model's digest by receipt.MODEL_RULE (a weights file's
+    sha256, a directory's over its files), the definition receipts use for `model_in` and
+    `model_out`: an unlearned version's `original_sha256` is its original's `model_sha256`."""
+    from hamu_ray import receipt
+
+    exported = stage.model_dir if stage.model_dir.exists() else stage.weights
+    tags = {"role": role, "stage": stage.name, "model_sha256": receipt.model_digest(exported)}
     receipt_path = stage.directory / "receipt.json"
     if receipt_path.exists():
-        content = json.loads(receipt_path.read_text())
-        tags.update(method=content["method"], model_sha256=content["model_out"]["sha256"],
+        content = receipt.load(str(receipt_path))
+        tags.update(method=content["method"],
                     receipt_sha256=hashlib.sha256(receipt_path.read_bytes()).hexdigest(),
                     forget_merkle_root=content["forget"]["merkle_root"])
         if original_version is not None:
             tags["original_version"] = original_version
         elif (content.get("model_in") or {}).get("sha256"):
             tags["original_sha256"] = content["model_in"]["sha256"]
-    else:  # a model trained here (the original): its weights' digest names it
-        tags["model_sha256"] = _directory_digest(stage.model_dir if stage.model_dir.exists() else stage.weights)
     return tags
 
 
@@ -155,10 +160,3 @@ def _log_classifier(source: dict, name: str, tags: dict[str, str]):
     # found by find_version (its model_sha256) when the upload redoes it
     return mlflow.pytorch.log_model(module, name="model", registered_model_name=name, tags=tags,
                                     input_example=example, pip_requirements=["torch"])
-
-
-def _directory_digest(path: Path) -> str:
-    from hamu_ray import receipt
-
-    files = receipt.model_files(path) if path.is_dir() else {path.name: receipt.file_sha256(path)}
-    return receipt.combined(files)

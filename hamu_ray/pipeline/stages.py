@@ -418,7 +418,7 @@ def cached_stage(name: str, job: dict, out: Path, *, progress: str | None = None
               f"ZeRO-{job['train']['zero_stage']})", flush=True)
     if not cached:
         run_unlearning(UnlearnConfig.model_validate({**job, "output_dir": str(directory)}),
-                       progress=progress, callbacks=callbacks)
+                       progress=progress, callbacks=callbacks, key_dir=out)  # one digest key per pipeline
     return StageOutput.read(directory, name, cached)
 
 

@@ -41,10 +41,6 @@ def read_table(info: data.SetInfo) -> pa.Table:
     return pads.dataset(info.path, format=info.format).to_table()
 
 
-def qa_digest(question: str, answer: str) -> str:
-    return hashlib.sha256(json.dumps([question, answer]).encode()).hexdigest()
-
-
 def check_disjoint(cfg, sets: dict[str, data.SetInfo]) -> None:
     """No forget row in the retain set (the engine's check, on the user's files, before Ray)."""
     data.check_disjoint(sets["forget"], sets["retain"], set_columns(cfg))

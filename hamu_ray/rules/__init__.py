@@ -23,13 +23,16 @@ class RuleSpec:
     solve: Callable[[BlockStats, float, Any], RuleResult]
     params: type
     summary: str
+    # the first-order quantity the rule keeps ≥ its constraint B on every step it takes
+    # ("forget_gain": g_f·Δ, "retain_drop": −g_r·Δ); None: the rule promises no such bound
+    guarantees: str | None = None
 
 
 RULES: dict[str, RuleSpec] = {
     "hamu-q": RuleSpec(hamu.hamu_q, hamu.HamuParams,
-                       "guarantee forget gain B at least retain cost within radius R"),
+                       "guarantee forget gain B at least retain cost within radius R", "forget_gain"),
     "hamu-u": RuleSpec(hamu.hamu_u, hamu.HamuParams,
-                       "guarantee retain-loss drop B at most forget cost within radius R"),
+                       "guarantee retain-loss drop B at most forget cost within radius R", "retain_drop"),
     "surgery": RuleSpec(surgery.surgery, surgery.SurgeryParams,
                         "explicit gradient surgery: retain increase bounded by epsilon"),
     "gdiff": RuleSpec(baselines.gdiff, baselines.NoParams, "gradient difference (g_r − g_f)/2"),

@@ -7,6 +7,7 @@ orders and splits rows, so it must equal the single-process step on all rows exa
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 
@@ -110,7 +111,10 @@ def test_the_job_writes_a_receipt_that_verifies_and_catches_a_changed_model(two_
     root, _ = inputs
     content = receipt.load(str(two_worker_run.output_dir / "receipt.json"))
     rows = pq.read_table(root / "forget.parquet").to_pylist()  # the commitment, recomputed by hand
-    digests = [hashlib.sha256(json.dumps(r, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    key_file = two_worker_run.output_dir / "digest.key"  # the job's own digest key, owner-only
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = bytes.fromhex(key_file.read_text())
+    digests = [hmac.new(key, json.dumps(r, sort_keys=True, separators=(",", ":")).encode(), "sha256").hexdigest()
                for r in rows]
     leaves = [hashlib.sha256(b"\x00" + bytes.fromhex(d)).digest() for d in digests]
     pairs = [hashlib.sha256(b"\x01" + leaves[i] + leaves[i + 1]).digest() for i in (0, 2)]
@@ -118,9 +122,11 @@ def test_the_job_writes_a_receipt_that_verifies_and_catches_a_changed_model(two_
     assert content["forget"]["rows"] == 4 and content["retain"]["rows"] == 8
     assert content["model_in"]["sha256"] == hashlib.sha256((root / "init.safetensors").read_bytes()).hexdigest()
     assert list(content["model_out"]["files"]) == ["model.safetensors"]
-    assert content["guarantee"] == {"steps": STEPS, "held": STEPS, "hold_rate": 1.0}
+    assert content["guarantee"] == {"quantity": "forget gain", "B": RULE[1]["constraint"], "steps": STEPS,
+                                    "held": STEPS, "hold_rate": 1.0}
     assert (content["method"], content["steps"], content["stop"]) == (RULE[0], STEPS, "none")
-    assert all(ok for _, ok, _ in receipt.verify(content, two_worker_run.output_dir, str(root / "forget.parquet")))
+    keyed = receipt.forget_key(content, two_worker_run.output_dir)
+    assert all(ok for _, ok, _ in receipt.verify(content, two_worker_run.output_dir, str(root / "forget.parquet"), keyed))
     copy = tmp_path / "copy"
     copy.mkdir()
     weights = bytearray((two_worker_run.output_dir / "model.safetensors").read_bytes())

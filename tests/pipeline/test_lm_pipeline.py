@@ -72,28 +72,28 @@ def test_methods_are_evaluated_during_the_run_and_stop_at_the_oracles_forget_pro
     """The stop target is the oracle's mean answer probability on the monitor's forget sample
     (checked against the evaluation's own per-row scores of those rows); the method stops at
     its first evaluation at or below it, or runs its 4 steps without reaching it."""
-    from hamu_ray.pipeline.lm_pipeline import row_digests
+    from hamu_ray import digests
     from hamu_ray.pipeline.stages import StageOutput
 
     out, cfg, result = qa_run
     stage = StageOutput.read(next((out / "stages").glob("unlearn-hamu-q-*")))
     monitor = stage.summary["config"]["monitor"]
-    sample = set(row_digests(monitor["forget"], cfg))
+    order = digests.row_digests(monitor["forget"], digests.read_key(out / digests.KEY_FILE))  # the report's key
+    sample = set(order)
     assert len(sample) == 8
     per_example = pq.read_table(result.report_dir / "per_example.parquet").to_pylist()
     oracle = [r["probability"] for r in per_example
-              if r["model"] == "oracle" and r["set"] == "forget" and r["row_sha256"] in sample]
+              if r["model"] == "oracle" and r["set"] == "forget" and r["row_digest"] in sample]
     target = monitor["stop_forget_prob"]
     assert target == pytest.approx(sum(oracle) / len(oracle), rel=1e-5)
 
     evaluated = [r for r in stage.step_log() if "monitor/forget_prob" in r]
     assert [r["step"] for r in evaluated] == list(range(0, stage.summary["steps"] + 1, 2))
     # the curves' per-row losses: step 0 is the original, the kept file the oracle, row for row
-    order = row_digests(monitor["forget"], cfg)
     oracle_file = next(Path(monitor["forget"]).parent.glob("oracle-*.json"))
     for model, losses in (("original", evaluated[0]["monitor/forget_row_loss"]),
                           ("oracle", json.loads(oracle_file.read_text())["monitor/forget_row_loss"])):
-        probability = {r["row_sha256"]: r["probability"] for r in per_example
+        probability = {r["row_digest"]: r["probability"] for r in per_example
                        if r["model"] == model and r["set"] == "forget"}
         assert [math.exp(-loss) for loss in losses] == pytest.approx([probability[d] for d in order], rel=1e-5)
     assert all(r["monitor/forget_prob"] > target for r in evaluated[:-1])
@@ -115,7 +115,7 @@ def test_the_report_logs_and_receipts_hold_numbers_and_digests_never_the_forget_
     scored = {(r["model"], r["set"]) for r in per_example}
     assert scored == {(m, s) for m in ("original", "oracle", "hamu-q") for s in ("forget", "retain", "holdout")}
     assert sum(r["model"] == "hamu-q" and r["set"] == "forget" for r in per_example) == len(forget)
-    assert all(len(r["row_sha256"]) == 64 and r["truth_ratio"] > 0 for r in per_example)
+    assert all(len(r["row_digest"]) == 64 and r["truth_ratio"] > 0 for r in per_example)
     secrets = {r[k] for r in forget for k in ("question", "answer", "paraphrased_answer")}
     stored = [p for p in result.report_dir.rglob("*") if p.is_file()] + [out / "mlflow.db"]
     # the registry's copies of the models, but not their tokenizer: a vocabulary built from the
@@ -137,6 +137,8 @@ def test_the_report_logs_and_receipts_hold_numbers_and_digests_never_the_forget_
 def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa_run):
     from safetensors.torch import load_file
 
+    from hamu_ray.receipt import model_digest
+
     out, cfg, result = qa_run
     client = mlflow.MlflowClient(result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
@@ -152,6 +154,12 @@ def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa
     assert sorted(registered) == ["original", "unlearn-hamu-q"]
     hamu = registered["unlearn-hamu-q"]
     assert hamu.tags["original_version"] == str(registered["original"].version)
+    # one model digest (receipt.MODEL_RULE): the original's tag is the receipt's model_in, the
+    # unlearned version's the digest of its model directory, as it would be as another job's input
+    stage = next((out / "stages").glob("unlearn-hamu-q-*"))
+    content = json.loads((stage / "receipt.json").read_text())
+    assert registered["original"].tags["model_sha256"] == content["model_in"]["sha256"]
+    assert hamu.tags["model_sha256"] == content["model_out"]["sha256"] == model_digest(stage / "model")
     assert runs["unlearn-hamu-q"].data.tags["registered_version"] == str(hamu.version)
     receipt = json.loads(next((out / "stages").glob("unlearn-hamu-q-*/receipt.json")).read_text())
     row = next(r for r in result.rows if r["model"] == "hamu-q")

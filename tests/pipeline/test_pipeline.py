@@ -171,6 +171,12 @@ def test_the_registry_says_which_model_forgot_what(pipeline_runs):
                          "receipt_sha256": hashlib.sha256(receipt_path.read_bytes()).hexdigest(),
                          "forget_merkle_root": receipt["forget"]["merkle_root"],
                          "original_version": str(original.version)}
+    # one model digest: the original's tag is what the receipt names as its input, the weights'
+    # sha256; the unlearned version's tag is the receipt's model_out
+    assert original.tags["model_sha256"] == receipt["model_in"]["sha256"] == hashlib.sha256(
+        Path(receipt["model_in"]["path"]).read_bytes()).hexdigest()
+    assert hamu.tags["model_sha256"] == receipt["model_out"]["sha256"] == hashlib.sha256(
+        (receipt_path.parent / "model.safetensors").read_bytes()).hexdigest()
     # the receipt carries the evaluation against the oracle, the hardness trace and the verdict
     rows = {row["model"]: row for row in second.rows}
     evaluation = receipt["evaluation"]
