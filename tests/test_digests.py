@@ -76,7 +76,7 @@ def test_a_type_without_an_encoding_is_refused_before_any_training(tmp_path):
 
     sets = pa.table({"x": [[0.1, 0.2]] * 4, "y": [0, 1, 0, 1],
                      "when": pa.array([1] * 4, pa.timestamp("ns")), "price": pa.array([decimal.Decimal(1)] * 4)})
-    pq.write_table(sets, tmp_path / "retain.parquet")
+    pq.write_table(sets.set_column(0, "x", pa.array([[0.3, 0.4]] * 4)), tmp_path / "retain.parquet")  # disjoint
     pq.write_table(sets, tmp_path / "forget.parquet")
     job = {"data": {"forget": str(tmp_path / "forget.parquet"), "retain": str(tmp_path / "retain.parquet"),
                     "retain_batch_size": 2, "forget_batch_size": 2},

@@ -406,7 +406,7 @@ def test_cached_stage_runs_a_job_once_then_reuses_it(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_run(cfg, progress=None, callbacks=()):
+    def fake_run(cfg, progress=None, callbacks=(), key_dir=None):
         calls.append((cfg.output_dir, progress, list(callbacks)))
         Path(cfg.output_dir).mkdir(parents=True)
         (Path(cfg.output_dir) / "summary.json").write_text('{"steps": 3, "stop": "none"}')
