@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from hamu_ray import files
+from hamu_ray import files, receipt
 from hamu_ray.engine import data, monitor
 from hamu_ray.pipeline import datasets
 from hamu_ray.pipeline import evaluate
@@ -229,8 +229,9 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
 # ---- stages --------------------------------------------------------------------------------
 
 def stage_key(job: dict, out: Path) -> str:
-    """Hash of a stage's job with the output directory factored out (so the folder can move)."""
-    text = json.dumps(job, sort_keys=True).replace(str(out), "<out>")
+    """Hash of a stage's job with the output directory factored out (so the folder can move), and
+    of the receipt format its stages write: a stage cached by an earlier format is not reused."""
+    text = json.dumps({"job": job, "receipt": receipt.VERSION}, sort_keys=True).replace(str(out), "<out>")
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
