@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from hamu_ray import files, receipt
+from hamu_ray import digests, files, receipt
 from hamu_ray.engine import data, monitor
 from hamu_ray.pipeline import datasets
 from hamu_ray.pipeline import evaluate
@@ -114,8 +114,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 
 
 # What a pipeline or a search writes at the top of its output_dir: the stages, the report, the
-# searches, the default MLflow store (sqlite, with its journal files) and its artifacts.
-OUTPUT_ENTRIES = ("stages", "report", "tune", "mlflow.db", "mlartifacts", "mlflow-unsent")
+# searches, the digest key, the default MLflow store (sqlite, with its journal files) and its artifacts.
+OUTPUT_ENTRIES = ("stages", "report", "tune", digests.KEY_FILE, "mlflow.db", "mlartifacts", "mlflow-unsent")
 
 
 def check_output_dir(out: Path) -> None:

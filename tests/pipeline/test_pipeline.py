@@ -394,7 +394,7 @@ def test_a_directory_of_other_files_is_refused_and_a_pipelines_own_output_is_reu
     earlier = tmp_path / "earlier"  # what a pipeline and a search leave
     for name in ("stages", "report", "tune", "mlartifacts", "mlflow-unsent"):
         (earlier / name).mkdir(parents=True)
-    for name in ("mlflow.db", "mlflow.db-journal"):
+    for name in ("mlflow.db", "mlflow.db-journal", "digest.key"):
         (earlier / name).write_text("")
     (tmp_path / "empty").mkdir()
     for directory in (earlier, tmp_path / "empty", tmp_path / "new"):
