@@ -209,14 +209,9 @@ def test_the_hardness_trace_losses_and_verdict_summarise_the_step_log():
 
 @pytest.fixture(scope="module")
 def digits_problem():
-    from sklearn.datasets import load_digits
+    from tests.digits_fixtures import digits_mlp
 
-    torch.manual_seed(0)
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
-    forget = y == 3
-    return model, (x[~forget][:64], y[~forget][:64]), (x[forget][:32], y[forget][:32])
+    return digits_mlp(16, retain_rows=64, forget_rows=32)
 
 
 def real_step_log(problem, rule_name: str, steps: int, *, lr: float = 0.1, forget_weight: float = 1.0,

@@ -10,7 +10,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -18,23 +17,13 @@ from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules import StopReason, get_rule
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
 from hamu_ray.engine.step import ImplicitSurgery, implicit_surgery_step, unlearning_step
+from tests.digits_fixtures import FORGET_CLASS, digits_mlp
 
-FORGET_CLASS = 3
 
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
-    X, y = load_digits(return_X_y=True)
-    X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        F.cross_entropy(model(X), y).backward()
-        opt.step()
-    forget = y == FORGET_CLASS
-    return model, (X[~forget], y[~forget]), (X[forget], y[forget])
+    return digits_mlp(64, train_steps=150)
 
 
 def accuracy(model, X, y) -> float:

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 from hamu_ray import receipt
 from hamu_ray.engine.grads import TorchGrads
@@ -22,21 +21,12 @@ from hamu_ray.engine.step import TrustRegion, unlearning_step
 from hamu_ray.engine.worker import step_record
 from hamu_ray.rules import BlockStats, get_rule, trust
 from hamu_ray.rules.hamu import damage_free_reach, forget_reach
+from tests.digits_fixtures import digits_mlp
 
 
 @pytest.fixture(scope="module")
 def digits():
-    torch.manual_seed(0)
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    forget = y == 3
-    return model, (x[~forget][:128], y[~forget][:128]), (x[forget][:32], y[forget][:32])
+    return digits_mlp(32, torch.nn.Tanh, train_steps=100, retain_rows=128, forget_rows=32)
 
 
 def measured_steps(problem, rule, steps, *, lr=0.1, tolerance=None):
