@@ -93,9 +93,13 @@ def write_table(rows: Sequence[dict], columns: Sequence[str], report: Path) -> s
     evaluate.write_csv(rows, report / "comparison.csv",
                        [*columns, *(f"{c}_sd" for c in numbers), "seeds"])
     shown = [{c: spread_cell(c, row) for c in columns} for row in rows]
-    as_is = lambda column, text: text  # noqa: E731  (cells formatted by spread_cell)
-    files.write_atomic(report / "comparison.md", evaluate.to_markdown(shown, columns, as_is) + "\n")
-    return evaluate.to_text(shown, columns, as_is)
+    files.write_atomic(report / "comparison.md", evaluate.to_markdown(shown, columns, formatted) + "\n")
+    return evaluate.to_text(shown, columns, formatted)
+
+
+def formatted(column: str, text: str) -> str:
+    """The cell of a row spread_cell has formatted already."""
+    return text
 
 
 def write_seed_rows(cfg, runs: Sequence[dict], columns: Sequence[str], path: Path) -> None:
