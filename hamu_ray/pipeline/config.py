@@ -225,6 +225,12 @@ class PipelineMonitor(Section):
         return value
 
 
+def seed_run_name(key: str, index: int, seed: int) -> str:
+    """A method's run with its `index`-th seed: the label for the first (so seeds: 1 names and
+    caches its runs as before seeds existed), `<label>-seed<seed>` for the others."""
+    return key if index == 0 else f"{key}-seed{seed}"
+
+
 class PipelineConfig(Section):
     name: str
     output_dir: str  # stages are cached here by a hash of their inputs: a re-run skips them
@@ -238,6 +244,8 @@ class PipelineConfig(Section):
     tracking: TrackingSection = TrackingSection()
     tune: TuneSection | None = None  # `hamu-ray tune`: the threshold search
     monitor: PipelineMonitor | None = None  # evaluation during unlearning; None: end points only
+    seeds: int = Field(1, ge=1)  # runs of every method (seed data.seed + i: data order, every
+    # random draw); the table shows mean ± sd over them. The original and the oracle: one each
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -276,10 +284,29 @@ class PipelineConfig(Section):
                              "to match it (bf16 weights train in DeepSpeed's bf16 mode)")
         if self.tune is not None:
             self._check_search(self.tune)
+        self._check_seed_runs(keys)
         if self.monitor is not None and self.monitor.stop_at == "oracle" and not self.has_oracle:
             raise ValueError("monitor.stop_at: oracle needs an oracle model (model.oracle); give "
                              "one, or a forget probability to stop at")
         return self
+
+    def _check_seed_runs(self, keys: list[str]) -> None:
+        """A method's later seeds are named `<label>-seed<s>` (seed_run_name): no label may be one."""
+        taken = set(keys)
+        for key in keys:
+            clash = next((name for _, name in self.seed_runs(key)[1:] if name in taken), None)
+            if clash is not None:
+                raise ValueError(f"methods: the label {clash!r} is the name of {key}'s run with another "
+                                 "seed (seeds); choose another label")
+
+    @property
+    def method_seeds(self) -> list[int]:
+        """The seeds every method runs with: data.seed (the first: the run seeds: 1 makes), then up."""
+        return [self.data.seed + i for i in range(self.seeds)]
+
+    def seed_runs(self, key: str) -> list[tuple[int, str]]:
+        """(seed, run name) of method `key`'s runs, the first seed's run named by the label alone."""
+        return [(seed, seed_run_name(key, i, seed)) for i, seed in enumerate(self.method_seeds)]
 
     def _check_train_overrides(self, index: int, entry: MethodEntry) -> None:
         """The entry's `train:` over the pipeline's unlearn settings, each error at its key."""

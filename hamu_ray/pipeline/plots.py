@@ -35,28 +35,47 @@ TINY = 1e-300  # p-values underflow to 0 with large sets: keep them on a log axi
 
 def tradeoff(rows: list[dict], path: Path, axes: tuple[Axis, Axis] = CLASSIFIER_AXES) -> None:
     """Forgetting against utility kept, one point per method, the original and the oracle
-    marked. Labels are placed apart from each other and from the points, so close methods stay
-    readable."""
+    marked; a method run with several seeds is its mean, with error bars of ± one sd (its row's
+    `<key>_sd`). Labels are placed apart from each other and from the points, so close methods
+    stay readable."""
     x_axis, y_axis = axes
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    points, names = [], []
+    points, names, bars = [], [], []
     for row in rows:
         x, y = row.get(x_axis.key), row.get(y_axis.key)
         if x is None or y is None:
             continue
         x, y = x * x_axis.scale, max(y * y_axis.scale, TINY) if y_axis.log else y * y_axis.scale
         marker, color = REFERENCE_MARKERS.get(row["model"], ("o", None))
-        ax.scatter(x, y, marker=marker, color=color, s=90 if marker != "o" else 40, zorder=3)
+        drawn = ax.scatter(x, y, marker=marker, color=color, s=90 if marker != "o" else 40, zorder=3)
         points.append((x, y))
         names.append(row["model"])
+        spread = [(row.get(f"{axis.key}_sd") or 0.0) * axis.scale for axis in axes]
+        if any(spread):
+            bars.append((x, y, *spread, drawn.get_facecolor()[0]))
     if y_axis.log and points:
         ax.set_yscale("log")
+    spread_bars(ax, bars, y_axis.log)
     ax.set_xlabel(x_axis.label)
     ax.set_ylabel(y_axis.label)
     ax.set_title("forgetting vs utility (oracle: retrained without the forget set)")
     ax.grid(alpha=0.3)
     label_points(fig, ax, points, names)
     _save(fig, path)
+
+
+def spread_bars(ax, bars: list[tuple], log: bool) -> None:
+    """Error bars (x, y, x sd, y sd, colour) of ± one sd. On a log y axis a bar whose lower end
+    is not positive runs to the bottom of the axes (the points' own range), not to 1e-300."""
+    if not bars:
+        return
+    bottom = ax.get_ylim()[0] if log else None
+    for x, y, x_sd, y_sd, color in bars:
+        below = min(y_sd, y - bottom) if log and y - y_sd <= 0 else y_sd
+        ax.errorbar(x, y, xerr=x_sd or None, yerr=[[below], [y_sd]] if y_sd else None, fmt="none",
+                    ecolor=color, elinewidth=1, capsize=3, zorder=2)
+    if log:
+        ax.set_ylim(bottom=bottom)
 
 
 def label_points(fig, ax, points: list[tuple[float, float]], names: list[str], fontsize: int = 8) -> None:

@@ -31,6 +31,7 @@ from hamu_ray.engine.config import TrainSettings, UnlearnConfig
 from hamu_ray.pipeline.config import PipelineConfig
 from hamu_ray.engine.driver import monitor_values, ray_session, run_unlearning
 from hamu_ray.pipeline import registry
+from hamu_ray.pipeline import seeds
 from hamu_ray.pipeline.tracking import (Tracker, check_reachable, refuse_local_store_on_cluster, tracking_uri,
                                         ui_command)
 from hamu_ray.engine.worker import EXPORT_LOG
@@ -80,6 +81,8 @@ class PipelineResult:
     report_dir: Path
     tracking_uri: str
     parent_run_id: str
+    runs: list[dict] = dataclasses.field(default_factory=list)  # one row per model run (every
+    # method's seed); the same as rows with one seed
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
@@ -103,14 +106,14 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             log_prepare(tracker, sets)
             keep()
             stages = run_stages(cfg, sets.paths, out, tracker)
-            rows, table = report_results(cfg, sets.paths, stages, report, tracker)
+            rows, table, runs = report_results(cfg, sets.paths, stages, report, tracker)
             original_version = getattr(stages["original"], "registered_version", None)  # None: the user's own
-            registry.publish_unlearned(cfg, stages, rows, tracker, original_version)
+            registry.publish_unlearned(cfg, stages, runs, tracker, original_version)  # the first seed's
 
     print("\n" + table)
     print(f"\nreport: {report}\nMLflow: {ui_command(uri)}", flush=True)
     tracker.finish()  # a server that stopped answering: the command that uploads the rest
-    return PipelineResult(rows, table, report, uri, parent)
+    return PipelineResult(rows, table, report, uri, parent, runs)
 
 
 # What a pipeline or a search writes at the top of its output_dir: the stages, the report, the
@@ -146,9 +149,23 @@ def run_stages(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
     stages = train_references(cfg, prepared, out, tracker)
     watch = monitor_section(cfg, prepared, stages, out)
     for entry in cfg.methods:  # their models are published after the evaluation (registry)
-        job = unlearning_job(cfg, entry, prepared, stages["original"].export(cfg), watch)
-        stages[entry.key] = run_stage(cfg, f"unlearn-{entry.key}", job, out, tracker)
+        for name, job in seeded_jobs(cfg, entry, prepared, stages["original"].export(cfg), watch):
+            stages[name] = run_stage(cfg, f"unlearn-{name}", job, out, tracker)
     return stages
+
+
+def seeded_jobs(cfg: PipelineConfig, entry, prepared: dict[str, str], original: Path,
+                watch: dict | None) -> list[tuple[str, dict]]:
+    """(run name, job) of the method's run with each seed (seeds); the first is its job as
+    one seed runs it, so a pipeline given more seeds keeps that stage."""
+    job = unlearning_job(cfg, entry, prepared, original, watch)
+    return [(name, with_seed(job, seed)) for seed, name in cfg.seed_runs(entry.key)]
+
+
+def with_seed(job: dict, seed: int) -> dict:
+    """The job run with `seed` for its data order and its random draws (the first seed is the
+    pipeline's data.seed: the job unchanged, so its stage key is too)."""
+    return {**job, "data": {**job["data"], "shuffle_seed": seed}, "train": {**job["train"], "seed": seed}}
 
 
 # ---- evaluation during unlearning ----------------------------------------------------------
@@ -212,18 +229,21 @@ def monitor_samples(cfg: PipelineConfig, prepared: dict[str, str], out: Path) ->
 
 
 def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput],
-                   report: Path, tracker: Tracker) -> tuple[list[dict], str]:
+                   report: Path, tracker: Tracker) -> tuple[list[dict], str, list[dict]]:
+    """The table's rows (a method's seeds as mean ± sd), its text, and the rows of every run."""
     print("evaluating", ", ".join(stages), flush=True)
-    rows = lm_pipeline.compare(cfg, prepared, stages, report) if cfg.is_lm else compare(cfg, prepared, stages)
+    runs = lm_pipeline.compare(cfg, prepared, stages, report) if cfg.is_lm else compare(cfg, prepared, stages)
+    rows = seeds.table_rows(cfg, runs, table_columns(cfg))
     table = write_report(cfg, rows, stages, report)
+    spread = seeds.write_spread(cfg, runs, table_columns(cfg), report)
     names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png",
-             "per_example.parquet")
+             "per_example.parquet", *seeds.SEED_FILES)
     for name in names:
         if (report / name).exists():
             tracker.log_artifact(report / name)
     tracker.log_metrics({f"{row['model']}/{key}": value for row in rows
                          for key, value in row.items() if key not in ("model", "stop")})
-    return rows, table
+    return rows, table + ("\n\n" + spread if spread else ""), runs
 
 
 # ---- stages --------------------------------------------------------------------------------
@@ -507,11 +527,14 @@ def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, Sta
     return evaluate.comparison_rows(results)
 
 
+def table_columns(cfg: PipelineConfig) -> tuple[str, ...]:
+    return lm_evaluate.TABLE_COLUMNS if cfg.is_lm else evaluate.TABLE_COLUMNS
+
+
 def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageOutput], report: Path) -> str:
     lm = cfg.is_lm
-    columns = lm_evaluate.TABLE_COLUMNS if lm else evaluate.TABLE_COLUMNS
-    evaluate.write_csv(rows, report / "comparison.csv", columns)
-    files.write_atomic(report / "comparison.md", evaluate.to_markdown(rows, columns) + "\n")
+    columns = table_columns(cfg)
+    table = seeds.write_table(rows, columns, report)  # with seeds: mean ± sd
     plots.tradeoff(rows, report / "tradeoff.png", plots.LM_AXES if lm else plots.CLASSIFIER_AXES)
     logs = {name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES}
     plots.hardness(logs, report / "hardness.png")
@@ -525,4 +548,4 @@ def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageO
         plots.curves(logs, report / "curves.png", target=monitors[0]["stop_forget_prob"], oracle_losses=oracle)
     else:  # an earlier run's curves would describe other runs
         (report / "curves.png").unlink(missing_ok=True)
-    return evaluate.to_text(rows, columns)
+    return table

@@ -33,6 +33,11 @@ def stage_log(directory: Path) -> list[dict]:
     return [json.loads(line) for line in (directory / "step_log.jsonl").read_text().splitlines()]
 
 
+def stage_dirs(out: Path, name: str) -> list[Path]:
+    """The stages named `name` (any key; not `<name>-seed<s>`, another seed's run)."""
+    return sorted((out / "stages").glob(f"{name}-" + "[0-9a-f]" * 12))
+
+
 def runs_of(uri: str, parent_id: str) -> dict[str, mlflow.entities.Run]:
     client = mlflow.MlflowClient(uri)
     parent = client.get_run(parent_id)
@@ -163,7 +168,7 @@ def test_the_registry_says_which_model_forgot_what(pipeline_runs):
     hamu = versions["unlearn-hamu-q"]
     # a receipt describes the model and how it was made, not how the run was checkpointed: the
     # resumed stage's receipt is byte for byte the uninterrupted one's, and the tag names it
-    receipts = sorted((out / "stages").glob("unlearn-hamu-q-*/receipt.json"))
+    receipts = [d / "receipt.json" for d in stage_dirs(out, "unlearn-hamu-q")]
     assert len(receipts) == 2 and receipts[0].read_bytes() == receipts[1].read_bytes()
     receipt_path = receipts[0]
     receipt = json.loads(receipt_path.read_text())
@@ -212,7 +217,7 @@ def test_a_killed_run_reruns_from_the_cache_and_the_interrupted_stages_checkpoin
     for stage in ("prepare", "original", "oracle"):
         assert f"[{stage}] cached" in printed, stage
     assert "[unlearn-hamu-q] resuming the interrupted run" in printed
-    summaries = {path: json.loads((path / "summary.json").read_text()) for path in (out / "stages").glob("unlearn-hamu-q-*")}
+    summaries = {path: json.loads((path / "summary.json").read_text()) for path in stage_dirs(out, "unlearn-hamu-q")}
     [uninterrupted] = [p for p, s in summaries.items() if s["config"]["train"]["checkpoint_every"] is None]
     [resumed] = [p for p, s in summaries.items() if s["config"]["train"]["checkpoint_every"] == 10]
     assert summaries[resumed]["resumed_from_step"] >= 10
@@ -227,6 +232,39 @@ def test_a_killed_run_reruns_from_the_cache_and_the_interrupted_stages_checkpoin
     # the killed driver's embedded Ray went with it (its agents notice within a minute)
     _, alive = psutil.wait_procs(ray_processes, timeout=60)
     assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.integration
+def test_two_seeds_add_one_stage_and_report_the_mean_and_spread(pipeline_runs):
+    """seeds: 2 on the first run's pipeline: its HAMU-Q stage is the first seed's (cached), one
+    new stage runs with seed 1; the table's row is the runs' mean ± sd, the registry keeps the
+    first seed's model and evaluation."""
+    import contextlib
+    import io
+
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    out, first, *_ = pipeline_runs
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run_pipeline(digits_config(out, lambda raw: hamu_only(raw) or raw.update(seeds=2)))
+    cached = {name: run.data.tags["cached"] for name, run in runs_of(result.tracking_uri, result.parent_run_id).items()}
+    assert cached == {"prepare": "True", "original": "True", "oracle": "True",
+                      "unlearn-hamu-q": "True", "unlearn-hamu-q-seed1": "False"}
+    runs = {row["model"]: row for row in result.runs}
+    assert runs["hamu-q"] == {row["model"]: row for row in first.rows}["hamu-q"]  # the same model, measured
+    [seed1] = (out / "stages").glob("unlearn-hamu-q-seed1-*")
+    assert json.loads((seed1 / "summary.json").read_text())["config"]["data"]["shuffle_seed"] == 1
+    first_model = stage_dirs(out, "unlearn-hamu-q")[0] / "model.safetensors"
+    assert (seed1 / "model.safetensors").read_bytes() != first_model.read_bytes()  # another data order
+    row = {r["model"]: r for r in result.rows}["hamu-q"]
+    pair = [runs["hamu-q"]["forget_acc"], runs["hamu-q-seed1"]["forget_acc"]]
+    assert row["seeds"] == 2 and row["forget_acc"] == pytest.approx(sum(pair) / 2)
+    assert row["forget_acc_sd"] == pytest.approx(abs(pair[0] - pair[1]) / 2 ** 0.5)  # sd of two values
+    assert " ± " in result.table and (result.report_dir / "comparison_seeds.csv").exists()
+    assert "forget_quality: not compared (it needs two methods" in (result.report_dir / "spread.md").read_text()
+    receipt = json.loads(next(stage_dirs(out, "unlearn-hamu-q")[0].glob("receipt.json")).read_text())
+    assert receipt["evaluation"]["model"]["forget_acc"] == runs["hamu-q"]["forget_acc"]
 
 
 COUNTRY_QA = PIPELINE.parent / "country_qa.yaml"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
@@ -75,3 +76,39 @@ def test_the_hardness_plot_shows_the_retain_change_made_beside_the_one_predicted
     plots.hardness({"hamu-q": measured, "gdiff": unmeasured}, tmp_path / "h.png")
     assert seen["lines"][:2] == [("hamu-q", [0.02, 0.04, 0.06]), ("_predicted", [-0.01, -0.02, -0.03])]
     assert len(seen["lines"]) == 3  # and the zero line; nothing for the method that did not measure
+
+
+def drawn_bars(monkeypatch, rows, axes) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """The tradeoff plot's error bars as ((x0, x1), (y0, y1)) segments in data units, and its y limits last."""
+    from matplotlib.collections import LineCollection
+
+    seen = []
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        for collection in ax.collections:
+            if isinstance(collection, LineCollection):
+                seen.extend(tuple(map(tuple, segment.T)) for segment in collection.get_segments())
+        seen.append(ax.get_ylim())
+        plt.close(fig)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.tradeoff(rows, Path("unused.png"), axes)
+    return seen
+
+
+def test_a_methods_seeds_show_as_bars_of_one_sd_about_its_mean(monkeypatch):
+    rows = [{"model": "original", "test_acc_retained": 0.9, "forget_acc": 0.9},
+            {"model": "a", "test_acc_retained": 0.8, "test_acc_retained_sd": 0.02,
+             "forget_acc": 0.1, "forget_acc_sd": 0.05, "seeds": 3}]
+    *bars, _ = drawn_bars(monkeypatch, rows, plots.CLASSIFIER_AXES)
+    # percent axes: x 80 ± 2, y 10 ± 5; the original (no spread) has none
+    assert sorted(bars) == sorted([((78.0, 82.0), (10.0, 10.0)), ((80.0, 80.0), (5.0, 15.0))])
+
+
+def test_on_a_log_axis_a_bar_below_zero_stops_at_the_bottom_of_the_axes(monkeypatch):
+    rows = [{"model": "oracle", "model_utility": 0.6, "forget_quality": 1.0},
+            {"model": "a", "model_utility": 0.5, "forget_quality": 0.01, "forget_quality_sd": 0.02}]
+    *bars, (bottom, _) = drawn_bars(monkeypatch, rows, plots.LM_AXES)
+    [(_, (low, high))] = bars
+    assert high == pytest.approx(0.03) and low == pytest.approx(bottom) and 1e-4 < bottom < 0.01
