@@ -25,6 +25,7 @@ from hamu_ray.pipeline import datasets
 from hamu_ray.pipeline import evaluate
 from hamu_ray.pipeline import lm_evaluate
 from hamu_ray.pipeline import lm_pipeline
+from hamu_ray.pipeline import outcomes
 from hamu_ray.pipeline import plots
 from hamu_ray.pipeline import user_data
 from hamu_ray.engine.config import TrainSettings, UnlearnConfig
@@ -35,6 +36,7 @@ from hamu_ray.pipeline.tracking import (Tracker, check_reachable, refuse_local_s
                                         ui_command)
 from hamu_ray.engine.worker import EXPORT_LOG
 from hamu_ray.errors import MissingInputError, OutputExistsError
+from hamu_ray.rules import NonFiniteStatsError
 from hamu_ray.schema import ConfigError
 from hamu_ray.tasks.causal_lm import MODEL_DIR
 from hamu_ray.tasks.classifier import EXPORT_WEIGHTS
@@ -80,6 +82,12 @@ class PipelineResult:
     report_dir: Path
     tracking_uri: str
     parent_run_id: str
+    notes: tuple[str, ...] = ()  # what the table cannot show by itself (outcomes.notes)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Methods that diverged or took no step → their stop cell (`hamu-ray run --strict`)."""
+        return outcomes.failed_methods(self.rows)
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
@@ -102,15 +110,21 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             tracker.log_artifact(report / "config.yaml")
             log_prepare(tracker, sets)
             keep()
-            stages = run_stages(cfg, sets.paths, out, tracker)
-            rows, table = report_results(cfg, sets.paths, stages, report, tracker)
+            stages, diverged = run_stages(cfg, sets.paths, out, tracker)
+            rows, table = report_results(cfg, sets.paths, stages, diverged, report, tracker)
             original_version = getattr(stages["original"], "registered_version", None)  # None: the user's own
-            registry.publish_unlearned(cfg, stages, rows, tracker, original_version)
+            registry.publish_unlearned(cfg, stages, rows, tracker, original_version)  # not a diverged one
 
+    notes = outcomes.notes(rows)
     print("\n" + table)
+    for line in notes:
+        print(f"warning: {line}")
     print(f"\nreport: {report}\nMLflow: {ui_command(uri)}", flush=True)
     tracker.finish()  # a server that stopped answering: the command that uploads the rest
-    return PipelineResult(rows, table, report, uri, parent)
+    summary = outcomes.summary_line(rows)
+    if summary:
+        print(summary, flush=True)
+    return PipelineResult(rows, table, report, uri, parent, tuple(notes))
 
 
 # What a pipeline or a search writes at the top of its output_dir: the stages, the report, the
@@ -142,13 +156,24 @@ def write_config(cfg: PipelineConfig, report: Path) -> Path:
 
 
 def run_stages(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
-               tracker: Tracker) -> dict[str, StageOutput]:
+               tracker: Tracker) -> tuple[dict[str, StageOutput], list[outcomes.Diverged]]:
+    """The references' and the methods' stages; a method whose run diverged is listed apart
+    (it left no stage: a rerun tries it again) and the others go on."""
     stages = train_references(cfg, prepared, out, tracker)
     watch = monitor_section(cfg, prepared, stages, out)
+    diverged = []
     for entry in cfg.methods:  # their models are published after the evaluation (registry)
         job = unlearning_job(cfg, entry, prepared, stages["original"].export(cfg), watch)
-        stages[entry.key] = run_stage(cfg, f"unlearn-{entry.key}", job, out, tracker)
-    return stages
+        name = f"unlearn-{entry.key}"
+        try:
+            stages[entry.key] = run_stage(cfg, name, job, out, tracker)
+        except NonFiniteStatsError as exc:
+            diverged.append(outcomes.Diverged(entry.key, exc.step, str(exc)))
+            print(f"[{name}] diverged: {exc}", flush=True)
+            with tracker.run(name, params=job, tags={"stage": name, "cached": "False", "stop": "diverged",
+                                                     "diverged_at_step": str(exc.step)}):
+                pass  # the child run records the failed stage; it has no metrics or model
+    return stages, diverged
 
 
 # ---- evaluation during unlearning ----------------------------------------------------------
@@ -212,9 +237,12 @@ def monitor_samples(cfg: PipelineConfig, prepared: dict[str, str], out: Path) ->
 
 
 def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput],
-                   report: Path, tracker: Tracker) -> tuple[list[dict], str]:
+                   diverged: list[outcomes.Diverged], report: Path, tracker: Tracker) -> tuple[list[dict], str]:
     print("evaluating", ", ".join(stages), flush=True)
     rows = lm_pipeline.compare(cfg, prepared, stages, report) if cfg.is_lm else compare(cfg, prepared, stages)
+    logs = {name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES}
+    rows = outcomes.table_rows(rows, logs, diverged, [*REFERENCES, *(m.key for m in cfg.methods)],
+                               table_columns(cfg))
     table = write_report(cfg, rows, stages, report)
     names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png",
              "per_example.parquet")
@@ -507,11 +535,19 @@ def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, Sta
     return evaluate.comparison_rows(results)
 
 
+def table_columns(cfg: PipelineConfig) -> tuple[str, ...]:
+    return lm_evaluate.TABLE_COLUMNS if cfg.is_lm else evaluate.TABLE_COLUMNS
+
+
 def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageOutput], report: Path) -> str:
+    """comparison.csv, comparison.md (the table, then the notes: outcomes.notes) and the plots;
+    returns the table as text."""
     lm = cfg.is_lm
-    columns = lm_evaluate.TABLE_COLUMNS if lm else evaluate.TABLE_COLUMNS
+    columns = table_columns(cfg)
     evaluate.write_csv(rows, report / "comparison.csv", columns)
-    files.write_atomic(report / "comparison.md", evaluate.to_markdown(rows, columns) + "\n")
+    notes = "".join(f"\n- {line}" for line in outcomes.notes(rows))
+    files.write_atomic(report / "comparison.md", evaluate.to_markdown(rows, columns) + "\n"
+                       + (f"\nNotes:\n{notes}\n" if notes else ""))
     plots.tradeoff(rows, report / "tradeoff.png", plots.LM_AXES if lm else plots.CLASSIFIER_AXES)
     logs = {name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES}
     plots.hardness(logs, report / "hardness.png")
