@@ -150,6 +150,9 @@ def exported_model(output_dir: Path) -> Path:
 # quantity ≥ B, so the true one is ≥ B / scale ≥ B as well.
 GUARANTEED = {"forget_gain": ("forget gain", lambda r: r["guarantee/forget_gain"]),
               "retain_drop": ("retain-loss drop", lambda r: -r["guarantee/retain_change"])}
+# The same quantities as measured on the step's own batches after it (train.measure).
+REALISED = {"forget_gain": lambda r: r["realised/forget_gain"],
+            "retain_drop": lambda r: -r["realised/retain_change"]}
 # Rounding allowance, relative to the step's first-order effects: the realised values are
 # computed in float64 from the same statistics the rule solved with.
 GUARANTEE_RTOL = 1e-9
@@ -168,8 +171,25 @@ def guarantee_record(step_log: list[dict], rule_name: str) -> dict:
     not_taken = {reason.value for reason in StopReason}
     taken = [r for r in step_log if "guarantee/B" in r and r["stop"] not in not_taken]
     held = sum(_holds(value(r), r["guarantee/B"], r) for r in taken)
-    return {"quantity": quantity, "B": taken[0]["guarantee/B"] if taken else None, "steps": len(taken),
-            "held": held, "hold_rate": held / len(taken) if taken else None}
+    record = {"quantity": quantity, "B": taken[0]["guarantee/B"] if taken else None, "steps": len(taken),
+              "held": held, "hold_rate": held / len(taken) if taken else None}
+    constraints = [r["guarantee/B"] for r in taken]
+    if constraints and min(constraints) != max(constraints):  # scale-free units or a trust region
+        record["B_span"] = [min(constraints), max(constraints)]
+    measured = [r for r in taken if "realised/retain_change" in r]
+    if measured:
+        record["realised"] = realised_record(measured, REALISED[kind])
+    return record
+
+
+def realised_record(measured: list[dict], value) -> dict:
+    """What the measured steps did: on how many the guaranteed quantity really reached B, and
+    the retain-loss change the first-order model predicted against the one measured."""
+    predicted = [r["guarantee/retain_change"] for r in measured]
+    realised = [r["realised/retain_change"] for r in measured]
+    return {"steps": len(measured), "held": sum(value(r) >= r["guarantee/B"] for r in measured),
+            "retain_change_predicted": sum(predicted), "retain_change_realised": sum(realised),
+            "worst_retain_error": max(b - a for a, b in zip(predicted, realised))}
 
 
 def _holds(achieved: float, constraint: float, record: dict) -> bool:
@@ -180,7 +200,9 @@ def _holds(achieved: float, constraint: float, record: dict) -> bool:
 STOP_MEANING = {"none": "it ran its whole step budget",
                 "criterion": "the stopping criterion: gaining B more would have raised the retain loss",
                 "infeasible": "no step inside the radius could gain B",
-                "forget_target": "its forget probability reached the target"}
+                "forget_target": "its forget probability reached the target",
+                "trust_region": "the trust region: the first-order model kept missing the measured "
+                                "retain change down to the smallest radius"}
 
 
 def _span(values: list[float]) -> dict:
@@ -214,14 +236,27 @@ def losses(step_log: list[dict]) -> dict:
     return found
 
 
+def realised_verdict(realised: dict | None) -> str:
+    if not realised:
+        return ""
+    return (f" Measured on each step's own batches after it, it held on {realised['held']} of "
+            f"{realised['steps']}; the first-order model predicted a retain-loss change of "
+            f"{realised['retain_change_predicted']:+.4g} in total, the steps made "
+            f"{realised['retain_change_realised']:+.4g} (worst step {realised['worst_retain_error']:+.4g} "
+            "above its prediction).")
+
+
 def engine_verdict(receipt: dict) -> str:
     """One paragraph on what the run did, from the receipt's own numbers."""
     text = (f"{receipt['method']} took {receipt['steps']} steps and stopped because "
             f"{STOP_MEANING.get(receipt['stop'], receipt['stop'])}.")
     guarantee = receipt["guarantee"]
     if guarantee["steps"]:
-        text += (f" Its first-order guarantee ({guarantee['quantity']} ≥ B = {guarantee['B']:.4g}) held on "
+        span = guarantee.get("B_span")
+        constraint = f"B = {guarantee['B']:.4g}" if not span else f"B, {span[0]:.4g} to {span[1]:.4g} by step"
+        text += (f" Its first-order guarantee ({guarantee['quantity']} ≥ {constraint}) held on "
                  f"{guarantee['held']} of {guarantee['steps']} steps taken.")
+        text += realised_verdict(guarantee.get("realised"))
     elif guarantee["quantity"]:
         text += f" It took no step, so its guarantee ({guarantee['quantity']} ≥ B) was never tested."
     else:

@@ -113,6 +113,10 @@ class TrainSettings(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     bf16: bool = False
     offload: Literal["none", "optimizer", "all"] = "none"  # to CPU memory: optimizer ZeRO ≥ 1, all ZeRO-3
+    # measure every rule step's realised forget gain and retain change on its own batches after
+    # the step (two more forwards): auto for rules with a guarantee (hamu-q, hamu-u); one-backprop
+    # methods and plain training ignore it (implicit surgery measures its own retain change)
+    measure: bool | Literal["auto"] = "auto"
     checkpoint_every: int | None = Field(None, gt=0)  # steps; None: only the final export
     progress_every: int = Field(50, gt=0)  # the driver prints a progress line every so many steps
 
@@ -161,6 +165,9 @@ class UnlearnConfig(Section):
             raise ValueError(f"train.offload {offload} needs train.zero_stage "
                              f"{'1, 2 or 3' if offload == 'optimizer' else '3'}, got {stage}")
         self._check_task()
+        if self.method.hparams.get("trust_tolerance") is not None and not measures_steps(self):
+            raise ValueError("method.hparams.trust_tolerance adapts the radius to the measured retain "
+                             "change: it needs train.measure true or auto")
         return self
 
     def _check_task(self) -> None:
@@ -175,6 +182,17 @@ class UnlearnConfig(Section):
                              "disagree: bf16 weights train in DeepSpeed's bf16 mode (fp32 master "
                              "weights); set both or neither")
 
+
+
+def measures_steps(cfg: UnlearnConfig) -> bool:
+    """Whether the job's rule steps measure their realised effects (train.measure, auto resolved)."""
+    from hamu_ray.rules import RULES
+
+    if cfg.data.forget is None or cfg.method.spec.implicit:
+        return False
+    if cfg.train.measure == "auto":
+        return RULES[cfg.method.rule_name].guarantees is not None
+    return cfg.train.measure
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> UnlearnConfig:

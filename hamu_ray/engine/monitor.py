@@ -9,6 +9,8 @@ as ZeRO-3's parameter gathers require, and every rank gets the same numbers with
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hamu_ray.engine import data
@@ -72,16 +74,34 @@ def scalars(record: dict) -> dict:
 class Monitor:
     """The worker's side: when to evaluate, and whether the forget target is reached."""
 
-    def __init__(self, section, task, batches: dict[str, list[dict]]):
+    def __init__(self, section, task, batches: dict[str, list[dict]], step_log: list[dict] = ()):
         self.every, self.target = section.every, section.stop_forget_prob
         self.task, self.batches = task, batches
+        # (step, forget prob) of the evaluations so far (a resumed run's from its step log)
+        self.history = [(r["step"], r["monitor/forget_prob"]) for r in step_log if "monitor/forget_prob" in r]
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0
+        return step % self.every == 0 or step == next_evaluation(self.history, self.target, self.every)
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, step: int) -> dict:
         """The monitor's values, and `stop` = forget_target when the target is reached."""
         values = measure(model, self.task, self.batches)
+        self.history.append((step, values["monitor/forget_prob"]))
         if self.target is not None and values["monitor/forget_prob"] <= self.target:
             values["stop"] = FORGET_TARGET
         return values
+
+
+def next_evaluation(history: list[tuple[int, float]], target: float | None, every: int) -> int | None:
+    """An extra evaluation before the next multiple of `every` when the forget probability is
+    heading for the target: the last two evaluations, extrapolated log-linearly, say in how many
+    steps it gets there; evaluating after half of them (at least one) closes in geometrically,
+    so the stop lands near the target instead of up to `every` steps past it. None: no extra."""
+    if target is None or target <= 0 or len(history) < 2:
+        return None
+    (s0, p0), (s1, p1) = history[-2], history[-1]
+    if not (p1 > target and 0 < p1 < p0 and s1 > s0):
+        return None
+    rate = (math.log(p1) - math.log(p0)) / (s1 - s0)  # per step, < 0
+    steps_to_target = (math.log(target) - math.log(p1)) / rate
+    return s1 + max(1, min(every, int(steps_to_target / 2)))

@@ -14,11 +14,13 @@ guarantees s_f·(g_f·Δ) ≥ B, i.e. a true first-order gain g_f·Δ ≥ B/s_f 
 
 Devices: the statistics are computed where the gradients live and moved to the host once per
 step, together with the two losses; the rules run on those host copies and return host
-coefficients, so the step makes exactly one device-to-host copy (none inside a rule).
+coefficients, so the step makes exactly one device-to-host copy (none inside a rule), and one
+more after the step when it measures its realised effects (`measure`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -26,7 +28,7 @@ from typing import Callable
 import torch
 
 from hamu_ray.engine.grads import GradAccess
-from hamu_ray.rules import BlockStats, NonFiniteStatsError, Rule, RuleResult
+from hamu_ray.rules import BlockStats, NonFiniteStatsError, Rule, RuleResult, trust
 from hamu_ray.rules.stats import predicted_effects
 from hamu_ray.rules.surgery import ImplicitSurgeryParams, dual_update
 
@@ -51,6 +53,9 @@ class StepOutput:
     forget_scale: float
     reduced_values: int  # floats this step's statistics reduction sent (K×3, or 0)
     stepped: bool  # False when the rule asked to stop: parameters are unchanged
+    # measured on the same batches after the step (mean over ranks), with `measure`; else None
+    realised_forget_gain: float | None = None
+    realised_retain_change: float | None = None
 
 
 class SumAcrossRanks:
@@ -81,10 +86,15 @@ class MeanAcrossRanks:
 
 def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: LossFn,
                     forget_loss: LossFn, reduce_stats: StatsReduce | None = None,
-                    clip_norm: float | None = None, lap: Lap = _no_lap) -> StepOutput:
+                    clip_norm: float | None = None, measure: bool = False,
+                    reduce_mean: StatsReduce | None = None, lap: Lap = _no_lap) -> StepOutput:
     """g_r then g_f on this process's micro-batches, d_b = a_b·g_r,b + c_b·g_f,b, optimizer step.
 
     `lr` must be the optimizer's learning rate: the rule's guarantee is for Δ = −lr·d (plain SGD).
+    With `measure`, both losses are evaluated again on the same batches after the step (two
+    forwards, no backward), averaged over ranks with `reduce_mean` (MeanAcrossRanks; None in one
+    process), and the realised changes are returned beside the first-order ones: a second
+    device-to-host copy, after the step.
     """
     # retain pass: keep this rank's piece of g_r
     grads.zero_grads()
@@ -133,7 +143,50 @@ def unlearning_step(grads: GradAccess, rule: Rule, *, lr: float, retain_loss: Lo
     lap("combine + write back")
     grads.step()
     lap("optimizer step")
+    if measure:
+        gain, change = realised_changes(loss_r, loss_f, retain_loss, forget_loss, reduce_mean)
+        out = dataclasses.replace(out, realised_forget_gain=gain, realised_retain_change=change)
+        lap("losses after the step")
     return out
+
+
+class TrustRegion:
+    """Loop state of HAMU's adaptive radius (hamu_ray.rules.trust): the scale on R and B, updated
+    from each step's measured retain change (the step must run with `measure`)."""
+
+    def __init__(self, rule: Rule, tolerance: float, scale: float = 1.0):
+        self.base, self.tolerance, self.scale = rule, tolerance, scale
+
+    def rule(self) -> Rule:
+        """The rule with R and B at the current scale."""
+        return dataclasses.replace(self.base, params=dataclasses.replace(self.base.params, trust_scale=self.scale))
+
+    def update(self, out: StepOutput) -> float:
+        if out.realised_retain_change is None:
+            raise ValueError("the trust region needs the step's measured retain change (measure=True)")
+        self.scale = trust.next_scale(self.scale, out.true_retain_change, out.realised_retain_change,
+                                      self.tolerance)
+        return self.scale
+
+    @property
+    def exhausted(self) -> bool:
+        """The scale fell below the smallest one worth a step: the run stops (trust.STOP)."""
+        return self.scale < trust.MIN_SCALE
+
+
+def realised_changes(loss_r: torch.Tensor, loss_f: torch.Tensor, retain_loss: LossFn,
+                     forget_loss: LossFn, reduce_mean: StatsReduce | None) -> tuple[float, float]:
+    """(forget gain, retain change) the step made on its own batches: the losses at the new
+    point minus those before it, averaged over ranks (the gradients were), one host copy."""
+    with torch.no_grad():
+        after_r, after_f = retain_loss(), forget_loss()
+    values = torch.stack([v.detach().reshape(()).to(loss_r.device, torch.float64)
+                          for v in (loss_r, loss_f, after_r, after_f)])
+    if reduce_mean is not None:
+        values = reduce_mean(values)
+    before_r, before_f, after_r, after_f = values.tolist()
+    check_finite_losses(retain_loss_after_step=after_r, forget_loss_after_step=after_f)
+    return after_f - before_f, after_r - before_r
 
 
 def to_host(stats: torch.Tensor, *losses: torch.Tensor) -> tuple[BlockStats, list[float]]:

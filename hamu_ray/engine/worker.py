@@ -12,13 +12,14 @@ import torch
 from hamu_ray import objectives
 from hamu_ray.engine import data, monitor, preflight
 from hamu_ray.engine import deepspeed_engine as eng
-from hamu_ray.engine.config import UnlearnConfig
+from hamu_ray.engine.config import UnlearnConfig, measures_steps
 from hamu_ray.engine.grads import DeepSpeedGrads
-from hamu_ray.rules import NonFiniteStatsError, Rule, get_rule
+from hamu_ray.rules import NonFiniteStatsError, Rule, get_rule, trust
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
 from hamu_ray.tasks import task_for
 from hamu_ray.engine.step import (ImplicitStepOutput, ImplicitSurgery, MeanAcrossRanks, StepOutput,
-                           SumAcrossRanks, descent_step, implicit_surgery_step, unlearning_step)
+                                  SumAcrossRanks, TrustRegion, descent_step, implicit_surgery_step,
+                                  unlearning_step)
 
 log = logging.getLogger(__name__)
 DS_TAG = "ds"  # the DeepSpeed checkpoint tag inside every Ray checkpoint
@@ -51,9 +52,9 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.monitor is not None:
         samples = {name: ray.train.get_dataset_shard(name) for name in monitor.sample_paths(cfg.monitor)}
         watch = monitor.Monitor(cfg.monitor, task, monitor.sample_batches(
-            samples, task, cfg.monitor.batch_size, device))
+            samples, task, cfg.monitor.batch_size, device), step_log)
         if start_step == 0:  # the starting point of the run's curve (and maybe already the target)
-            step_log.append({"step": 0, "stop": "none", **watch.evaluate(engine)})
+            step_log.append({"step": 0, "stop": "none", **watch.evaluate(engine, 0)})
 
     step = start_step
     for retain_batch, forget_batch in pairs:
@@ -171,20 +172,31 @@ def step_function(cfg: UnlearnConfig, grads: DeepSpeedGrads, retain_loss, forget
         return implicit
 
     rule, reduce = get_rule(cfg.method.rule_name, **cfg.method.hparams), SumAcrossRanks()
+    measure, tolerance = measures_steps(cfg), cfg.method.hparams.get("trust_tolerance")
+    region = None
+    if tolerance is not None:  # resumed: the scale carries over
+        region = TrustRegion(rule, tolerance, step_log[-1].get("trust/next_scale", 1.0) if step_log else 1.0)
 
     def two_backward(step: int, retain_batch: dict, forget_batch: dict) -> dict:
         # both gradients on this worker's micro-batches, statistics all-reduced
+        current = region.rule() if region else rule
         out = unlearning_step(
-            grads, rule, lr=cfg.train.lr, reduce_stats=reduce, clip_norm=cfg.train.clip_norm,
+            grads, current, lr=cfg.train.lr, reduce_stats=reduce, clip_norm=cfg.train.clip_norm,
             retain_loss=lambda: retain_loss(retain_batch),
-            forget_loss=lambda: forget_loss(forget_batch))
-        return step_record(step, out, rule)
+            forget_loss=lambda: forget_loss(forget_batch),
+            measure=measure, reduce_mean=MeanAcrossRanks() if measure else None)
+        record = step_record(step, out, current)
+        if region and out.stepped:  # the trust region's test on the measured retain change
+            record["trust/next_scale"] = region.update(out)
+            if region.exhausted and record["stop"] == "none":
+                record["stop"] = trust.STOP
+        return record
     return two_backward
 
 
 def evaluated(watch: monitor.Monitor, engine, record: dict) -> dict:
     """The monitor's values; its forget_target stop only where the step did not stop already."""
-    values = watch.evaluate(engine)
+    values = watch.evaluate(engine, record["step"])
     if record["stop"] != "none":
         values.pop("stop", None)
     return values
@@ -220,8 +232,13 @@ def step_record(step: int, out: StepOutput, rule: Rule) -> dict:
         "clip/forget_scale": out.forget_scale,
         "stop": out.result.stop.value if out.result.stop else "none",
     }
-    if rule.spec.guarantees:  # the B the rule promises, as requested (receipt.guarantee_record)
-        record["guarantee/B"] = float(rule.params.constraint)
+    if rule.spec.guarantees:  # the B the rule promised on this step (receipt.guarantee_record)
+        record["guarantee/B"] = float(d["constraint_total"])
+    if out.realised_forget_gain is not None:  # what the step did, measured on its own batches
+        record["realised/forget_gain"] = out.realised_forget_gain
+        record["realised/retain_change"] = out.realised_retain_change
+    if "trust_scale" in d and rule.params.trust_tolerance is not None:
+        record["trust/scale"] = d["trust_scale"]
     if "stop_rhs" in d:
         record["stop/rhs"] = d["stop_rhs"]  # exact: largest gain with no retain damage
         record["stop/margin"] = d["stop_margin"]

@@ -123,18 +123,27 @@ def _overlap(a: Box, b: Box) -> bool:
 
 
 def hardness(step_logs: dict[str, list[dict]], path: Path) -> None:
-    """Per method: the mean retain/forget gradient cosine and HAMU's stopping margin by step."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    """Per method: the mean retain/forget gradient cosine, HAMU's stopping margin, and the retain
+    change each step was predicted to make (first order, dashed) beside the one it made (solid)."""
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
     for label, rows in step_logs.items():
-        for ax, key in ((top, "hardness/cosine_mean"), (bottom, "stop/margin")):
+        for ax, key in ((top, "hardness/cosine_mean"), (middle, "stop/margin")):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
                 ax.plot(*zip(*points), label=label, linewidth=1)
+        measured = [r for r in rows if "realised/retain_change" in r]
+        if measured:
+            line, = bottom.plot([r["step"] for r in measured], [r["realised/retain_change"] for r in measured],
+                                label=label, linewidth=1)
+            bottom.plot([r["step"] for r in measured], [r["guarantee/retain_change"] for r in measured],
+                        color=line.get_color(), linewidth=1, linestyle="--", label="_predicted")
     top.set_ylabel("cos(g_r, g_f), block mean")
-    bottom.set_ylabel("stop margin (rhs − B)")
-    bottom.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    middle.set_ylabel("stop margin (rhs − B)")
+    bottom.set_ylabel("retain change: made (—)\nfirst-order (- -)")
+    for ax in (middle, bottom):
+        ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
     bottom.set_xlabel("step")
-    for ax in (top, bottom):
+    for ax in (top, middle, bottom):
         ax.grid(alpha=0.3)
         if any(not line.get_label().startswith("_") for line in ax.lines):
             ax.legend(fontsize=7, ncol=2)

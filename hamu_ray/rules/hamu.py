@@ -41,6 +41,7 @@ BISECTION_STEPS = 100
 RadiusMode = float | Literal["lr"]
 Split = Literal["equal", "grad_norm", "exp_dot", "optimal"]
 SPLITS = ("equal", "grad_norm", "exp_dot", "optimal")
+CONSTRAINT_UNITS = ("absolute", "reach", "damage_free")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +54,18 @@ class HamuParams:
     constraint_split: how B is divided over blocks (fixed shares, or the exact "optimal" split).
     on_infeasible: when B > Σ_b R_b·‖g_f,b‖, "stop" takes no step and stops; "ascent" takes the
     minimal-norm ascent Δ = (B/Σ_b ff_b)·g_f, which leaves the radius.
-    stop_on_criterion: stop when B exceeds the damage-free reach D* (otherwise only log the margin)."""
+    stop_on_criterion: stop when B exceeds the damage-free reach D* (otherwise only log the margin).
+    constraint_unit: what B is measured in. "absolute": loss units (a B tuned on one data set or
+    objective does not transfer); "reach": a fraction of the step's largest gain inside the radii
+    (Σ_b R_b·‖g_f,b‖, so B ≤ 1 is always reachable); "damage_free": a fraction of the damage-free
+    reach D* (B ≤ 1 never needs retain damage to first order). The two fractions shrink as the
+    forget gradient does, so B decays as forgetting progresses.
+    trust_tolerance: None, a fixed radius; a number > 0, an adaptive one (a trust region, docs/
+    design.md §3b): the engine measures every step's retain change and scales R and B by
+    trust_scale, halved when the realised change exceeds the first-order prediction by more than
+    this (retain-loss units), doubled back towards 1 when the prediction is accurate.
+    trust_scale: the trust region's current factor in (0, 1] on R and on an absolute B; the
+    engine sets it, 1 otherwise."""
 
     constraint: float
     radius: RadiusMode = "lr"
@@ -61,9 +73,22 @@ class HamuParams:
     constraint_split: Split = "grad_norm"
     on_infeasible: Literal["stop", "ascent"] = "stop"
     stop_on_criterion: bool = True
+    constraint_unit: Literal["absolute", "reach", "damage_free"] = "absolute"
+    trust_tolerance: float | None = None
+    trust_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_number("constraint", self.constraint, low=0.0)
+        _check_choice("constraint_unit", self.constraint_unit, CONSTRAINT_UNITS)
+        if self.constraint_unit != "absolute" and self.constraint > 1:
+            reach = "reach" if self.constraint_unit == "reach" else "damage-free reach"
+            raise ValueError(f"constraint is a fraction of the {reach} under constraint_unit "
+                             f"{self.constraint_unit}: at most 1, got {self.constraint!r}")
+        if self.trust_tolerance is not None:
+            check_number("trust_tolerance", self.trust_tolerance, low=0.0, strict=True)
+        check_number("trust_scale", self.trust_scale, low=0.0, strict=True)
+        if self.trust_scale > 1:
+            raise ValueError(f"trust_scale must be at most 1, got {self.trust_scale!r}")
         if self.radius != "lr":
             try:
                 check_number("radius", self.radius, low=0.0, strict=True)
@@ -87,10 +112,11 @@ def _hamu(stats: BlockStats, lr: float, params: HamuParams, *, reciprocal: bool)
     solved = stats.total() if params.full_grad else stats
     # Effective problem: HAMU-U is HAMU-Q on (g_r, g_f) → (−g_f, −g_r): rr↔ff swap, rf unchanged.
     eff = BlockStats(rr=solved.ff, ff=solved.rr, rf=solved.rf) if reciprocal else solved
-    B = float(params.constraint)
-    radius = lr * eff.rr.sqrt() if params.radius == "lr" else torch.full_like(eff.rr, params.radius)
+    scale = params.trust_scale  # the trust region shrinks R and B together
+    radius = scale * (lr * eff.rr.sqrt() if params.radius == "lr" else torch.full_like(eff.rr, params.radius))
     reach = forget_reach(eff, radius)
     exact_rhs, paper = damage_free_reach(eff, radius), paper_rhs(eff, radius)
+    B = step_constraint(params, float(reach.sum()), exact_rhs)
 
     stop = None
     if B > float(reach.sum()) * (1 + FEASIBILITY_RTOL):  # no step inside the radii gains B
@@ -114,12 +140,22 @@ def _hamu(stats: BlockStats, lr: float, params: HamuParams, *, reciprocal: bool)
     diagnostics = predicted_effects(solved, retain_coef, forget_coef, lr)
     diagnostics.update(cosine=stats.cosine(), radius=radius, constraint=constraint,
                        max_gain=float(reach.sum()), stop_rhs=exact_rhs, stop_margin=exact_rhs - B,
-                       paper_rhs=paper)
+                       paper_rhs=paper, constraint_total=B, trust_scale=scale)
     k = stats.num_blocks
     if params.full_grad:
         retain_coef, forget_coef, branch = retain_coef.expand(k), forget_coef.expand(k), branch * k
     return RuleResult(retain_coef=retain_coef.clone(), forget_coef=forget_coef.clone(),
                       branch=tuple(branch), stop=stop, diagnostics=diagnostics)
+
+
+def step_constraint(params: HamuParams, reach: float, damage_free: float) -> float:
+    """This step's B in loss units: the constraint itself (scaled by the trust region), or its
+    fraction of the step's reach or damage-free reach (the radii already carry the scale)."""
+    if params.constraint_unit == "reach":
+        return params.constraint * reach
+    if params.constraint_unit == "damage_free":
+        return params.constraint * damage_free
+    return params.constraint * params.trust_scale
 
 
 def _out_of_reach(stats: BlockStats, B: float, on_infeasible: str):

@@ -211,6 +211,27 @@ def test_hamus_constraint_is_a_required_number(sets, hparams):
     assert "job.yaml: method" in str(err.value)
 
 
+def test_which_steps_measure_and_an_adaptive_radius_needs_them(sets):
+    from hamu_ray.engine.config import measures_steps
+
+    def job(method: dict, **train):
+        return parse_config({**raw(sets), "method": method, "train": {"lr": 0.1, **train}})
+
+    hamu = {"name": "hamu-q", "hparams": {"constraint": 0.01}}
+    assert measures_steps(job(hamu))  # auto: a rule with a guarantee
+    assert not measures_steps(job({"name": "gdiff"}))  # auto: none to measure
+    assert measures_steps(job({"name": "gdiff"}, measure=True))
+    assert not measures_steps(job(hamu, measure=False))
+    assert not measures_steps(job({"name": "surgery-implicit"}, measure=True))  # measures its own
+    adaptive = {"name": "hamu-q", "hparams": {"constraint": 0.01, "trust_tolerance": 0.01}}
+    assert measures_steps(job(adaptive))
+    with pytest.raises(ConfigError, match="trust_tolerance adapts the radius to the measured retain change: "
+                                          "it needs train.measure true or auto"):
+        job(adaptive, measure=False)
+    with pytest.raises(ConfigError, match="trust_tolerance must be a finite number > 0"):
+        job({"name": "hamu-q", "hparams": {"constraint": 0.01, "trust_tolerance": 0}})
+
+
 def test_a_grace_period_beyond_the_searched_methods_horizon_is_a_config_error():
     raw_ = digits()  # the pipeline's unlearn: 30 steps / 10 → 4 reports; hamu-q's own: 6 / 3 → 3
     raw_["methods"][0]["train"] = {"max_steps": 6, "progress_every": 3}

@@ -23,12 +23,14 @@ from hamu_ray.engine.config import parse_config
 from hamu_ray.engine.driver import run_unlearning
 from hamu_ray.engine.grads import TorchGrads
 from hamu_ray.rules import NonFiniteStatsError, get_rule
-from hamu_ray.engine.step import unlearning_step
+from hamu_ray.engine.step import TrustRegion, unlearning_step
 
 pytestmark = pytest.mark.integration
 
 SIZES, LR, STEPS = [12, 9, 5], 0.1, 5
-RULE = ("hamu-q", {"constraint": 0.02, "radius": 0.1})
+# with an adaptive radius: its scale goes 1, ½, ¼, ⅛ on these steps (the workers measure, the
+# references below measure the same way), so the worker's trust region and its resume are checked
+RULE = ("hamu-q", {"constraint": 0.02, "radius": 0.1, "trust_tolerance": 1e-4})
 NUM_BLOCKS = 4
 
 
@@ -67,13 +69,34 @@ def config(root, out, *, workers=2, **train):
 def reference(root, rows):
     model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5))
     model.load_state_dict(load_file(root / "init.safetensors"))
-    grads = TorchGrads(model, torch.optim.SGD(model.parameters(), lr=LR))
-    (xr, yr), (xf, yf) = rows["retain"], rows["forget"]
+    take_step = reference_step(model)
     for _ in range(STEPS):
-        unlearning_step(grads, get_rule(RULE[0], **RULE[1]), lr=LR,
-                        retain_loss=lambda: F.cross_entropy(model(xr), yr),
-                        forget_loss=lambda: F.cross_entropy(model(xf), yf))
+        take_step(*rows["retain"], *rows["forget"])
     return model.state_dict()
+
+
+def reference_step(model):
+    """The single-process step of RULE on `model`, measured, with its trust region."""
+    grads = TorchGrads(model, torch.optim.SGD(model.parameters(), lr=LR))
+    region = TrustRegion(get_rule(RULE[0], **RULE[1]), RULE[1]["trust_tolerance"])
+
+    def take_step(xr, yr, xf, yf):
+        out = unlearning_step(grads, region.rule(), lr=LR, measure=True,
+                              retain_loss=lambda: F.cross_entropy(model(xr), yr),
+                              forget_loss=lambda: F.cross_entropy(model(xf), yf))
+        region.update(out)
+        return out
+    return take_step
+
+
+def reference_log(root, rows) -> list[dict]:
+    """The realised changes the single-process reference measured, step by step."""
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5))
+    model.load_state_dict(load_file(root / "init.safetensors"))
+    take_step = reference_step(model)
+    outs = [take_step(*rows["retain"], *rows["forget"]) for _ in range(STEPS)]
+    return [{"realised/forget_gain": o.realised_forget_gain, "realised/retain_change": o.realised_retain_change}
+            for o in outs]
 
 
 def assert_same_weights(result_dir, expected):
@@ -100,7 +123,12 @@ def test_two_zero3_workers_match_the_single_process_step(two_worker_run, inputs)
     log = [json.loads(line) for line in (two_worker_run.output_dir / "step_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == list(range(1, STEPS + 1))
     assert all(row["comm/stats_values"] == NUM_BLOCKS * 3 for row in log)
-    assert all(row["guarantee/forget_gain"] >= 0.02 * (1 - 1e-6) for row in log)
+    assert all(row["guarantee/forget_gain"] >= row["guarantee/B"] * (1 - 1e-6) for row in log)
+    assert [row["trust/scale"] for row in log] == [1, 0.5, 0.25, 0.125, 0.125]
+    assert [row["guarantee/B"] for row in log] == pytest.approx([0.02 * s for s in (1, 0.5, 0.25, 0.125, 0.125)])
+    measured = reference_log(root, rows)
+    for name in ("realised/forget_gain", "realised/retain_change"):
+        assert [row[name] for row in log] == pytest.approx([r[name] for r in measured], abs=1e-6)
     summary = json.loads((two_worker_run.output_dir / "summary.json").read_text())
     assert summary["sets"]["forget"]["num_rows"] == 4 and len(summary["sets"]["forget"]["digest"]) == 16
 
@@ -122,8 +150,10 @@ def test_the_job_writes_a_receipt_that_verifies_and_catches_a_changed_model(two_
     assert content["forget"]["rows"] == 4 and content["retain"]["rows"] == 8
     assert content["model_in"]["sha256"] == hashlib.sha256((root / "init.safetensors").read_bytes()).hexdigest()
     assert list(content["model_out"]["files"]) == ["model.safetensors"]
-    assert content["guarantee"] == {"quantity": "forget gain", "B": RULE[1]["constraint"], "steps": STEPS,
-                                    "held": STEPS, "hold_rate": 1.0}
+    guarantee = content["guarantee"]
+    assert {k: guarantee[k] for k in ("quantity", "B", "steps", "held", "hold_rate")} == {
+        "quantity": "forget gain", "B": RULE[1]["constraint"], "steps": STEPS, "held": STEPS, "hold_rate": 1.0}
+    assert guarantee["B_span"] == pytest.approx([0.02 / 8, 0.02]) and guarantee["realised"]["steps"] == STEPS
     assert (content["method"], content["steps"], content["stop"]) == (RULE[0], STEPS, "none")
     keyed = receipt.forget_key(content, two_worker_run.output_dir)
     assert all(ok for _, ok, _ in receipt.verify(content, two_worker_run.output_dir, str(root / "forget.parquet"), keyed))
@@ -246,12 +276,9 @@ def mini_batch_reference(root, cfg, world=2):
                for rank, shard in enumerate(shards)]
     model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5))
     model.load_state_dict(load_file(root / "init.safetensors"))
-    grads, steps = TorchGrads(model, torch.optim.SGD(model.parameters(), lr=LR)), 0
+    take_step, steps = reference_step(model), 0
     for pairs in zip(*streams):
-        xr, yr, xf, yf = (torch.cat([p[i][k] for p in pairs]) for i in (0, 1) for k in ("x", "y"))
-        unlearning_step(grads, get_rule(RULE[0], **RULE[1]), lr=LR,
-                        retain_loss=lambda: F.cross_entropy(model(xr), yr),
-                        forget_loss=lambda: F.cross_entropy(model(xf), yf))
+        take_step(*(torch.cat([p[i][k] for p in pairs]) for i in (0, 1) for k in ("x", "y")))
         steps += 1
     return model.state_dict(), steps
 

@@ -63,3 +63,15 @@ def test_axis_labels_name_the_better_direction(tmp_path, label, monkeypatch):
         [fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()]) or plt.close(fig))
     plots.tradeoff([{"model": "a", "test_acc_retained": 0.5, "forget_acc": 0.5}], tmp_path / "t.png")
     assert any(label in text for text in seen)
+
+
+def test_the_hardness_plot_shows_the_retain_change_made_beside_the_one_predicted(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.update(
+        lines=[(line.get_label(), list(line.get_ydata())) for line in fig.axes[2].lines]) or plt.close(fig))
+    measured = [{"step": s, "hardness/cosine_mean": 0.1, "guarantee/retain_change": -0.01 * s,
+                 "realised/retain_change": 0.02 * s} for s in (1, 2, 3)]
+    unmeasured = [{"step": 1, "hardness/cosine_mean": 0.2}]
+    plots.hardness({"hamu-q": measured, "gdiff": unmeasured}, tmp_path / "h.png")
+    assert seen["lines"][:2] == [("hamu-q", [0.02, 0.04, 0.06]), ("_predicted", [-0.01, -0.02, -0.03])]
+    assert len(seen["lines"]) == 3  # and the zero line; nothing for the method that did not measure
