@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a pipeline: prepare, train, unlearn, evaluate, compare")
     run.add_argument("pipeline", help="pipeline YAML (see pipelines/)")
     add_overrides(run, PIPELINE_OVERRIDES)
+    run.add_argument("--strict", action="store_true", help="exit 1 when a method diverged or took no "
+                     "step (its row says so; by default a warning, and exit 0 once the table is out)")
     run.set_defaults(handler=run_command)
 
     tune = commands.add_parser("tune", help="search a method's threshold with Ray Tune (the tune: section)")
@@ -182,7 +184,16 @@ def run_command(args) -> int:
     from hamu_ray.pipeline.config import load_pipeline
     from hamu_ray.pipeline.stages import run_pipeline
 
-    run_pipeline(load_pipeline(args.pipeline, args.overrides))
+    result = run_pipeline(load_pipeline(args.pipeline, args.overrides))
+    return strict_exit(result.failed, args.strict)
+
+
+def strict_exit(failed: dict[str, str], strict: bool) -> int:
+    """`run`'s exit status: 1 under --strict when a method diverged or took no step (method →
+    its stop cell), else 0 (the table, plots and registry are out either way)."""
+    if strict and failed:
+        print(f"hamu-ray: --strict: {'; '.join(f'{m}: {stop}' for m, stop in failed.items())}", file=sys.stderr)
+        return 1
     return 0
 
 

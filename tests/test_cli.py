@@ -127,7 +127,8 @@ def test_validate_prints_the_config_errors_and_exits_2(tmp_path, capsys):
 
 def test_overrides_reach_run_tune_and_unlearn(monkeypatch, tmp_path, capsys):
     seen = {}
-    fake_module(monkeypatch, "hamu_ray.pipeline.stages", run_pipeline=lambda cfg: seen.update(run=cfg))
+    fake_module(monkeypatch, "hamu_ray.pipeline.stages", run_pipeline=lambda cfg: seen.update(run=cfg)
+                or types.SimpleNamespace(failed={}))
     fake_module(monkeypatch, "hamu_ray.pipeline.tune", run_search=lambda cfg: seen.update(tune=cfg)
                 or types.SimpleNamespace(complete=True, chosen={}))
     fake_module(monkeypatch, "hamu_ray.engine.driver", run_unlearning=lambda cfg, progress: seen.update(job=cfg)

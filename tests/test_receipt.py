@@ -293,7 +293,8 @@ def test_the_evaluation_verdict_reads_forget_quality_at_the_ks_threshold():
     def judged(quality, oracle=True):
         model = {"forget_acc": 0.02, "test_acc_retained": 0.95, "forget_quality": quality}
         reference = {"forget_acc": 0.0, "test_acc_retained": 0.96, "forget_quality": 1.0}
-        return evaluation_verdict(False, {"model": model, "original": {**reference, "forget_acc": 0.99},
+        original = {**reference, "forget_acc": 0.99, "forget_quality": 1e-6}  # the KS test tells it apart
+        return evaluation_verdict(False, {"model": model, "original": original,
                                           "oracle": reference if oracle else None})
 
     assert judged(0.2).startswith("Its accuracy on the forget set is 0.02 (original 0.99, oracle 0); "

@@ -312,14 +312,17 @@ def run_preflight(cfg: UnlearnConfig, rows: int = 64) -> tuple[dict, dict[str, d
 
 
 def diverged_error(exc) -> NonFiniteStatsError | None:
-    """The worker's NonFiniteStatsError, if that is why the group failed: a diverged run is a
-    user-actionable error (lower the lr, check the data), not an internal one."""
+    """The worker's NonFiniteStatsError (with the step it names), if that is why the group
+    failed: a diverged run is a user-actionable error (lower the lr, check the data), not an
+    internal one."""
     for failure in exc.worker_failures.values():
-        seen = failure
-        while seen is not None:
+        found, seen = None, failure
+        while seen is not None:  # the innermost is the worker's own (Ray wraps it, message and all)
             if isinstance(seen, NonFiniteStatsError):
-                return NonFiniteStatsError(str(seen))
+                found = seen
             seen = seen.__cause__ or getattr(seen, "cause", None)
+        if found is not None:
+            return NonFiniteStatsError(str(found), getattr(found, "step", None))
     return None
 
 

@@ -14,7 +14,7 @@ from hamu_ray.engine import data, monitor, preflight
 from hamu_ray.engine import deepspeed_engine as eng
 from hamu_ray.engine.config import UnlearnConfig, measures_steps
 from hamu_ray.engine.grads import DeepSpeedGrads
-from hamu_ray.rules import Rule, get_rule, trust
+from hamu_ray.rules import NonFiniteStatsError, Rule, get_rule, trust
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
 from hamu_ray.tasks import task_for
 from hamu_ray.engine.step import (ImplicitStepOutput, ImplicitSurgery, MeanAcrossRanks, StepOutput,
@@ -63,7 +63,10 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         step += 1
-        record = take_step(step, data.to_device(retain_batch, device), data.to_device(forget_batch, device))
+        try:
+            record = take_step(step, data.to_device(retain_batch, device), data.to_device(forget_batch, device))
+        except NonFiniteStatsError as exc:  # the pipeline's table names the step a method diverged at
+            raise exc.at_step(step) from None
         if watch is not None and watch.due(step):
             record.update(evaluated(watch, engine, record))
         step_log.append(record)

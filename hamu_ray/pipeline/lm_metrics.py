@@ -48,9 +48,12 @@ def truth_ratio(perturbed_logp: np.ndarray, paraphrased_logp: np.ndarray) -> np.
 
 
 def truth_ratio_forget_score(ratios: np.ndarray) -> float:
-    """mean(min(R, 1/R)): 1 when the model cannot tell true from false answers (TOFU, forget)."""
+    """mean(min(R, 1/R)): 1 when the model cannot tell true from false answers (TOFU, forget).
+    R = 0 (false answers underflowed against the paraphrase) scores 0, without numpy's
+    divide-by-zero warning: what is wrong with such scores is said in words (outcomes.notes)."""
     r = np.asarray(ratios, dtype=np.float64)
-    return float(np.minimum(r, 1.0 / r).mean())
+    with np.errstate(divide="ignore"):
+        return float(np.minimum(r, 1.0 / r).mean())
 
 
 def truth_ratio_retain_score(ratios: np.ndarray) -> float:
@@ -70,7 +73,8 @@ def model_utility(scores: Sequence[float]) -> float:
     values = np.asarray(scores, dtype=np.float64)
     if (values < 0).any():
         raise ValueError(f"utility scores must be ≥ 0, got {values.tolist()}")
-    return 0.0 if (values == 0).any() else float(hmean(values))
+    with np.errstate(over="ignore"):  # 1/x of a subnormal score: the mean is then ~0, as it should be
+        return 0.0 if (values == 0).any() else float(hmean(values))
 
 
 def min_k_percent(token_logprobs: Sequence[np.ndarray], k: float = 0.4) -> np.ndarray:

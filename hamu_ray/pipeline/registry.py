@@ -18,12 +18,16 @@ import hashlib
 import json
 from pathlib import Path
 
+from hamu_ray.pipeline.outcomes import KS_LEVEL
+
 def publish_unlearned(cfg, stages: dict, rows: list[dict], tracker, original_version: str | None) -> None:
-    """For every method: the receipt completed with its evaluation, logged to the method's run,
-    and the model registered there."""
+    """For every method that left a model (not one that diverged): the receipt completed with
+    its evaluation, logged to the method's run, and the model registered there."""
     by_model = {row["model"]: row for row in rows}
     for entry in cfg.methods:
-        stage = stages[entry.key]
+        stage = stages.get(entry.key)
+        if stage is None:  # diverged: no model, no receipt
+            continue
         complete_receipt(cfg, stage.directory / "receipt.json", by_model[entry.key],
                          by_model["original"], by_model.get("oracle"))
         with tracker.run(stage.name, run_id=stage.run_id):
@@ -62,7 +66,12 @@ def evaluation_verdict(is_lm: bool, evaluation: dict) -> str:
     quality = model.get("forget_quality")
     if oracle is None or quality is None:
         return text + " Without an oracle (a model trained without the forget set) forget quality is not measured."
-    if quality >= 0.05:
+    untouched = original.get("forget_quality")
+    if untouched is not None and untouched >= KS_LEVEL:
+        return text + (f" Forget quality {quality:.3g}: the test has no power here: the original itself scores "
+                       f"FQ {untouched:.3g} (KS test, p ≥ 0.05), so it cannot tell even the untouched original "
+                       "from the oracle, and says nothing of what this model forgot.")
+    if quality >= KS_LEVEL:
         return text + (f" Forget quality {quality:.3g}: on the forget set it cannot be told apart from the "
                        "oracle (KS test, p ≥ 0.05).")
     return text + (f" Forget quality {quality:.3g}: on the forget set it can still be told apart from the "

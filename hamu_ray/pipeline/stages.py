@@ -25,6 +25,7 @@ from hamu_ray.pipeline import datasets
 from hamu_ray.pipeline import evaluate
 from hamu_ray.pipeline import lm_evaluate
 from hamu_ray.pipeline import lm_pipeline
+from hamu_ray.pipeline import outcomes
 from hamu_ray.pipeline import plots
 from hamu_ray.pipeline import user_data
 from hamu_ray.engine.config import TrainSettings, UnlearnConfig
@@ -36,6 +37,7 @@ from hamu_ray.pipeline.tracking import (Tracker, check_reachable, refuse_local_s
                                         ui_command)
 from hamu_ray.engine.worker import EXPORT_LOG
 from hamu_ray.errors import MissingInputError, OutputExistsError
+from hamu_ray.rules import NonFiniteStatsError
 from hamu_ray.schema import ConfigError
 from hamu_ray.tasks.causal_lm import MODEL_DIR
 from hamu_ray.tasks.classifier import EXPORT_WEIGHTS
@@ -83,6 +85,12 @@ class PipelineResult:
     parent_run_id: str
     runs: list[dict] = dataclasses.field(default_factory=list)  # one row per model run (every
     # method's seed); the same as rows with one seed
+    notes: tuple[str, ...] = ()  # what the table cannot show by itself (outcomes.notes)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Runs that diverged or took no step → their stop cell (`hamu-ray run --strict`)."""
+        return outcomes.failed_methods(self.runs or self.rows)
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
@@ -105,15 +113,21 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             tracker.log_artifact(report / "config.yaml")
             log_prepare(tracker, sets)
             keep()
-            stages = run_stages(cfg, sets.paths, out, tracker)
-            rows, table, runs = report_results(cfg, sets.paths, stages, report, tracker)
+            stages, diverged = run_stages(cfg, sets.paths, out, tracker)
+            rows, table, runs = report_results(cfg, sets.paths, stages, diverged, report, tracker)
             original_version = getattr(stages["original"], "registered_version", None)  # None: the user's own
-            registry.publish_unlearned(cfg, stages, runs, tracker, original_version)  # the first seed's
+            registry.publish_unlearned(cfg, stages, runs, tracker, original_version)  # first seeds, not diverged
 
+    notes = outcomes.notes(runs)
     print("\n" + table)
+    for line in notes:
+        print(f"warning: {line}")
     print(f"\nreport: {report}\nMLflow: {ui_command(uri)}", flush=True)
     tracker.finish()  # a server that stopped answering: the command that uploads the rest
-    return PipelineResult(rows, table, report, uri, parent, runs)
+    summary = outcomes.summary_line(runs)
+    if summary:
+        print(summary, flush=True)
+    return PipelineResult(rows, table, report, uri, parent, runs, tuple(notes))
 
 
 # What a pipeline or a search writes at the top of its output_dir: the stages, the report, the
@@ -145,13 +159,24 @@ def write_config(cfg: PipelineConfig, report: Path) -> Path:
 
 
 def run_stages(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
-               tracker: Tracker) -> dict[str, StageOutput]:
+               tracker: Tracker) -> tuple[dict[str, StageOutput], list[outcomes.Diverged]]:
+    """The references' and the methods' stages; a method whose run diverged is listed apart
+    (it left no stage: a rerun tries it again) and the others go on."""
     stages = train_references(cfg, prepared, out, tracker)
     watch = monitor_section(cfg, prepared, stages, out)
+    diverged = []
     for entry in cfg.methods:  # their models are published after the evaluation (registry)
         for name, job in seeded_jobs(cfg, entry, prepared, stages["original"].export(cfg), watch):
-            stages[name] = run_stage(cfg, f"unlearn-{name}", job, out, tracker)
-    return stages
+            try:
+                stages[name] = run_stage(cfg, f"unlearn-{name}", job, out, tracker)
+            except NonFiniteStatsError as exc:
+                diverged.append(outcomes.Diverged(name, exc.step, str(exc)))
+                print(f"[unlearn-{name}] diverged: {exc}", flush=True)
+                with tracker.run(f"unlearn-{name}", params=job, tags={
+                        "stage": f"unlearn-{name}", "cached": "False", "stop": "diverged",
+                        "diverged_at_step": str(exc.step)}):
+                    pass  # the child run records the failed stage; it has no metrics or model
+    return stages, diverged
 
 
 def seeded_jobs(cfg: PipelineConfig, entry, prepared: dict[str, str], original: Path,
@@ -229,12 +254,17 @@ def monitor_samples(cfg: PipelineConfig, prepared: dict[str, str], out: Path) ->
 
 
 def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput],
-                   report: Path, tracker: Tracker) -> tuple[list[dict], str, list[dict]]:
-    """The table's rows (a method's seeds as mean ± sd), its text, and the rows of every run."""
+                   diverged: list[outcomes.Diverged], report: Path,
+                   tracker: Tracker) -> tuple[list[dict], str, list[dict]]:
+    """The table's rows (a method's seeds as mean ± sd), its text, and the rows of every run
+    (a diverged run's row empty but for its stop cell: outcomes.table_rows)."""
     print("evaluating", ", ".join(stages), flush=True)
     runs = lm_pipeline.compare(cfg, prepared, stages, report) if cfg.is_lm else compare(cfg, prepared, stages)
+    logs = {name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES}
+    order = [*REFERENCES, *(name for m in cfg.methods for _, name in cfg.seed_runs(m.key))]
+    runs = outcomes.table_rows(runs, logs, diverged, order, table_columns(cfg))
     rows = seeds.table_rows(cfg, runs, table_columns(cfg))
-    table = write_report(cfg, rows, stages, report)
+    table = write_report(cfg, rows, stages, report, runs)
     spread = seeds.write_spread(cfg, runs, table_columns(cfg), report)
     names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png",
              "per_example.parquet", *seeds.SEED_FILES)
@@ -531,10 +561,16 @@ def table_columns(cfg: PipelineConfig) -> tuple[str, ...]:
     return lm_evaluate.TABLE_COLUMNS if cfg.is_lm else evaluate.TABLE_COLUMNS
 
 
-def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageOutput], report: Path) -> str:
+def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageOutput], report: Path,
+                 runs: list[dict]) -> str:
+    """comparison.csv, comparison.md (the table, then the notes on every run: outcomes.notes)
+    and the plots; returns the table as text."""
     lm = cfg.is_lm
     columns = table_columns(cfg)
     table = seeds.write_table(rows, columns, report)  # with seeds: mean ± sd
+    notes = "".join(f"\n- {line}" for line in outcomes.notes(runs))
+    if notes:  # under the table: what it cannot show by itself
+        files.write_atomic(report / "comparison.md", (report / "comparison.md").read_text() + f"\nNotes:\n{notes}\n")
     plots.tradeoff(rows, report / "tradeoff.png", plots.LM_AXES if lm else plots.CLASSIFIER_AXES)
     logs = {name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES}
     plots.hardness(logs, report / "hardness.png")

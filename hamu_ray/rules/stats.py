@@ -40,7 +40,19 @@ class StopReason(str, enum.Enum):
 
 
 class NonFiniteStatsError(UserError, FloatingPointError):
-    """A NaN or Inf reached the gradient statistics (a diverged loss or gradient)."""
+    """A NaN or Inf reached the gradient statistics (a diverged loss or gradient). `step`: the
+    loop's step at which it appeared, once the loop knows it (None inside a step)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+    def at_step(self, step: int) -> "NonFiniteStatsError":
+        """The same error, naming the step (raised by the loop, which counts the steps)."""
+        return NonFiniteStatsError(f"step {step}: {self.args[0]}", step)
+
+    def __reduce__(self):  # the step survives pickling (a Ray worker's error reaches the driver)
+        return type(self), (self.args[0], self.step)
 
 
 @dataclass(frozen=True)

@@ -317,6 +317,54 @@ def test_a_users_classifier_and_files_run_without_training(pipeline_runs, tmp_pa
 
 
 @pytest.mark.integration
+def test_a_diverged_method_is_a_row_and_the_others_are_compared_and_registered(pipeline_runs, tmp_path):
+    """GA at lr 1e30 diverges and HAMU-Q with an unreachable B stops infeasible at step 1: the
+    pipeline still writes the table (GA's row says where it diverged, HAMU-Q's that it took no
+    step), the plots and the notes, registers HAMU-Q's model but nothing of GA's, and caches
+    nothing of GA (a rerun tries it again)."""
+    import contextlib
+    import io
+
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    out, *_ = pipeline_runs
+
+    def two_failing(raw):
+        raw["methods"] = [{"name": "ga", "train": {"lr": 1e30}},  # one ascent step overflows float32
+                          {"name": "hamu-q", "hparams": {"constraint": 1e6}}]  # no step in R gains B
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run_pipeline(byo_config(tmp_path / "byo", out / "stages", tmp_path, edit=two_failing))
+    rows = {row["model"]: row for row in result.rows}
+    assert list(rows) == ["original", "oracle", "ga", "hamu-q"]
+    # step 1 is at the original's finite losses; the loss after its ascent step is the first NaN/Inf
+    assert rows["ga"]["stop"] == "diverged: NaN/Inf at step 2"
+    assert all(value is None for key, value in rows["ga"].items() if key not in ("model", "stop"))
+    assert rows["hamu-q"]["stop"] == "took no step: infeasible at step 1"
+    for column in ("forget_acc", "test_acc_retained", "mia_auc"):  # its model is the original
+        assert rows["hamu-q"][column] == rows["original"][column], column
+    assert result.failed == {"ga": "diverged: NaN/Inf at step 2", "hamu-q": "took no step: infeasible at step 1"}
+
+    report = (result.report_dir / "comparison.md").read_text()
+    assert "| ga | – |" in report and "diverged: NaN/Inf at step 2 |" in report
+    assert "- ga diverged (NaN/Inf at step 2)" in report and "- hamu-q took no step (infeasible at step 1)" in report
+    assert (result.report_dir / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    lines = printed.getvalue().splitlines()
+    assert "warning: ga diverged (NaN/Inf at step 2): it has no model" in printed.getvalue()
+    assert lines[-1] == ("warning: 1 method diverged (ga); 1 method took no step (hamu-q); "
+                         "`hamu-ray run --strict` exits 1 on this")
+
+    stages = tmp_path / "byo" / "stages"
+    assert not list(stages.glob("unlearn-ga-*")) and not list(stages.glob(".unlearn-ga-*"))
+    assert (next(stages.glob("unlearn-hamu-q-*")) / "summary.json").exists()
+    children = runs_of(result.tracking_uri, result.parent_run_id)
+    assert children["unlearn-ga"].data.tags["stop"] == "diverged"
+    assert children["unlearn-ga"].data.tags["diverged_at_step"] == "2"
+    registered = mlflow.MlflowClient(result.tracking_uri).search_model_versions("name = 'byo-digits'")
+    assert sorted(v.tags["stage"] for v in registered) == ["unlearn-hamu-q"]  # the user's original is theirs
+
+
+@pytest.mark.integration
 def test_a_users_classifier_inputs_are_refused_before_ray(pipeline_runs, tmp_path):
     from hamu_ray.engine.data import DataError
     from hamu_ray.pipeline.stages import run_pipeline
