@@ -37,6 +37,7 @@ def small(raw: dict) -> None:
     raw["data"].update(forget_share=0.05, eval_retain_rows=40)
     raw["model"]["init"] = {"hidden_size": 32, "intermediate_size": 64, "layers": 1, "heads": 2,
                             "vocab_size": 512}
+    raw["pretrain"].update(epochs=1, max_steps=10, progress_every=5)
     raw["train"].update(epochs=1, progress_every=20)
     raw["unlearn"].update(max_steps=4, progress_every=2)
     raw["methods"] = [m for m in raw["methods"] if m["name"] == "hamu-q"]
@@ -336,6 +337,30 @@ def test_truth_ratio_columns_that_cannot_be_scored_are_refused_before_ray(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_fact_column_whose_value_is_not_in_its_answer_is_refused_before_ray(tmp_path, tiny_lm, monkeypatch):
+    """`fact` or `answer_value` marks the value the fact metric scores; a value missing from its
+    answer names the file and rows (not their text); both columns at once are refused too."""
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    rows = [{**r, "fact": r["answer"].split()[-1]} for r in qa_rows()]
+    retain = [{"question": r["question"], "answer": r["answer"], "answer_value": r["fact"]} for r in rows[10:40]]
+    retain[3]["answer_value"] = "not in the answer"
+    retain[7]["answer_value"] = ""
+    holdout = [{**r, "answer_value": None} for r in rows[40:50]]  # both columns
+    cfg = own_config(tmp_path, tiny_lm, {"forget": rows[:10], "retain": retain, "holdout": holdout},
+                     max_length=64)
+    no_ray_before_refusal(monkeypatch)
+    with pytest.raises(DataError) as refused:
+        run_pipeline(cfg)
+    assert str(refused.value).splitlines() == [
+        f"retain set {tmp_path / 'in' / 'retain.parquet'}: 2 row(s) whose answer_value is not a non-empty "
+        "text found in their answer: row 3, row 7; the fact metric scores that span of the answer "
+        "(leave it empty where a row marks no fact)",
+        f"holdout set {tmp_path / 'in' / 'holdout.parquet'}: has both fact and answer_value; keep one"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_with_init_the_scored_sets_are_checked_with_its_tokenizer_before_training(tmp_path):
     """The built-in set, questions longer than max_length: refused once the initial model's
     tokenizer exists, before the original's training stage (which would need a tracker)."""
@@ -350,7 +375,7 @@ def test_with_init_the_scored_sets_are_checked_with_its_tokenizer_before_trainin
     with pytest.raises(DataError) as refused:
         train_references(cfg, prepared, tmp_path / "out", tracker=None)
     lines = str(refused.value).splitlines()
-    assert [line.split(" set ")[0] for line in lines] == ["forget", "retain", "holdout"]
+    assert [line.split(" set ")[0] for line in lines] == ["forget", "retain", "holdout", "utility"]
     assert "(its scored sample): within data.text.max_length=4 the question leaves no token of answer in 40 of 40 rows" in lines[1]
     assert not list((tmp_path / "out" / "stages").glob("original-*"))
 
