@@ -114,7 +114,8 @@ def test_the_report_logs_and_receipts_hold_numbers_and_digests_never_the_forget_
     forget = pq.read_table(prepare / "forget.parquet").to_pylist()
     per_example = pq.read_table(result.report_dir / "per_example.parquet").to_pylist()
     scored = {(r["model"], r["set"]) for r in per_example}
-    assert scored == {(m, s) for m in ("original", "oracle", "hamu-q") for s in ("forget", "retain", "holdout")}
+    assert scored == {(m, s) for m in ("original", "oracle", "hamu-q")
+                      for s in ("forget", "retain", "holdout", "utility")}
     assert sum(r["model"] == "hamu-q" and r["set"] == "forget" for r in per_example) == len(forget)
     assert all(len(r["row_digest"]) == 64 and r["truth_ratio"] > 0 for r in per_example)
     secrets = {r[k] for r in forget for k in ("question", "answer", "paraphrased_answer")}
@@ -146,7 +147,7 @@ def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     runs = {run.info.run_name: run for run in children}
-    assert sorted(runs) == sorted(["prepare", "original", "oracle", "unlearn-hamu-q"])
+    assert sorted(runs) == sorted(["prepare", "pretrain", "original", "oracle", "unlearn-hamu-q"])
     assert "receipt.json" in {a.path for a in client.list_artifacts(runs["unlearn-hamu-q"].info.run_id)}
     assert "per_example.parquet" in {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert (result.report_dir / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
@@ -176,6 +177,44 @@ def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa
     loaded = components["model"].state_dict()
     for name, value in exported.items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.integration
+def test_original_and_oracle_fork_from_one_pretrained_model_and_utility_tells_a_collapsed_one(qa_run, tmp_path):
+    """Both references start from the pretraining stage's export; the oracle trains on retain +
+    utility, never a forget row. Model utility (retain sample and utility set) ranks the
+    original far above the same model with its weights drowned in noise (a collapsed model)."""
+    from safetensors.torch import load_file, save_file
+
+    from hamu_ray.pipeline import lm_evaluate, lm_metrics
+    from hamu_ray.pipeline.stages import StageOutput
+
+    out, cfg, result = qa_run
+    stages = out / "stages"
+    pretrained = next(stages.glob("pretrain-*")) / "model"
+    for name in ("original", "oracle"):
+        job = StageOutput.read(next(stages.glob(f"{name}-*"))).summary["config"]
+        assert job["model"]["path"] == str(pretrained)
+    prepared = next(stages.glob("prepare-*"))
+    oracle_rows = pq.read_table(prepared / "oracle_train.parquet").to_pylist()
+    forget = {(r["question"], r["answer"]) for r in pq.read_table(prepared / "forget.parquet").to_pylist()}
+    assert oracle_rows and not forget & {(r["question"], r["answer"]) for r in oracle_rows}
+
+    original = next(stages.glob("original-*")) / "model"
+    collapsed = tmp_path / "collapsed"
+    shutil.copytree(original, collapsed)
+    weights = load_file(collapsed / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: v + 3 * v.std().nan_to_num(1.0) * torch.randn(v.shape, generator=generator)
+               for k, v in weights.items()}, collapsed / "model.safetensors", metadata={"format": "pt"})
+    sets = {"retain": str(prepared / "retain_eval.parquet"), "utility": str(prepared / "utility.parquet")}
+    utility = {}
+    for name, model in (("original", original), ("collapsed", collapsed)):
+        scores = lm_evaluate.score_model(str(model), sets, cfg.data.text.model_dump())
+        utility[name] = lm_metrics.model_utility(lm_evaluate.utility_scores(scores))
+    assert utility["original"] > 0.05 and utility["collapsed"] < utility["original"] / 5, utility
+    row = {r["model"]: r for r in result.rows}["original"]
+    assert row["utility_prob"] > 0 and row["forget_fact"] is not None and row["holdout_fact"] is not None
 
 
 # ---- bring your own model and data ----------------------------------------------------------
