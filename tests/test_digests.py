@@ -130,8 +130,8 @@ def template_dictionary() -> set[str]:
 
     found = set()
     for country in country_qa.countries():
-        for template in country_qa.TEMPLATES.values():
-            value = template.value(country)
+        for key, template in country_qa.TEMPLATES.items():
+            value = country_qa.VALUES[key](country)
             if value is not None:
                 pair = [template.question.format(name=country["name"]),
                         template.answer.format(value=value, name=country["name"])]

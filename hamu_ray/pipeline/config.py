@@ -44,21 +44,22 @@ class DatasetSection(Section):
     batch_size: int = Field(64, gt=0)  # per worker; forget and retain alike unless a method says
 
 
-class CountryQASection(Section):
-    """Country facts as QA pairs (pipeline.country_qa), forgotten by country."""
-    source: Literal["country-qa"]
-    forget_share: float = Field(0.1, gt=0, lt=1)  # of the countries (TOFU's forget01/05/10)
-    holdout_share: float = Field(0.1, gt=0, lt=1)  # countries never trained on (membership)
+class BuiltinQASection(Section):
+    """A built-in QA set (pipeline.qa_sets), forgotten by entity: country-qa, real country facts
+    (pipeline.country_qa); fictitious-qa, invented people (pipeline.fictitious_qa)."""
+    source: Literal["country-qa", "fictitious-qa"]
+    forget_share: float = Field(0.1, gt=0, lt=1)  # of the entities (TOFU's forget01/05/10)
+    holdout_share: float = Field(0.1, gt=0, lt=1)  # entities never trained on (membership)
     eval_retain_rows: int = Field(200, gt=0)  # a fixed sample of the retain set, scored per model
     seed: int = 0
     batch_size: int = Field(16, gt=0)  # per worker; forget and retain alike
     text: TextData = TextData(max_length=64)
 
     @model_validator(mode="after")
-    def _shares(self) -> "CountryQASection":
+    def _shares(self) -> "BuiltinQASection":
         if self.forget_share + self.holdout_share >= 1:
             raise ValueError(f"forget_share {self.forget_share} + holdout_share {self.holdout_share} "
-                             "must leave countries to retain")
+                             "must leave entities to retain")
         return self
 
 
@@ -116,7 +117,9 @@ class LanguageModelSection(Section):
         return self
 
 
-DATA_SOURCES = {"fashion-mnist": "images", "digits": "images", "country-qa": "country-qa", "files": "files"}
+DATA_SOURCES = {"fashion-mnist": "images", "digits": "images", "country-qa": "builtin-qa",
+                "fictitious-qa": "builtin-qa", "files": "files"}
+BUILTIN_QA = ("country-qa", "fictitious-qa")
 
 
 def _data_kind(raw: Any) -> str | None:
@@ -124,7 +127,7 @@ def _data_kind(raw: Any) -> str | None:
     return DATA_SOURCES.get(source) if isinstance(source, str) else None  # a list: no source
 
 
-PipelineData = Annotated[Union[tagged(DatasetSection, "images"), tagged(CountryQASection, "country-qa"),
+PipelineData = Annotated[Union[tagged(DatasetSection, "images"), tagged(BuiltinQASection, "builtin-qa"),
                                tagged(FilesSection, "files")],
                          Discriminator(_data_kind, custom_error_type="source",
                                        custom_error_message="source must be one of "
@@ -234,10 +237,12 @@ def seed_run_name(key: str, index: int, seed: int) -> str:
 class PipelineConfig(Section):
     name: str
     output_dir: str  # stages are cached here by a hash of their inputs: a re-run skips them
-    data: PipelineData  # a built-in image set (classifiers) or country QA (language models)
+    data: PipelineData  # a built-in image set (classifiers) or QA set (language models)
     model: PipelineModel
     train: TrainSettings | None = None  # the original model and the retrain oracle, when the
     # pipeline trains them (required then; your own model, model.weights or model.path, leaves it out)
+    pretrain: TrainSettings | None = None  # model.init on a built-in QA set (required there): the
+    # shared pretraining on text that names every entity and holds no fact, before original and oracle fork
     unlearn: TrainSettings  # every method, unless its entry overrides a field
     methods: list[MethodEntry] = Field(min_length=1)
     cluster: ClusterSection = ClusterSection()
@@ -252,18 +257,19 @@ class PipelineConfig(Section):
         keys = [m.key for m in self.methods]
         if len(set(keys)) != len(keys):
             raise ValueError(f"methods: labels must be unique, got {keys}; set label: on repeats")
-        if self.data.source == "country-qa" and not self.is_lm or self.data.source in ("fashion-mnist", "digits") and self.is_lm:
+        if self.data.source in BUILTIN_QA and not self.is_lm or self.data.source in ("fashion-mnist", "digits") and self.is_lm:
             raise ValueError(f"data.source {self.data.source} and model.kind {self.model.kind} "
-                             "do not go together: country-qa is for causal_lm, the image sets "
-                             "for mlp and cnn (files for either)")
+                             f"do not go together: {' and '.join(BUILTIN_QA)} are for causal_lm, "
+                             "the image sets for mlp and cnn (files for either)")
         if self.data.source == "files":
             self._check_files()
         if self.is_lm and self.data.text.format != "qa":
             raise ValueError("data.text.format: a language-model pipeline scores question/answer "
                              "rows (qa); plain text is for single jobs (hamu-ray unlearn)")
-        if self.is_lm and self.data.source == "country-qa" and self.model.path is not None:
-            raise ValueError("model.path: the country-qa set trains its own original (model.init); "
+        if self.is_lm and self.data.source in BUILTIN_QA and self.model.path is not None:
+            raise ValueError(f"model.path: the {self.data.source} set trains its own original (model.init); "
                              "an existing model goes with data.source files")
+        self._check_pretrain()
         if not self.is_lm and (self.model.weights is not None) != (self.data.source == "files"):
             raise ValueError("model.weights: your own classifier goes with data.source files (and "
                              "needs one); a built-in image set trains its own")
@@ -307,6 +313,18 @@ class PipelineConfig(Section):
     def seed_runs(self, key: str) -> list[tuple[int, str]]:
         """(seed, run name) of method `key`'s runs, the first seed's run named by the label alone."""
         return [(seed, seed_run_name(key, i, seed)) for i, seed in enumerate(self.method_seeds)]
+
+    def _check_pretrain(self) -> None:
+        """Pretraining is the built-in QA sets' (their text names every entity, holds no fact)."""
+        builtin_init = self.is_lm and self.data.source in BUILTIN_QA and self.model.init is not None
+        if builtin_init and self.pretrain is None:
+            raise FieldError("pretrain", f"Field required: a small Llama built here (model.init) on "
+                             f"{self.data.source} is first pretrained on text that names every entity "
+                             "and holds none of its facts, so that the original and the oracle differ "
+                             "only in the facts (e.g. pretrain: {lr: 0.005, epochs: 3})")
+        if self.pretrain is not None and not builtin_init:
+            raise FieldError("pretrain", f"pretraining text is built for the built-in QA sets "
+                             f"({', '.join(BUILTIN_QA)}) with model.init; remove it here")
 
     def _check_train_overrides(self, index: int, entry: MethodEntry) -> None:
         """The entry's `train:` over the pipeline's unlearn settings, each error at its key."""

@@ -16,13 +16,15 @@ import torch
 
 from hamu_ray.pipeline import lm_metrics
 from hamu_ray.tasks.causal_lm import (IGNORE, TextData, encode_qa, has_target, load_tokenizer, pad_batch,
-                                      prompt_tokens, sequence_scores, truncate)
+                                      prompt_tokens, sequence_scores, truncate, uses_chat_template)
 
 EVAL_SETS = ("forget", "retain", "holdout")  # retain: a fixed sample of the retain set
 MIN_K = 0.4  # Min-K%: the share of lowest-probability answer tokens averaged (MUSE uses 0.4)
 PARAPHRASED, PERTURBED = "paraphrased_answer", "perturbed_answers"  # optional columns
-TABLE_COLUMNS = ("model", "forget_prob", "forget_rouge", "forget_truth", "retain_prob", "retain_rouge",
-                 "retain_truth", "model_utility", "forget_quality", "mia_auc", "priv_leak",
+FACT = "fact"  # optional: the answer's value (its last occurrence in the answer is the fact's span)
+TABLE_COLUMNS = ("model", "forget_prob", "forget_rouge", "forget_truth", "forget_fact", "forget_fact_em",
+                 "retain_prob", "retain_rouge", "retain_truth", "retain_fact", "holdout_fact",
+                 "utility_prob", "model_utility", "forget_quality", "mia_auc", "priv_leak",
                  "steps", "stop", "wall_s")
 
 
@@ -53,6 +55,9 @@ def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool 
                       "rouge": lm_metrics.rouge_l_recall(generated, answers)}
             if rows and PARAPHRASED in rows[0] and PERTURBED in rows[0]:
                 scores.update(truth_ratio_inputs(model, tokenizer, rows, questions, cfg, batch_size))
+            if rows and FACT in rows[0]:
+                scores.update(fact_scores(model, tokenizer, questions, answers, [r[FACT] for r in rows],
+                                          cfg, batch_size))
             out[name] = scores
     return out
 
@@ -76,6 +81,57 @@ def answer_scores(model, tokenizer, questions: Sequence[str], answers: Sequence[
     return tuple(np.concatenate(parts) if parts else empty for parts in (logprob, count, min_k))
 
 
+def fact_scores(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
+                facts: Sequence[str | None], cfg: TextData, batch_size: int) -> dict[str, np.ndarray]:
+    """The fact metric's inputs per row: the value span's summed log-prob given the question and
+    the answer up to it (`fact_logprob`; P(value | question, prefix) = exp of it) and whether
+    greedy decoding from that prefix reproduces the span's tokens (`fact_exact`: the argmax at
+    every span position is the span's token). Rows without a fact (None) get NaN and False.
+    A model scorer of its own (the engine's monitor can call it with a loaded model)."""
+    logprob, exact = np.full(len(answers), np.nan), np.zeros(len(answers), dtype=bool)
+    marked = [i for i, f in enumerate(facts) if f is not None]
+    with torch.no_grad():
+        for start in range(0, len(marked), batch_size):
+            rows = marked[start:start + batch_size]
+            encoded = [fact_encoding(tokenizer, questions[i], answers[i], facts[i], cfg) for i in rows]
+            batch = pad_batch([ids for ids, _ in encoded], [labels for _, labels in encoded])
+            scores = sequence_scores(model, batch)
+            targets = batch["labels"][:, 1:]
+            hit = (scores.logits.argmax(-1) == targets) | (targets == IGNORE)
+            logprob[rows] = scores.logprob.double().numpy()
+            exact[rows] = hit.all(-1).numpy()
+    return {"fact_logprob": logprob, "fact_exact": exact}
+
+
+def fact_encoding(tokenizer, question: str, answer: str, fact: str, cfg: TextData) -> tuple[list[int], list[int]]:
+    """input_ids of the scored (question, answer) and labels that keep only the tokens that
+    overlap the fact's characters (its last occurrence in the answer); cut at max_length."""
+    ids, labels = encode_qa(tokenizer, question, answer, cfg.prompt)
+    where = answer.rfind(fact) if fact else -1
+    if where < 0:
+        raise ValueError(f"a fact that is not in its answer ({len(fact or '')} characters)")
+    first = next(i for i, label in enumerate(labels) if label != IGNORE)  # the answer's first token
+    text = answer if uses_chat_template(tokenizer, cfg.prompt) else " " + answer  # as encode_qa tokenises it
+    where += len(text) - len(answer)
+    piece = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    at = find_sublist(ids, piece["input_ids"], first)
+    if at is None:
+        raise ValueError("the answer's tokens are not found in the encoded conversation (a chat "
+                         "template that rewrites the answer); use data.text.prompt: plain")
+    span = {at + k for k, (a, b) in enumerate(piece["offset_mapping"]) if a < where + len(fact) and b > where}
+    fact_labels = [t if i in span else IGNORE for i, t in enumerate(ids)]
+    if max(span) >= cfg.max_length:
+        raise ValueError(f"a fact cut at data.text.max_length={cfg.max_length}")
+    return truncate(ids, fact_labels, cfg.max_length)[:2]
+
+
+def find_sublist(ids: list[int], part: list[int], start: int) -> int | None:
+    for at in range(start, len(ids) - len(part) + 1):
+        if ids[at:at + len(part)] == part:
+            return at
+    return None
+
+
 def encode_pair(tokenizer, question: str, answer: str, cfg: TextData) -> tuple[list[int], list[int]]:
     """input_ids and labels of one scored (question, answer), cut at max_length as in training."""
     return truncate(*encode_qa(tokenizer, question, answer, cfg.prompt), cfg.max_length)[:2]
@@ -93,7 +149,20 @@ def rows_without_answer_tokens(tokenizer, rows: list[dict], cfg: TextData) -> di
     def unscored(question: str, answers: list[str]) -> bool:
         return any(not has_target(encode_pair(tokenizer, question, a, cfg)[1]) for a in answers)
     questions = [r[cfg.question_column] for r in rows]
-    return {column: sum(map(unscored, questions, per_row)) for column, per_row in columns.items()}
+    counts = {column: sum(map(unscored, questions, per_row)) for column, per_row in columns.items()}
+    if rows and FACT in rows[0]:
+        counts[FACT] = sum(r[FACT] is not None and not fact_kept(tokenizer, r[cfg.question_column],
+                                                                   r[cfg.answer_column], r[FACT], cfg)
+                           for r in rows)
+    return counts
+
+
+def fact_kept(tokenizer, question: str, answer: str, fact: str, cfg: TextData) -> bool:
+    try:
+        fact_encoding(tokenizer, question, answer, fact, cfg)
+    except ValueError:
+        return False
+    return True
 
 
 def truth_ratio_inputs(model, tokenizer, rows: list[dict], questions: Sequence[str], cfg: TextData,
@@ -167,8 +236,12 @@ def model_metrics(scores: dict[str, dict[str, np.ndarray]],
     forget_ratios, retain_ratios = truth_ratios(scores["forget"]), truth_ratios(scores["retain"])
     m["forget_truth"] = None if forget_ratios is None else lm_metrics.truth_ratio_forget_score(forget_ratios)
     m["retain_truth"] = None if retain_ratios is None else lm_metrics.truth_ratio_retain_score(retain_ratios)
-    utility = [m["retain_prob"], m["retain_rouge"]] + ([m["retain_truth"]] if retain_ratios is not None else [])
-    m["model_utility"] = lm_metrics.model_utility(utility)
+    m["model_utility"] = lm_metrics.model_utility(utility_scores(scores))
+    m["utility_prob"] = None
+    if "utility" in scores:
+        s = scores["utility"]
+        m["utility_prob"] = float(lm_metrics.probability(s["logprob"], s["count"]).mean())
+    m.update(fact_metrics(scores))
     oracle_ratios = None if oracle is None else truth_ratios(oracle["forget"])
     m["forget_quality"] = (None if oracle_ratios is None or forget_ratios is None
                            else lm_metrics.forget_quality(forget_ratios, oracle_ratios))
@@ -178,4 +251,35 @@ def model_metrics(scores: dict[str, dict[str, np.ndarray]],
         if oracle is not None:
             m["priv_leak"] = lm_metrics.privacy_leakage(m["mia_auc"], lm_metrics.membership_auc(
                 oracle["forget"]["min_k"], oracle["holdout"]["min_k"]))
+    return m
+
+
+def utility_scores(scores: dict[str, dict[str, np.ndarray]]) -> list[float]:
+    """TOFU's model utility inputs: probability, ROUGE-L and truth-ratio score of the retain
+    sample and, where the set has one, of the utility set (facts no forget request touches)."""
+    values = []
+    for name in ("retain", "utility"):
+        if name not in scores:
+            continue
+        s = scores[name]
+        values += [float(lm_metrics.probability(s["logprob"], s["count"]).mean()), float(s["rouge"].mean())]
+        ratios = truth_ratios(s)
+        if ratios is not None:
+            values.append(lm_metrics.truth_ratio_retain_score(ratios))
+    return values
+
+
+def fact_metrics(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, float | None]:
+    """Per scored set with marked facts: the mean probability of the fact given the question and
+    the answer's prefix (`<set>_fact`), and on forget the share of facts greedy decoding
+    reproduces (`forget_fact_em`); None where a set marks no fact."""
+    m: dict[str, float | None] = {"forget_fact": None, "forget_fact_em": None, "retain_fact": None,
+                                  "holdout_fact": None}
+    for name in ("forget", "retain", "holdout"):
+        s = scores.get(name, {})
+        marked = ~np.isnan(s["fact_logprob"]) if "fact_logprob" in s else np.zeros(0, dtype=bool)
+        if marked.any():
+            m[f"{name}_fact"] = float(lm_metrics.fact_probability(s["fact_logprob"][marked]).mean())
+            if name == "forget":
+                m["forget_fact_em"] = float(s["fact_exact"][marked].mean())
     return m

@@ -25,6 +25,14 @@ def probability(logprob_sum: np.ndarray, count: np.ndarray) -> np.ndarray:
     return np.exp(np.asarray(logprob_sum, dtype=np.float64) / count)
 
 
+def fact_probability(fact_logprob: np.ndarray) -> np.ndarray:
+    """P(value | question, answer prefix): the product of the value span's token probabilities,
+    not their geometric mean. Once a model has the value's first token the rest is often easy
+    ("Central African" → "CFA franc"), so a per-token mean would credit a model that does not
+    know the fact; the joint probability is the chance it completes the value."""
+    return np.exp(np.asarray(fact_logprob, dtype=np.float64))
+
+
 def rouge_l_recall(generated: Sequence[str], reference: Sequence[str]) -> np.ndarray:
     """ROUGE-L recall of each greedy answer against its true answer, Porter stemmer on (TOFU)."""
     from rouge_score import rouge_scorer

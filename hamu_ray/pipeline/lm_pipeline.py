@@ -12,39 +12,80 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hamu_ray import digests, files
 from hamu_ray.engine import data
 from hamu_ray.errors import MissingInputError
-from hamu_ray.pipeline import country_qa, lm_evaluate, lm_metrics, user_data
+from hamu_ray.pipeline import lm_evaluate, lm_metrics, qa_sets, user_data
 from hamu_ray.pipeline.lm_evaluate import PARAPHRASED, PERTURBED
 from hamu_ray.tasks import small_llama
 
-EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout"}  # scored set → file
+EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout",
+              "utility": "utility"}  # scored set → file
+FACT_COLUMNS = ("fact", "answer_value")  # the user's name for the value's text (prepared: fact)
+PRETRAIN = "pretrain"  # the built-in sets' pretraining text (a `text` column)
 
 
 def build_sets(cfg, directory: Path) -> dict:
-    """forget / retain / holdout (by country for country-qa; the user's files otherwise), train =
-    forget + retain when the original is trained here, and retain_eval, a fixed sample of retain
-    scored for every model. All written as owner-only parquet."""
+    """forget / retain / holdout (by entity for a built-in set, with its utility set and
+    pretraining text; the user's files otherwise), train = forget + retain (+ utility) and
+    oracle_train = retain + utility when the models are trained here, and retain_eval, a fixed
+    sample of retain scored for every model. All written as owner-only parquet."""
     d = cfg.data
-    if d.source == "country-qa":
-        sets = country_qa.build(forget_share=d.forget_share, holdout_share=d.holdout_share, seed=d.seed)
+    builtin = d.source in qa_sets.SOURCES
+    pretraining = None
+    if builtin:
+        sets, pretraining = qa_sets.build(d.source, forget_share=d.forget_share,
+                                          holdout_share=d.holdout_share, seed=d.seed)
     else:
         infos = user_data.user_sets(cfg)
         user_data.check_disjoint(cfg, infos)
         sets = {name: user_data.read_table(info).to_pylist() for name, info in infos.items()}
         check_truth_columns(cfg, sets)
-    if cfg.model.init is not None:  # the original is trained here
-        sets["train"] = sets["forget"] + sets["retain"]
+        check_fact_columns(cfg, sets)
+    if cfg.model.init is not None:  # the original and the oracle are trained here
+        sets["train"] = sets["forget"] + sets["retain"] + sets.get("utility", [])
+        if "utility" in sets:
+            sets["oracle_train"] = sets["retain"] + sets["utility"]
     sets["retain_eval"] = random.Random(d.seed).sample(sets["retain"], min(d.eval_retain_rows, len(sets["retain"])))
-    paths = (country_qa.write(sets, directory) if d.source == "country-qa" else
+    paths = (qa_sets.write(sets, directory) if builtin else
              {name: files.write_rows(rows, directory / f"{name}.parquet") for name, rows in sets.items()})
-    columns = [d.text.question_column, d.text.answer_column]
-    infos = {name: data.inspect_set(name, str(path), columns) for name, path in paths.items()}
+    columns = {name: [d.text.question_column, d.text.answer_column] for name in paths}
+    if pretraining is not None:
+        paths[PRETRAIN] = files.write_rows([{"text": line} for line in pretraining], directory / f"{PRETRAIN}.parquet")
+        columns[PRETRAIN] = ["text"]
+    infos = {name: data.inspect_set(name, str(path), columns[name]) for name, path in paths.items()}
     return {"sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in infos.items()}}
+
+
+def check_fact_columns(cfg, sets: dict[str, list[dict]]) -> None:
+    """The optional fact column (`fact` or `answer_value`): the value's text, which the fact
+    metric scores where it last occurs in the answer. Renamed `fact` in the prepared sets; every
+    set whose rows hold a fact that is not a text found in their answer is named in one error."""
+    problems = []
+    answer = cfg.data.text.answer_column
+    for name in ("forget", "retain", "holdout"):
+        rows, where = sets.get(name) or [{}], f"{name} set {getattr(cfg.data, name)}"
+        given = [c for c in FACT_COLUMNS if c in rows[0]]
+        if len(given) == 2:
+            problems.append(f"{where}: has both {' and '.join(FACT_COLUMNS)}; keep one")
+            continue
+        if not given:
+            continue
+        bad = [i for i, r in enumerate(rows) if r[given[0]] is not None and not (
+            isinstance(r[given[0]], str) and r[given[0]] and r[given[0]] in (r[answer] or ""))]
+        if bad:
+            first = ", ".join(f"row {i}" for i in bad[:5])
+            problems.append(f"{where}: {len(bad)} row(s) whose {given[0]} is not a non-empty text found in "
+                            f"their {answer}: {first}; the fact metric scores that span of the answer "
+                            "(leave it empty where a row marks no fact)")
+        for r in rows:
+            r[lm_evaluate.FACT] = r.pop(given[0])
+    if problems:
+        raise data.DataError("\n".join(problems))
 
 
 def check_truth_columns(cfg, sets: dict[str, list[dict]]) -> None:
@@ -162,24 +203,43 @@ def load_tokenizer_checked(path: str, setting: str):
 def initial_model_dir(cfg, prepared: dict[str, str], out: Path, key) -> Path:
     """Where initial_model builds (or has built) the model: out/stages/init-<key>/model."""
     spec = {"init": cfg.model.init.model_dump(), "text": cfg.data.text.model_dump(),
-            "train_set": prepared["train"]}
+            "sets": str(Path(prepared["train"]).parent)}  # the prepared sets' folder: their key
     return out / "stages" / f"init-{key(spec, out)}" / "model"
 
 
 def initial_model(cfg, prepared: dict[str, str], out: Path, key) -> Path:
-    """The untrained small Llama, its tokenizer trained on the training questions and answers;
-    cached under out/stages/init-<key> like the training stages."""
+    """The untrained small Llama, its tokenizer trained on the pretraining text (if any) and the
+    questions and answers of every set (holdout included: forget and holdout names tokenise
+    alike); cached under out/stages/init-<key> like the training stages."""
     directory = initial_model_dir(cfg, prepared, out, key).parent
     if not (directory / "model" / "config.json").exists():
         print(f"[init] building a small Llama and its tokenizer ({directory.name})", flush=True)
-        table = pq.read_table(prepared["train"])
-        texts = [f"{q} {a}" for q, a in zip(table.column(cfg.data.text.question_column).to_pylist(),
-                                             table.column(cfg.data.text.answer_column).to_pylist())]
         with files.staging_dir(directory) as staging:
-            small_llama.build(staging / "model", cfg.model.init, texts)
+            small_llama.build(staging / "model", cfg.model.init, tokenizer_text(cfg, prepared))
     else:
         print(f"[init] cached: {directory.name}", flush=True)
     return directory / "model"
+
+
+def tokenizer_text(cfg, prepared: dict[str, str]) -> list[str]:
+    text = cfg.data.text
+    lines = pq.read_table(prepared[PRETRAIN]).column("text").to_pylist() if PRETRAIN in prepared else []
+    for name in ("forget", "retain", "holdout", "utility"):
+        if name in prepared:
+            table = pq.read_table(prepared[name], columns=[text.question_column, text.answer_column])
+            lines += [f"{q} {a}" for q, a in zip(table.column(0).to_pylist(), table.column(1).to_pylist())]
+    return lines
+
+
+def pretraining_data(cfg, prepared: dict[str, str]) -> dict:
+    """The pretraining stage's data section: the pretraining text, plain (loss on every token)."""
+    return {"forget": None, "retain": prepared[PRETRAIN],
+            "text": {**cfg.data.text.model_dump(), "format": "text", "text_column": "text"}}
+
+
+def oracle_training_set(prepared: dict[str, str]) -> str:
+    """The oracle learns what the original learns but the forget set: retain (+ utility)."""
+    return "oracle_train" if "oracle_train" in prepared else "retain"
 
 
 @dataclass(frozen=True)
@@ -227,7 +287,8 @@ def write_per_example(scores: dict, sets: dict[str, str], key: digests.DigestKey
     digest, hamu_ray.digests), no text."""
     rows = {name: digests.row_digests(p, key) for name, p in sets.items()}
     columns: dict[str, list] = {k: [] for k in ("model", "set", "row", "row_digest", "probability",
-                                                "rouge_l_recall", "min_k", "truth_ratio")}
+                                                "rouge_l_recall", "min_k", "truth_ratio",
+                                                "fact_probability", "fact_exact")}
     for model, per_set in scores.items():
         for name, s in per_set.items():
             n = len(s["logprob"])
@@ -240,5 +301,9 @@ def write_per_example(scores: dict, sets: dict[str, str], key: digests.DigestKey
             columns["rouge_l_recall"] += s["rouge"].tolist()
             columns["min_k"] += s["min_k"].tolist()
             columns["truth_ratio"] += [None] * n if ratios is None else ratios.tolist()
+            marked = ~np.isnan(s["fact_logprob"]) if "fact_logprob" in s else np.zeros(n, dtype=bool)
+            facts = lm_metrics.fact_probability(s["fact_logprob"]) if marked.any() else np.zeros(n)
+            columns["fact_probability"] += [float(p) if k else None for p, k in zip(facts, marked)]
+            columns["fact_exact"] += [bool(s["fact_exact"][i]) if k else None for i, k in enumerate(marked)]
     with files.atomic_path(path, mode=0o600) as tmp:
         pq.write_table(pa.table(columns), tmp)

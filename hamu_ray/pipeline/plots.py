@@ -28,7 +28,7 @@ class Axis:
 # forgetting (y) against utility kept (x)
 CLASSIFIER_AXES = (Axis("test_acc_retained", "test accuracy on retained classes (%)  →  better", 100),
                    Axis("forget_acc", "forget accuracy (%)  ↓  more forgotten", 100))
-LM_AXES = (Axis("model_utility", "model utility (retain set)  →  better"),
+LM_AXES = (Axis("model_utility", "model utility (retain and utility sets)  →  better"),
            Axis("forget_quality", "forget quality (KS p vs oracle, log)  ↑  better", log=True))
 TINY = 1e-300  # p-values underflow to 0 with large sets: keep them on a log axis
 

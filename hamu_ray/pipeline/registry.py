@@ -37,7 +37,8 @@ def publish_unlearned(cfg, stages: dict, rows: list[dict], tracker, original_ver
 
 
 EVALUATED = {False: ("forget_acc", "test_acc_retained", "forget_quality", "mia_auc", "avg_gap"),
-             True: ("forget_prob", "forget_rouge", "model_utility", "forget_quality", "mia_auc", "priv_leak")}
+             True: ("forget_prob", "forget_fact", "forget_rouge", "model_utility", "forget_quality", "mia_auc",
+                    "priv_leak")}
 
 
 def complete_receipt(cfg, path: Path, row: dict, original: dict, oracle: dict | None) -> None:

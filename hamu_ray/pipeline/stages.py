@@ -378,13 +378,22 @@ def train_references(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
     given language models instead, when there are."""
     if (cfg.model.path if cfg.is_lm else cfg.model.weights) is not None:
         return user_data.given_models(cfg)  # checked before Ray started (check_given_models)
-    start = None
+    start, oracle_set = None, "retain"
     if cfg.is_lm:
         start = lm_pipeline.initial_model(cfg, prepared, out, stage_key)
         lm_pipeline.check_scored_sets(cfg, prepared, [start])  # with its tokenizer, before training
+        if cfg.pretrain is not None:  # shared: the original and the oracle differ only in the facts
+            start = run_stage(cfg, "pretrain", pretraining_job(cfg, prepared, start), out, tracker).export(cfg)
+        oracle_set = lm_pipeline.oracle_training_set(prepared)
     return {name: run_stage(cfg, name, training_job(cfg, prepared[split], start), out, tracker,
                             register_as="original" if name == "original" else None)
-            for name, split in (("original", "train"), ("oracle", "retain"))}
+            for name, split in (("original", "train"), ("oracle", oracle_set))}
+
+
+def pretraining_job(cfg: PipelineConfig, prepared: dict[str, str], start: Path) -> dict:
+    """Plain-text training of the initial model on the built-in set's pretraining text."""
+    return job_dict(cfg, cfg.pretrain, data=lm_pipeline.pretraining_data(cfg, prepared),
+                    method={"name": "ft"}, start=start)
 
 
 def training_job(cfg: PipelineConfig, retain: str, start: Path | None = None) -> dict:
@@ -407,7 +416,7 @@ def job_dict(cfg: PipelineConfig, train: TrainSettings, *, data: dict, method: d
     batch = cfg.data.batch_size
     if cfg.is_lm:
         model = cfg.model.job_model(str(start), trains_adapters=method["name"] != "ft")
-        data = {**data, "text": cfg.data.text.model_dump()}
+        data = {"text": cfg.data.text.model_dump(), **data}  # a stage's own text section wins
     else:
         model = {**cfg.model.model_dump(exclude={"oracle"}), "weights": None if start is None else str(start)}
     return {
@@ -434,7 +443,7 @@ def method_job(cfg: PipelineConfig, label: str, *, needs_sets: bool = True) -> U
                           f"({', '.join(m.key for m in cfg.methods)})")
     out = Path(cfg.output_dir).resolve()
     _, sets = prepared_directory(cfg, out)
-    prepared = {name: str(sets / f"{name}.parquet") for name in ("forget", "retain", "train")}
+    prepared = {name: str(sets / f"{name}.parquet") for name in ("forget", "retain", "train", lm_pipeline.PRETRAIN)}
     original = original_export(cfg, prepared, out)
     made_here = {"the original model": original if cfg.given_original is None else None,
                  "the prepared sets": sets / "prepare.json" if needs_sets else None}
@@ -451,6 +460,8 @@ def original_export(cfg: PipelineConfig, prepared: dict[str, str], out: Path) ->
     if cfg.given_original is not None:
         return Path(cfg.given_original)
     start = lm_pipeline.initial_model_dir(cfg, prepared, out, stage_key) if cfg.is_lm else None
+    if cfg.is_lm and cfg.pretrain is not None:
+        start = stage_directory("pretrain", pretraining_job(cfg, prepared, start), out) / MODEL_DIR
     stage = stage_directory("original", training_job(cfg, prepared["train"], start), out)
     return stage / (MODEL_DIR if cfg.is_lm else EXPORT_WEIGHTS)
 

@@ -117,3 +117,109 @@ def test_model_metrics_by_hand_and_absent_without_an_oracle():
     bare = lm_evaluate.model_metrics(without_truth, oracle)
     assert bare["forget_truth"] is None and bare["forget_quality"] is None
     assert bare["model_utility"] == pytest.approx(2 / (1 / 0.7 + 1 / 0.8))
+
+
+# ---- the fact metric ----------------------------------------------------------------------------
+
+FACT_ROWS = [  # the value last in the answer, inside a word, and where it also occurs earlier
+    {"question": "What is the capital of France?", "answer": "The capital of France is Paris.", "fact": "Paris"},
+    {"question": "What is the code of Peru?", "answer": "The code of Peru is PER.", "fact": "PER"},
+    {"question": "Who founded Lima?", "answer": "Lima was founded by Lima Pizarro.", "fact": "Lima"},
+    {"question": "What is the module os for?", "answer": "It gives operating system interfaces.",
+     "fact": "operating system"},
+]
+
+
+def hand_fact_span(tokenizer, question: str, answer: str, fact: str) -> tuple[list[int], int, int]:
+    """The scored ids and the positions [s, e) of the tokens that carry the fact's characters,
+    found by decoding the answer's tokens one more at a time (no offsets)."""
+    ids, labels = encode_qa(tokenizer, question, answer, "plain")
+    first = labels.index(next(t for t in labels if t != -100))
+    text = " " + answer
+    begin = text.rindex(fact)
+    lengths = [len(tokenizer.decode(ids[first:first + k + 1])) for k in range(len(ids) - first - 1)]
+    s = first + next(k for k, n in enumerate(lengths) if n > begin)
+    e = first + next(k for k, n in enumerate(lengths) if n >= begin + len(fact)) + 1
+    return ids, s, e
+
+
+def test_fact_scores_are_the_value_spans_probability_given_question_and_prefix_by_hand(tiny_lm):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_lm).eval(), load_tokenizer(str(tiny_lm))
+    cfg = TextData(prompt="plain", max_length=64)
+    rows = FACT_ROWS + [{"question": "No fact here?", "answer": "None.", "fact": None}]
+    got = lm_evaluate.fact_scores(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
+                                  [r["fact"] for r in rows], cfg, batch_size=3)
+    for i, r in enumerate(FACT_ROWS):
+        ids, s, e = hand_fact_span(tokenizer, r["question"], r["answer"], r["fact"])
+        assert s < e
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].double()
+        lp = torch.log_softmax(logits, -1)
+        # log P(fact | question, prefix) = Σ_{t in span} log p(token_t | tokens < t)
+        by_hand = sum(float(lp[t - 1, ids[t]]) for t in range(s, e))
+        assert got["fact_logprob"][i] == pytest.approx(by_hand, rel=1e-5), r
+        greedy = all(int(logits[t - 1].argmax()) == ids[t] for t in range(s, e))
+        assert bool(got["fact_exact"][i]) == greedy
+    assert np.isnan(got["fact_logprob"][-1]) and not got["fact_exact"][-1]
+    probability = lm_metrics.fact_probability(got["fact_logprob"][:len(FACT_ROWS)])
+    assert (probability > 0).all() and (probability < 1).all()
+
+
+def test_a_fact_the_model_predicts_greedily_is_an_exact_match(tiny_lm):
+    """The output layer made to predict one token everywhere (weights 0, a bias on it): a
+    one-token fact of that token is an exact match with probability ≈ 1, a longer one is not."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_lm).eval(), load_tokenizer(str(tiny_lm))
+    cfg = TextData(prompt="plain", max_length=64)
+    one = {"question": "Which word?", "answer": "It is the", "fact": "the"}
+    ids, s, e = hand_fact_span(tokenizer, one["question"], one["answer"], one["fact"])
+    assert e - s == 1
+    rows = [one, FACT_ROWS[3]]
+    before = lm_evaluate.fact_scores(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
+                                     [r["fact"] for r in rows], cfg, 4)
+    assert not before["fact_exact"].any()
+    bias = torch.zeros(model.config.vocab_size)
+    bias[ids[s]] = 50.0
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    after = lm_evaluate.fact_scores(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
+                                    [r["fact"] for r in rows], cfg, 4)
+    assert after["fact_exact"].tolist() == [True, False]
+    assert after["fact_logprob"][0] == pytest.approx(0, abs=1e-12)
+
+
+def test_a_fact_cut_at_max_length_or_missing_from_its_answer_is_refused(tiny_lm):
+    tokenizer = load_tokenizer(str(tiny_lm))
+    rows = [{"question": "What is the capital of France?", "answer": "The capital of France is Paris.",
+             "fact": "Paris"}]
+    assert lm_evaluate.rows_without_answer_tokens(tokenizer, rows, TextData(prompt="plain"))["fact"] == 0
+    # the question and two answer tokens ("The capital"): an answer, but not its fact
+    short = TextData(prompt="plain", max_length=len(prompt_tokens(tokenizer, rows[0]["question"], "plain")) + 2)
+    counts = lm_evaluate.rows_without_answer_tokens(tokenizer, rows, short)
+    assert counts["fact"] == 1 and counts["answer"] == 0
+    with pytest.raises(ValueError, match="not in its answer"):
+        lm_evaluate.fact_encoding(tokenizer, rows[0]["question"], rows[0]["answer"], "Lyon", TextData())
+
+
+def test_fact_and_utility_metrics_by_hand():
+    """forget_fact: the mean of P(value | question, prefix) over the rows that mark a fact;
+    model utility: the harmonic mean takes the utility set's probability, ROUGE and truth score
+    beside the retain sample's."""
+    retain = scores_of([0.8, 0.6], [1.0, 0.6], [-1.0, -1.0], para=[0.5, 0.5], pert=[[0.25], [0.5]])
+    forget = scores_of([0.5, 0.1, 0.2], [1.0, 0.5, 0.0], [-1.0, -2.0, -1.0])
+    forget.update(fact_logprob=np.array([np.log(0.9), np.log(0.3), np.nan]),
+                  fact_exact=np.array([True, False, False]))
+    utility = scores_of([0.5, 0.3], [0.5, 0.5], [-1.0, -1.0], para=[0.5, 0.5], pert=[[0.5], [0.5]])
+    m = lm_evaluate.model_metrics({"forget": forget, "retain": retain, "utility": utility}, None)
+    assert m["forget_fact"] == pytest.approx(0.6) and m["forget_fact_em"] == pytest.approx(0.5)
+    assert m["retain_fact"] is None and m["holdout_fact"] is None
+    assert m["utility_prob"] == pytest.approx(0.4)
+    # retain 0.7, 0.8, 0.25; utility 0.4, 0.5 and truth ratios 1, 1 → 1 − R = 0: utility 0
+    assert m["model_utility"] == 0.0
+    utility["perturbed_logp"] = np.log([[0.25], [0.25]])  # R = 0.5: truth score 0.5
+    m = lm_evaluate.model_metrics({"forget": forget, "retain": retain, "utility": utility}, None)
+    assert m["model_utility"] == pytest.approx(6 / (1 / 0.7 + 1 / 0.8 + 1 / 0.25 + 1 / 0.4 + 1 / 0.5 + 1 / 0.5))

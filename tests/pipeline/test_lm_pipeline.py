@@ -37,6 +37,7 @@ def small(raw: dict) -> None:
     raw["data"].update(forget_share=0.05, eval_retain_rows=40)
     raw["model"]["init"] = {"hidden_size": 32, "intermediate_size": 64, "layers": 1, "heads": 2,
                             "vocab_size": 512}
+    raw["pretrain"].update(epochs=1, max_steps=10, progress_every=5)
     raw["train"].update(epochs=1, progress_every=20)
     raw["unlearn"].update(max_steps=4, progress_every=2)
     raw["methods"] = [m for m in raw["methods"] if m["name"] == "hamu-q"]
@@ -113,7 +114,8 @@ def test_the_report_logs_and_receipts_hold_numbers_and_digests_never_the_forget_
     forget = pq.read_table(prepare / "forget.parquet").to_pylist()
     per_example = pq.read_table(result.report_dir / "per_example.parquet").to_pylist()
     scored = {(r["model"], r["set"]) for r in per_example}
-    assert scored == {(m, s) for m in ("original", "oracle", "hamu-q") for s in ("forget", "retain", "holdout")}
+    assert scored == {(m, s) for m in ("original", "oracle", "hamu-q")
+                      for s in ("forget", "retain", "holdout", "utility")}
     assert sum(r["model"] == "hamu-q" and r["set"] == "forget" for r in per_example) == len(forget)
     assert all(len(r["row_digest"]) == 64 and r["truth_ratio"] > 0 for r in per_example)
     secrets = {r[k] for r in forget for k in ("question", "answer", "paraphrased_answer")}
@@ -145,7 +147,7 @@ def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     runs = {run.info.run_name: run for run in children}
-    assert sorted(runs) == sorted(["prepare", "original", "oracle", "unlearn-hamu-q"])
+    assert sorted(runs) == sorted(["prepare", "pretrain", "original", "oracle", "unlearn-hamu-q"])
     assert "receipt.json" in {a.path for a in client.list_artifacts(runs["unlearn-hamu-q"].info.run_id)}
     assert "per_example.parquet" in {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert (result.report_dir / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
@@ -175,6 +177,44 @@ def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa
     loaded = components["model"].state_dict()
     for name, value in exported.items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.integration
+def test_original_and_oracle_fork_from_one_pretrained_model_and_utility_tells_a_collapsed_one(qa_run, tmp_path):
+    """Both references start from the pretraining stage's export; the oracle trains on retain +
+    utility, never a forget row. Model utility (retain sample and utility set) ranks the
+    original far above the same model with its weights drowned in noise (a collapsed model)."""
+    from safetensors.torch import load_file, save_file
+
+    from hamu_ray.pipeline import lm_evaluate, lm_metrics
+    from hamu_ray.pipeline.stages import StageOutput
+
+    out, cfg, result = qa_run
+    stages = out / "stages"
+    pretrained = next(stages.glob("pretrain-*")) / "model"
+    for name in ("original", "oracle"):
+        job = StageOutput.read(next(stages.glob(f"{name}-*"))).summary["config"]
+        assert job["model"]["path"] == str(pretrained)
+    prepared = next(stages.glob("prepare-*"))
+    oracle_rows = pq.read_table(prepared / "oracle_train.parquet").to_pylist()
+    forget = {(r["question"], r["answer"]) for r in pq.read_table(prepared / "forget.parquet").to_pylist()}
+    assert oracle_rows and not forget & {(r["question"], r["answer"]) for r in oracle_rows}
+
+    original = next(stages.glob("original-*")) / "model"
+    collapsed = tmp_path / "collapsed"
+    shutil.copytree(original, collapsed)
+    weights = load_file(collapsed / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: v + 3 * v.std().nan_to_num(1.0) * torch.randn(v.shape, generator=generator)
+               for k, v in weights.items()}, collapsed / "model.safetensors", metadata={"format": "pt"})
+    sets = {"retain": str(prepared / "retain_eval.parquet"), "utility": str(prepared / "utility.parquet")}
+    utility = {}
+    for name, model in (("original", original), ("collapsed", collapsed)):
+        scores = lm_evaluate.score_model(str(model), sets, cfg.data.text.model_dump())
+        utility[name] = lm_metrics.model_utility(lm_evaluate.utility_scores(scores))
+    assert utility["original"] > 0.05 and utility["collapsed"] < utility["original"] / 5, utility
+    row = {r["model"]: r for r in result.rows}["original"]
+    assert row["utility_prob"] > 0 and row["forget_fact"] is not None and row["holdout_fact"] is not None
 
 
 # ---- bring your own model and data ----------------------------------------------------------
@@ -336,6 +376,30 @@ def test_truth_ratio_columns_that_cannot_be_scored_are_refused_before_ray(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_fact_column_whose_value_is_not_in_its_answer_is_refused_before_ray(tmp_path, tiny_lm, monkeypatch):
+    """`fact` or `answer_value` marks the value the fact metric scores; a value missing from its
+    answer names the file and rows (not their text); both columns at once are refused too."""
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.pipeline.stages import run_pipeline
+
+    rows = [{**r, "fact": r["answer"].split()[-1]} for r in qa_rows()]
+    retain = [{"question": r["question"], "answer": r["answer"], "answer_value": r["fact"]} for r in rows[10:40]]
+    retain[3]["answer_value"] = "not in the answer"
+    retain[7]["answer_value"] = ""
+    holdout = [{**r, "answer_value": None} for r in rows[40:50]]  # both columns
+    cfg = own_config(tmp_path, tiny_lm, {"forget": rows[:10], "retain": retain, "holdout": holdout},
+                     max_length=64)
+    no_ray_before_refusal(monkeypatch)
+    with pytest.raises(DataError) as refused:
+        run_pipeline(cfg)
+    assert str(refused.value).splitlines() == [
+        f"retain set {tmp_path / 'in' / 'retain.parquet'}: 2 row(s) whose answer_value is not a non-empty "
+        "text found in their answer: row 3, row 7; the fact metric scores that span of the answer "
+        "(leave it empty where a row marks no fact)",
+        f"holdout set {tmp_path / 'in' / 'holdout.parquet'}: has both fact and answer_value; keep one"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_with_init_the_scored_sets_are_checked_with_its_tokenizer_before_training(tmp_path):
     """The built-in set, questions longer than max_length: refused once the initial model's
     tokenizer exists, before the original's training stage (which would need a tracker)."""
@@ -350,7 +414,7 @@ def test_with_init_the_scored_sets_are_checked_with_its_tokenizer_before_trainin
     with pytest.raises(DataError) as refused:
         train_references(cfg, prepared, tmp_path / "out", tracker=None)
     lines = str(refused.value).splitlines()
-    assert [line.split(" set ")[0] for line in lines] == ["forget", "retain", "holdout"]
+    assert [line.split(" set ")[0] for line in lines] == ["forget", "retain", "holdout", "utility"]
     assert "(its scored sample): within data.text.max_length=4 the question leaves no token of answer in 40 of 40 rows" in lines[1]
     assert not list((tmp_path / "out" / "stages").glob("original-*"))
 
