@@ -128,7 +128,14 @@ def tagged(section: type[Section], tag: str):
 
 
 def field_path(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if p not in UNION_TAGS)
+    """`a.b.0.c`; a key that is not a plain printable name is quoted (a newline in a key would
+    otherwise split its error line in two)."""
+    return ".".join(_key_text(p) for p in loc if p not in UNION_TAGS)
+
+
+def _key_text(part) -> str:
+    text = str(part)
+    return text if text.isprintable() and text.strip() == text and text else repr(text)
 
 
 class FieldError(ValueError):
