@@ -1,9 +1,10 @@
 import os
 
-from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS
+from hamu_ray.engine.driver import LOCAL_RAY_ENV, RUNTIME_ENV_DEFAULTS
 
-# The driver's settings (no telemetry, no token files) plus CPU DeepSpeed (docs/design.md §9).
-for key, value in {**RUNTIME_ENV_DEFAULTS, "DS_ACCELERATOR": "cpu"}.items():
+# The embedded driver's settings (no telemetry, no token files, Ray Train's quick polls) plus CPU
+# DeepSpeed (docs/design.md §9).
+for key, value in {**RUNTIME_ENV_DEFAULTS, **LOCAL_RAY_ENV, "DS_ACCELERATOR": "cpu"}.items():
     os.environ.setdefault(key, value)
 
 from hypothesis import settings
