@@ -159,17 +159,15 @@ GUARANTEE_RTOL = 1e-9
 
 
 def guarantee_record(step_log: list[dict], rule_name: str) -> dict:
-    """Of the steps the rule took (every step but one it stopped instead of taking; a step after
-    which the monitor stopped the run was taken), on how many its guaranteed quantity reached
+    """Of the steps the rule took (rules.took_step), on how many its guaranteed quantity reached
     the B logged with it."""
-    from hamu_ray.rules import RULES, StopReason
+    from hamu_ray.rules import RULES, took_step
 
     kind = RULES[rule_name].guarantees if rule_name in RULES else None
     if kind is None:
         return {"quantity": None, "B": None, "steps": 0, "held": 0, "hold_rate": None}
     quantity, value = GUARANTEED[kind]
-    not_taken = {reason.value for reason in StopReason}
-    taken = [r for r in step_log if "guarantee/B" in r and r["stop"] not in not_taken]
+    taken = [r for r in step_log if took_step(r) and "guarantee/B" in r]
     held = sum(_holds(value(r), r["guarantee/B"], r) for r in taken)
     record = {"quantity": quantity, "B": taken[0]["guarantee/B"] if taken else None, "steps": len(taken),
               "held": held, "hold_rate": held / len(taken) if taken else None}

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from hamu_ray.rules import baselines, hamu, surgery
-from hamu_ray.rules.stats import BlockStats, NonFiniteStatsError, RuleResult, StopReason
+from hamu_ray.rules.stats import BlockStats, NonFiniteStatsError, RuleResult, StopReason, took_step
 
 __all__ = ["RULES", "BlockStats", "NonFiniteStatsError", "Rule", "RuleResult", "RuleSpec",
-           "StopReason", "get_rule"]
+           "StopReason", "get_rule", "took_step"]
 
 
 @dataclass(frozen=True)
