@@ -297,7 +297,7 @@ def build(cfg, sets: dict, summary: dict, output_dir: Path, step_log: list[dict]
         "hardness": hardness_trace(step_log),
         "losses": losses(step_log),
         "code": code_version(),
-        "determinism": summary["determinism"],  # gathered on the rank-0 worker (determinism_record)
+        "determinism": staged_determinism(summary),
     }
     receipt["verdict"] = engine_verdict(receipt)
     return sign(receipt)
@@ -328,6 +328,15 @@ def installed_version(distribution: str) -> str | None:
 # ---- what decides the numbers ----------------------------------------------------------------
 
 LIBRARIES = ("torch", "deepspeed", "ray", "transformers", "peft", "numpy")  # None: not installed
+
+
+def staged_determinism(summary: dict) -> dict:
+    """The record the rank-0 worker gathered (determinism_record); a run staged by a version
+    before receipt v3 has none and cannot be published as v3."""
+    if "determinism" not in summary:
+        raise ValueError("this run was trained by a hamu-ray before receipt format v3 and has no "
+                         "determinism record: delete its staging directory and run it again")
+    return summary["determinism"]
 
 
 def determinism_record(cfg, device, dtype, workers: int) -> dict:
