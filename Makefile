@@ -5,8 +5,9 @@ PYTEST_ARGS ?=
 
 DEMO ?= pipelines/country_qa.yaml
 VISION_DEMO ?= pipelines/fashion_mnist.yaml
+GPU_CHECK_OUT ?= gpu-check
 
-.PHONY: demo demo-vision test test-fast test-gpu setup lock
+.PHONY: demo demo-vision test test-fast test-gpu gpu-check setup lock
 
 demo:  ## the embedded demo: a small Llama forgets country facts, HAMU vs baselines, on a local Ray (README, "The demo")
 	@venv=$$(scripts/setup_env.sh) || exit 1; \
@@ -28,6 +29,10 @@ test-fast:  ## skip the tests that start processes (gloo, Ray, DeepSpeed)
 
 test-gpu:  ## only the CUDA checks (tests/test_gpu.py); they skip on a machine without a GPU
 	@$(MAKE) --no-print-directory test PYTEST_ARGS='-m gpu $(PYTEST_ARGS)'
+
+gpu-check:  ## on a CUDA machine, ≤ 8 min: test-gpu, bench on the ~1B Llama, peak memory vs plan; report in $(GPU_CHECK_OUT)/gpu-check.md
+	@venv=$$(scripts/setup_env.sh) || exit 1; \
+	"$$venv/bin/python" scripts/gpu_check.py "$(GPU_CHECK_OUT)"
 
 setup:  ## build (or find) the venv and print its path
 	@scripts/setup_env.sh

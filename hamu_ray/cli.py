@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hidden", type=int, default=1024, help="MLP width")
     bench.add_argument("--llama-size", choices=("micro", "tiny", "1b"), default="tiny",
                        help="micro (~0.07M), tiny (~0.85M, the tests' model) or 1b (a GPU)")
+    bench.add_argument("--llama-dir", default="",
+                       help="time this saved Llama (a from_pretrained directory) instead of building one")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--zero-config", default="{}",
                        help='JSON merged into DeepSpeed\'s zero_optimization, e.g. \'{"overlap_comm": true}\'')
@@ -332,7 +334,9 @@ def bench_command(args) -> int:
         stages=listed(args.stages, "stages", (0, 1, 2, 3), int),
         workers=listed(args.workers, "workers", range(1, 65), int),
         steps=args.steps, warmup=args.warmup, hidden=args.hidden, llama_size=args.llama_size,
-        device=args.device, zero=zero_config(args.zero_config))
+        device=args.device, zero=zero_config(args.zero_config), llama_dir=args.llama_dir)
+    if args.llama_dir and not Path(args.llama_dir, "config.json").is_file():
+        raise UserError(f"--llama-dir {args.llama_dir}: no config.json there (a from_pretrained directory)")
     if args.small:
         for key, value in bench.SMALL.items():
             setattr(spec, key, value)

@@ -5,9 +5,9 @@ memory), which gives its exact parameter count, the largest layer, and with LoRA
 share. Model states (parameters, gradients, optimizer) come from DeepSpeed's own estimators
 (`estimate_zero2/3_model_states_mem_needs`, which assume mixed-precision Adam: an upper bound
 for SGD); to them the plan adds what they do not count: the frozen base of a LoRA model, the
-frozen reference copy that KL/NPO/SCRUB need without LoRA, and HAMU's one kept retain-gradient
-shard per rank. Activations are not estimated: they depend on batch × sequence length and on
-gradient checkpointing, and come on top.
+frozen reference copy that KL/NPO/SCRUB need without LoRA, and the gradient copies HAMU's
+two-backward step holds (`gradient_copies`). Activations are not estimated: they depend on
+batch × sequence length and on gradient checkpointing, and come on top.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class ModelSize:
     total: int  # every parameter once (tied weights once)
     trainable: int
     largest_layer: int  # the most parameters one module holds directly (ZeRO-3 gathers it whole)
+    largest_trainable: int  # the largest trainable tensor: HAMU's largest block
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class MemoryPlan:
     model_states_cpu_gb: float  # per node
     frozen_gpu_gb: float  # the LoRA base (frozen, not in DeepSpeed's estimate)
     reference_gpu_gb: float  # the frozen original for KL/NPO/SCRUB (none with LoRA: disable_adapter)
-    hamu_gpu_gb: float  # the kept retain-gradient shard (fp32), where the gradients are
-    hamu_cpu_gb: float  # ... per node, when offload keeps the gradient partitions in CPU memory
+    hamu_gpu_gb: float  # HAMU's gradient copies on each GPU (gradient_copies)
+    hamu_cpu_gb: float  # ... in CPU memory per node (ZeRO-1/2 with offload)
     total_gpu_gb: float
     gpu_memory_gb: float
     fits: bool
@@ -76,7 +77,32 @@ def model_size(config_path: str | Path, lora=None) -> ModelSize:
     unique = {id(p): p for p in model.parameters()}.values()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return ModelSize(total=sum(p.numel() for p in unique),
-                     trainable=sum(p.numel() for p in unique if p.requires_grad), largest_layer=largest)
+                     trainable=sum(p.numel() for p in unique if p.requires_grad), largest_layer=largest,
+                     largest_trainable=max((p.numel() for p in unique if p.requires_grad), default=0))
+
+
+def gradient_copies(*, stage: int, offload: str, bf16: bool, trainable: int, largest_block: int,
+                    gpus: int) -> tuple[float, float]:
+    """(bytes per GPU, bytes in CPU memory per rank) that HAMU's two-backward step holds beside
+    DeepSpeed's own buffers, as DeepSpeed 0.19 hands a rank its gradient (hamu_ray.engine.grads);
+    T trainable parameters, N GPUs, b = 2 in bf16 else 4:
+      ZeRO-0     g_r, a copy of p.grad (the weights' dtype)                 b·T on the GPU
+      ZeRO-1/2   g_r, a copy of this rank's fragments (the weights' dtype)  b·T/N on the GPU
+                 with offload: fp32 fragments in CPU memory                 4·T/N in CPU memory
+      ZeRO-3     safe_get_local_grad is `.to(accelerator).float()`: g_r is  4·T/N on the GPU
+                 an fp32 copy, and so is g_f in bf16 or with offload        + 4·T/N
+                 (offload does not take them off the GPU)
+    and where bf16 gradients are read in place (ZeRO-0–2, no offload), the statistics' fp32
+    copies of one block of g_r and g_f: 8·min(largest block, T/N)."""
+    shard = trainable / (gpus if stage else 1)
+    if stage == 3:
+        copy_of_g_f = bf16 or offload != "none"
+        return 4 * shard * (2 if copy_of_g_f else 1), 0.0
+    if offload != "none":
+        return 0.0, 4 * shard
+    weight_bytes = 2 if bf16 else 4
+    statistics = 8 * min(largest_block, shard) if bf16 else 0
+    return weight_bytes * shard + statistics, 0.0
 
 
 def plan(cfg, *, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
@@ -110,16 +136,20 @@ def plan(cfg, *, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
     reference = 0.0
     if lora is None and cfg.data.forget is not None and needs_reference(cfg.method.spec):
         reference = on_gpu * weight_bytes * size.total / shards
-    # g_r is cloned where the fp32 gradient partition lives: in CPU memory under offload
-    hamu = 4 * size.trainable / (gpus if stage else 1)
-    hamu_gpu, hamu_cpu = (0.0, hamu * per_node) if offload != "none" else (hamu, 0.0)
+    hamu_gpu, hamu_cpu = 0.0, 0.0
+    if cfg.data.forget is not None and not cfg.method.spec.implicit:  # two backwards (worker.step_function)
+        hamu_gpu, hamu_cpu = gradient_copies(stage=stage, offload=offload, bf16=cfg.train.bf16,
+                                             trainable=size.trainable, largest_block=size.largest_trainable,
+                                             gpus=gpus)
+        hamu_cpu *= per_node
     total = (gpu + frozen + reference + hamu_gpu) / GB
     return MemoryPlan(
         model=str(model_config or cfg.model.path), gpus=gpus, gpus_per_node=per_node, zero_stage=stage,
         offload=offload, lora=lora is not None, params=size.total, trainable_params=size.trainable,
         model_states_gpu_gb=round(gpu / GB, 2), model_states_cpu_gb=round(cpu / GB, 2),
         frozen_gpu_gb=round(frozen / GB, 2), reference_gpu_gb=round(reference / GB, 2),
-        hamu_gpu_gb=round(hamu_gpu / GB, 3), hamu_cpu_gb=round(hamu_cpu / GB, 2), total_gpu_gb=round(total, 2), gpu_memory_gb=gpu_memory_gb,
+        hamu_gpu_gb=round(hamu_gpu / GB, 3), hamu_cpu_gb=round(hamu_cpu / GB, 2), total_gpu_gb=round(total, 2),
+        gpu_memory_gb=gpu_memory_gb,
         fits=total <= gpu_memory_gb)
 
 
@@ -132,7 +162,7 @@ def describe(p: MemoryPlan) -> str:
         f"{p.model_states_cpu_gb} GB CPU per node",
         f"  frozen base weights: {p.frozen_gpu_gb} GB per GPU",
         f"  reference model: {p.reference_gpu_gb} GB per GPU",
-        f"  HAMU's kept retain-gradient shard: {p.hamu_gpu_gb} GB per GPU"
+        f"  HAMU's gradient copies (g_r kept; g_f where DeepSpeed hands out a copy): {p.hamu_gpu_gb} GB per GPU"
         + (f", {p.hamu_cpu_gb} GB CPU per node (offloaded)" if p.hamu_cpu_gb else ""),
         f"  total {p.total_gpu_gb} GB per GPU before activations: "
         + ("fits" if p.fits else "does NOT fit") + f" in {p.gpu_memory_gb} GB",

@@ -74,6 +74,9 @@ def test_bad_lists_are_refused_before_anything_runs(tmp_path, capsys):
         assert cli.main(["bench", flag, value, "--out", str(tmp_path / "out")]) == 2
         assert f"{flag} '{value}': expected a comma-separated subset of" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    assert cli.main(["bench", "--llama-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert f"--llama-dir {tmp_path}: no config.json there" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_rows_reach_mlflow(result):

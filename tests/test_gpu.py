@@ -3,12 +3,16 @@
 
   1. the single-process step (every rule family and implicit surgery) on CUDA vs the CPU, and
      one device-to-host copy per step;
-  2. a 1-worker Ray job on CUDA/NCCL under ZeRO-3 vs the single-process CPU step;
-  3. the digits pipeline with one CUDA worker vs the same pipeline on the CPU.
+  2. a 1-worker Ray job on CUDA/NCCL under ZeRO-3, and under ZeRO-2 with optimizer offload
+     (gradient fragments in CPU memory), vs the single-process CPU step;
+  3. DeepSpeed on one CUDA rank (NCCL, no Ray) with optimizer offload, fp32 and bf16, vs the same;
+  4. the digits pipeline with one CUDA worker vs the same pipeline on the CPU.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -94,19 +98,86 @@ def test_one_host_sync_per_step():
 # ---- Ray: one CUDA worker (NCCL) under ZeRO-3 against the single-process CPU step ----------
 
 @pytest.mark.integration
-def test_a_one_worker_cuda_job_matches_the_cpu_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("train", [{"zero_stage": 3}, {"zero_stage": 2, "offload": "optimizer"}],
+                         ids=["zero3", "zero2-offload"])
+def test_a_one_worker_cuda_job_matches_the_cpu_step(tmp_path, monkeypatch, train):
     from tests.engine.test_engine_ray import config, make_inputs, reference
     from hamu_ray.engine.driver import run_unlearning
 
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # the driver's embedded Ray passes it to workers
     root, rows = make_inputs(tmp_path)
-    cfg = config(root, tmp_path / "gpu", workers=1)
+    cfg = config(root, tmp_path / "gpu", workers=1, **train)
     cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"use_gpu": True})})
     result = run_unlearning(cfg)
     expected = reference(root, rows)
     got = load_file(result.output_dir / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], **TOL, msg=name)
+
+
+# ---- DeepSpeed on one CUDA rank with optimizer offload, fp32 and bf16 ------------------------
+
+OFFLOAD_RUNS = {"zero2-fp32": (2, False), "zero2-bf16": (2, True), "zero3-bf16": (3, True)}
+
+
+def _offload_rank(rank: int, port: int, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", DS_ACCELERATOR="cuda")
+    torch.cuda.set_device(0)
+    import deepspeed
+    import torch.distributed as dist
+
+    from hamu_ray.engine import deepspeed_engine as eng
+    from hamu_ray.engine.grads import DeepSpeedGrads
+    from hamu_ray.engine.step import SumAcrossRanks
+    from tests.engine.test_grads_deepspeed import CASES, LR, make_batches, make_model
+
+    deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
+    rule_name, hparams = CASES["hamu-q"]
+    results = {}
+    for name, (stage, bf16) in OFFLOAD_RUNS.items():
+        engine = eng.initialize(make_model(), eng.deepspeed_config(stage=stage, lr=LR, micro_batch_size=8,
+                                                                   bf16=bf16, offload="optimizer"))
+        grads, dtype = DeepSpeedGrads(engine), torch.bfloat16 if bf16 else torch.float32
+        for (xr, yr), (xf, yf) in make_batches():
+            xr, xf = xr.to(engine.device, dtype), xf.to(engine.device, dtype)
+            yr, yf = yr.to(engine.device), yf.to(engine.device)
+            unlearning_step(grads, get_rule(rule_name, **hparams), lr=LR,
+                            retain_loss=lambda: F.cross_entropy(engine(xr).float(), yr),
+                            forget_loss=lambda: F.cross_entropy(engine(xf).float(), yf),
+                            reduce_stats=SumAcrossRanks(device=engine.device))
+        results[name] = {"state": eng.full_state_dict(engine), "offloaded": grads.offloads_fragments}
+    torch.save(results, out_path)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def offload_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("offload") / "results.pt"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_offload_rank, args=(port, str(out)), nprocs=1, join=True,
+                                          start_method="spawn")
+    return torch.load(out)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("run", OFFLOAD_RUNS)
+def test_optimizer_offload_on_cuda_matches_the_cpu_step(offload_results, run):
+    """fp32: equal to 1e-4. bf16 (bf16 gradient buffers): within 5 % of the fp32 update, as on the CPU."""
+    from tests.engine.test_grads_deepspeed import BF16_SHARE_OF_UPDATE, CASES, make_model, run_reference
+
+    result, (stage, bf16) = offload_results[run], OFFLOAD_RUNS[run]
+    assert result["offloaded"] == (stage < 3)  # ZeRO-1/2's fragments in CPU memory
+    initial = make_model().state_dict()
+    for name, expected in run_reference(*CASES["hamu-q"]).items():
+        got = result["state"][name]
+        if not bf16:
+            torch.testing.assert_close(got, expected, **TOL, msg=name)
+            continue
+        update, deviation = (expected - initial[name]).norm(), (got - expected).norm()
+        assert update > 0 and deviation <= BF16_SHARE_OF_UPDATE * update, (name, float(deviation / update))
 
 
 # ---- the digits pipeline, one worker, CPU and CUDA ------------------------------------------

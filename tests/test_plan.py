@@ -25,11 +25,13 @@ def test_sizes_from_the_config_equal_the_real_models(tiny_lm):
     model = AutoModelForCausalLM.from_pretrained(tiny_lm)
     size = plan.model_size(tiny_lm)
     assert size.total == size.trainable == sum(p.numel() for p in model.parameters())
-    assert size.largest_layer == model.lm_head.weight.numel()  # vocab × hidden, untied
+    assert size.largest_layer == size.largest_trainable == model.lm_head.weight.numel()  # vocab × hidden, untied
     lora = LoraSection(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert plan.model_size(tiny_lm, lora).trainable == trainable > 0
+    lora_size = plan.model_size(tiny_lm, lora)
+    assert lora_size.trainable == trainable > 0
+    assert lora_size.largest_trainable == max(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
 def test_the_8b_full_job_by_hand():
@@ -39,9 +41,38 @@ def test_the_8b_full_job_by_hand():
     assert p.params == P
     # DeepSpeed's ZeRO-3 estimate without offload: 4·L + 18·P/N bytes per GPU
     assert p.model_states_gpu_gb == pytest.approx((4 * L + 18 * P / N) / GB, abs=0.01)
-    assert p.hamu_gpu_gb == pytest.approx(4 * P / N / GB, abs=0.001)  # the kept fp32 g_r shard
+    # bf16: DeepSpeed hands out g_r and g_f as fp32 copies of the local shard
+    assert p.hamu_gpu_gb == pytest.approx(8 * P / N / GB, abs=0.001)
     assert p.reference_gpu_gb == 0 and p.frozen_gpu_gb == 0  # hamu-q needs no reference
-    assert p.total_gpu_gb == pytest.approx((4 * L + 18 * P / N + 4 * P / N) / GB, abs=0.01) and p.fits
+    assert p.total_gpu_gb == pytest.approx((4 * L + 18 * P / N + 8 * P / N) / GB, abs=0.01) and p.fits
+
+
+# Llama-3.1-8B on one node of 8 GPUs: T parameters, all trainable; its largest tensor the embedding
+T, BLOCK, N8 = 8_030_261_248, 128_256 * 4096, 8
+
+
+@pytest.mark.parametrize("stage,offload,bf16,gpu,cpu", [
+    (3, "none", False, 4 * T / N8, 0),  # g_r an fp32 copy, g_f a view of the fp32 partition
+    (3, "none", True, 8 * T / N8, 0),  # bf16 partition: g_f an fp32 copy too
+    (3, "optimizer", True, 8 * T / N8, 0),  # offload: both copied to the GPU, nothing on the CPU
+    (3, "all", False, 8 * T / N8, 0),
+    (2, "none", False, 4 * T / N8, 0),
+    (2, "none", True, 2 * T / N8 + 8 * BLOCK, 0),  # bf16 g_r + the statistics' fp32 block pair
+    (1, "optimizer", True, 0, 4 * T / N8),  # fp32 fragments in CPU memory
+    (0, "none", True, 2 * T + 8 * BLOCK, 0),  # the whole gradient on every GPU
+], ids=["3-fp32", "3-bf16", "3-bf16-offload", "3-fp32-offload-all", "2-fp32", "2-bf16", "1-bf16-offload", "0-bf16"])
+def test_gradient_copies_by_hand(stage, offload, bf16, gpu, cpu):
+    assert plan.gradient_copies(stage=stage, offload=offload, bf16=bf16, trainable=T, largest_block=BLOCK,
+                                gpus=N8) == pytest.approx((gpu, cpu))
+
+
+def test_only_two_backward_methods_hold_gradient_copies_and_offload_counts_them_per_node():
+    raw = load_config(REPO / "cluster" / "jobs" / "llama-8b-full.yaml").model_dump()
+    raw["train"].update(zero_stage=2, offload="optimizer")
+    offloaded = plan.plan(parse_config(raw), model_config=str(LLAMA_8B))
+    assert offloaded.hamu_gpu_gb == 0 and offloaded.hamu_cpu_gb == pytest.approx(8 * 4 * T / N8 / GB, abs=0.01)
+    raw["method"] = {"name": "surgery-implicit"}  # one backward on L_u + w·L_r: no copy kept
+    assert plan.plan(parse_config(raw), model_config=str(LLAMA_8B)).hamu_cpu_gb == 0
 
 
 def test_lora_counts_its_frozen_base_and_npo_without_lora_counts_a_reference_copy():

@@ -54,7 +54,7 @@ def where(spec) -> str:
     return (f"Measured on {device}; torch {torch.__version__}, Python {sys.version.split()[0]}; "
             f"{spec.steps} timed steps after {spec.warmup} warm-up steps per case; MLP "
             f"784-{spec.hidden}-{spec.hidden}-10 at {spec.batch}+{spec.batch} rows, Llama "
-            f"'{spec.llama_size}' at {spec.lm_batch}+{spec.lm_batch} QA rows; gloo/NCCL between workers"
+            f"'{spec.llama_dir or spec.llama_size}' at {spec.lm_batch}+{spec.lm_batch} QA rows; gloo/NCCL between workers"
             + (f"; zero_optimization overrides {spec.zero}." if spec.zero else "."))
 
 

@@ -54,7 +54,8 @@ def make_step(method: str, case: ModelCase, model, grads, world: int) -> Callabl
     def forget_loss():
         return case.loss(model, batch["forget"])
 
-    reduce = SumAcrossRanks() if world > 1 or not grads.holds_full_gradient else None
+    reduce = (SumAcrossRanks(device=grads.engine.device)  # DeepSpeed's: plain torch never reduces
+              if world > 1 or not grads.holds_full_gradient else None)
     if method == "ft":
         def step(lap):
             descent_step(grads, retain_loss, lap)

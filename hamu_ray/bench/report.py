@@ -60,7 +60,7 @@ def matrix(model: str, rows: list[dict]) -> str:
                      "median step time):\n")
         lines.append("| method | " + " | ".join(configs) + " |")
         lines.append("|---" * (len(configs) + 1) + "|")
-        for method in [m for m in (BASELINE, "hamu-q") if any(r["method"] == m for r in rows)]:
+        for method in [m for m in ("ft", BASELINE, "hamu-q") if any(r["method"] == m for r in rows)]:
             lines.append(f"| {method} | " + " | ".join(
                 f"{cell[(method, c)]['tokens_per_step'] / cell[(method, c)]['ms'] * 1e3:,.0f}"
                 if (method, c) in cell else "" for c in configs) + " |")

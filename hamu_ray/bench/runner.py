@@ -41,6 +41,7 @@ class BenchSpec:
     batch: int = 64  # MLP global rows per set and step
     lm_batch: int = 8  # LM global rows per set and step
     llama_size: str = "tiny"
+    llama_dir: str = ""  # a saved Llama to time instead of building one of llama_size
     device: str = "cpu"
     zero: dict = field(default_factory=dict)  # merged into every zero_optimization section (levers)
     model_dir: str = ""  # where the Llama is built (set by run)
@@ -81,10 +82,12 @@ def interleaved(steps: dict[str, Callable], pairs: list, warmup: int, device: to
     """Every method steps in turn on the same batch (A1 B1 C1 A2 B2 …), so a drift in the
     machine's load touches every method alike. Per method: median and quartiles of the step time
     after warm-up, the median of each phase, the steps the rule stopped, and on a GPU the most
-    memory a step allocated beyond what was allocated before it."""
+    memory a step allocated beyond what was allocated before it, and the most allocated in all
+    during a step (every engine of the process counted: one method alone gives its own peak)."""
     laps = {name: Laps(device) for name in steps}
     stopped = dict.fromkeys(steps, 0)
     step_peak = dict.fromkeys(steps, 0.0)
+    alloc_peak = dict.fromkeys(steps, 0.0)
     for pair in pairs:
         for name, step in steps.items():
             if device.type == "cuda":
@@ -94,9 +97,13 @@ def interleaved(steps: dict[str, Callable], pairs: list, warmup: int, device: to
             stopped[name] += step(pair, laps[name])["stopped"]
             laps[name].finish()
             if device.type == "cuda":
-                step_peak[name] = max(step_peak[name], (torch.cuda.max_memory_allocated(device) - before) / 2**20)
+                peak = torch.cuda.max_memory_allocated(device)
+                step_peak[name] = max(step_peak[name], (peak - before) / 2**20)
+                alloc_peak[name] = max(alloc_peak[name], peak / 2**20)
+    cuda = device.type == "cuda"
     return {name: {**summarise(laps[name].steps[warmup:]), "stopped_steps": stopped[name],
-                   "step_peak_mib": step_peak[name] if device.type == "cuda" else None}
+                   "step_peak_mib": step_peak[name] if cuda else None,
+                   "alloc_peak_mib": alloc_peak[name] if cuda else None}
             for name in steps}
 
 
@@ -274,7 +281,7 @@ def run(spec: BenchSpec, progress=lambda row: None) -> tuple[list[dict], dict[st
                          f"{torch.cuda.device_count()}")
     with tempfile.TemporaryDirectory() as tmp:
         if any(m.startswith("llama-") for m in spec.models):
-            spec.model_dir = str(cases.build_llama(Path(tmp) / "llama", spec.llama_size))
+            spec.model_dir = spec.llama_dir or str(cases.build_llama(Path(tmp) / "llama", spec.llama_size))
         ref_dir = Path(tmp) / "reference"
         ref_dir.mkdir()
         if spec.device == "cpu":

@@ -7,9 +7,13 @@ zero and step. The unlearning step (hamu_ray.engine.step) is written against thi
   backend                 local piece of block b                         stats need a reduction
   TorchGrads              p.grad (one process)                           no
   DeepSpeed ZeRO-0        p.grad, already all-reduced on every rank      no (identical on all ranks)
-  DeepSpeed ZeRO-1/2      this rank's fp32 fragment of the partitioned   yes: disjoint shards
-                          gradient (empty where the rank holds none)
-  DeepSpeed ZeRO-3        safe_get_local_grad(p) (padded local shard)    yes: disjoint shards
+  DeepSpeed ZeRO-1/2      this rank's fragment of the partitioned        yes: disjoint shards
+                          gradient (empty where the rank holds none);
+                          with optimizer offload, of the fp32 gradient
+                          partition in CPU memory
+  DeepSpeed ZeRO-3        safe_get_local_grad(p) (padded local shard),   yes: disjoint shards
+                          fp32 on the accelerator (DeepSpeed 0.19: a
+                          copy in bf16 or with offload)
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ class DeepSpeedGrads:
         else:
             self.mode = "replicated"
         self.holds_full_gradient = self.mode == "replicated"
+        self.offloads_fragments = self.mode == "fragments" and engine.zero_cpu_offload()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -101,7 +106,7 @@ class DeepSpeedGrads:
 
             return [safe_get_local_grad(p) for p in self.params]
         if self.mode == "fragments":
-            return [self._fragment(p) for p in self.params]
+            return local_fragments(self.params, self.engine.device)
         return [_grad_or_zeros(p) for p in self.params]
 
     def take_local_grads(self) -> list[torch.Tensor]:
@@ -123,16 +128,29 @@ class DeepSpeedGrads:
                     p.grad.zero_()
         else:
             self.engine.optimizer.zero_grad()
+        if self.offloads_fragments:
+            # DeepSpeed 0.19's ZeRO-1/2 offload takes every backward after a step's first for a
+            # gradient-accumulation micro-step and adds to it a CPU copy it keeps of an earlier
+            # backward's gradient (the previous step's g_f): here each backward starts afresh
+            from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+            self.engine.optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
 
     def step(self) -> None:
         self.engine.step()
 
-    @staticmethod
-    def _fragment(p: torch.nn.Parameter) -> torch.Tensor:
+
+def local_fragments(params: list[torch.nn.Parameter], device: torch.device | str) -> list[torch.Tensor]:
+    """This rank's ZeRO-1/2 fragment of each parameter's gradient, an empty block where it holds
+    none (K stays aligned across ranks). The empty blocks go where the fragments are: on the
+    accelerator, or in CPU memory when the optimizer is offloaded (views of the fp32 partition's
+    gradient), so the statistics stack on one device; on `device` when the rank holds none."""
+    fragments = []
+    for p in params:
         mapping = getattr(p, "_hp_mapping", None)
-        if mapping is None:  # this rank holds no piece of p: an empty block keeps K aligned
-            return torch.zeros(0, dtype=torch.float32, device=p.device)
-        return mapping.get_lp_grad_fragment(p._index_in_param_group)
+        fragments.append(None if mapping is None else mapping.get_lp_grad_fragment(p._index_in_param_group))
+    where = next((f.device for f in fragments if f is not None), torch.device(device))
+    return [torch.zeros(0, dtype=torch.float32, device=where) if f is None else f for f in fragments]
 
 
 def _grad_or_zeros(p: torch.nn.Parameter) -> torch.Tensor:

@@ -59,14 +59,20 @@ class StepOutput:
 
 
 class SumAcrossRanks:
-    """all_reduce(SUM) of the statistics: the one collective HAMU adds to data-parallel training."""
+    """all_reduce(SUM) of the statistics: the one collective HAMU adds to data-parallel training.
 
-    def __init__(self, group=None):
-        self.group = group
+    `device`: the collective's (the engine's: NCCL reduces only CUDA tensors). Statistics computed
+    elsewhere (gradients offloaded to CPU memory) are moved there, K×3 floats, and the sum stays
+    there: `to_host` copies it to the host together with the losses, which live there too."""
+
+    def __init__(self, group=None, device: torch.device | str | None = None):
+        self.group, self.device = group, device
 
     def __call__(self, stats: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
+        if self.device is not None:
+            stats = stats.to(self.device)
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
         return stats
 

@@ -126,7 +126,8 @@ def preflight_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     task, engine, (retain_loss, forget_loss) = build(cfg)
-    grads, reduce, device = DeepSpeedGrads(engine), SumAcrossRanks(), engine.device
+    grads, device = DeepSpeedGrads(engine), engine.device
+    reduce = SumAcrossRanks(device=device)
 
     def batches(name: str, batch_size: int):  # every row of this rank's slice, in order
         for rows in ray.train.get_dataset_shard(name).iter_batches(batch_size=batch_size, batch_format="numpy"):
@@ -173,7 +174,8 @@ def step_function(cfg: UnlearnConfig, grads: DeepSpeedGrads, retain_loss, forget
             return implicit_record(step, out)
         return implicit
 
-    rule, reduce = get_rule(cfg.method.rule_name, **cfg.method.hparams), SumAcrossRanks()
+    rule = get_rule(cfg.method.rule_name, **cfg.method.hparams)
+    reduce = SumAcrossRanks(device=grads.engine.device)
     measure, tolerance = measures_steps(cfg), cfg.method.hparams.get("trust_tolerance")
     region = None
     if tolerance is not None:  # resumed: the scale carries over

@@ -56,3 +56,30 @@ def test_a_reference_left_on_the_cpu_is_caught():
 
 def test_no_batch_is_no_transfer():
     assert data.to_device(None, "meta") is None
+
+
+def offloaded_fragment(p: torch.nn.Parameter, fragment: torch.Tensor) -> None:
+    """Link `p` to `fragment` the way DeepSpeed's ZeRO-1/2 optimizer does with optimizer offload:
+    its own tensor_fragment, reading the offloaded gradient dictionary (here on meta)."""
+    from deepspeed.utils.tensor_fragment import fragment_address, tensor_fragment
+
+    address = fragment_address(numel=fragment.numel(), start=0)
+    p._hp_mapping = tensor_fragment(lp_fragment=fragment, lp_fragment_address=address, hp_fragment=fragment,
+                                    hp_fragment_address=address, gradient_dict={},
+                                    offload_gradient_dict={0: [fragment]}, use_offload=True, param_group_index=0)
+    p._index_in_param_group = 0
+
+
+def test_ranks_without_a_fragment_place_their_empty_blocks_beside_the_offloaded_ones():
+    """On a GPU, offloaded fragments are in CPU memory while the parameters are on the GPU: an
+    empty block on the parameter's device made the statistics stack two devices (a crash at step
+    1). Here meta plays the fragments' device, the CPU the parameters'."""
+    from hamu_ray.engine.grads import local_fragments
+    from hamu_ray.rules import BlockStats
+
+    params = [torch.nn.Parameter(torch.zeros(3, 2)) for _ in range(3)]
+    offloaded_fragment(params[1], torch.zeros(4, device="meta"))
+    pieces = local_fragments(params, "cpu")
+    assert [(g.device.type, g.numel()) for g in pieces] == [("meta", 0), ("meta", 4), ("meta", 0)]
+    assert BlockStats.from_grads(pieces, pieces).rr.device.type == "meta"
+    assert {g.device.type for g in local_fragments(params[:1], "cpu")} == {"cpu"}  # none held: `device`

@@ -29,6 +29,9 @@ CASES = {
 }
 STAGES = (0, 1, 2, 3)
 BF16_STAGES = (2, 3)
+# optimizer offload: ZeRO-1/2 read the fp32 gradient partition in CPU memory (ZeRO-3's offload:
+# tests/tasks/test_causal_lm_zero.py)
+OFFLOAD_STAGES = (1, 2)
 # objectives with a frozen reference model (partitioned under ZeRO-3) and one-backprop surgery
 METHOD_CASES = {
     "npo-hamu": {"name": "npo", "rule": "hamu-q", "hparams": {"constraint": 0.02, "radius": 0.1},
@@ -134,10 +137,22 @@ def _worker(rank: int, port: int, out_path: str) -> None:
                 out = unlearning_step(grads, get_rule(rule_name, **hparams), lr=LR,
                                       retain_loss=lambda: F.cross_entropy(engine(xr), yr),
                                       forget_loss=lambda: F.cross_entropy(engine(xf), yf),
-                                      reduce_stats=SumAcrossRanks())
+                                      reduce_stats=SumAcrossRanks(device=engine.device))
                 reduced.append(out.reduced_values)
             results[(stage, case)] = {"state": eng.full_state_dict(engine), "sent": list(sent),
                                       "reduced": reduced, "mode": grads.mode}
+    rule_name, hparams = CASES["hamu-q"]
+    for stage in OFFLOAD_STAGES:
+        engine = eng.initialize(make_model(), eng.deepspeed_config(stage=stage, lr=LR, micro_batch_size=4,
+                                                                   offload="optimizer"))
+        grads = DeepSpeedGrads(engine)
+        for (xr, yr), (xf, yf) in make_batches():
+            xr, yr, xf, yf = xr[rank::WORLD], yr[rank::WORLD], xf[rank::WORLD], yf[rank::WORLD]
+            unlearning_step(grads, get_rule(rule_name, **hparams), lr=LR,
+                            retain_loss=lambda: F.cross_entropy(engine(xr), yr),
+                            forget_loss=lambda: F.cross_entropy(engine(xf), yf),
+                            reduce_stats=SumAcrossRanks(device=engine.device))
+        results[(stage, "offload")] = {"state": eng.full_state_dict(engine), "offloaded": grads.offloads_fragments}
     # bf16: the gradient buffers are bf16, so only bf16 accuracy is expected
     for stage in BF16_STAGES:
         model = make_model()
@@ -149,7 +164,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
             unlearning_step(grads, get_rule("hamu-q", constraint=0.02, radius=0.1), lr=LR,
                             retain_loss=lambda: F.cross_entropy(engine(xr).float(), yr),
                             forget_loss=lambda: F.cross_entropy(engine(xf).float(), yf),
-                            reduce_stats=SumAcrossRanks())
+                            reduce_stats=SumAcrossRanks(device=engine.device))
         results[(stage, "bf16")] = {"state": eng.full_state_dict(engine), "mode": grads.mode}
     for stage in METHOD_STAGES:
         for case in METHOD_CASES:
@@ -157,7 +172,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
             reference = eng.frozen_copy(make_model(), eng.deepspeed_config(stage=stage, lr=LR, micro_batch_size=4),
                                         engine.device)
             weight = run_method(case, DeepSpeedGrads(engine), engine, reference, rank, WORLD,
-                                SumAcrossRanks(), MeanAcrossRanks())
+                                SumAcrossRanks(device=engine.device), MeanAcrossRanks())
             results[(stage, case)] = {"state": eng.full_state_dict(engine), "weight": weight}
     if rank == 0:
         torch.save(results, out_path)
@@ -196,6 +211,16 @@ def test_zero_stage_matches_the_single_process_step(distributed_results, stage, 
     else:
         assert result["sent"] == [(NUM_BLOCKS * 3, torch.float64)] * STEPS
         assert result["reduced"] == [NUM_BLOCKS * 3] * STEPS
+
+
+@pytest.mark.parametrize("stage", OFFLOAD_STAGES)
+def test_optimizer_offload_at_zero_1_and_2_matches_the_single_process_step(distributed_results, stage):
+    """Steps after the first too: DeepSpeed's offload path would add the previous step's g_f
+    to the new one (it takes the second backward of a step for gradient accumulation)."""
+    result = distributed_results[(stage, "offload")]
+    assert result["offloaded"]
+    for name, expected in run_reference(*CASES["hamu-q"]).items():
+        torch.testing.assert_close(result["state"][name], expected, rtol=0, atol=1e-5, msg=name)
 
 
 def test_every_stage_used_its_own_gradient_layout(distributed_results):
