@@ -419,6 +419,24 @@ def test_with_init_the_scored_sets_are_checked_with_its_tokenizer_before_trainin
     assert not list((tmp_path / "out" / "stages").glob("original-*"))
 
 
+def test_robustness_quantize_adds_its_columns_before_steps_and_leaves_the_stage_keys(tmp_path):
+    """Per width, each forget metric quantized and its recovered share; without the section the
+    table and every stage's job are those of a pipeline written before it existed."""
+    from hamu_ray.pipeline.stages import table_columns, training_job, unlearning_job
+
+    plain = qa_config(tmp_path / "out")
+    attacked = qa_config(tmp_path / "out", lambda raw: raw.update(robustness={"quantize": [8, 4]}))
+    assert plain.robustness is None and table_columns(plain) == TABLE_COLUMNS
+    added = tuple(f"{column}_int{bits}" for bits in (8, 4)
+                  for column in ("forget_prob", "recovered_prob", "forget_rouge", "recovered_rouge",
+                                 "forget_fact", "recovered_fact"))
+    assert table_columns(attacked) == (*TABLE_COLUMNS[:-3], *added, "steps", "stop", "wall_s")
+    prepared = {name: f"/sets/{name}.parquet" for name in ("forget", "retain", "train")}
+    for entry in plain.methods:
+        assert unlearning_job(plain, entry, prepared, Path("/m")) == unlearning_job(attacked, entry, prepared, Path("/m"))
+    assert training_job(plain, prepared["train"], Path("/m")) == training_job(attacked, prepared["train"], Path("/m"))
+
+
 # ---- the threshold search on a language model -------------------------------------------------
 
 def test_a_search_on_files_without_the_truth_ratio_columns_is_refused_before_anything(tmp_path, tiny_lm):
