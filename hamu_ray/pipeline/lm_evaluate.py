@@ -207,20 +207,22 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], cfg: TextData, ba
 
 @dataclass(frozen=True)
 class Scoring:
-    """One `score_model` call: a model on some sets, fake-quantized to `quantize_bits` first
-    (None: as it is)."""
+    """One `score_model` call: model `name` on some sets, fake-quantized to `quantize_bits`
+    first (None: as it is)."""
+    name: str
     model_dir: str
     sets: dict[str, str]
     quantize_bits: int | None = None
 
-    def label(self, key: Hashable) -> str:
-        return str(key) if self.quantize_bits is None else f"{key} at int{self.quantize_bits}"
+    @property
+    def label(self) -> str:  # the progress line's
+        return self.name if self.quantize_bits is None else f"{self.name} at int{self.quantize_bits}"
 
 
 def score_models(models: dict[str, str], sets: dict[str, str], text: dict, *,
                  bf16: bool = False) -> dict[str, dict[str, dict[str, np.ndarray]]]:
     """`score_model` for every model on every set (score_all)."""
-    return score_all({name: Scoring(path, sets) for name, path in models.items()}, text, bf16=bf16)
+    return score_all({name: Scoring(name, path, sets) for name, path in models.items()}, text, bf16=bf16)
 
 
 def score_all(scorings: dict[Hashable, Scoring], text: dict, *,
@@ -238,7 +240,7 @@ def score_all(scorings: dict[Hashable, Scoring], text: dict, *,
         done, _ = ray.wait(list(pending), num_returns=1)
         key = pending.pop(done[0])
         results[key] = ray.get(done[0])
-        print(f"[evaluate] {scorings[key].label(key)} scored ({len(results)}/{len(scorings)}, "
+        print(f"[evaluate] {scorings[key].label} scored ({len(results)}/{len(scorings)}, "
               f"{time.monotonic() - start:.0f} s)", flush=True)
     return {key: results[key] for key in scorings}
 

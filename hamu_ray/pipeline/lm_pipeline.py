@@ -27,6 +27,7 @@ EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout",
               "utility": "utility"}  # scored set → file
 FACT_COLUMNS = ("fact", "answer_value")  # the user's name for the value's text (prepared: fact)
 PRETRAIN = "pretrain"  # the built-in sets' pretraining text (a `text` column)
+PER_EXAMPLE_QUANTIZED = "per_example_quantized.parquet"  # the forget rows' scores under robustness.quantize
 
 
 def build_sets(cfg, directory: Path) -> dict:
@@ -279,10 +280,10 @@ def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[d
     """Every stage's exported model scored on forget, retain (sample) and holdout; TOFU's and
     MUSE's metrics against the oracle; with robustness.quantize, the forget set scored again
     per width with the model fake-quantized, in the same Ray tasks' way; per-row scores written
-    to report/per_example.parquet."""
+    to report/per_example.parquet (and report/per_example_quantized.parquet)."""
     sets = {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared}
-    scorings = {name: lm_evaluate.Scoring(str(stage.model_dir), sets) for name, stage in stages.items()}
-    attacks = {(name, bits): lm_evaluate.Scoring(str(stage.model_dir), {"forget": sets["forget"]}, bits)
+    scorings = {name: lm_evaluate.Scoring(name, str(stage.model_dir), sets) for name, stage in stages.items()}
+    attacks = {(name, bits): lm_evaluate.Scoring(name, str(stage.model_dir), {"forget": sets["forget"]}, bits)
                for name, stage in stages.items() for bits in quantize_bits(cfg)}
     scored = lm_evaluate.score_all({**scorings, **attacks}, cfg.data.text.model_dump(),
                                    bf16=cfg.model.dtype == "bf16")
@@ -305,22 +306,35 @@ def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[d
 def write_per_example(scores: dict, sets: dict[str, str], key: digests.DigestKey, path: Path,
                       quantized: dict[tuple[str, int], dict] | None = None) -> None:
     """One row per (model, set, example): numbers and the row's keyed digest (the receipts' row
-    digest, hamu_ray.digests), no text; with `quantized` ((model, bits) → forget scores) also
-    the forget rows of each model fake-quantized, their `quantize_bits` set (else null)."""
+    digest, hamu_ray.digests), no text. With `quantized` ((model, bits) → forget scores) the
+    forget rows of each model fake-quantized go beside it, in PER_EXAMPLE_QUANTIZED with their
+    `quantize_bits` (a file of their own: a reader of per_example.parquet by model and set keeps
+    getting one row per example); without, an earlier run's is removed."""
     rows = {name: digests.row_digests(p, key) for name, p in sets.items()}
-    columns: dict[str, list] = {k: [] for k in ("model", "quantize_bits", "set", "row", "row_digest",
-                                                "probability", "rouge_l_recall", "min_k", "truth_ratio",
+    write_score_rows([({"model": model}, name, s) for model, per_set in scores.items()
+                      for name, s in per_set.items()], rows, path)
+    attacked = path.with_name(PER_EXAMPLE_QUANTIZED)
+    if quantized:
+        write_score_rows([({"model": model, "quantize_bits": bits}, "forget", s)
+                          for (model, bits), s in quantized.items()], rows, attacked)
+    else:
+        attacked.unlink(missing_ok=True)
+
+
+def write_score_rows(scored: list[tuple[dict, str, dict]], row_digests: dict[str, list[str]], path: Path) -> None:
+    """A parquet file of per-example scores: per (leading columns, set, scores) a row per example."""
+    leading = list(scored[0][0]) if scored else ["model"]
+    columns: dict[str, list] = {k: [] for k in (*leading, "set", "row", "row_digest", "probability",
+                                                "rouge_l_recall", "min_k", "truth_ratio",
                                                 "fact_probability", "fact_exact")}
-    scored = [(model, None, name, s) for model, per_set in scores.items() for name, s in per_set.items()]
-    scored += [(model, bits, "forget", s) for (model, bits), s in (quantized or {}).items()]
-    for model, bits, name, s in scored:
+    for first, name, s in scored:
         n = len(s["logprob"])
         ratios = lm_evaluate.truth_ratios(s)
-        columns["model"] += [model] * n
-        columns["quantize_bits"] += [bits] * n
+        for column, value in first.items():
+            columns[column] += [value] * n
         columns["set"] += [name] * n
         columns["row"] += list(range(n))
-        columns["row_digest"] += rows[name]
+        columns["row_digest"] += row_digests[name]
         columns["probability"] += lm_metrics.probability(s["logprob"], s["count"]).tolist()
         columns["rouge_l_recall"] += s["rouge"].tolist()
         columns["min_k"] += s["min_k"].tolist()
@@ -329,6 +343,5 @@ def write_per_example(scores: dict, sets: dict[str, str], key: digests.DigestKey
         facts = lm_metrics.fact_probability(s["fact_logprob"]) if marked.any() else np.zeros(n)
         columns["fact_probability"] += [float(p) if k else None for p, k in zip(facts, marked)]
         columns["fact_exact"] += [bool(s["fact_exact"][i]) if k else None for i, k in enumerate(marked)]
-    columns["quantize_bits"] = pa.array(columns["quantize_bits"], pa.int8())  # int8 even when all null
     with files.atomic_path(path, mode=0o600) as tmp:
         pq.write_table(pa.table(columns), tmp)

@@ -266,7 +266,7 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
     table = write_report(cfg, rows, stages, report, runs)
     spread = seeds.write_spread(cfg, runs, table_columns(cfg), report)
     names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png",
-             "per_example.parquet", *seeds.SEED_FILES)
+             "per_example.parquet", lm_pipeline.PER_EXAMPLE_QUANTIZED, *seeds.SEED_FILES)
     for name in names:
         if (report / name).exists():
             tracker.log_artifact(report / name)

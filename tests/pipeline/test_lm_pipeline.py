@@ -50,22 +50,60 @@ def qa_run(tmp_path_factory, ray_cluster):  # one Ray for both pipelines of this
     from hamu_ray.pipeline.stages import run_pipeline
 
     out = tmp_path_factory.mktemp("country-qa") / "run"
-    cfg = qa_config(out, small)
+    cfg = qa_config(out, lambda raw: (small(raw), raw.update(robustness={"quantize": [8, 4]})))
     result = run_pipeline(cfg)
     return out, cfg, result
 
 
 @pytest.mark.integration
 def test_every_model_is_scored_and_the_oracle_is_its_own_yardstick(qa_run):
-    _, _, result = qa_run
+    from hamu_ray.pipeline.stages import table_columns
+
+    _, cfg, result = qa_run
     rows = {row["model"]: row for row in result.rows}
     assert list(rows) == ["original", "oracle", "hamu-q"]
     for row in rows.values():
-        assert list(row) == list(TABLE_COLUMNS)
+        assert list(row) == list(table_columns(cfg))
         assert all(math.isfinite(row[c]) for c in TABLE_COLUMNS if c not in ("model", "stop")), row
         assert 0 <= row["forget_rouge"] <= 1 and 0 <= row["model_utility"] <= 1
     assert rows["oracle"]["forget_quality"] == 1.0 and rows["oracle"]["priv_leak"] == 0.0
     assert "forget_quality" in result.table and "hamu-q" in result.table
+
+
+@pytest.mark.integration
+def test_the_quantization_attack_rescores_every_models_forget_set_and_its_recovered_share(qa_run):
+    """robustness.quantize: [8, 4]. Each model's forget rows scored again by the evaluation's Ray
+    tasks with its linear layers fake-quantized (per_example_quantized.parquet); the table's
+    columns are their means and the recovered share against the original, which has none."""
+    from hamu_ray.attacks.recovery import recovered_share
+
+    _, _, result = qa_run
+    rows = {row["model"]: row for row in result.rows}
+    per_example = pq.read_table(result.report_dir / "per_example.parquet").to_pylist()
+    quantized = pq.read_table(result.report_dir / "per_example_quantized.parquet").to_pylist()
+    client = mlflow.MlflowClient(result.tracking_uri)
+    logged = client.get_run(result.parent_run_id).data.metrics
+    assert "per_example_quantized.parquet" in {a.path for a in client.list_artifacts(result.parent_run_id)}
+    for name, row in rows.items():
+        plain = [r for r in per_example if r["model"] == name and r["set"] == "forget"]
+        for bits in (8, 4):
+            attacked = [r for r in quantized if r["model"] == name and r["quantize_bits"] == bits]
+            assert {r["set"] for r in attacked} == {"forget"}
+            assert [r["row_digest"] for r in attacked] == [r["row_digest"] for r in plain]
+            mean = sum(r["probability"] for r in attacked) / len(attacked)
+            assert row[f"forget_prob_int{bits}"] == pytest.approx(mean, rel=1e-9)
+            facts = [r["fact_probability"] for r in attacked if r["fact_probability"] is not None]
+            assert facts and row[f"forget_fact_int{bits}"] == pytest.approx(sum(facts) / len(facts), rel=1e-9)
+            for metric in ("prob", "rouge", "fact"):
+                share = recovered_share(rows["original"][f"forget_{metric}"], row[f"forget_{metric}"],
+                                        row[f"forget_{metric}_int{bits}"])
+                assert row[f"recovered_{metric}_int{bits}"] == (None if share is None else pytest.approx(share))
+            if name == "original":
+                assert row[f"recovered_prob_int{bits}"] is None
+            else:
+                assert math.isfinite(row[f"recovered_prob_int{bits}"])
+                assert logged[f"{name}/recovered_prob_int{bits}"] == pytest.approx(row[f"recovered_prob_int{bits}"])
+    assert "recovered_prob_int4" in result.table
 
 
 @pytest.mark.integration
