@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "step (its row says so; by default a warning, and exit 0 once the table is out)")
     run.set_defaults(handler=run_command)
 
+    report = commands.add_parser("report", help="a finished run's table for the README: the table, its notes "
+                                 "and spread under one line saying when, where and at which commit it ran")
+    report.add_argument("run_dir", help="the pipeline's output_dir")
+    report.set_defaults(handler=report_command)
+
     tune = commands.add_parser("tune", help="search a method's threshold with Ray Tune (the tune: section)")
     tune.add_argument("pipeline", help="pipeline YAML with a tune: section; running it again resumes")
     add_overrides(tune, PIPELINE_OVERRIDES)
@@ -186,6 +191,13 @@ def run_command(args) -> int:
 
     result = run_pipeline(load_pipeline(args.pipeline, args.overrides))
     return strict_exit(result.failed, args.strict)
+
+
+def report_command(args) -> int:
+    from hamu_ray.pipeline.run_record import readme_block
+
+    print(readme_block(args.run_dir), end="")
+    return 0
 
 
 def strict_exit(failed: dict[str, str], strict: bool) -> int:

@@ -61,3 +61,20 @@ def without_log_messages(logger_name: str, *beginnings: str) -> Iterator[None]:
         yield
     finally:
         logging.getLogger(logger_name).removeFilter(DroppedMessages(beginnings))
+
+
+@contextlib.contextmanager
+def without_artifact_progress() -> Iterator[None]:
+    """No MLflow artifact progress bars while the block runs (MLflow reads the variable per
+    transfer): logging a model with a local directory as its artifact copies that directory
+    through MLflow's download path, a "Downloading artifacts" bar for a local copy. A value the
+    user set stands."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)

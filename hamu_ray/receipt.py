@@ -2,8 +2,9 @@
 
 Every unlearning job writes `receipt.json` beside its model. It commits to the forget set
 without containing it (a Merkle root over per-row digests), names the retain set and the input
-and output models by digest, and records the method, the steps, the stop reason and how often
-the rule's guarantee held. `verify` recomputes every digest it can from the files at hand;
+and output models by digest, and records the method, the steps, the stop reason, how often
+the rule's guarantee held and what decides its numbers (seeds, libraries, device, kernel
+settings). `verify` recomputes every digest it can from the files at hand;
 `prove` gives one row's inclusion proof, so a data subject can be shown their row was in the
 request without the other rows being revealed.
 
@@ -36,7 +37,9 @@ TREE_RULE = ("leaf = sha256(0x00 || row digest), rows in file order; node = sha2
              "right); an odd level promotes its last node unchanged; the root is the last node")
 MODEL_RULE = ("a file: its sha256; a directory: sha256 of the JSON object {relative path: file sha256} "
               "of its model files, keys sorted, separators (',', ':')")
-VERSION = "hamu-ray unlearning receipt v2"  # v2: keyed row digests, one model digest rule
+# v2: keyed row digests, one model digest rule; v3: the determinism record. The version is part of
+# every pipeline stage's cache key (pipeline.stages.stage_key): a new one reruns cached stages.
+VERSION = "hamu-ray unlearning receipt v3"
 # $HAMU_RECEIPT_KEY (optional): the receipt is then HMAC-SHA256 signed, and the row digests keyed by it
 NOT_MODEL = {"ray", "step_log.jsonl", "summary.json", "receipt.json", digests.KEY_FILE}  # beside the model
 
@@ -159,17 +162,15 @@ GUARANTEE_RTOL = 1e-9
 
 
 def guarantee_record(step_log: list[dict], rule_name: str) -> dict:
-    """Of the steps the rule took (every step but one it stopped instead of taking; a step after
-    which the monitor stopped the run was taken), on how many its guaranteed quantity reached
+    """Of the steps the rule took (rules.took_step), on how many its guaranteed quantity reached
     the B logged with it."""
-    from hamu_ray.rules import RULES, StopReason
+    from hamu_ray.rules import RULES, took_step
 
     kind = RULES[rule_name].guarantees if rule_name in RULES else None
     if kind is None:
         return {"quantity": None, "B": None, "steps": 0, "held": 0, "hold_rate": None}
     quantity, value = GUARANTEED[kind]
-    not_taken = {reason.value for reason in StopReason}
-    taken = [r for r in step_log if "guarantee/B" in r and r["stop"] not in not_taken]
+    taken = [r for r in step_log if took_step(r) and "guarantee/B" in r]
     held = sum(_holds(value(r), r["guarantee/B"], r) for r in taken)
     record = {"quantity": quantity, "B": taken[0]["guarantee/B"] if taken else None, "steps": len(taken),
               "held": held, "hold_rate": held / len(taken) if taken else None}
@@ -267,6 +268,8 @@ def engine_verdict(receipt: dict) -> str:
                  f"steps (mean block cos θ {trace['cosine_mean']['mean']:+.3f}).")
     for name, span in receipt.get("losses", {}).items():
         text += f" The {name} batch loss went from {span['first']:.4g} to {span['last']:.4g}."
+    if "determinism" in receipt:  # (a receipt made by hand, in a test, may leave it out)
+        text += determinism_verdict(receipt["determinism"])
     return text
 
 
@@ -294,6 +297,7 @@ def build(cfg, sets: dict, summary: dict, output_dir: Path, step_log: list[dict]
         "hardness": hardness_trace(step_log),
         "losses": losses(step_log),
         "code": code_version(),
+        "determinism": staged_determinism(summary),
     }
     receipt["verdict"] = engine_verdict(receipt)
     return sign(receipt)
@@ -309,12 +313,69 @@ def with_evaluation(receipt: dict, evaluation: dict, verdict: str) -> dict:
 
 
 def code_version() -> dict:
+    return {"hamu_ray": installed_version("hamu-ray") or "not installed"}
+
+
+def installed_version(distribution: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return {"hamu_ray": version("hamu-ray")}
+        return version(distribution)
     except PackageNotFoundError:
-        return {"hamu_ray": "not installed"}
+        return None
+
+
+# ---- what decides the numbers ----------------------------------------------------------------
+
+LIBRARIES = ("torch", "deepspeed", "ray", "transformers", "peft", "numpy")  # None: not installed
+
+
+def staged_determinism(summary: dict) -> dict:
+    """The record the rank-0 worker gathered (determinism_record); a run staged by a version
+    before receipt v3 has none and cannot be published as v3."""
+    if "determinism" not in summary:
+        raise ValueError("this run was trained by a hamu-ray before receipt format v3 and has no "
+                         "determinism record: delete its staging directory and run it again")
+    return summary["determinism"]
+
+
+def determinism_record(cfg, device, dtype, workers: int) -> dict:
+    """What decides a run's numbers besides its inputs: the seeds, the libraries, the device and
+    its kernel settings, the dtype trained in, the ZeRO stage and the number of workers. Called
+    on the rank-0 worker, where the numbers are made: the libraries, thread counts and kernels
+    are that process's (every rank is taken to run the same image on the same kind of device).
+    `device`: the engine's torch.device; `dtype`: its parameters' torch.dtype."""
+    import platform
+
+    import torch
+
+    device = torch.device(device)
+    record = {
+        "seeds": {"train": cfg.train.seed, "data_shuffle": cfg.data.shuffle_seed},
+        "libraries": {"python": platform.python_version(), **{name: installed_version(name) for name in LIBRARIES}},
+        "device": {"kind": device.type, "count": workers,  # one per worker
+                   "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()},
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "zero_stage": cfg.train.zero_stage, "workers": workers,
+    }
+    if device.type == "cuda":
+        record["cudnn"] = {"deterministic": torch.backends.cudnn.deterministic,
+                           "benchmark": torch.backends.cudnn.benchmark}
+    return record
+
+
+def determinism_verdict(record: dict) -> str:
+    """The determinism record in one sentence of the verdict."""
+    device, threads, seeds = record["device"], record["threads"], record["seeds"]
+    kernels = f", {device['cpu_capability']} kernels" if device["kind"] == "cpu" else ""
+    return (f" Its numbers come from {record['workers']} {device['kind']} worker(s) ({device['name']}{kernels}, "
+            f"{threads['intra_op']} intra-op / {threads['inter_op']} inter-op thread(s)) in {record['dtype']} at "
+            f"ZeRO stage {record['zero_stage']}, torch {record['libraries']['torch']}, seed {seeds['train']}, "
+            f"data shuffle seed {seeds['data_shuffle']}, deterministic algorithms "
+            f"{'on' if record['deterministic_algorithms'] else 'off'}.")
 
 
 def _payload(receipt: dict) -> bytes:

@@ -128,14 +128,14 @@ def tagged(section: type[Section], tag: str):
 
 
 def field_path(loc: tuple) -> str:
-    """`a.b.0.c`; a key that is not a plain printable name is quoted (a newline in a key would
-    otherwise split its error line in two)."""
-    return ".".join(_key_text(p) for p in loc if p not in UNION_TAGS)
+    return ".".join(str(p) for p in loc if p not in UNION_TAGS)
 
 
-def _key_text(part) -> str:
-    text = str(part)
-    return text if text.isprintable() and text.strip() == text and text else repr(text)
+def one_line(text: str) -> str:
+    """`text` with each character that is not printable escaped as Python writes it ("\\n"): a
+    key or value that holds a newline, wherever the message quotes it (a field path, a rule's
+    hyper-parameters), cannot split its error's line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class FieldError(ValueError):
@@ -149,16 +149,16 @@ class FieldError(ValueError):
 
 def validate(raw: dict[str, Any], source: str, schema: type[Section], overrides: Sequence[str] = (),
              file_raw: dict[str, Any] | None = None):
-    """`raw` as `schema`; every error on its own line. With `overrides` (applied to `file_raw`,
-    the file as read) an error in what an override set is named as the command line's, not the
-    file's."""
+    """`raw` as `schema`; every error on its own line (one_line). With `overrides` (applied to
+    `file_raw`, the file as read) an error in what an override set is named as the command
+    line's, not the file's."""
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             keys = located(err)
-            lines.append(f"{origin(keys, source, overrides, file_raw)}: {describe(err, schema, keys)}")
+            lines.append(one_line(f"{origin(keys, source, overrides, file_raw)}: {describe(err, schema, keys)}"))
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

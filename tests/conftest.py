@@ -1,9 +1,10 @@
 import os
 
-from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS
+from hamu_ray.engine.driver import LOCAL_RAY_ENV, RUNTIME_ENV_DEFAULTS
 
-# The driver's settings (no telemetry, no token files) plus CPU DeepSpeed (docs/design.md §9).
-for key, value in {**RUNTIME_ENV_DEFAULTS, "DS_ACCELERATOR": "cpu"}.items():
+# The embedded driver's settings (no telemetry, no token files, Ray Train's quick polls) plus CPU
+# DeepSpeed (docs/design.md §9).
+for key, value in {**RUNTIME_ENV_DEFAULTS, **LOCAL_RAY_ENV, "DS_ACCELERATOR": "cpu"}.items():
     os.environ.setdefault(key, value)
 
 from hypothesis import settings
@@ -20,12 +21,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray for one test module (2 CPUs), shut down after it."""
-    import ray
+    """A local Ray for one test module, started as `hamu-ray` starts its embedded one (one CPU a
+    core, idle workers kept for the next stage), shut down after it."""
+    from hamu_ray.engine.config import ClusterSection
+    from hamu_ray.engine.driver import ray_session
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with ray_session(ClusterSection()):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -165,7 +165,7 @@ def test_help_of_every_command_imports_neither_ray_nor_torch():
         "        main([*argv, '--help'])\n"
         "    assert 'usage: hamu-ray' in out.getvalue(), argv\n"
         "print(len(argvs), 'ray' in sys.modules, 'torch' in sys.modules)")
-    assert done.stdout.split() == ["19", "False", "False"]
+    assert done.stdout.split() == ["20", "False", "False"]
 
 
 # ---- what --help and `methods` tell a new user ---------------------------------------------------

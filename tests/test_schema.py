@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from hamu_ray.engine.config import load_config, parse_config
-from hamu_ray.pipeline.config import load_pipeline
+from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
 from hamu_ray.schema import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -95,3 +95,19 @@ def test_a_job_without_a_forget_set_leaves_data_forget_out(tmp_path):
     raw["method"] = {"name": "gdiff"}
     message = error_of(parse_config, raw)
     assert "<config>: data.forget is missing: method gdiff needs a forget set" in message, message
+
+
+def test_a_key_with_a_newline_keeps_its_error_on_one_line():
+    """Wherever a key is quoted (the field path, a rule's unknown hyper-parameters, the implicit
+    method's TypeError), a newline in it is escaped, not a break in the error's line."""
+    raw = yaml.safe_load(DIGITS.read_text())
+    raw["unlearn"]["max\nsteps"] = 3
+    raw["methods"] = [{"name": "hamu-q", "hparams": {"constraint": 0.1, "radius": 0.2, "radi\nus": 1}},
+                      {"name": "surgery-implicit", "hparams": {"eps\nilon": 0.1}}]
+    lines = error_of(parse_config, raw, "d.yaml", PipelineConfig).split("\n")
+    assert len(lines) == 4, lines  # the heading and one line per error
+    assert lines[1] == "  d.yaml: unlearn.max\\nsteps: Extra inputs are not permitted (got 3); did you mean max_steps?"
+    assert lines[2].startswith("  d.yaml: methods.0: Value error, rule 'hamu-q' has no hyper-parameter(s) "
+                               "radi\\nus; valid: constraint, radius,"), lines[2]
+    assert lines[3].startswith("  d.yaml: methods.1: Value error, surgery-implicit: ") and \
+        "unexpected keyword argument 'eps\\nilon'" in lines[3], lines[3]

@@ -41,6 +41,10 @@ RUNTIME_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": 
 RUN_NAME = "unlearn"  # the Ray Train run's name in its storage (the staging directory's ray/)
 # Set by Ray's job supervisor in a submitted job's driver: the job's runtime env, as JSON.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# The embedded Ray's Train controller checks on its workers every 0.25 s instead of Ray's 2 s:
+# a job starts and ends in several such polls, and on a small machine they are most of a short
+# stage's time (docs/design.md §9). A cluster keeps its own setting.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 @dataclass(frozen=True)
@@ -233,6 +237,8 @@ def ray_session(cluster: ClusterSection):
         # As many starts at once as workers kept (Ray starts no more than are asked for) move
         # the warning to 4× those, where it again means a runaway.
         cores = os.cpu_count() or 2
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)  # the controller runs in a process Ray starts from ours
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
                  _temp_dir=os.path.join(tempfile.gettempdir(), "hamu-ray"),
                  runtime_env={"env_vars": env_vars},

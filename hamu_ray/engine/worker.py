@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hamu_ray import objectives
+from hamu_ray import objectives, receipt
 from hamu_ray.engine import data, monitor, preflight
 from hamu_ray.engine import deepspeed_engine as eng
 from hamu_ray.engine.config import UnlearnConfig, measures_steps
@@ -92,8 +92,10 @@ def train_loop_per_worker(config: dict) -> None:
                "resumed_from_step": start_step}
     with tempfile.TemporaryDirectory() as tmp:
         task.export(engine, Path(tmp) if rank == 0 else None)
-        if rank == 0:
-            export_log(tmp, step_log, summary)
+        if rank == 0:  # the receipt's determinism record: this process made the numbers
+            dtype = next(engine.module.parameters()).dtype
+            determinism = receipt.determinism_record(cfg, device, dtype, ray.train.get_context().get_world_size())
+            export_log(tmp, step_log, {**summary, "determinism": determinism})
         ray.train.report({**summary, "final": True},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 

@@ -38,12 +38,10 @@ class Diverged:
 
 
 def steps_taken(step_log: list[dict]) -> int:
-    """Optimizer steps a run took: every logged step ≥ 1 but one its rule stopped at instead
-    (step 0 is the monitor's starting point)."""
-    from hamu_ray.rules import StopReason  # (torch: not imported with the registry)
+    """Optimizer steps a run took (rules.took_step)."""
+    from hamu_ray.rules import took_step  # (torch: not imported with the registry)
 
-    not_taken = {reason.value for reason in StopReason}
-    return sum(1 for row in step_log if row.get("step", 0) >= 1 and row["stop"] not in not_taken)
+    return sum(map(took_step, step_log))
 
 
 def no_step_stop(stop: str, step_log: list[dict]) -> str | None:

@@ -1,9 +1,10 @@
 """Publishing a pipeline's models: the MLflow model registry and the finished receipts.
 
 Every model a pipeline publishes (the original it trained, each unlearned model) is logged as an
-MLflow model — the transformers flavour for a language model, the pytorch flavour for a
-classifier — and registered as a version of one registered model (`tracking.registered_model`,
-default the pipeline's name). An unlearned model is published after the evaluation: its receipt
+MLflow model — a language model's Hugging Face directory as it is, with a pyfunc loader
+(registered_lm.py), its weights never loaded on the driver; a classifier in the pytorch flavour —
+and registered as a version of one registered model (`tracking.registered_model`, default the
+pipeline's name). An unlearned model is published after the evaluation: its receipt
 first gains the evaluation against the oracle and the verdict, then is logged to the method's
 run, and the version's tags carry the model's digest (receipt.MODEL_RULE, as in receipts), the
 receipt's sha256 and forget-set Merkle root, the method, and the original's version (or the
@@ -133,24 +134,23 @@ def find_version(client, name: str, model_sha256: str) -> str | None:
     return None
 
 
-# MLflow's warnings for a model that is not on the Hugging Face hub (a local directory has no
-# model card or license there): two lines per registered model, nothing for the user to act on
-NOT_ON_THE_HUB = ("The model card could not be retrieved from the hub",
-                  "Unable to find license information for this model")
+LM_ARTIFACT = "model"  # registered_lm.DIRECTORY
+# predict's default; a loader may override it: mlflow.pyfunc.load_model(uri, model_config={...})
+LM_MODEL_CONFIG = {"max_new_tokens": 32}
 
 
 def _log_language_model(model_dir: Path, name: str, tags: dict[str, str]):
+    """The model's directory logged as it is (its files copied, never loaded: the driver holds
+    no weights, whatever the model's size), with registered_lm.py as its pyfunc loader."""
     import mlflow
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hamu_ray import quiet
 
-    components = {"model": AutoModelForCausalLM.from_pretrained(model_dir),
-                  "tokenizer": AutoTokenizer.from_pretrained(model_dir)}
-    with quiet.without_log_messages("mlflow.transformers", *NOT_ON_THE_HUB):
-        return mlflow.transformers.log_model(transformers_model=components, task="text-generation",
-                                             name="model", registered_model_name=name, tags=tags,
-                                             pip_requirements=["transformers", "torch"])
+    loader = Path(__file__).with_name("registered_lm.py")
+    with quiet.without_artifact_progress():
+        return mlflow.pyfunc.log_model(name="model", python_model=str(loader), artifacts={LM_ARTIFACT: str(model_dir)},
+                                       model_config=LM_MODEL_CONFIG, registered_model_name=name, tags=tags,
+                                       pip_requirements=["transformers", "torch"])
 
 
 def _log_classifier(source: dict, name: str, tags: dict[str, str]):

@@ -31,6 +31,7 @@ from hamu_ray.engine.config import TrainSettings, UnlearnConfig
 from hamu_ray.pipeline.config import PipelineConfig
 from hamu_ray.engine.driver import monitor_values, ray_session, run_unlearning
 from hamu_ray.pipeline import registry
+from hamu_ray.pipeline import run_record
 from hamu_ray.pipeline import seeds
 from hamu_ray.pipeline.tracking import (Tracker, check_reachable, refuse_local_store_on_cluster, tracking_uri,
                                         ui_command)
@@ -265,8 +266,9 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
     rows = seeds.table_rows(cfg, runs, table_columns(cfg))
     table = write_report(cfg, rows, stages, report, runs)
     spread = seeds.write_spread(cfg, runs, table_columns(cfg), report)
+    run_record.write_run_record(cfg.name, cfg.seeds, report)
     names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png",
-             "per_example.parquet", lm_pipeline.PER_EXAMPLE_QUANTIZED, *seeds.SEED_FILES)
+             "per_example.parquet", lm_pipeline.PER_EXAMPLE_QUANTIZED, run_record.RECORD, *seeds.SEED_FILES)
     for name in names:
         if (report / name).exists():
             tracker.log_artifact(report / name)

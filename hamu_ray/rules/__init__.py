@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from hamu_ray.rules import baselines, hamu, surgery
-from hamu_ray.rules.stats import BlockStats, NonFiniteStatsError, RuleResult, StopReason
+from hamu_ray.rules.stats import BlockStats, NonFiniteStatsError, RuleResult, StopReason, took_step
 
 __all__ = ["RULES", "BlockStats", "NonFiniteStatsError", "Rule", "RuleResult", "RuleSpec",
-           "StopReason", "get_rule"]
+           "StopReason", "get_rule", "took_step"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,7 @@ def get_rule(name: str, **hparams: Any) -> Rule:
     unknown = sorted(set(hparams) - set(fields))
     if unknown:
         valid = ", ".join(fields) or "none"
-        shown = ", ".join(u if u.isprintable() and u.strip() == u and u else repr(u) for u in map(str, unknown))
-        raise ValueError(f"rule {name!r} has no hyper-parameter(s) {shown}; valid: {valid}")
+        raise ValueError(f"rule {name!r} has no hyper-parameter(s) {', '.join(unknown)}; valid: {valid}")
     for key, value in hparams.items():
         if fields[key].type in ("bool",) and not isinstance(value, bool):
             raise ValueError(f"rule {name!r}: {key} must be true or false, got {value!r}")

@@ -166,6 +166,41 @@ def test_the_job_writes_a_receipt_that_verifies_and_catches_a_changed_model(two_
     assert check[:2] == ("model.safetensors", False) and check[2].startswith("sha256 ")
 
 
+def test_the_receipt_records_what_decides_the_numbers_under_its_signature(two_worker_run, monkeypatch):
+    """The determinism record, made on the rank-0 worker: this machine and this venv's (the
+    workers run both), the job's seeds, dtype, ZeRO stage and workers; an edit to it breaks
+    the signature."""
+    import platform
+    from importlib.metadata import version
+
+    from hamu_ray import receipt
+
+    content = receipt.load(str(two_worker_run.output_dir / "receipt.json"))
+    record = content["determinism"]
+    assert record["seeds"] == {"train": 0, "data_shuffle": None}  # train.seed's default; file order
+    assert record["libraries"] == {"python": platform.python_version(),
+                                   **{name: version(name) for name in ("torch", "deepspeed", "ray", "transformers",
+                                                                       "peft", "numpy")}}
+    assert record["device"] == {"kind": "cpu", "count": 2, "name": platform.machine(),
+                                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    threads = record["threads"]
+    assert set(threads) == {"intra_op", "inter_op"} and all(type(n) is int and n >= 1 for n in threads.values())
+    assert record["deterministic_algorithms"] is False
+    assert (record["dtype"], record["zero_stage"], record["workers"]) == ("float32", 3, 2)
+    assert "cudnn" not in record
+    assert content["verdict"].endswith(
+        f" Its numbers come from 2 cpu worker(s) ({platform.machine()}, {record['device']['cpu_capability']} "
+        f"kernels, {threads['intra_op']} intra-op / {threads['inter_op']} inter-op thread(s)) in float32 at ZeRO "
+        f"stage 3, torch {torch.__version__}, seed 0, data shuffle seed None, deterministic algorithms off.")
+
+    monkeypatch.setenv(receipt.KEY_ENV, "a key")
+    signed = receipt.sign(dict(content))
+    assert [ok for what, ok, _ in receipt.verify(signed) if what == "signature"] == [True]
+    edited = json.loads(json.dumps(signed))
+    edited["determinism"]["threads"]["intra_op"] += 1
+    assert receipt.verify(edited) == [("signature", False, "does not match this receipt and key")]
+
+
 def test_a_nan_loss_fails_clearly_and_writes_no_model(ray_cluster, inputs, tmp_path):
     root, rows = inputs
     bad = tmp_path / "bad"

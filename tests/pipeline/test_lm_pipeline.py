@@ -174,7 +174,7 @@ def test_the_report_logs_and_receipts_hold_numbers_and_digests_never_the_forget_
 
 
 @pytest.mark.integration
-def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa_run):
+def test_stages_are_tracked_and_models_registered_from_their_directories(qa_run):
     from safetensors.torch import load_file
 
     from hamu_ray.receipt import model_digest
@@ -208,11 +208,14 @@ def test_stages_are_tracked_and_models_registered_in_the_transformers_flavour(qa
     assert f"answer probability on the forget set is {row['forget_prob']:.3g}" in receipt["verdict"]
     mlflow.set_tracking_uri(result.tracking_uri)
     try:
-        components = mlflow.transformers.load_model(f"models:/{cfg.name}/{hamu.version}", return_type="components")
+        uri = f"models:/{cfg.name}/{hamu.version}"
+        logged = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "model"
+        registered = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     finally:
         mlflow.set_tracking_uri(None)
     exported = load_file(next((out / "stages").glob("unlearn-hamu-q-*")) / "model" / "model.safetensors")
-    loaded = components["model"].state_dict()
+    assert model_digest(logged) == hamu.tags["model_sha256"]  # the directory, byte for byte
+    loaded = registered.model.state_dict()
     for name, value in exported.items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
 
@@ -359,42 +362,38 @@ def longest_row(model: Path, rows: list[dict]) -> int:
                for r in rows for a in [r["answer"], r["paraphrased_answer"], *r["perturbed_answers"]])
 
 
-def no_ray_before_refusal(monkeypatch):
-    """Ray may already run for this module's other tests: a pipeline that reaches its Ray
-    session fails the test instead of starting one."""
+def refusal_lines(cfg: PipelineConfig, monkeypatch) -> list[str]:
+    """The lines of the DataError that `cfg`'s pipeline is refused with, which must come before
+    its Ray session (Ray may already run for this module's other tests: reaching the session
+    fails the test instead of starting one) and before its output directory is made."""
+    from hamu_ray.engine.data import DataError
     from hamu_ray.pipeline import stages
 
     def reached(*args, **kwargs):
         raise AssertionError("the pipeline reached its Ray session before refusing the input")
     monkeypatch.setattr(stages, "ray_session", reached)
+    with pytest.raises(DataError) as refused:
+        stages.run_pipeline(cfg)
+    assert not Path(cfg.output_dir).exists()
+    return str(refused.value).splitlines()
 
 
 def test_scored_answers_the_question_leaves_no_token_are_refused_before_ray(tmp_path, tiny_lm, monkeypatch):
     """A holdout question that fills max_length (never trained on, so no training check sees
     it) leaves its answer, paraphrase and perturbed answers unscored: counted, refused."""
-    from hamu_ray.engine.data import DataError
-    from hamu_ray.pipeline.stages import run_pipeline
-
     rows = with_truth(qa_rows())
     holdout = rows[40:50]
     holdout[2] = {**holdout[2], "question": " ".join([holdout[2]["question"]] * 20)}
     cfg = own_config(tmp_path, tiny_lm, {"forget": rows[:10], "retain": rows[10:40], "holdout": holdout},
                      max_length=longest_row(tiny_lm, rows[:50]))  # every other row whole
-    no_ray_before_refusal(monkeypatch)
-    with pytest.raises(DataError) as refused:
-        run_pipeline(cfg)
-    assert str(refused.value) == (
+    assert refusal_lines(cfg, monkeypatch) == [
         f"holdout set {tmp_path / 'in' / 'holdout.parquet'}: within data.text.max_length="
         f"{cfg.data.text.max_length} the question leaves no token of answer in 1 of 10 rows, of "
         "paraphrased_answer in 1 of 10 rows, of perturbed_answers in 1 of 10 rows; raise max_length "
-        "or shorten those questions")
-    assert not (tmp_path / "out").exists()
+        "or shorten those questions"]
 
 
 def test_truth_ratio_columns_that_cannot_be_scored_are_refused_before_ray(tmp_path, tiny_lm, monkeypatch):
-    from hamu_ray.engine.data import DataError
-    from hamu_ray.pipeline.stages import run_pipeline
-
     rows = with_truth(qa_rows())
     forget = [{k: v for k, v in r.items() if k != "perturbed_answers"} for r in rows[:10]]
     holdout = rows[40:50]
@@ -402,24 +401,17 @@ def test_truth_ratio_columns_that_cannot_be_scored_are_refused_before_ray(tmp_pa
     holdout[4] = {**holdout[4], "paraphrased_answer": None}
     cfg = own_config(tmp_path, tiny_lm, {"forget": forget, "retain": rows[10:40], "holdout": holdout},
                      max_length=64)
-    no_ray_before_refusal(monkeypatch)
-    with pytest.raises(DataError) as refused:
-        run_pipeline(cfg)
-    assert str(refused.value).splitlines() == [
+    assert refusal_lines(cfg, monkeypatch) == [
         f"forget set {tmp_path / 'in' / 'forget.parquet'}: has paraphrased_answer but no "
         "perturbed_answers; the truth ratio needs both: add it, or drop the column",
         f"holdout set {tmp_path / 'in' / 'holdout.parquet'}: 2 row(s) whose paraphrased_answer is not "
         "a text or whose perturbed_answers is not a list of 2 texts, as in the other rows: row 1, "
         "row 4; fix or remove them"]
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_fact_column_whose_value_is_not_in_its_answer_is_refused_before_ray(tmp_path, tiny_lm, monkeypatch):
     """`fact` or `answer_value` marks the value the fact metric scores; a value missing from its
     answer names the file and rows (not their text); both columns at once are refused too."""
-    from hamu_ray.engine.data import DataError
-    from hamu_ray.pipeline.stages import run_pipeline
-
     rows = [{**r, "fact": r["answer"].split()[-1]} for r in qa_rows()]
     retain = [{"question": r["question"], "answer": r["answer"], "answer_value": r["fact"]} for r in rows[10:40]]
     retain[3]["answer_value"] = "not in the answer"
@@ -427,15 +419,11 @@ def test_a_fact_column_whose_value_is_not_in_its_answer_is_refused_before_ray(tm
     holdout = [{**r, "answer_value": None} for r in rows[40:50]]  # both columns
     cfg = own_config(tmp_path, tiny_lm, {"forget": rows[:10], "retain": retain, "holdout": holdout},
                      max_length=64)
-    no_ray_before_refusal(monkeypatch)
-    with pytest.raises(DataError) as refused:
-        run_pipeline(cfg)
-    assert str(refused.value).splitlines() == [
+    assert refusal_lines(cfg, monkeypatch) == [
         f"retain set {tmp_path / 'in' / 'retain.parquet'}: 2 row(s) whose answer_value is not a non-empty "
         "text found in their answer: row 3, row 7; the fact metric scores that span of the answer "
         "(leave it empty where a row marks no fact)",
         f"holdout set {tmp_path / 'in' / 'holdout.parquet'}: has both fact and answer_value; keep one"]
-    assert not (tmp_path / "out").exists()
 
 
 def test_with_init_the_scored_sets_are_checked_with_its_tokenizer_before_training(tmp_path):

@@ -49,6 +49,31 @@ def test_a_step_its_rule_stopped_at_is_not_taken(log, taken, cell):
     assert outcomes.no_step_stop(log[-1]["stop"], log) == cell
 
 
+# one row of each kind, as the worker writes them, and whether it is a step taken
+ROWS_TAKEN = [
+    ({"step": 0, "stop": "none", "monitor/forget_prob": 0.5}, False),  # the monitor's starting point
+    ({"step": 0, "stop": "forget_target", "monitor/forget_prob": 0.01}, False),  # target met before a step
+    (rule_step(1), True),
+    (rule_step(2, "forget_target"), True),  # the monitor stopped the run after this step
+    (rule_step(3, "trust_region"), True),  # the trust region stopped it after this step
+    (rule_step(4, "infeasible"), False),  # the rule stopped instead of stepping
+    (rule_step(5, "criterion"), False),
+    ({"step": 6, "stop": "none", "loss/retain": 0.1}, True),  # a method without a guarantee (gdiff)
+]
+
+
+def test_the_receipt_and_the_table_count_steps_taken_by_one_definition():
+    from hamu_ray import receipt
+    from hamu_ray.rules import took_step
+
+    rows = [row for row, _ in ROWS_TAKEN]
+    assert [took_step(row) for row in rows] == [taken for _, taken in ROWS_TAKEN]
+    assert outcomes.steps_taken(rows) == 4
+    guaranteed = [{**row, "guarantee/forget_gain": 0.05, "guarantee/retain_change": 0.01} if "guarantee/B" in row
+                  else row for row in rows]
+    assert receipt.guarantee_record(guaranteed, "hamu-q")["steps"] == 3  # the rows with a B among those taken
+
+
 # ---- the table -----------------------------------------------------------------------------
 
 def test_a_diverged_method_has_its_row_naming_the_step_and_the_others_are_kept():

@@ -138,7 +138,7 @@ def test_mlflow_holds_the_parent_children_metrics_and_plots(pipeline_runs):
     assert [a.path for a in client.list_artifacts(hamu.info.run_id)] == ["receipt.json"]
 
     parent_artifacts = {a.path for a in client.list_artifacts(first.parent_run_id)}
-    assert {"tradeoff.png", "hardness.png", "comparison.csv", "comparison.md", "config.yaml"} <= parent_artifacts
+    assert {"tradeoff.png", "hardness.png", "comparison.csv", "comparison.md", "config.yaml", "run.json"} <= parent_artifacts
     for name in ("tradeoff.png", "hardness.png"):
         assert (first.report_dir / name).read_bytes()[:4] == b"\x89PNG"
     parent = client.get_run(first.parent_run_id)

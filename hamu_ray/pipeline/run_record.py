@@ -1,0 +1,80 @@
+"""Where a pipeline's numbers came from, and the README block made from a run's outputs.
+
+`report/run.json` is written beside the table when a pipeline finishes: the date, the code's
+commit, the machine and the seeds. `hamu-ray report RUN_DIR` prints the table with that line
+above it, so a results table in the README is pasted from a run, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hamu_ray import files
+from hamu_ray.errors import MissingInputError
+
+RECORD = "run.json"
+CODE_DIR = Path(__file__).resolve().parents[2]  # the checkout hamu_ray runs from, if it is one
+
+
+def write_run_record(name: str, seeds: int, report: Path) -> dict:
+    record = {"pipeline": name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "commit": code_commit(), "machine": machine(), "seeds": seeds}
+    files.write_atomic(report / RECORD, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def code_commit() -> str | None:
+    """`git describe --always --dirty` of the checkout the code runs from; None when it is not
+    one (an installed package)."""
+    try:
+        done = subprocess.run(["git", "-C", str(CODE_DIR), "describe", "--always", "--dirty", "--abbrev=12"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def machine() -> dict:
+    """The driver's machine: CPU model, logical cores, memory; GPUs when torch sees any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    record = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1)}
+    import torch
+
+    if torch.cuda.is_available():
+        record["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return record
+
+
+def readme_block(run_dir: Path) -> str:
+    """The run's comparison table (with its notes and, with seeds, the spread) under one line
+    that says when, where and from which commit it was measured."""
+    report = Path(run_dir) / "report"
+    table, record_file = report / "comparison.md", report / RECORD
+    for needed in (table, record_file):
+        if not needed.is_file():
+            raise MissingInputError(f"{needed}: not found; `hamu-ray report` reads the output_dir "
+                                    "of a finished `hamu-ray run` (one that wrote report/run.json)")
+    record = json.loads(record_file.read_text())
+    where = record["machine"]
+    device = ", ".join(where.get("gpus", [])) or f"{where['cpu']}, {where['cores']} cores, {where['memory_gib']} GiB"
+    line = (f"Pipeline `{record['pipeline']}`, {record['seeds']} seed(s), finished {record['finished']} "
+            f"at commit {record['commit'] or 'unknown (not a git checkout)'} on {device}. "
+            f"Made by `hamu-ray report {run_dir}`.")  # the path as given: the README's is relative
+    parts = [line, table.read_text().strip()]
+    spread = report / "spread.md"
+    if spread.is_file() and record["seeds"] > 1:
+        parts.append(spread.read_text().strip())
+    return "\n\n".join(parts) + "\n"

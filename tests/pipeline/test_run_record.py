@@ -1,0 +1,48 @@
+"""`hamu-ray report RUN_DIR`: a finished run's table under the line that says where it came from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from hamu_ray import cli
+from hamu_ray.pipeline import run_record
+
+TABLE = "| model | forget_prob |\n|---|---|\n| original | 0.900 |\n| hamu-q | 0.100 |\n\nNotes:\n- a note\n"
+
+
+def finished_run(tmp_path, seeds=1):
+    report = tmp_path / "run" / "report"
+    report.mkdir(parents=True)
+    (report / "comparison.md").write_text(TABLE)
+    (report / "spread.md").write_text("| metric | p |\n|---|---|\n| forget_prob | 0.01 |\n")
+    return tmp_path / "run", run_record.write_run_record("country-qa", seeds, report)
+
+
+def test_the_record_names_this_checkout_and_this_machine(tmp_path):
+    _, record = finished_run(tmp_path)
+    head = subprocess.run(["git", "-C", str(run_record.CODE_DIR), "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert record["commit"].startswith(head)  # this checkout, "-dirty" when it has edits
+    assert record["machine"]["cores"] >= 1 and record["machine"]["memory_gib"] > 0
+    assert record["pipeline"] == "country-qa" and record["seeds"] == 1
+    assert json.loads((tmp_path / "run" / "report" / "run.json").read_text()) == record
+
+
+def test_the_block_is_the_table_as_written_under_its_provenance(tmp_path, capsys):
+    run, record = finished_run(tmp_path, seeds=3)
+    assert cli.main(["report", str(run)]) == 0
+    printed = capsys.readouterr().out
+    first, rest = printed.split("\n\n", 1)
+    assert first == (f"Pipeline `country-qa`, 3 seed(s), finished {record['finished']} at commit "
+                     f"{record['commit']} on {record['machine']['cpu']}, {record['machine']['cores']} cores, "
+                     f"{record['machine']['memory_gib']} GiB. Made by `hamu-ray report {run}`.")
+    assert rest.startswith(TABLE.strip()) and rest.endswith("| forget_prob | 0.01 |\n")  # table, notes, spread
+
+
+def test_one_seed_has_no_spread_and_a_run_without_a_record_is_named(tmp_path, capsys):
+    run, _ = finished_run(tmp_path, seeds=1)
+    assert "forget_prob | 0.01" not in run_record.readme_block(run)
+    (run / "report" / "run.json").unlink()
+    assert cli.main(["report", str(run)]) == 2
+    assert f"{run / 'report' / 'run.json'}: not found" in capsys.readouterr().err
