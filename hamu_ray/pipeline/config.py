@@ -228,6 +228,21 @@ class PipelineMonitor(Section):
         return value
 
 
+class RobustnessSection(Section):
+    """Attacks on every evaluated model (the original, the oracle, each method's run) that try
+    to bring the forgotten knowledge back; the forget metrics are scored again after each, with
+    the share of the forgetting they undo (hamu_ray.attacks)."""
+    quantize: list[Literal[8, 4]] = Field(min_length=1)  # bits: the linear layers fake-quantized
+    # round-to-nearest (int8 per output channel, int4 in groups of 128), e.g. [8, 4]
+
+    @field_validator("quantize")
+    @classmethod
+    def _once_each(cls, bits: list[int]) -> list[int]:
+        if len(set(bits)) != len(bits):
+            raise ValueError("a width listed twice: give each once, e.g. [8, 4]")
+        return bits
+
+
 def seed_run_name(key: str, index: int, seed: int) -> str:
     """A method's run with its `index`-th seed: the label for the first (so seeds: 1 names and
     caches its runs as before seeds existed), `<label>-seed<seed>` for the others."""
@@ -251,6 +266,8 @@ class PipelineConfig(Section):
     monitor: PipelineMonitor | None = None  # evaluation during unlearning; None: end points only
     seeds: int = Field(1, ge=1)  # runs of every method (seed data.seed + i: data order, every
     # random draw); the table shows mean ± sd over them. The original and the oracle: one each
+    robustness: RobustnessSection | None = None  # language models: attacks re-scored after the
+    # evaluation (quantize: [8, 4]); None: none
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -291,6 +308,9 @@ class PipelineConfig(Section):
         if self.tune is not None:
             self._check_search(self.tune)
         self._check_seed_runs(keys)
+        if self.robustness is not None and not self.is_lm:
+            raise FieldError("robustness", "the attacks are scored on a language model's forget set "
+                             f"(model.kind causal_lm); remove it for a {self.model.kind} model")
         if self.monitor is not None and self.monitor.stop_at == "oracle" and not self.has_oracle:
             raise ValueError("monitor.stop_at: oracle needs an oracle model (model.oracle); give "
                              "one, or a forget probability to stop at")

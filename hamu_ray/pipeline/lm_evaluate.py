@@ -8,12 +8,15 @@ Only numbers leave a task: the forget rows' text and the model's answers to them
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from hamu_ray.attacks.quantize import fake_quantize
+from hamu_ray.attacks.recovery import recovered_share
 from hamu_ray.pipeline import lm_metrics
 from hamu_ray.tasks.causal_lm import (IGNORE, TextData, encode_qa, has_target, load_tokenizer, pad_batch,
                                       prompt_tokens, sequence_scores, truncate, uses_chat_template)
@@ -26,15 +29,18 @@ TABLE_COLUMNS = ("model", "forget_prob", "forget_rouge", "forget_truth", "forget
                  "retain_prob", "retain_rouge", "retain_truth", "retain_fact", "holdout_fact",
                  "utility_prob", "model_utility", "forget_quality", "mia_auc", "priv_leak",
                  "steps", "stop", "wall_s")
+ATTACKED = ("forget_prob", "forget_rouge", "forget_fact")  # scored again under each attack (robustness)
 
 
 # ---- per-example scores (in a Ray task) -------------------------------------------------------
 
 def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool = False,
-                batch_size: int = 64, max_new_tokens: int = 32) -> dict[str, dict[str, np.ndarray]]:
+                batch_size: int = 64, max_new_tokens: int = 32,
+                quantize_bits: int | None = None) -> dict[str, dict[str, np.ndarray]]:
     """For every row of each set (parquet): the answer's summed log-prob and token count, its
     Min-K% score, the ROUGE-L recall of the greedy answer; with the optional columns, the
-    paraphrased answer's and each perturbed answer's mean token log-prob (log P̃)."""
+    paraphrased answer's and each perturbed answer's mean token log-prob (log P̃).
+    `quantize_bits`: the model's linear layers fake-quantized to 8 or 4 bits first (attacks.quantize)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -42,6 +48,8 @@ def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool 
     cfg = TextData(**text)
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if quantize_bits is not None:
+        model = fake_quantize(model, quantize_bits)
     model.eval()
     out = {}
     with torch.no_grad():
@@ -197,23 +205,44 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], cfg: TextData, ba
     return answers
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """One `score_model` call: model `name` on some sets, fake-quantized to `quantize_bits`
+    first (None: as it is)."""
+    name: str
+    model_dir: str
+    sets: dict[str, str]
+    quantize_bits: int | None = None
+
+    @property
+    def label(self) -> str:  # the progress line's
+        return self.name if self.quantize_bits is None else f"{self.name} at int{self.quantize_bits}"
+
+
 def score_models(models: dict[str, str], sets: dict[str, str], text: dict, *,
                  bf16: bool = False) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """`score_model` for every model as a Ray task (one CPU each, as many at once as fit); a
-    progress line as each finishes."""
+    """`score_model` for every model on every set (score_all)."""
+    return score_all({name: Scoring(name, path, sets) for name, path in models.items()}, text, bf16=bf16)
+
+
+def score_all(scorings: dict[Hashable, Scoring], text: dict, *,
+              bf16: bool = False) -> dict[Hashable, dict[str, dict[str, np.ndarray]]]:
+    """Every `score_model` call as a Ray task (one CPU each, as many at once as fit), by the
+    caller's keys; a progress line as each finishes."""
     import ray
 
     # DEFAULT: outside the caller's placement group (a search trial's has no CPU to give)
     task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(score_model)
-    pending = {task.remote(path, sets, text, bf16=bf16): name for name, path in models.items()}
+    pending = {task.remote(s.model_dir, s.sets, text, bf16=bf16, quantize_bits=s.quantize_bits): key
+               for key, s in scorings.items()}
     results, start = {}, time.monotonic()
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(done[0])
-        results[name] = ray.get(done[0])
-        print(f"[evaluate] {name} scored ({len(results)}/{len(models)}, "
+        key = pending.pop(done[0])
+        results[key] = ray.get(done[0])
+        print(f"[evaluate] {scorings[key].label} scored ({len(results)}/{len(scorings)}, "
               f"{time.monotonic() - start:.0f} s)", flush=True)
-    return {name: results[name] for name in models}
+    return {key: results[key] for key in scorings}
 
 
 # ---- metrics (on the driver) ------------------------------------------------------------------
@@ -228,11 +257,8 @@ def model_metrics(scores: dict[str, dict[str, np.ndarray]],
                   oracle: dict[str, dict[str, np.ndarray]] | None) -> dict[str, float | None]:
     """TOFU's and MUSE's metrics from per-example scores; those that need the oracle (or the
     truth-ratio columns) are None when it (or they) are absent, never 0."""
-    m: dict[str, float | None] = {}
-    for name in ("forget", "retain"):
-        s = scores[name]
-        m[f"{name}_prob"] = float(lm_metrics.probability(s["logprob"], s["count"]).mean())
-        m[f"{name}_rouge"] = float(s["rouge"].mean())
+    m: dict[str, float | None] = {**answer_metrics("forget", scores["forget"]),
+                                  **answer_metrics("retain", scores["retain"])}
     forget_ratios, retain_ratios = truth_ratios(scores["forget"]), truth_ratios(scores["retain"])
     m["forget_truth"] = None if forget_ratios is None else lm_metrics.truth_ratio_forget_score(forget_ratios)
     m["retain_truth"] = None if retain_ratios is None else lm_metrics.truth_ratio_retain_score(retain_ratios)
@@ -252,6 +278,37 @@ def model_metrics(scores: dict[str, dict[str, np.ndarray]],
             m["priv_leak"] = lm_metrics.privacy_leakage(m["mia_auc"], lm_metrics.membership_auc(
                 oracle["forget"]["min_k"], oracle["holdout"]["min_k"]))
     return m
+
+
+def answer_metrics(name: str, s: dict[str, np.ndarray]) -> dict[str, float]:
+    """A set's mean answer probability (`<set>_prob`) and greedy answers' ROUGE-L recall (`<set>_rouge`)."""
+    return {f"{name}_prob": float(lm_metrics.probability(s["logprob"], s["count"]).mean()),
+            f"{name}_rouge": float(s["rouge"].mean())}
+
+
+def quantization_columns(bits: Sequence[int]) -> tuple[str, ...]:
+    """The table's columns of the quantization attacks: per width each ATTACKED metric of the
+    quantized model and its recovered share."""
+    return tuple(column for b in bits for metric in ATTACKED
+                 for column in (f"{metric}_int{b}", recovered_column(metric, b)))
+
+
+def recovered_column(metric: str, bits: int) -> str:
+    return f"recovered_{metric.removeprefix('forget_')}_int{bits}"  # forget_prob → recovered_prob_int4
+
+
+def quantization_metrics(model: dict, original: dict,
+                         forget_scores: dict[int, dict[str, np.ndarray]]) -> dict[str, float | None]:
+    """A model's quantization_columns, from its forget set's scores per width (`forget_scores`)
+    and the ATTACKED metrics of the model itself and of the original: the recovered share of
+    each is (quantized − model) / (original − model), None for the original (attacks.recovery)."""
+    row: dict[str, float | None] = {}
+    for bits, forget in forget_scores.items():
+        quantized = {**answer_metrics("forget", forget), "forget_fact": fact_metrics({"forget": forget})["forget_fact"]}
+        for metric in ATTACKED:
+            row[f"{metric}_int{bits}"] = quantized[metric]
+            row[recovered_column(metric, bits)] = recovered_share(original[metric], model[metric], quantized[metric])
+    return row
 
 
 def utility_scores(scores: dict[str, dict[str, np.ndarray]]) -> list[float]:

@@ -27,6 +27,7 @@ EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout",
               "utility": "utility"}  # scored set → file
 FACT_COLUMNS = ("fact", "answer_value")  # the user's name for the value's text (prepared: fact)
 PRETRAIN = "pretrain"  # the built-in sets' pretraining text (a `text` column)
+PER_EXAMPLE_QUANTIZED = "per_example_quantized.parquet"  # the forget rows' scores under robustness.quantize
 
 
 def build_sets(cfg, directory: Path) -> dict:
@@ -264,46 +265,83 @@ def measure(ruler: LMYardstick, model_dir: Path) -> dict:
     return lm_evaluate.model_metrics(scores["model"], ruler.oracle)
 
 
+def quantize_bits(cfg) -> list[int]:
+    """The widths of the quantization attack (robustness.quantize; none without it)."""
+    return list(cfg.robustness.quantize) if cfg.robustness is not None else []
+
+
+def table_columns(cfg) -> tuple[str, ...]:
+    """The comparison's columns: TABLE_COLUMNS, and the attacks' before steps, stop and wall_s."""
+    *metrics, steps, stop, wall = lm_evaluate.TABLE_COLUMNS
+    return (*metrics, *lm_evaluate.quantization_columns(quantize_bits(cfg)), steps, stop, wall)
+
+
 def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[dict]:
     """Every stage's exported model scored on forget, retain (sample) and holdout; TOFU's and
-    MUSE's metrics against the oracle; per-row scores written to report/per_example.parquet."""
+    MUSE's metrics against the oracle; with robustness.quantize, the forget set scored again
+    per width with the model fake-quantized, in the same Ray tasks' way; per-row scores written
+    to report/per_example.parquet (and report/per_example_quantized.parquet)."""
     sets = {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared}
-    scores = lm_evaluate.score_models({name: str(stage.model_dir) for name, stage in stages.items()},
-                                      sets, cfg.data.text.model_dump(), bf16=cfg.model.dtype == "bf16")
+    scorings = {name: lm_evaluate.Scoring(name, str(stage.model_dir), sets) for name, stage in stages.items()}
+    attacks = {(name, bits): lm_evaluate.Scoring(name, str(stage.model_dir), {"forget": sets["forget"]}, bits)
+               for name, stage in stages.items() for bits in quantize_bits(cfg)}
+    scored = lm_evaluate.score_all({**scorings, **attacks}, cfg.data.text.model_dump(),
+                                   bf16=cfg.model.dtype == "bf16")
+    scores = {name: scored[name] for name in scorings}
+    quantized = {key: scored[key]["forget"] for key in attacks}  # (model, bits) → forget scores
     write_per_example(scores, sets, digests.output_key(Path(cfg.output_dir).resolve()),
-                      report / "per_example.parquet")
+                      report / "per_example.parquet", quantized)
     oracle = scores.get("oracle")
+    metrics = {name: lm_evaluate.model_metrics(scores[name], oracle) for name in stages}
     rows = []
     for name, stage in stages.items():
-        metrics = lm_evaluate.model_metrics(scores[name], oracle)
+        attacked = lm_evaluate.quantization_metrics(
+            metrics[name], metrics["original"], {bits: s for (model, bits), s in quantized.items() if model == name})
         summary = stage.summary
-        rows.append({"model": name, **metrics, "steps": summary["steps"], "stop": summary["stop"],
-                     "wall_s": summary["wall_s"]})
-    return [{c: row.get(c) for c in lm_evaluate.TABLE_COLUMNS} for row in rows]
+        rows.append({"model": name, **metrics[name], **attacked, "steps": summary["steps"],
+                     "stop": summary["stop"], "wall_s": summary["wall_s"]})
+    return [{c: row.get(c) for c in table_columns(cfg)} for row in rows]
 
 
-def write_per_example(scores: dict, sets: dict[str, str], key: digests.DigestKey, path: Path) -> None:
+def write_per_example(scores: dict, sets: dict[str, str], key: digests.DigestKey, path: Path,
+                      quantized: dict[tuple[str, int], dict] | None = None) -> None:
     """One row per (model, set, example): numbers and the row's keyed digest (the receipts' row
-    digest, hamu_ray.digests), no text."""
+    digest, hamu_ray.digests), no text. With `quantized` ((model, bits) → forget scores) the
+    forget rows of each model fake-quantized go beside it, in PER_EXAMPLE_QUANTIZED with their
+    `quantize_bits` (a file of their own: a reader of per_example.parquet by model and set keeps
+    getting one row per example); without, an earlier run's is removed."""
     rows = {name: digests.row_digests(p, key) for name, p in sets.items()}
-    columns: dict[str, list] = {k: [] for k in ("model", "set", "row", "row_digest", "probability",
+    write_score_rows([({"model": model}, name, s) for model, per_set in scores.items()
+                      for name, s in per_set.items()], rows, path)
+    attacked = path.with_name(PER_EXAMPLE_QUANTIZED)
+    if quantized:
+        write_score_rows([({"model": model, "quantize_bits": bits}, "forget", s)
+                          for (model, bits), s in quantized.items()], rows, attacked)
+    else:
+        attacked.unlink(missing_ok=True)
+
+
+def write_score_rows(scored: list[tuple[dict, str, dict]], row_digests: dict[str, list[str]], path: Path) -> None:
+    """A parquet file of per-example scores: per (leading columns, set, scores) a row per example."""
+    leading = list(scored[0][0]) if scored else ["model"]
+    columns: dict[str, list] = {k: [] for k in (*leading, "set", "row", "row_digest", "probability",
                                                 "rouge_l_recall", "min_k", "truth_ratio",
                                                 "fact_probability", "fact_exact")}
-    for model, per_set in scores.items():
-        for name, s in per_set.items():
-            n = len(s["logprob"])
-            ratios = lm_evaluate.truth_ratios(s)
-            columns["model"] += [model] * n
-            columns["set"] += [name] * n
-            columns["row"] += list(range(n))
-            columns["row_digest"] += rows[name]
-            columns["probability"] += lm_metrics.probability(s["logprob"], s["count"]).tolist()
-            columns["rouge_l_recall"] += s["rouge"].tolist()
-            columns["min_k"] += s["min_k"].tolist()
-            columns["truth_ratio"] += [None] * n if ratios is None else ratios.tolist()
-            marked = ~np.isnan(s["fact_logprob"]) if "fact_logprob" in s else np.zeros(n, dtype=bool)
-            facts = lm_metrics.fact_probability(s["fact_logprob"]) if marked.any() else np.zeros(n)
-            columns["fact_probability"] += [float(p) if k else None for p, k in zip(facts, marked)]
-            columns["fact_exact"] += [bool(s["fact_exact"][i]) if k else None for i, k in enumerate(marked)]
+    for first, name, s in scored:
+        n = len(s["logprob"])
+        ratios = lm_evaluate.truth_ratios(s)
+        for column, value in first.items():
+            columns[column] += [value] * n
+        columns["set"] += [name] * n
+        columns["row"] += list(range(n))
+        columns["row_digest"] += row_digests[name]
+        columns["probability"] += lm_metrics.probability(s["logprob"], s["count"]).tolist()
+        columns["rouge_l_recall"] += s["rouge"].tolist()
+        columns["min_k"] += s["min_k"].tolist()
+        columns["truth_ratio"] += [None] * n if ratios is None else ratios.tolist()
+        marked = ~np.isnan(s["fact_logprob"]) if "fact_logprob" in s else np.zeros(n, dtype=bool)
+        facts = lm_metrics.fact_probability(s["fact_logprob"]) if marked.any() else np.zeros(n)
+        columns["fact_probability"] += [float(p) if k else None for p, k in zip(facts, marked)]
+        columns["fact_exact"] += [bool(s["fact_exact"][i]) if k else None for i, k in enumerate(marked)]
     with files.atomic_path(path, mode=0o600) as tmp:
         pq.write_table(pa.table(columns), tmp)

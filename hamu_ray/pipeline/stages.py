@@ -23,7 +23,6 @@ from hamu_ray import digests, files, receipt
 from hamu_ray.engine import data, monitor
 from hamu_ray.pipeline import datasets
 from hamu_ray.pipeline import evaluate
-from hamu_ray.pipeline import lm_evaluate
 from hamu_ray.pipeline import lm_pipeline
 from hamu_ray.pipeline import outcomes
 from hamu_ray.pipeline import plots
@@ -269,7 +268,7 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
     spread = seeds.write_spread(cfg, runs, table_columns(cfg), report)
     run_record.write_run_record(cfg.name, cfg.seeds, report)
     names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png",
-             "per_example.parquet", run_record.RECORD, *seeds.SEED_FILES)
+             "per_example.parquet", lm_pipeline.PER_EXAMPLE_QUANTIZED, run_record.RECORD, *seeds.SEED_FILES)
     for name in names:
         if (report / name).exists():
             tracker.log_artifact(report / name)
@@ -571,7 +570,7 @@ def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, Sta
 
 
 def table_columns(cfg: PipelineConfig) -> tuple[str, ...]:
-    return lm_evaluate.TABLE_COLUMNS if cfg.is_lm else evaluate.TABLE_COLUMNS
+    return lm_pipeline.table_columns(cfg) if cfg.is_lm else evaluate.TABLE_COLUMNS
 
 
 def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageOutput], report: Path,

@@ -223,3 +223,61 @@ def test_fact_and_utility_metrics_by_hand():
     utility["perturbed_logp"] = np.log([[0.25], [0.25]])  # R = 0.5: truth score 0.5
     m = lm_evaluate.model_metrics({"forget": forget, "retain": retain, "utility": utility}, None)
     assert m["model_utility"] == pytest.approx(6 / (1 / 0.7 + 1 / 0.8 + 1 / 0.25 + 1 / 0.4 + 1 / 0.5 + 1 / 0.5))
+
+
+# ---- the quantization attack (robustness.quantize) ---------------------------------------------
+
+def test_quantization_metrics_by_hand_recover_0_scored_twice_and_1_as_the_original():
+    """Each width's forget metrics from the quantized model's forget scores alone, and the share
+    of the model's forgetting they undo: (quantized − model) / (original − model)."""
+    original = scores_of([0.9, 0.7], [1.0, 0.5], [-1.0, -1.0])
+    original.update(fact_logprob=np.log([0.8, 0.6]), fact_exact=np.array([True, True]))
+    unlearned = scores_of([0.1, 0.3], [0.0, 0.5], [-2.0, -2.0])
+    unlearned.update(fact_logprob=np.log([0.2, 0.4]), fact_exact=np.array([False, False]))
+    quantized = scores_of([0.5, 0.5], [0.0, 0.5], [-2.0, -2.0])
+    quantized.update(fact_logprob=np.log([0.5, np.nan]), fact_exact=np.array([True, False]))
+    metrics = {name: {**lm_evaluate.answer_metrics("forget", s), **lm_evaluate.fact_metrics({"forget": s})}
+               for name, s in (("original", original), ("unlearned", unlearned))}
+    row = lm_evaluate.quantization_metrics(metrics["unlearned"], metrics["original"],
+                                           {8: unlearned, 4: quantized})
+    assert list(row) == list(lm_evaluate.quantization_columns([8, 4]))
+    # int8 here scores exactly as the unlearned model: nothing recovered
+    assert row["forget_prob_int8"] == pytest.approx(0.2) and row["recovered_prob_int8"] == 0
+    assert row["recovered_rouge_int8"] == 0 and row["recovered_fact_int8"] == 0
+    # int4: probability 0.5 of original 0.8, unlearned 0.2 → 0.5; ROUGE unchanged 0.25 of
+    # original 0.75 → 0; fact 0.5 (its one marked row) of original 0.7, unlearned 0.3 → 0.5
+    assert row["forget_prob_int4"] == pytest.approx(0.5) and row["recovered_prob_int4"] == pytest.approx(0.5)
+    assert row["forget_rouge_int4"] == pytest.approx(0.25) and row["recovered_rouge_int4"] == pytest.approx(0)
+    assert row["forget_fact_int4"] == pytest.approx(0.5) and row["recovered_fact_int4"] == pytest.approx(0.5)
+    restored = lm_evaluate.quantization_metrics(metrics["unlearned"], metrics["original"], {4: original})
+    assert [restored[f"recovered_{m}_int4"] for m in ("prob", "rouge", "fact")] == pytest.approx([1, 1, 1])
+    # the original's own row: nothing forgotten, no share; a set without facts: no fact columns
+    own = lm_evaluate.quantization_metrics(metrics["original"], metrics["original"], {4: quantized})
+    assert own["forget_prob_int4"] == pytest.approx(0.5) and own["recovered_prob_int4"] is None
+    bare = {k: v for k, v in unlearned.items() if not k.startswith("fact_")}
+    no_facts = lm_evaluate.quantization_metrics(metrics["unlearned"], metrics["original"], {4: bare})
+    assert no_facts["forget_fact_int4"] is None and no_facts["recovered_fact_int4"] is None
+
+
+def test_a_quantized_scoring_scores_the_fake_quantized_model(tiny_lm, qa_file, scored, tmp_path):
+    """score_model with quantize_bits scores what a saved fake-quantized copy of the model scores,
+    and int4 moves the scores of the model as it is."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from hamu_ray.attacks.quantize import fake_quantize
+
+    path, _ = qa_file
+    saved = tmp_path / "int4"
+    shutil.copytree(tiny_lm, saved)
+    fake_quantize(AutoModelForCausalLM.from_pretrained(tiny_lm), 4).save_pretrained(saved)
+    text = TextData().model_dump()
+    attacked = lm_evaluate.score_model(str(tiny_lm), {"forget": path}, text, batch_size=4, max_new_tokens=6,
+                                       quantize_bits=4)["forget"]
+    reference = lm_evaluate.score_model(str(saved), {"forget": path}, text, batch_size=4,
+                                        max_new_tokens=6)["forget"]
+    assert attacked.keys() == reference.keys() == scored.keys()
+    for key in reference:
+        np.testing.assert_allclose(attacked[key], reference[key], rtol=1e-5, err_msg=key)
+    assert np.abs(attacked["logprob"] - scored["logprob"]).max() > 1e-3

@@ -50,22 +50,60 @@ def qa_run(tmp_path_factory, ray_cluster):  # one Ray for both pipelines of this
     from hamu_ray.pipeline.stages import run_pipeline
 
     out = tmp_path_factory.mktemp("country-qa") / "run"
-    cfg = qa_config(out, small)
+    cfg = qa_config(out, lambda raw: (small(raw), raw.update(robustness={"quantize": [8, 4]})))
     result = run_pipeline(cfg)
     return out, cfg, result
 
 
 @pytest.mark.integration
 def test_every_model_is_scored_and_the_oracle_is_its_own_yardstick(qa_run):
-    _, _, result = qa_run
+    from hamu_ray.pipeline.stages import table_columns
+
+    _, cfg, result = qa_run
     rows = {row["model"]: row for row in result.rows}
     assert list(rows) == ["original", "oracle", "hamu-q"]
     for row in rows.values():
-        assert list(row) == list(TABLE_COLUMNS)
+        assert list(row) == list(table_columns(cfg))
         assert all(math.isfinite(row[c]) for c in TABLE_COLUMNS if c not in ("model", "stop")), row
         assert 0 <= row["forget_rouge"] <= 1 and 0 <= row["model_utility"] <= 1
     assert rows["oracle"]["forget_quality"] == 1.0 and rows["oracle"]["priv_leak"] == 0.0
     assert "forget_quality" in result.table and "hamu-q" in result.table
+
+
+@pytest.mark.integration
+def test_the_quantization_attack_rescores_every_models_forget_set_and_its_recovered_share(qa_run):
+    """robustness.quantize: [8, 4]. Each model's forget rows scored again by the evaluation's Ray
+    tasks with its linear layers fake-quantized (per_example_quantized.parquet); the table's
+    columns are their means and the recovered share against the original, which has none."""
+    from hamu_ray.attacks.recovery import recovered_share
+
+    _, _, result = qa_run
+    rows = {row["model"]: row for row in result.rows}
+    per_example = pq.read_table(result.report_dir / "per_example.parquet").to_pylist()
+    quantized = pq.read_table(result.report_dir / "per_example_quantized.parquet").to_pylist()
+    client = mlflow.MlflowClient(result.tracking_uri)
+    logged = client.get_run(result.parent_run_id).data.metrics
+    assert "per_example_quantized.parquet" in {a.path for a in client.list_artifacts(result.parent_run_id)}
+    for name, row in rows.items():
+        plain = [r for r in per_example if r["model"] == name and r["set"] == "forget"]
+        for bits in (8, 4):
+            attacked = [r for r in quantized if r["model"] == name and r["quantize_bits"] == bits]
+            assert {r["set"] for r in attacked} == {"forget"}
+            assert [r["row_digest"] for r in attacked] == [r["row_digest"] for r in plain]
+            mean = sum(r["probability"] for r in attacked) / len(attacked)
+            assert row[f"forget_prob_int{bits}"] == pytest.approx(mean, rel=1e-9)
+            facts = [r["fact_probability"] for r in attacked if r["fact_probability"] is not None]
+            assert facts and row[f"forget_fact_int{bits}"] == pytest.approx(sum(facts) / len(facts), rel=1e-9)
+            for metric in ("prob", "rouge", "fact"):
+                share = recovered_share(rows["original"][f"forget_{metric}"], row[f"forget_{metric}"],
+                                        row[f"forget_{metric}_int{bits}"])
+                assert row[f"recovered_{metric}_int{bits}"] == (None if share is None else pytest.approx(share))
+            if name == "original":
+                assert row[f"recovered_prob_int{bits}"] is None
+            else:
+                assert math.isfinite(row[f"recovered_prob_int{bits}"])
+                assert logged[f"{name}/recovered_prob_int{bits}"] == pytest.approx(row[f"recovered_prob_int{bits}"])
+    assert "recovered_prob_int4" in result.table
 
 
 @pytest.mark.integration
@@ -405,6 +443,24 @@ def test_with_init_the_scored_sets_are_checked_with_its_tokenizer_before_trainin
     assert [line.split(" set ")[0] for line in lines] == ["forget", "retain", "holdout", "utility"]
     assert "(its scored sample): within data.text.max_length=4 the question leaves no token of answer in 40 of 40 rows" in lines[1]
     assert not list((tmp_path / "out" / "stages").glob("original-*"))
+
+
+def test_robustness_quantize_adds_its_columns_before_steps_and_leaves_the_stage_keys(tmp_path):
+    """Per width, each forget metric quantized and its recovered share; without the section the
+    table and every stage's job are those of a pipeline written before it existed."""
+    from hamu_ray.pipeline.stages import table_columns, training_job, unlearning_job
+
+    plain = qa_config(tmp_path / "out")
+    attacked = qa_config(tmp_path / "out", lambda raw: raw.update(robustness={"quantize": [8, 4]}))
+    assert plain.robustness is None and table_columns(plain) == TABLE_COLUMNS
+    added = tuple(f"{column}_int{bits}" for bits in (8, 4)
+                  for column in ("forget_prob", "recovered_prob", "forget_rouge", "recovered_rouge",
+                                 "forget_fact", "recovered_fact"))
+    assert table_columns(attacked) == (*TABLE_COLUMNS[:-3], *added, "steps", "stop", "wall_s")
+    prepared = {name: f"/sets/{name}.parquet" for name in ("forget", "retain", "train")}
+    for entry in plain.methods:
+        assert unlearning_job(plain, entry, prepared, Path("/m")) == unlearning_job(attacked, entry, prepared, Path("/m"))
+    assert training_job(plain, prepared["train"], Path("/m")) == training_job(attacked, prepared["train"], Path("/m"))
 
 
 # ---- the threshold search on a language model -------------------------------------------------

@@ -426,6 +426,11 @@ def test_a_users_classifier_inputs_are_refused_before_ray(pipeline_runs, tmp_pat
         model={"kind": "causal_lm", "path": "/models/x"}, monitor={"stop_at": "oracle"}, pretrain=None,
         data={"source": "files", "forget": "f.parquet", "retain": "r.parquet"}),
      "monitor.stop_at: oracle needs an oracle model"),
+    (COUNTRY_QA, lambda raw: raw.update(robustness={"quantize": [8, 3]}), "robustness.quantize.1: Input should be 8 or 4"),
+    (COUNTRY_QA, lambda raw: raw.update(robustness={"quantize": [4, 4]}), "robustness.quantize: Value error, a width listed twice"),
+    (COUNTRY_QA, lambda raw: raw.update(robustness={}), "robustness.quantize: Field required"),
+    (PIPELINE, lambda raw: raw.update(robustness={"quantize": [8]}),
+     "robustness: the attacks are scored on a language model's forget set"),
 ])
 def test_pipeline_errors_name_the_file_and_the_field(tmp_path, pipeline, edit, needle):
     raw = yaml.safe_load(pipeline.read_text())
