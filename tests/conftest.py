@@ -21,13 +21,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray for one test module, started as `hamu-ray` starts its embedded one (one CPU a
-    core, idle workers kept for the next stage), shut down after it."""
-    from hamu_ray.engine.config import ClusterSection
-    from hamu_ray.engine.driver import ray_session
+    """A local Ray for one test module (2 CPUs), shut down after it."""
+    import ray
 
-    with ray_session(ClusterSection()):
-        yield
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
