@@ -39,12 +39,15 @@ class StopReason(str, enum.Enum):
         return list(StopReason).index(self) + 1
 
 
+RULE_STOPS = frozenset(reason.value for reason in StopReason)  # a step log's stop cell when no step was taken
+
+
 def took_step(record: dict) -> bool:
     """Whether a row of a run's step log (as the engine's worker writes it) is an optimizer step
     taken: every row numbered ≥ 1 but one whose rule stopped instead of stepping (a StopReason).
     Step 0 is the monitor's starting point; a step after which the monitor or the trust region
     stopped the run was taken. The one definition for the receipt and the pipeline's table."""
-    return record.get("step", 0) >= 1 and record["stop"] not in {reason.value for reason in StopReason}
+    return record.get("step", 0) >= 1 and record["stop"] not in RULE_STOPS
 
 
 class NonFiniteStatsError(UserError, FloatingPointError):
