@@ -103,6 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
 def build(cfg: UnlearnConfig):
     """(task, DeepSpeed engine, (retain_loss, forget_loss)): the task's original model wrapped at
     the configured ZeRO stage, and the method's losses (with its frozen reference, if any)."""
+    eng.import_deepspeed()  # first: transformers' ZeRO-3 integration would import it with MLflow
     torch.manual_seed(cfg.train.seed)
     task = task_for(cfg)
     ds_config = eng.deepspeed_config(

@@ -251,3 +251,19 @@ def test_objectives_and_implicit_surgery_match_the_single_process_run(distribute
         torch.testing.assert_close(result["state"][name], expected, rtol=0, atol=1e-5, msg=name)
     if weight is not None:
         assert result["weight"] == pytest.approx(weight, abs=1e-6) and weight != 1.0
+
+
+def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports_after():
+    """A worker's DeepSpeed import skips the autotuner's MLflow import (seconds of every start);
+    MLflow is still there for whoever imports it next, and a process that has it keeps it."""
+    import subprocess
+
+    script = ("import sys\n"
+              "from hamu_ray.engine.deepspeed_engine import import_deepspeed\n"
+              "deepspeed = import_deepspeed()\n"
+              "assert deepspeed.initialize and 'mlflow' not in sys.modules, sorted(sys.modules)\n"
+              "import mlflow\n"
+              "assert mlflow.MlflowClient and import_deepspeed() is deepspeed\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr[-2000:]
