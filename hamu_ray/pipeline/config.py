@@ -228,19 +228,38 @@ class PipelineMonitor(Section):
         return value
 
 
+class RelearnSection(Section):
+    """The relearning attack (arXiv 2410.08827, 2406.13356): each model fine-tuned `steps` AdamW
+    steps on a held-apart part of the forget set, then its other rows scored; with `benign`, the
+    same steps on retain rows alone, scored on the same rows."""
+    share: float = Field(0.1, gt=0, lt=1)  # of the forget set's entities (its `entity` column;
+    # of its rows where it has none) held apart to relearn on, at least one; the rest is scored
+    steps: int = Field(10, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: train.lr, the rate the original learned them at
+    batch_size: int = Field(8, gt=0)
+    benign: bool = True  # also relearn on retain rows only (steps × batch_size of them)
+
+
 class RobustnessSection(Section):
     """Attacks on every evaluated model (the original, the oracle, each method's run) that try
     to bring the forgotten knowledge back; the forget metrics are scored again after each, with
     the share of the forgetting they undo (hamu_ray.attacks)."""
-    quantize: list[Literal[8, 4]] = Field(min_length=1)  # bits: the linear layers fake-quantized
-    # round-to-nearest (int8 per output channel, int4 in groups of 128), e.g. [8, 4]
+    quantize: list[Literal[8, 4]] | None = Field(None, min_length=1)  # bits: the linear layers
+    # fake-quantized round-to-nearest (int8 per output channel, int4 in groups of 128), e.g. [8, 4]
+    relearn: RelearnSection | None = None
 
     @field_validator("quantize")
     @classmethod
-    def _once_each(cls, bits: list[int]) -> list[int]:
-        if len(set(bits)) != len(bits):
+    def _once_each(cls, bits: list[int] | None) -> list[int] | None:
+        if bits is not None and len(set(bits)) != len(bits):
             raise ValueError("a width listed twice: give each once, e.g. [8, 4]")
         return bits
+
+    @model_validator(mode="after")
+    def _an_attack(self) -> "RobustnessSection":
+        if self.quantize is None and self.relearn is None:
+            raise ValueError("no attack: give quantize (e.g. [8, 4]), relearn (e.g. {}) or both")
+        return self
 
 
 def seed_run_name(key: str, index: int, seed: int) -> str:
@@ -267,7 +286,7 @@ class PipelineConfig(Section):
     seeds: int = Field(1, ge=1)  # runs of every method (seed data.seed + i: data order, every
     # random draw); the table shows mean ± sd over them. The original and the oracle: one each
     robustness: RobustnessSection | None = None  # language models: attacks re-scored after the
-    # evaluation (quantize: [8, 4]); None: none
+    # evaluation (quantize: [8, 4], relearn: {}); None: none
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -311,6 +330,10 @@ class PipelineConfig(Section):
         if self.robustness is not None and not self.is_lm:
             raise FieldError("robustness", "the attacks are scored on a language model's forget set "
                              f"(model.kind causal_lm); remove it for a {self.model.kind} model")
+        relearn = self.robustness.relearn if self.robustness is not None else None
+        if relearn is not None and relearn.lr is None and self.train is None:
+            raise FieldError("robustness.relearn.lr", "required with your own model: there is no train.lr "
+                             "to relearn at")
         if self.monitor is not None and self.monitor.stop_at == "oracle" and not self.has_oracle:
             raise ValueError("monitor.stop_at: oracle needs an oracle model (model.oracle); give "
                              "one, or a forget probability to stop at")

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from hamu_ray.attacks.quantize import fake_quantize
+from hamu_ray.attacks.relearn import batch_rows, relearn
 from hamu_ray.attacks.recovery import recovered_share
 from hamu_ray.pipeline import lm_metrics
 from hamu_ray.tasks.causal_lm import (IGNORE, TextData, encode_qa, has_target, load_tokenizer, pad_batch,
@@ -32,15 +33,30 @@ TABLE_COLUMNS = ("model", "forget_prob", "forget_rouge", "forget_truth", "forget
 ATTACKED = ("forget_prob", "forget_rouge", "forget_fact")  # scored again under each attack (robustness)
 
 
+@dataclass(frozen=True)
+class Relearning:
+    """The relearning attack's fine-tuning before a scoring: `steps` AdamW steps at `lr` on
+    batches of `batch_size` of the given `rows` (row numbers) of the parquet file `path`, in a
+    seeded order (attacks.relearn)."""
+    path: str
+    rows: tuple[int, ...]
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
+
+
 # ---- per-example scores (in a Ray task) -------------------------------------------------------
 
 def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool = False,
                 batch_size: int = 64, max_new_tokens: int = 32,
-                quantize_bits: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+                quantize_bits: int | None = None,
+                relearning: Relearning | None = None) -> dict[str, dict[str, np.ndarray]]:
     """For every row of each set (parquet): the answer's summed log-prob and token count, its
     Min-K% score, the ROUGE-L recall of the greedy answer; with the optional columns, the
     paraphrased answer's and each perturbed answer's mean token log-prob (log P̃).
-    `quantize_bits`: the model's linear layers fake-quantized to 8 or 4 bits first (attacks.quantize)."""
+    `quantize_bits`: the model's linear layers fake-quantized to 8 or 4 bits first (attacks.quantize);
+    `relearning`: the model fine-tuned so first (attacks.relearn)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -50,6 +66,8 @@ def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     if quantize_bits is not None:
         model = fake_quantize(model, quantize_bits)
+    if relearning is not None:
+        model = relearned(model, tokenizer, relearning, cfg)
     model.eval()
     out = {}
     with torch.no_grad():
@@ -68,6 +86,21 @@ def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool 
                                           cfg, batch_size))
             out[name] = scores
     return out
+
+
+def relearned(model, tokenizer, spec: Relearning, cfg: TextData):
+    """A copy of `model` fine-tuned on spec's rows: the mean answer-token cross-entropy (the
+    loss the original learned them with), one AdamW step per batch."""
+    table = pq.read_table(spec.path, columns=[cfg.question_column, cfg.answer_column]).to_pylist()
+    encoded = {i: encode_pair(tokenizer, table[i][cfg.question_column], table[i][cfg.answer_column], cfg)
+               for i in spec.rows}
+    batches = (pad_batch([encoded[i][0] for i in rows], [encoded[i][1] for i in rows])
+               for rows in batch_rows(spec.rows, spec.steps, spec.batch_size, spec.seed))
+
+    def mean_token_loss(tuned, batch) -> torch.Tensor:
+        scores = sequence_scores(tuned, batch)
+        return -scores.logprob.sum() / scores.count.sum()
+    return relearn(model, batches, spec.lr, mean_token_loss)
 
 
 def answer_scores(model, tokenizer, questions: Sequence[str], answers: Sequence[str], cfg: TextData,
@@ -207,16 +240,18 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], cfg: TextData, ba
 
 @dataclass(frozen=True)
 class Scoring:
-    """One `score_model` call: model `name` on some sets, fake-quantized to `quantize_bits`
-    first (None: as it is)."""
+    """One `score_model` call: model `name` on some sets, fake-quantized to `quantize_bits` or
+    fine-tuned by `relearning` first (None: as it is); `attack` names that in the table."""
     name: str
     model_dir: str
     sets: dict[str, str]
     quantize_bits: int | None = None
+    relearning: Relearning | None = None
+    attack: str | None = None
 
     @property
     def label(self) -> str:  # the progress line's
-        return self.name if self.quantize_bits is None else f"{self.name} at int{self.quantize_bits}"
+        return self.name if self.attack is None else f"{self.name} under {self.attack}"
 
 
 def score_models(models: dict[str, str], sets: dict[str, str], text: dict, *,
@@ -233,7 +268,8 @@ def score_all(scorings: dict[Hashable, Scoring], text: dict, *,
 
     # DEFAULT: outside the caller's placement group (a search trial's has no CPU to give)
     task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(score_model)
-    pending = {task.remote(s.model_dir, s.sets, text, bf16=bf16, quantize_bits=s.quantize_bits): key
+    pending = {task.remote(s.model_dir, s.sets, text, bf16=bf16, quantize_bits=s.quantize_bits,
+                           relearning=s.relearning): key
                for key, s in scorings.items()}
     results, start = {}, time.monotonic()
     while pending:
@@ -286,29 +322,37 @@ def answer_metrics(name: str, s: dict[str, np.ndarray]) -> dict[str, float]:
             f"{name}_rouge": float(s["rouge"].mean())}
 
 
-def quantization_columns(bits: Sequence[int]) -> tuple[str, ...]:
-    """The table's columns of the quantization attacks: per width each ATTACKED metric of the
-    quantized model and its recovered share."""
-    return tuple(column for b in bits for metric in ATTACKED
-                 for column in (f"{metric}_int{b}", recovered_column(metric, b)))
+def attack_columns(attacks: Sequence[str]) -> tuple[str, ...]:
+    """The table's columns of the attacks (`int8`, `int4`, `relearn`, `benign`): per attack each
+    ATTACKED metric of the attacked model and its recovered share."""
+    return tuple(column for attack in attacks for metric in ATTACKED
+                 for column in (f"{metric}_{attack}", recovered_column(metric, attack)))
 
 
-def recovered_column(metric: str, bits: int) -> str:
-    return f"recovered_{metric.removeprefix('forget_')}_int{bits}"  # forget_prob → recovered_prob_int4
+def recovered_column(metric: str, attack: str) -> str:
+    return f"recovered_{metric.removeprefix('forget_')}_{attack}"  # forget_prob → recovered_prob_int4
 
 
-def quantization_metrics(model: dict, original: dict,
-                         forget_scores: dict[int, dict[str, np.ndarray]]) -> dict[str, float | None]:
-    """A model's quantization_columns, from its forget set's scores per width (`forget_scores`)
-    and the ATTACKED metrics of the model itself and of the original: the recovered share of
-    each is (quantized − model) / (original − model), None for the original (attacks.recovery)."""
+def attack_metrics(attack: str, model: dict[str, np.ndarray], original: dict[str, np.ndarray],
+                   attacked: dict[str, np.ndarray], rows: np.ndarray | None = None) -> dict[str, float | None]:
+    """One attack's attack_columns from the forget set's per-example scores of the model, the
+    original and the attacked model, all on the forget `rows` (None: every row; relearning
+    scores only those it did not train on): each ATTACKED metric of the attacked model and its
+    recovered share (attacked − model) / (original − model), None for the original (attacks.recovery)."""
+    model_m, original_m, attacked_m = (forget_metrics(s, rows) for s in (model, original, attacked))
     row: dict[str, float | None] = {}
-    for bits, forget in forget_scores.items():
-        quantized = {**answer_metrics("forget", forget), "forget_fact": fact_metrics({"forget": forget})["forget_fact"]}
-        for metric in ATTACKED:
-            row[f"{metric}_int{bits}"] = quantized[metric]
-            row[recovered_column(metric, bits)] = recovered_share(original[metric], model[metric], quantized[metric])
+    for metric in ATTACKED:
+        row[f"{metric}_{attack}"] = attacked_m[metric]
+        row[recovered_column(metric, attack)] = recovered_share(original_m[metric], model_m[metric],
+                                                                attacked_m[metric])
     return row
+
+
+def forget_metrics(scores: dict[str, np.ndarray], rows: np.ndarray | None = None) -> dict[str, float | None]:
+    """The ATTACKED metrics of a forget set's per-example scores, on `rows` (None: all)."""
+    if rows is not None:
+        scores = {name: values[rows] for name, values in scores.items()}
+    return {**answer_metrics("forget", scores), "forget_fact": fact_metrics({"forget": scores})["forget_fact"]}
 
 
 def utility_scores(scores: dict[str, dict[str, np.ndarray]]) -> list[float]:

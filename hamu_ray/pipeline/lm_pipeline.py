@@ -27,7 +27,8 @@ EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout",
               "utility": "utility"}  # scored set → file
 FACT_COLUMNS = ("fact", "answer_value")  # the user's name for the value's text (prepared: fact)
 PRETRAIN = "pretrain"  # the built-in sets' pretraining text (a `text` column)
-PER_EXAMPLE_QUANTIZED = "per_example_quantized.parquet"  # the forget rows' scores under robustness.quantize
+PER_EXAMPLE_ATTACKED = "per_example_attacked.parquet"  # the forget rows' scores under each attack (robustness)
+ENTITY = "entity"  # optional forget-set column: relearning holds entities apart, not rows
 
 
 def build_sets(cfg, directory: Path) -> dict:
@@ -265,64 +266,132 @@ def measure(ruler: LMYardstick, model_dir: Path) -> dict:
     return lm_evaluate.model_metrics(scores["model"], ruler.oracle)
 
 
-def quantize_bits(cfg) -> list[int]:
-    """The widths of the quantization attack (robustness.quantize; none without it)."""
-    return list(cfg.robustness.quantize) if cfg.robustness is not None else []
+def attack_names(cfg) -> list[str]:
+    """The attacks of robustness, as the table names them: int<bits> per quantization width,
+    relearn, and benign (relearning on retain rows); none without the section."""
+    r = cfg.robustness
+    if r is None:
+        return []
+    names = [f"int{bits}" for bits in r.quantize or []]
+    if r.relearn is not None:
+        names += ["relearn", "benign"] if r.relearn.benign else ["relearn"]
+    return names
 
 
 def table_columns(cfg) -> tuple[str, ...]:
     """The comparison's columns: TABLE_COLUMNS, and the attacks' before steps, stop and wall_s."""
     *metrics, steps, stop, wall = lm_evaluate.TABLE_COLUMNS
-    return (*metrics, *lm_evaluate.quantization_columns(quantize_bits(cfg)), steps, stop, wall)
+    return (*metrics, *lm_evaluate.attack_columns(attack_names(cfg)), steps, stop, wall)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """How one attack scores a model's forget set: the Scoring fields that make it, and the
+    forget rows its metrics are computed on (None: all; relearning leaves out its own)."""
+    fields: dict
+    rows: np.ndarray | None = None
+
+
+def attacks(cfg, prepared: dict[str, str]) -> dict[str, Attack]:
+    """Every attack of robustness by name (attack_names), refusing a forget set relearning cannot
+    split (check it before training: relearn_split)."""
+    r = cfg.robustness
+    found = {f"int{bits}": Attack({"quantize_bits": bits}) for bits in (r.quantize or [])} if r else {}
+    if r is not None and r.relearn is not None:
+        relearn, seed = r.relearn, cfg.data.seed
+        trained, scored = relearn_split(prepared["forget"], relearn.share, seed)
+        steps = dict(steps=relearn.steps, lr=relearn.lr if relearn.lr is not None else cfg.train.lr,
+                     batch_size=relearn.batch_size, seed=seed)
+        found["relearn"] = Attack({"relearning": lm_evaluate.Relearning(prepared["forget"], tuple(trained), **steps)},
+                                  scored)
+        if relearn.benign:
+            rows = benign_rows(prepared["retain"], relearn.steps * relearn.batch_size, seed)
+            found["benign"] = Attack({"relearning": lm_evaluate.Relearning(prepared["retain"], rows, **steps)})
+    return found
+
+
+def relearn_split(forget: str, share: float, seed: int) -> tuple[list[int], np.ndarray]:
+    """The relearning attack's forget rows: those it trains on, every row of `share` of the set's
+    entities (at least one, drawn by seed; rows stand for entities in a set without an entity
+    column), and a mask of the others, which it scores. An entity is never on both sides."""
+    if ENTITY in pq.read_schema(forget).names:
+        groups = pq.read_table(forget, columns=[ENTITY]).column(0).to_pylist()
+        unit = "entities"
+    else:
+        groups, unit = list(range(pq.ParquetFile(forget).metadata.num_rows)), "rows (no entity column)"
+    distinct = sorted(set(groups), key=str)
+    if len(distinct) < 2:
+        raise data.DataError(f"robustness.relearn: the forget set has {len(distinct)} {unit}; relearning "
+                             "trains on a part of them and scores the rest, which needs two or more")
+    count = min(len(distinct) - 1, max(1, round(share * len(distinct))))
+    held = set(random.Random(seed).sample(distinct, count))
+    return [i for i, g in enumerate(groups) if g in held], np.array([g not in held for g in groups])
+
+
+def benign_rows(retain: str, count: int, seed: int) -> tuple[int, ...]:
+    """`count` retain rows drawn by seed (all of them when there are fewer), in file order."""
+    total = pq.ParquetFile(retain).metadata.num_rows
+    return tuple(sorted(random.Random(seed).sample(range(total), min(count, total))))
 
 
 def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[dict]:
     """Every stage's exported model scored on forget, retain (sample) and holdout; TOFU's and
-    MUSE's metrics against the oracle; with robustness.quantize, the forget set scored again
-    per width with the model fake-quantized, in the same Ray tasks' way; per-row scores written
-    to report/per_example.parquet (and report/per_example_quantized.parquet)."""
+    MUSE's metrics against the oracle; with robustness, the forget set scored again per attack
+    in the same Ray tasks' way; per-row scores written to report/per_example.parquet (and
+    report/per_example_attacked.parquet)."""
     sets = {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared}
     scorings = {name: lm_evaluate.Scoring(name, str(stage.model_dir), sets) for name, stage in stages.items()}
-    attacks = {(name, bits): lm_evaluate.Scoring(name, str(stage.model_dir), {"forget": sets["forget"]}, bits)
-               for name, stage in stages.items() for bits in quantize_bits(cfg)}
-    scored = lm_evaluate.score_all({**scorings, **attacks}, cfg.data.text.model_dump(),
+    found = attacks(cfg, prepared)
+    attacked_scorings = {(name, attack): lm_evaluate.Scoring(name, str(stage.model_dir), {"forget": sets["forget"]},
+                                                             attack=attack, **how.fields)
+                         for name, stage in stages.items() for attack, how in found.items()}
+    scored = lm_evaluate.score_all({**scorings, **attacked_scorings}, cfg.data.text.model_dump(),
                                    bf16=cfg.model.dtype == "bf16")
     scores = {name: scored[name] for name in scorings}
-    quantized = {key: scored[key]["forget"] for key in attacks}  # (model, bits) → forget scores
+    attacked = {key: scored[key]["forget"] for key in attacked_scorings}  # (model, attack) → forget scores
     write_per_example(scores, sets, digests.output_key(Path(cfg.output_dir).resolve()),
-                      report / "per_example.parquet", quantized)
+                      report / "per_example.parquet", attacked, found)
     oracle = scores.get("oracle")
     metrics = {name: lm_evaluate.model_metrics(scores[name], oracle) for name in stages}
     rows = []
     for name, stage in stages.items():
-        attacked = lm_evaluate.quantization_metrics(
-            metrics[name], metrics["original"], {bits: s for (model, bits), s in quantized.items() if model == name})
+        row = {"model": name, **metrics[name]}
+        for attack, how in found.items():
+            row.update(lm_evaluate.attack_metrics(attack, scores[name]["forget"], scores["original"]["forget"],
+                                                  attacked[(name, attack)], how.rows))
         summary = stage.summary
-        rows.append({"model": name, **metrics[name], **attacked, "steps": summary["steps"],
-                     "stop": summary["stop"], "wall_s": summary["wall_s"]})
+        rows.append({**row, "steps": summary["steps"], "stop": summary["stop"], "wall_s": summary["wall_s"]})
     return [{c: row.get(c) for c in table_columns(cfg)} for row in rows]
 
 
 def write_per_example(scores: dict, sets: dict[str, str], key: digests.DigestKey, path: Path,
-                      quantized: dict[tuple[str, int], dict] | None = None) -> None:
+                      attacked: dict[tuple[str, str], dict] | None = None,
+                      found: dict[str, Attack] | None = None) -> None:
     """One row per (model, set, example): numbers and the row's keyed digest (the receipts' row
-    digest, hamu_ray.digests), no text. With `quantized` ((model, bits) → forget scores) the
-    forget rows of each model fake-quantized go beside it, in PER_EXAMPLE_QUANTIZED with their
-    `quantize_bits` (a file of their own: a reader of per_example.parquet by model and set keeps
-    getting one row per example); without, an earlier run's is removed."""
+    digest, hamu_ray.digests), no text. With `attacked` ((model, attack) → forget scores) each
+    model's forget rows under each attack go beside it, in PER_EXAMPLE_ATTACKED with their
+    `attack` and `trained_on` (the attack fine-tuned on the row, so its metrics leave it out); a
+    file of their own: a reader of per_example.parquet by model and set keeps getting one row
+    per example. Without, an earlier run's is removed."""
     rows = {name: digests.row_digests(p, key) for name, p in sets.items()}
     write_score_rows([({"model": model}, name, s) for model, per_set in scores.items()
                       for name, s in per_set.items()], rows, path)
-    attacked = path.with_name(PER_EXAMPLE_QUANTIZED)
-    if quantized:
-        write_score_rows([({"model": model, "quantize_bits": bits}, "forget", s)
-                          for (model, bits), s in quantized.items()], rows, attacked)
+    path_attacked = path.with_name(PER_EXAMPLE_ATTACKED)
+    if attacked:
+        trained_on: list[bool] = []
+        for (_, attack), s in attacked.items():
+            scored = found[attack].rows
+            trained_on += [False] * len(s["logprob"]) if scored is None else (~scored).tolist()
+        write_score_rows([({"model": model, "attack": attack}, "forget", s) for (model, attack), s in attacked.items()],
+                         rows, path_attacked, {"trained_on": trained_on})
     else:
-        attacked.unlink(missing_ok=True)
+        path_attacked.unlink(missing_ok=True)
 
 
-def write_score_rows(scored: list[tuple[dict, str, dict]], row_digests: dict[str, list[str]], path: Path) -> None:
-    """A parquet file of per-example scores: per (leading columns, set, scores) a row per example."""
+def write_score_rows(scored: list[tuple[dict, str, dict]], row_digests: dict[str, list[str]], path: Path,
+                     extra: dict[str, list] | None = None) -> None:
+    """A parquet file of per-example scores: per (leading columns, set, scores) a row per
+    example; `extra`: more columns, a value per row in that order."""
     leading = list(scored[0][0]) if scored else ["model"]
     columns: dict[str, list] = {k: [] for k in (*leading, "set", "row", "row_digest", "probability",
                                                 "rouge_l_recall", "min_k", "truth_ratio",
@@ -344,4 +413,4 @@ def write_score_rows(scored: list[tuple[dict, str, dict]], row_digests: dict[str
         columns["fact_probability"] += [float(p) if k else None for p, k in zip(facts, marked)]
         columns["fact_exact"] += [bool(s["fact_exact"][i]) if k else None for i, k in enumerate(marked)]
     with files.atomic_path(path, mode=0o600) as tmp:
-        pq.write_table(pa.table(columns), tmp)
+        pq.write_table(pa.table({**columns, **(extra or {})}), tmp)

@@ -268,7 +268,7 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
     spread = seeds.write_spread(cfg, runs, table_columns(cfg), report)
     run_record.write_run_record(cfg.name, cfg.seeds, report)
     names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png",
-             "per_example.parquet", lm_pipeline.PER_EXAMPLE_QUANTIZED, run_record.RECORD, *seeds.SEED_FILES)
+             "per_example.parquet", lm_pipeline.PER_EXAMPLE_ATTACKED, run_record.RECORD, *seeds.SEED_FILES)
     for name in names:
         if (report / name).exists():
             tracker.log_artifact(report / name)
@@ -308,6 +308,7 @@ def prepare(cfg: PipelineConfig, out: Path, tracker: Tracker) -> dict[str, str]:
 def check_given_models(cfg: PipelineConfig, prepared: dict[str, str]) -> None:
     if cfg.is_lm:
         lm_pipeline.check_given_models(cfg, prepared)
+        lm_pipeline.attacks(cfg, prepared)  # a forget set relearning cannot split: refused before training
     elif cfg.model.weights is not None:
         user_data.check_classifier_weights(cfg)
 

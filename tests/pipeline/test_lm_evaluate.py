@@ -225,22 +225,26 @@ def test_fact_and_utility_metrics_by_hand():
     assert m["model_utility"] == pytest.approx(6 / (1 / 0.7 + 1 / 0.8 + 1 / 0.25 + 1 / 0.4 + 1 / 0.5 + 1 / 0.5))
 
 
-# ---- the quantization attack (robustness.quantize) ---------------------------------------------
+# ---- the attacks (robustness) ------------------------------------------------------------------
 
-def test_quantization_metrics_by_hand_recover_0_scored_twice_and_1_as_the_original():
-    """Each width's forget metrics from the quantized model's forget scores alone, and the share
-    of the model's forgetting they undo: (quantized − model) / (original − model)."""
+def forget_scores_by_hand() -> dict[str, dict[str, np.ndarray]]:
     original = scores_of([0.9, 0.7], [1.0, 0.5], [-1.0, -1.0])
     original.update(fact_logprob=np.log([0.8, 0.6]), fact_exact=np.array([True, True]))
     unlearned = scores_of([0.1, 0.3], [0.0, 0.5], [-2.0, -2.0])
     unlearned.update(fact_logprob=np.log([0.2, 0.4]), fact_exact=np.array([False, False]))
-    quantized = scores_of([0.5, 0.5], [0.0, 0.5], [-2.0, -2.0])
-    quantized.update(fact_logprob=np.log([0.5, np.nan]), fact_exact=np.array([True, False]))
-    metrics = {name: {**lm_evaluate.answer_metrics("forget", s), **lm_evaluate.fact_metrics({"forget": s})}
-               for name, s in (("original", original), ("unlearned", unlearned))}
-    row = lm_evaluate.quantization_metrics(metrics["unlearned"], metrics["original"],
-                                           {8: unlearned, 4: quantized})
-    assert list(row) == list(lm_evaluate.quantization_columns([8, 4]))
+    attacked = scores_of([0.5, 0.5], [0.0, 0.5], [-2.0, -2.0])
+    attacked.update(fact_logprob=np.log([0.5, np.nan]), fact_exact=np.array([True, False]))
+    return {"original": original, "unlearned": unlearned, "attacked": attacked}
+
+
+def test_attack_metrics_by_hand_recover_0_scored_twice_and_1_as_the_original():
+    """An attack's forget metrics from the attacked model's forget scores alone, and the share
+    of the model's forgetting they undo: (attacked − model) / (original − model)."""
+    s = forget_scores_by_hand()
+    original, unlearned = s["original"], s["unlearned"]
+    row = {**lm_evaluate.attack_metrics("int8", unlearned, original, unlearned),
+           **lm_evaluate.attack_metrics("int4", unlearned, original, s["attacked"])}
+    assert list(row) == list(lm_evaluate.attack_columns(["int8", "int4"]))
     # int8 here scores exactly as the unlearned model: nothing recovered
     assert row["forget_prob_int8"] == pytest.approx(0.2) and row["recovered_prob_int8"] == 0
     assert row["recovered_rouge_int8"] == 0 and row["recovered_fact_int8"] == 0
@@ -249,14 +253,26 @@ def test_quantization_metrics_by_hand_recover_0_scored_twice_and_1_as_the_origin
     assert row["forget_prob_int4"] == pytest.approx(0.5) and row["recovered_prob_int4"] == pytest.approx(0.5)
     assert row["forget_rouge_int4"] == pytest.approx(0.25) and row["recovered_rouge_int4"] == pytest.approx(0)
     assert row["forget_fact_int4"] == pytest.approx(0.5) and row["recovered_fact_int4"] == pytest.approx(0.5)
-    restored = lm_evaluate.quantization_metrics(metrics["unlearned"], metrics["original"], {4: original})
+    restored = lm_evaluate.attack_metrics("int4", unlearned, original, original)
     assert [restored[f"recovered_{m}_int4"] for m in ("prob", "rouge", "fact")] == pytest.approx([1, 1, 1])
     # the original's own row: nothing forgotten, no share; a set without facts: no fact columns
-    own = lm_evaluate.quantization_metrics(metrics["original"], metrics["original"], {4: quantized})
+    own = lm_evaluate.attack_metrics("int4", original, original, s["attacked"])
     assert own["forget_prob_int4"] == pytest.approx(0.5) and own["recovered_prob_int4"] is None
     bare = {k: v for k, v in unlearned.items() if not k.startswith("fact_")}
-    no_facts = lm_evaluate.quantization_metrics(metrics["unlearned"], metrics["original"], {4: bare})
+    no_facts = lm_evaluate.attack_metrics("int4", bare, original, bare)
     assert no_facts["forget_fact_int4"] is None and no_facts["recovered_fact_int4"] is None
+
+
+def test_attack_metrics_on_some_rows_use_those_rows_of_every_model():
+    """Relearning scores the rows it did not train on: model, original and attacked alike.
+    Row 1 alone: probability original 0.7, unlearned 0.3, attacked 0.5 → 0.5; ROUGE 0.5 all
+    three (nothing forgotten: no share); fact: the attacked row has none."""
+    s = forget_scores_by_hand()
+    row = lm_evaluate.attack_metrics("relearn", s["unlearned"], s["original"], s["attacked"],
+                                     np.array([False, True]))
+    assert row["forget_prob_relearn"] == pytest.approx(0.5) and row["recovered_prob_relearn"] == pytest.approx(0.5)
+    assert row["forget_rouge_relearn"] == pytest.approx(0.5) and row["recovered_rouge_relearn"] is None
+    assert row["forget_fact_relearn"] is None and row["recovered_fact_relearn"] is None
 
 
 def test_a_quantized_scoring_scores_the_fake_quantized_model(tiny_lm, qa_file, scored, tmp_path):
@@ -281,3 +297,40 @@ def test_a_quantized_scoring_scores_the_fake_quantized_model(tiny_lm, qa_file, s
     for key in reference:
         np.testing.assert_allclose(attacked[key], reference[key], rtol=1e-5, err_msg=key)
     assert np.abs(attacked["logprob"] - scored["logprob"]).max() > 1e-3
+
+
+def test_a_relearning_scoring_scores_the_model_fine_tuned_on_its_rows(tiny_lm, qa_file, scored, tmp_path):
+    """score_model with relearning scores what a copy fine-tuned by hand scores: AdamW (no
+    weight decay), one step per batch of the attack's order on transformers' own loss (the mean
+    answer-token cross-entropy); the rows it trained on become likelier."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from hamu_ray.attacks.relearn import batch_rows
+
+    path, rows = qa_file
+    spec = lm_evaluate.Relearning(path, rows=(0, 2, 3), steps=4, lr=3e-3, batch_size=2, seed=5)
+    tokenizer, model = load_tokenizer(str(tiny_lm)), AutoModelForCausalLM.from_pretrained(tiny_lm)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    for batch in batch_rows(spec.rows, spec.steps, spec.batch_size, spec.seed):
+        encoded = [encode_qa(tokenizer, rows[i]["question"], rows[i]["answer"], "auto") for i in batch]
+        width = max(len(ids) for ids, _ in encoded)
+        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in encoded])
+        labels = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in encoded])
+        mask = torch.tensor([[1] * len(ids_) + [0] * (width - len(ids_)) for ids_, _ in encoded])
+        optimizer.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+    saved = tmp_path / "relearned"
+    shutil.copytree(tiny_lm, saved)
+    model.save_pretrained(saved)
+    text = TextData().model_dump()
+    attacked = lm_evaluate.score_model(str(tiny_lm), {"forget": path}, text, batch_size=4, max_new_tokens=6,
+                                       relearning=spec)["forget"]
+    reference = lm_evaluate.score_model(str(saved), {"forget": path}, text, batch_size=4,
+                                        max_new_tokens=6)["forget"]
+    for key in reference:
+        np.testing.assert_allclose(attacked[key], reference[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    trained = list(spec.rows)
+    assert (attacked["logprob"][trained] > scored["logprob"][trained]).all()

@@ -50,7 +50,8 @@ def qa_run(tmp_path_factory, ray_cluster):  # one Ray for both pipelines of this
     from hamu_ray.pipeline.stages import run_pipeline
 
     out = tmp_path_factory.mktemp("country-qa") / "run"
-    cfg = qa_config(out, lambda raw: (small(raw), raw.update(robustness={"quantize": [8, 4]})))
+    attacks = {"quantize": [4], "relearn": {"steps": 3, "batch_size": 4, "benign": False}}
+    cfg = qa_config(out, lambda raw: (small(raw), raw.update(robustness=attacks)))
     result = run_pipeline(cfg)
     return out, cfg, result
 
@@ -70,40 +71,54 @@ def test_every_model_is_scored_and_the_oracle_is_its_own_yardstick(qa_run):
     assert "forget_quality" in result.table and "hamu-q" in result.table
 
 
+def forget_means(rows: list[dict]) -> dict[str, float | None]:
+    """The table's forget metrics of some per-example rows, by hand."""
+    facts = [r["fact_probability"] for r in rows if r["fact_probability"] is not None]
+    return {"prob": sum(r["probability"] for r in rows) / len(rows),
+            "rouge": sum(r["rouge_l_recall"] for r in rows) / len(rows),
+            "fact": sum(facts) / len(facts) if facts else None}
+
+
 @pytest.mark.integration
-def test_the_quantization_attack_rescores_every_models_forget_set_and_its_recovered_share(qa_run):
-    """robustness.quantize: [8, 4]. Each model's forget rows scored again by the evaluation's Ray
-    tasks with its linear layers fake-quantized (per_example_quantized.parquet); the table's
-    columns are their means and the recovered share against the original, which has none."""
+def test_the_attacks_rescore_every_models_forget_set_and_its_recovered_share(qa_run):
+    """robustness: int4 and relearning. Each model's forget rows scored again by the evaluation's
+    Ray tasks after each attack (per_example_attacked.parquet); the table's columns are their
+    means and the recovered share against the original, which has none, on the rows the attack
+    did not train on: relearning trains on whole entities of the forget set, never scores them."""
     from hamu_ray.attacks.recovery import recovered_share
 
-    _, _, result = qa_run
+    out, cfg, result = qa_run
     rows = {row["model"]: row for row in result.rows}
     per_example = pq.read_table(result.report_dir / "per_example.parquet").to_pylist()
-    quantized = pq.read_table(result.report_dir / "per_example_quantized.parquet").to_pylist()
+    attacked_rows = pq.read_table(result.report_dir / "per_example_attacked.parquet").to_pylist()
     client = mlflow.MlflowClient(result.tracking_uri)
     logged = client.get_run(result.parent_run_id).data.metrics
-    assert "per_example_quantized.parquet" in {a.path for a in client.list_artifacts(result.parent_run_id)}
-    for name, row in rows.items():
-        plain = [r for r in per_example if r["model"] == name and r["set"] == "forget"]
-        for bits in (8, 4):
-            attacked = [r for r in quantized if r["model"] == name and r["quantize_bits"] == bits]
-            assert {r["set"] for r in attacked} == {"forget"}
-            assert [r["row_digest"] for r in attacked] == [r["row_digest"] for r in plain]
-            mean = sum(r["probability"] for r in attacked) / len(attacked)
-            assert row[f"forget_prob_int{bits}"] == pytest.approx(mean, rel=1e-9)
-            facts = [r["fact_probability"] for r in attacked if r["fact_probability"] is not None]
-            assert facts and row[f"forget_fact_int{bits}"] == pytest.approx(sum(facts) / len(facts), rel=1e-9)
-            for metric in ("prob", "rouge", "fact"):
-                share = recovered_share(rows["original"][f"forget_{metric}"], row[f"forget_{metric}"],
-                                        row[f"forget_{metric}_int{bits}"])
-                assert row[f"recovered_{metric}_int{bits}"] == (None if share is None else pytest.approx(share))
-            if name == "original":
-                assert row[f"recovered_prob_int{bits}"] is None
+    assert "per_example_attacked.parquet" in {a.path for a in client.list_artifacts(result.parent_run_id)}
+    forget = pq.read_table(next((out / "stages").glob("prepare-*/forget.parquet"))).to_pylist()
+    plain = {name: [r for r in per_example if r["model"] == name and r["set"] == "forget"] for name in rows}
+    for attack in ("int4", "relearn"):
+        for name, row in rows.items():
+            attacked = [r for r in attacked_rows if r["model"] == name and r["attack"] == attack]
+            assert [r["row_digest"] for r in attacked] == [r["row_digest"] for r in plain[name]]
+            trained = [r["trained_on"] for r in attacked]
+            if attack == "relearn":  # whole entities, at least one, never all
+                held = {forget[i]["entity"] for i, t in enumerate(trained) if t}
+                assert held and 0 < sum(trained) < len(trained)
+                assert all(t == (f["entity"] in held) for t, f in zip(trained, forget))
             else:
-                assert math.isfinite(row[f"recovered_prob_int{bits}"])
-                assert logged[f"{name}/recovered_prob_int{bits}"] == pytest.approx(row[f"recovered_prob_int{bits}"])
-    assert "recovered_prob_int4" in result.table
+                assert not any(trained)
+            scored = lambda rs: [r for r, t in zip(rs, trained) if not t]  # noqa: E731
+            model, original, after = (forget_means(scored(rs)) for rs in (plain[name], plain["original"], attacked))
+            for metric in ("prob", "rouge", "fact"):
+                assert row[f"forget_{metric}_{attack}"] == pytest.approx(after[metric], rel=1e-9)
+                share = recovered_share(original[metric], model[metric], after[metric])
+                assert row[f"recovered_{metric}_{attack}"] == (None if share is None else pytest.approx(share))
+            if name == "original":
+                assert row[f"recovered_prob_{attack}"] is None
+            else:
+                assert math.isfinite(row[f"recovered_prob_{attack}"])
+                assert logged[f"{name}/recovered_prob_{attack}"] == pytest.approx(row[f"recovered_prob_{attack}"])
+    assert "recovered_prob_int4" in result.table and "recovered_prob_relearn" in result.table
 
 
 @pytest.mark.integration
@@ -445,15 +460,16 @@ def test_with_init_the_scored_sets_are_checked_with_its_tokenizer_before_trainin
     assert not list((tmp_path / "out" / "stages").glob("original-*"))
 
 
-def test_robustness_quantize_adds_its_columns_before_steps_and_leaves_the_stage_keys(tmp_path):
-    """Per width, each forget metric quantized and its recovered share; without the section the
-    table and every stage's job are those of a pipeline written before it existed."""
+def test_robustness_adds_its_columns_before_steps_and_leaves_the_stage_keys(tmp_path):
+    """Per attack (each quantization width, relearning, benign relearning), each forget metric
+    attacked and its recovered share; without the section the table and every stage's job are
+    those of a pipeline written before it existed."""
     from hamu_ray.pipeline.stages import table_columns, training_job, unlearning_job
 
     plain = qa_config(tmp_path / "out")
-    attacked = qa_config(tmp_path / "out", lambda raw: raw.update(robustness={"quantize": [8, 4]}))
+    attacked = qa_config(tmp_path / "out", lambda raw: raw.update(robustness={"quantize": [8, 4], "relearn": {}}))
     assert plain.robustness is None and table_columns(plain) == TABLE_COLUMNS
-    added = tuple(f"{column}_int{bits}" for bits in (8, 4)
+    added = tuple(f"{column}_{attack}" for attack in ("int8", "int4", "relearn", "benign")
                   for column in ("forget_prob", "recovered_prob", "forget_rouge", "recovered_rouge",
                                  "forget_fact", "recovered_fact"))
     assert table_columns(attacked) == (*TABLE_COLUMNS[:-3], *added, "steps", "stop", "wall_s")
@@ -461,6 +477,55 @@ def test_robustness_quantize_adds_its_columns_before_steps_and_leaves_the_stage_
     for entry in plain.methods:
         assert unlearning_job(plain, entry, prepared, Path("/m")) == unlearning_job(attacked, entry, prepared, Path("/m"))
     assert training_job(plain, prepared["train"], Path("/m")) == training_job(attacked, prepared["train"], Path("/m"))
+
+
+def write_forget(path: Path, entities: list) -> str:
+    rows = [{"question": f"q{i}", "answer": f"a{i}", **({} if e is None else {"entity": e})} for i, e in enumerate(entities)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def test_relearning_trains_on_whole_entities_and_scores_the_others(tmp_path):
+    """share of the entities (rounded, at least one, never all), drawn by seed; every row of an
+    entity on one side; rows stand for entities without the column."""
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.pipeline.lm_pipeline import relearn_split
+
+    entities = [f"e{i // 3}" for i in range(30)]  # 10 entities of 3 rows
+    forget = write_forget(tmp_path / "forget.parquet", entities)
+    trained, scored = relearn_split(forget, 0.2, seed=1)
+    held = {entities[i] for i in trained}
+    assert len(held) == 2 and len(trained) == 6
+    assert scored.tolist() == [e not in held for e in entities]
+    assert relearn_split(forget, 0.2, seed=1)[0] == trained and relearn_split(forget, 0.2, seed=2)[0] != trained
+    assert len({entities[i] for i in relearn_split(forget, 0.01, seed=1)[0]}) == 1  # at least one
+    assert len({entities[i] for i in relearn_split(forget, 0.99, seed=1)[0]}) == 9  # one left to score
+    rows = write_forget(tmp_path / "rows.parquet", [None] * 20)
+    trained, scored = relearn_split(rows, 0.1, seed=0)
+    assert len(trained) == 2 and scored.sum() == 18 and not scored[trained].any()
+    one = write_forget(tmp_path / "one.parquet", ["e0", "e0"])
+    with pytest.raises(DataError, match="robustness.relearn: the forget set has 1 entities; relearning trains on a part"):
+        relearn_split(one, 0.1, seed=0)
+
+
+def test_the_relearning_attacks_read_their_rows_and_the_rate_the_original_learned_at(tmp_path):
+    from hamu_ray.pipeline.lm_pipeline import attack_names, attacks
+
+    cfg = qa_config(tmp_path / "out", lambda raw: raw.update(robustness={"quantize": [4], "relearn": {"steps": 5, "batch_size": 3}}))
+    prepared = {"forget": write_forget(tmp_path / "forget.parquet", [f"e{i // 2}" for i in range(20)]),
+                "retain": write_forget(tmp_path / "retain.parquet", [f"r{i}" for i in range(40)])}
+    found = attacks(cfg, prepared)
+    assert list(found) == attack_names(cfg) == ["int4", "relearn", "benign"]
+    assert found["int4"].fields == {"quantize_bits": 4} and found["int4"].rows is None
+    relearn, benign = found["relearn"].fields["relearning"], found["benign"].fields["relearning"]
+    assert relearn.path == prepared["forget"] and len(relearn.rows) == 2  # 10 % of 10 entities of 2 rows
+    assert not found["relearn"].rows[list(relearn.rows)].any() and found["relearn"].rows.sum() == 18
+    assert benign.path == prepared["retain"] and len(benign.rows) == 15 == len(set(benign.rows))  # steps × batch
+    assert found["benign"].rows is None
+    assert relearn.lr == benign.lr == cfg.train.lr and (relearn.steps, relearn.batch_size) == (5, 3)
+    own_rate = qa_config(tmp_path / "out", lambda raw: raw.update(robustness={"relearn": {"lr": 1e-5, "benign": False}}))
+    assert list(attacks(own_rate, prepared)) == ["relearn"]
+    assert attacks(own_rate, prepared)["relearn"].fields["relearning"].lr == 1e-5
 
 
 # ---- the threshold search on a language model -------------------------------------------------

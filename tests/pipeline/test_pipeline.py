@@ -428,7 +428,14 @@ def test_a_users_classifier_inputs_are_refused_before_ray(pipeline_runs, tmp_pat
      "monitor.stop_at: oracle needs an oracle model"),
     (COUNTRY_QA, lambda raw: raw.update(robustness={"quantize": [8, 3]}), "robustness.quantize.1: Input should be 8 or 4"),
     (COUNTRY_QA, lambda raw: raw.update(robustness={"quantize": [4, 4]}), "robustness.quantize: Value error, a width listed twice"),
-    (COUNTRY_QA, lambda raw: raw.update(robustness={}), "robustness.quantize: Field required"),
+    (COUNTRY_QA, lambda raw: raw.update(robustness={}), "robustness: Value error, no attack: give quantize"),
+    (COUNTRY_QA, lambda raw: raw.update(robustness={"quantize": []}), "robustness.quantize: List should have at least 1 item"),
+    (COUNTRY_QA, lambda raw: raw.update(robustness={"relearn": {"share": 1}}), "robustness.relearn.share: Input should be less than 1"),
+    (COUNTRY_QA, lambda raw: raw.update(robustness={"relearn": {"steps": 0}}), "robustness.relearn.steps: Input should be greater than 0"),
+    (COUNTRY_QA, lambda raw: raw.update(
+        model={"kind": "causal_lm", "path": "/models/x"}, robustness={"relearn": {}}, pretrain=None, train=None,
+        data={"source": "files", "forget": "f.parquet", "retain": "r.parquet"}),
+     "robustness.relearn.lr: required with your own model"),
     (PIPELINE, lambda raw: raw.update(robustness={"quantize": [8]}),
      "robustness: the attacks are scored on a language model's forget set"),
 ])
