@@ -187,11 +187,12 @@ def _world(rank: int, world: int, port: int, spec_dict: dict, ref_dir: str, out:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     else:
         torch.cuda.set_device(rank)
-    import deepspeed
     import torch.distributed as dist
 
     from hamu_ray.engine import deepspeed_engine as eng
     from hamu_ray.engine.grads import DeepSpeedGrads
+
+    deepspeed = eng.import_deepspeed()
 
     deepspeed.init_distributed(dist_backend="gloo" if spec.device == "cpu" else "nccl",
                                auto_mpi_discovery=False)

@@ -267,7 +267,7 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
     table = write_report(cfg, rows, stages, report, runs)
     spread = seeds.write_spread(cfg, runs, table_columns(cfg), report)
     run_record.write_run_record(cfg.name, cfg.seeds, report)
-    names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png",
+    names = ("comparison.csv", "comparison.md", "tradeoff.png", "hardness.png", "curves.png", "attacks.png",
              "per_example.parquet", lm_pipeline.PER_EXAMPLE_ATTACKED, run_record.RECORD, *seeds.SEED_FILES)
     for name in names:
         if (report / name).exists():
@@ -585,6 +585,11 @@ def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageO
     if notes:  # under the table: what it cannot show by itself
         files.write_atomic(report / "comparison.md", (report / "comparison.md").read_text() + f"\nNotes:\n{notes}\n")
     plots.tradeoff(rows, report / "tradeoff.png", plots.LM_AXES if lm else plots.CLASSIFIER_AXES)
+    attacks = lm_pipeline.attack_names(cfg) if lm else []
+    if attacks:
+        plots.attacks(rows, attacks, report / "attacks.png")
+    else:  # an earlier run's would describe other runs
+        (report / "attacks.png").unlink(missing_ok=True)
     logs = {name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES}
     plots.hardness(logs, report / "hardness.png")
     monitors = [stage.summary["config"].get("monitor") for name, stage in stages.items()

@@ -106,14 +106,13 @@ def run_method_reference(case: str):
 def _worker(rank: int, port: int, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    import deepspeed
     import torch.distributed as dist
 
     from hamu_ray.engine import deepspeed_engine as eng
     from hamu_ray.engine.grads import DeepSpeedGrads
     from hamu_ray.engine.step import MeanAcrossRanks, SumAcrossRanks
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    eng.import_deepspeed().init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     sent = []  # spy (not a mock): every all_reduce goes through; hamu-ray's own are recorded
     real_all_reduce = dist.all_reduce
 

@@ -34,6 +34,7 @@ def qa_config(output_dir: Path, edit=None) -> PipelineConfig:
 
 
 def small(raw: dict) -> None:
+    raw.pop("robustness", None)  # the demo's attacks: one fixture runs its own
     raw["data"].update(forget_share=0.05, eval_retain_rows=40)
     raw["model"]["init"] = {"hidden_size": 32, "intermediate_size": 64, "layers": 1, "heads": 2,
                             "vocab_size": 512}
@@ -93,7 +94,8 @@ def test_the_attacks_rescore_every_models_forget_set_and_its_recovered_share(qa_
     attacked_rows = pq.read_table(result.report_dir / "per_example_attacked.parquet").to_pylist()
     client = mlflow.MlflowClient(result.tracking_uri)
     logged = client.get_run(result.parent_run_id).data.metrics
-    assert "per_example_attacked.parquet" in {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"per_example_attacked.parquet", "attacks.png"} <= {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert (result.report_dir / "attacks.png").read_bytes()[:4] == b"\x89PNG"
     forget = pq.read_table(next((out / "stages").glob("prepare-*/forget.parquet"))).to_pylist()
     plain = {name: [r for r in per_example if r["model"] == name and r["set"] == "forget"] for name in rows}
     for attack in ("int4", "relearn"):
@@ -466,7 +468,7 @@ def test_robustness_adds_its_columns_before_steps_and_leaves_the_stage_keys(tmp_
     those of a pipeline written before it existed."""
     from hamu_ray.pipeline.stages import table_columns, training_job, unlearning_job
 
-    plain = qa_config(tmp_path / "out")
+    plain = qa_config(tmp_path / "out", lambda raw: raw.pop("robustness"))
     attacked = qa_config(tmp_path / "out", lambda raw: raw.update(robustness={"quantize": [8, 4], "relearn": {}}))
     assert plain.robustness is None and table_columns(plain) == TABLE_COLUMNS
     added = tuple(f"{column}_{attack}" for attack in ("int8", "int4", "relearn", "benign")

@@ -112,3 +112,20 @@ def test_on_a_log_axis_a_bar_below_zero_stops_at_the_bottom_of_the_axes(monkeypa
     *bars, (bottom, _) = drawn_bars(monkeypatch, rows, plots.LM_AXES)
     [(_, (low, high))] = bars
     assert high == pytest.approx(0.03) and low == pytest.approx(bottom) and 1e-4 < bottom < 0.01
+
+
+def test_the_attacks_plot_puts_each_attacks_forget_probability_beside_the_models(monkeypatch):
+    seen = {}
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        seen["bars"] = {c.get_label(): [round(b.get_height(), 6) for b in c] for c in ax.containers}
+        seen["ticks"] = [t.get_text() for t in ax.get_xticklabels()]
+        plt.close(fig)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    rows = [{"model": "original", "forget_prob": 0.9, "forget_prob_int4": 0.88, "forget_prob_relearn": 0.91},
+            {"model": "hamu-q", "forget_prob": 0.2, "forget_prob_int4": 0.3, "forget_prob_relearn": None}]
+    plots.attacks(rows, ["int4", "relearn"], Path("unused.png"))
+    assert seen["ticks"] == ["original", "hamu-q"]
+    assert seen["bars"] == {"as unlearned": [0.9, 0.2], "int4": [0.88, 0.3], "relearn": [0.91]}

@@ -89,14 +89,13 @@ def with_dropout(model_dir: Path, directory: Path, p: float) -> Path:
 def _worker(rank: int, port: int, model_dir: str, dropout_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    import deepspeed
     import torch.distributed as dist
 
     from hamu_ray.engine import deepspeed_engine as eng
     from hamu_ray.engine.grads import DeepSpeedGrads
     from hamu_ray.engine.step import SumAcrossRanks
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    eng.import_deepspeed().init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     results = {}
     for case in CASES:
         torch.manual_seed(0)  # the LoRA adapters' initialisation, alike on every rank
