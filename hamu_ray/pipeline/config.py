@@ -235,7 +235,7 @@ class RelearnSection(Section):
     share: float = Field(0.1, gt=0, lt=1)  # of the forget set's entities (its `entity` column;
     # of its rows where it has none) held apart to relearn on, at least one; the rest is scored
     steps: int = Field(10, gt=0)
-    lr: float | None = Field(None, gt=0)  # None: train.lr, the rate the original learned them at
+    lr: float | None = Field(None, gt=0)  # None: a tenth of train.lr (lm_pipeline.relearn_lr)
     batch_size: int = Field(8, gt=0)
     benign: bool = True  # also relearn on retain rows only (steps × batch_size of them)
 

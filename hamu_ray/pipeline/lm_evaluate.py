@@ -91,9 +91,9 @@ def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool 
 def relearned(model, tokenizer, spec: Relearning, cfg: TextData):
     """A copy of `model` fine-tuned on spec's rows: the mean answer-token cross-entropy (the
     loss the original learned them with), one AdamW step per batch."""
-    table = pq.read_table(spec.path, columns=[cfg.question_column, cfg.answer_column]).to_pylist()
-    encoded = {i: encode_pair(tokenizer, table[i][cfg.question_column], table[i][cfg.answer_column], cfg)
-               for i in spec.rows}
+    rows = pq.read_table(spec.path, columns=[cfg.question_column, cfg.answer_column]).take(list(spec.rows))
+    encoded = {i: encode_pair(tokenizer, row[cfg.question_column], row[cfg.answer_column], cfg)
+               for i, row in zip(spec.rows, rows.to_pylist())}
     batches = (pad_batch([encoded[i][0] for i in rows], [encoded[i][1] for i in rows])
                for rows in batch_rows(spec.rows, spec.steps, spec.batch_size, spec.seed))
 

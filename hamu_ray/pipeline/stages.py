@@ -308,7 +308,7 @@ def prepare(cfg: PipelineConfig, out: Path, tracker: Tracker) -> dict[str, str]:
 def check_given_models(cfg: PipelineConfig, prepared: dict[str, str]) -> None:
     if cfg.is_lm:
         lm_pipeline.check_given_models(cfg, prepared)
-        lm_pipeline.attacks(cfg, prepared)  # a forget set relearning cannot split: refused before training
+        lm_pipeline.check_attacks(cfg, prepared)
     elif cfg.model.weights is not None:
         user_data.check_classifier_weights(cfg)
 

@@ -510,7 +510,7 @@ def test_relearning_trains_on_whole_entities_and_scores_the_others(tmp_path):
         relearn_split(one, 0.1, seed=0)
 
 
-def test_the_relearning_attacks_read_their_rows_and_the_rate_the_original_learned_at(tmp_path):
+def test_the_relearning_attacks_read_their_rows_and_a_tenth_of_the_training_rate(tmp_path):
     from hamu_ray.pipeline.lm_pipeline import attack_names, attacks
 
     cfg = qa_config(tmp_path / "out", lambda raw: raw.update(robustness={"quantize": [4], "relearn": {"steps": 5, "batch_size": 3}}))
@@ -524,7 +524,7 @@ def test_the_relearning_attacks_read_their_rows_and_the_rate_the_original_learne
     assert not found["relearn"].rows[list(relearn.rows)].any() and found["relearn"].rows.sum() == 18
     assert benign.path == prepared["retain"] and len(benign.rows) == 15 == len(set(benign.rows))  # steps × batch
     assert found["benign"].rows is None
-    assert relearn.lr == benign.lr == cfg.train.lr and (relearn.steps, relearn.batch_size) == (5, 3)
+    assert relearn.lr == benign.lr == pytest.approx(cfg.train.lr / 10) and (relearn.steps, relearn.batch_size) == (5, 3)
     own_rate = qa_config(tmp_path / "out", lambda raw: raw.update(robustness={"relearn": {"lr": 1e-5, "benign": False}}))
     assert list(attacks(own_rate, prepared)) == ["relearn"]
     assert attacks(own_rate, prepared)["relearn"].fields["relearning"].lr == 1e-5
