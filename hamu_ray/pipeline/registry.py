@@ -51,8 +51,12 @@ def complete_receipt(cfg, path: Path, row: dict, original: dict, oracle: dict | 
     evaluation = {"against": "oracle" if oracle is not None else None,
                   "model": {k: row.get(k) for k in keys}, "original": {k: original.get(k) for k in keys},
                   "oracle": {k: oracle.get(k) for k in keys} if oracle is not None else None}
+    attacks = attack_record(row, oracle)
+    if attacks:
+        evaluation["attacks"] = attacks
     current = receipt.load(str(path))
-    updated = receipt.with_evaluation(current, evaluation, evaluation_verdict(cfg.is_lm, evaluation))
+    verdict = evaluation_verdict(cfg.is_lm, evaluation) + attack_verdict(attacks)
+    updated = receipt.with_evaluation(current, evaluation, verdict)
     if updated != current:
         files.write_atomic(path, json.dumps(updated, indent=2))
 
@@ -78,6 +82,30 @@ def evaluation_verdict(is_lm: bool, evaluation: dict) -> str:
                        "oracle (KS test, p ≥ 0.05).")
     return text + (f" Forget quality {quality:.3g}: on the forget set it can still be told apart from the "
                    "oracle (KS test, p < 0.05).")
+
+
+RECOVERED = "recovered_prob_"  # the table's column per attack (robustness): its recovered share
+
+
+def attack_record(row: dict, oracle: dict | None) -> dict:
+    """Per attack in the row (its recovered_prob_<attack> column): the model's forget probability
+    after it, the share of its forgetting the attack undid, and the oracle's share, the floor."""
+    names = [k.removeprefix(RECOVERED) for k in row if k.startswith(RECOVERED) and not k.endswith("_sd")]
+    return {name: {"forget_prob": row.get(f"forget_prob_{name}"), "recovered_prob": row[RECOVERED + name],
+                   "oracle_recovered_prob": oracle.get(RECOVERED + name) if oracle is not None else None}
+            for name in names}
+
+
+def attack_verdict(attacks: dict) -> str:
+    """A sentence on what each attack brought back, beside the oracle's floor; empty without attacks."""
+    if not attacks:
+        return ""
+    share = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731 (None: the model is the original's)
+    parts = [f"{name} {share(a['recovered_prob'])}" + (f" (oracle {share(a['oracle_recovered_prob'])})"
+                                                      if a["oracle_recovered_prob"] is not None else "")
+             for name, a in attacks.items()]
+    return (" Attacks brought back this share of its forgetting (forget probability; 0 none, 1 all; the "
+            "oracle's share is the floor, what a model that never learned the rows gains): " + "; ".join(parts) + ".")
 
 
 def register(tracker, cfg, stage, *, role: str, original_version: str | None = None) -> str:

@@ -121,6 +121,12 @@ def test_the_attacks_rescore_every_models_forget_set_and_its_recovered_share(qa_
                 assert math.isfinite(row[f"recovered_prob_{attack}"])
                 assert logged[f"{name}/recovered_prob_{attack}"] == pytest.approx(row[f"recovered_prob_{attack}"])
     assert "recovered_prob_int4" in result.table and "recovered_prob_relearn" in result.table
+    receipt = json.loads(next((out / "stages").glob("unlearn-hamu-q-*/receipt.json")).read_text())
+    for attack in ("int4", "relearn"):
+        assert receipt["evaluation"]["attacks"][attack] == {
+            "forget_prob": rows["hamu-q"][f"forget_prob_{attack}"], "recovered_prob": rows["hamu-q"][f"recovered_prob_{attack}"],
+            "oracle_recovered_prob": rows["oracle"][f"recovered_prob_{attack}"]}
+        assert f"{attack} {rows['hamu-q'][f'recovered_prob_{attack}']:.2f} (oracle" in receipt["verdict"]
 
 
 @pytest.mark.integration

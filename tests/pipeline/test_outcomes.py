@@ -183,6 +183,21 @@ def test_the_verdict_says_the_test_has_no_power_when_the_original_passes_it():
     assert "can still be told apart" in judged(0.01, 1e-5)
 
 
+def test_the_receipt_names_what_each_attack_brought_back_beside_the_oracles_floor():
+    from hamu_ray.pipeline.registry import attack_record, attack_verdict
+
+    row = {"forget_prob": 0.1, "forget_prob_int4": 0.12, "recovered_prob_int4": 0.025,
+           "forget_prob_relearn": 0.5, "recovered_prob_relearn": 0.5, "recovered_prob_relearn_sd": 0.1}
+    oracle = {"recovered_prob_int4": 0.0, "recovered_prob_relearn": 0.03}
+    record = attack_record(row, oracle)
+    assert record == {"int4": {"forget_prob": 0.12, "recovered_prob": 0.025, "oracle_recovered_prob": 0.0},
+                      "relearn": {"forget_prob": 0.5, "recovered_prob": 0.5, "oracle_recovered_prob": 0.03}}
+    verdict = attack_verdict(record)
+    assert verdict.endswith("int4 0.03 (oracle 0.00); relearn 0.50 (oracle 0.03).")
+    assert attack_verdict(attack_record(row, None)).endswith("int4 0.03; relearn 0.50.")
+    assert attack_record({"forget_prob": 0.1}, oracle) == {} and attack_verdict({}) == ""
+
+
 def test_truth_ratio_scores_of_a_collapsed_model_raise_no_numpy_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
