@@ -228,6 +228,12 @@ class PipelineMonitor(Section):
         return value
 
 
+# a fresh AdamW's first steps move every weight by about lr whatever its gradient: at train.lr
+# they disturb the original itself (demo: its forget probability 0.95 -> 0.60), a tenth leaves it
+# (0.95) while unlearned models still recover (README, "Does the forgetting survive attacks?")
+RELEARN_LR_OF_TRAIN = 0.1
+
+
 class RelearnSection(Section):
     """The relearning attack (arXiv 2410.08827, 2406.13356): each model fine-tuned `steps` AdamW
     steps on a held-apart part of the forget set, then its other rows scored; with `benign`, the
@@ -235,7 +241,7 @@ class RelearnSection(Section):
     share: float = Field(0.1, gt=0, lt=1)  # of the forget set's entities (its `entity` column;
     # of its rows where it has none) held apart to relearn on, at least one; the rest is scored
     steps: int = Field(10, gt=0)
-    lr: float | None = Field(None, gt=0)  # None: a tenth of train.lr (lm_pipeline.relearn_lr)
+    lr: float | None = Field(None, gt=0)  # None: a tenth of train.lr (PipelineConfig.relearn_lr)
     batch_size: int = Field(8, gt=0)
     benign: bool = True  # also relearn on retain rows only (steps × batch_size of them)
 
@@ -285,8 +291,8 @@ class PipelineConfig(Section):
     monitor: PipelineMonitor | None = None  # evaluation during unlearning; None: end points only
     seeds: int = Field(1, ge=1)  # runs of every method (seed data.seed + i: data order, every
     # random draw); the table shows mean ± sd over them. The original and the oracle: one each
-    robustness: RobustnessSection | None = None  # language models: attacks re-scored after the
-    # evaluation (quantize: [8, 4], relearn: {}); None: none
+    robustness: RobustnessSection | None = None  # attacks re-scored after the evaluation
+    # (quantize: [8, 4], relearn: {}); a classifier's in accuracy; None: none
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -327,9 +333,6 @@ class PipelineConfig(Section):
         if self.tune is not None:
             self._check_search(self.tune)
         self._check_seed_runs(keys)
-        if self.robustness is not None and not self.is_lm:
-            raise FieldError("robustness", "the attacks are scored on a language model's forget set "
-                             f"(model.kind causal_lm); remove it for a {self.model.kind} model")
         relearn = self.robustness.relearn if self.robustness is not None else None
         if relearn is not None and relearn.lr is None and self.train is None:
             raise FieldError("robustness.relearn.lr", "required with your own model: there is no train.lr "
@@ -347,6 +350,12 @@ class PipelineConfig(Section):
             if clash is not None:
                 raise ValueError(f"methods: the label {clash!r} is the name of {key}'s run with another "
                                  "seed (seeds); choose another label")
+
+    @property
+    def relearn_lr(self) -> float:
+        """The relearning attack's rate: robustness.relearn.lr, else RELEARN_LR_OF_TRAIN × train.lr."""
+        given = self.robustness.relearn.lr
+        return given if given is not None else RELEARN_LR_OF_TRAIN * self.train.lr
 
     @property
     def method_seeds(self) -> list[int]:

@@ -136,9 +136,9 @@ def compare_to_oracle(metrics: dict[str, float], forget_losses: np.ndarray,
 
 # ---- the comparison table --------------------------------------------------------------------
 
-def comparison_rows(results: dict[str, dict]) -> list[dict]:
-    """One row per model, in the order given, with exactly TABLE_COLUMNS (None where missing)."""
-    return [{"model": name, **{column: result.get(column) for column in TABLE_COLUMNS[1:]}}
+def comparison_rows(results: dict[str, dict], columns: Sequence[str] = TABLE_COLUMNS) -> list[dict]:
+    """One row per model, in the order given, with exactly `columns` (None where missing)."""
+    return [{"model": name, **{column: result.get(column) for column in columns[1:]}}
             for name, result in results.items()]
 
 

@@ -300,25 +300,13 @@ def attacks(cfg, prepared: dict[str, str]) -> dict[str, Attack]:
     if r is not None and r.relearn is not None:
         relearn, seed = r.relearn, cfg.data.seed
         trained, scored = relearn_split(prepared["forget"], relearn.share, seed)
-        steps = dict(steps=relearn.steps, lr=relearn_lr(cfg), batch_size=relearn.batch_size, seed=seed)
+        steps = dict(steps=relearn.steps, lr=cfg.relearn_lr, batch_size=relearn.batch_size, seed=seed)
         found["relearn"] = Attack({"relearning": lm_evaluate.Relearning(prepared["forget"], tuple(trained), **steps)},
                                   scored)
         if relearn.benign:
             rows = benign_rows(prepared["retain"], relearn.steps * relearn.batch_size, seed)
             found["benign"] = Attack({"relearning": lm_evaluate.Relearning(prepared["retain"], rows, **steps)})
     return found
-
-
-# a fresh AdamW's first steps move every weight by about lr whatever its gradient: at train.lr
-# they disturb the original itself (demo: its forget probability 0.95 -> 0.60), a tenth leaves it
-# (0.95) while unlearned models still recover (README, "Does the forgetting survive attacks?")
-RELEARN_LR_OF_TRAIN = 0.1
-
-
-def relearn_lr(cfg) -> float:
-    """The relearning attack's rate: robustness.relearn.lr, else RELEARN_LR_OF_TRAIN × train.lr."""
-    given = cfg.robustness.relearn.lr
-    return given if given is not None else RELEARN_LR_OF_TRAIN * cfg.train.lr
 
 
 def check_attacks(cfg, prepared: dict[str, str]) -> None:

@@ -169,13 +169,14 @@ def hardness(step_logs: dict[str, list[dict]], path: Path) -> None:
     _save(fig, path)
 
 
-def attacks(rows: list[dict], names: list[str], path: Path) -> None:
-    """Per model, its forget probability as it is beside the one after each attack (`names`,
-    e.g. int4, relearn: the table's `forget_prob_<attack>`), grouped bars; a bar the run has no
-    value for (a metric the sets lack) is left out. Relearning's is over the forget rows it did
-    not train on, the others' over every forget row."""
+def attacks(rows: list[dict], names: list[str], path: Path, metric: str = "prob") -> None:
+    """Per model, its forget probability (a classifier: `metric` acc, its forget accuracy) as it
+    is beside the one after each attack (`names`, e.g. int4, relearn: the table's
+    `forget_<metric>_<attack>`), grouped bars; a bar the run has no value for (a metric the sets
+    lack) is left out. Relearning's is over the forget rows it did not train on, the others' over
+    every forget row."""
     fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(rows) * (len(names) + 1) / 2), 4.2))
-    series = [("as unlearned", "forget_prob"), *((name, f"forget_prob_{name}") for name in names)]
+    series = [("as unlearned", f"forget_{metric}"), *((name, f"forget_{metric}_{name}") for name in names)]
     width = 0.8 / len(series)
     for k, (label, key) in enumerate(series):
         drawn = [(i, row[key]) for i, row in enumerate(rows) if row.get(key) is not None]
@@ -183,7 +184,7 @@ def attacks(rows: list[dict], names: list[str], path: Path) -> None:
             xs, ys = zip(*drawn)
             ax.bar([x + (k - (len(series) - 1) / 2) * width for x in xs], ys, width, label=label)
     ax.set_xticks(range(len(rows)), [row["model"] for row in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("forget probability  ↓  more forgotten")
+    ax.set_ylabel(f"forget {'probability' if metric == 'prob' else 'accuracy'}  ↓  more forgotten")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=len(series))

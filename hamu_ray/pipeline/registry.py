@@ -51,7 +51,7 @@ def complete_receipt(cfg, path: Path, row: dict, original: dict, oracle: dict | 
     evaluation = {"against": "oracle" if oracle is not None else None,
                   "model": {k: row.get(k) for k in keys}, "original": {k: original.get(k) for k in keys},
                   "oracle": {k: oracle.get(k) for k in keys} if oracle is not None else None}
-    attacks = attack_record(row, oracle)
+    attacks = attack_record(row, oracle, "prob" if cfg.is_lm else "acc")
     if attacks:
         evaluation["attacks"] = attacks
     current = receipt.load(str(path))
@@ -84,15 +84,14 @@ def evaluation_verdict(is_lm: bool, evaluation: dict) -> str:
                    "oracle (KS test, p < 0.05).")
 
 
-RECOVERED = "recovered_prob_"  # the table's column per attack (robustness): its recovered share
-
-
-def attack_record(row: dict, oracle: dict | None) -> dict:
-    """Per attack in the row (its recovered_prob_<attack> column): the model's forget probability
-    after it, the share of its forgetting the attack undid, and the oracle's share, the floor."""
-    names = [k.removeprefix(RECOVERED) for k in row if k.startswith(RECOVERED) and not k.endswith("_sd")]
-    return {name: {"forget_prob": row.get(f"forget_prob_{name}"), "recovered_prob": row[RECOVERED + name],
-                   "oracle_recovered_prob": oracle.get(RECOVERED + name) if oracle is not None else None}
+def attack_record(row: dict, oracle: dict | None, metric: str = "prob") -> dict:
+    """Per attack in the row (its recovered_<metric>_<attack> column; metric prob, a classifier's
+    acc): the model's forget <metric> after it, the share of its forgetting the attack undid, and
+    the oracle's share, the floor."""
+    recovered = f"recovered_{metric}_"
+    names = [k.removeprefix(recovered) for k in row if k.startswith(recovered) and not k.endswith("_sd")]
+    return {name: {f"forget_{metric}": row.get(f"forget_{metric}_{name}"), f"recovered_{metric}": row[recovered + name],
+                   f"oracle_recovered_{metric}": oracle.get(recovered + name) if oracle is not None else None}
             for name in names}
 
 
@@ -101,11 +100,14 @@ def attack_verdict(attacks: dict) -> str:
     if not attacks:
         return ""
     share = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731 (None: the model is the original's)
-    parts = [f"{name} {share(a['recovered_prob'])}" + (f" (oracle {share(a['oracle_recovered_prob'])})"
-                                                      if a["oracle_recovered_prob"] is not None else "")
-             for name, a in attacks.items()]
-    return (" Attacks brought back this share of its forgetting (forget probability; 0 none, 1 all; the "
-            "oracle's share is the floor, what a model that never learned the rows gains): " + "; ".join(parts) + ".")
+    metric = "prob" if "recovered_prob" in next(iter(attacks.values())) else "acc"
+    parts = []
+    for name, a in attacks.items():
+        floor = a[f"oracle_recovered_{metric}"]
+        parts.append(f"{name} {share(a[f'recovered_{metric}'])}" + (f" (oracle {share(floor)})" if floor is not None else ""))
+    return (f" Attacks brought back this share of its forgetting (forget {'probability' if metric == 'prob' else 'accuracy'}; "
+            "0 none, 1 all; the oracle's share is the floor, what a model that never learned the rows gains): "
+            + "; ".join(parts) + ".")
 
 
 def register(tracker, cfg, stage, *, role: str, original_version: str | None = None) -> str:

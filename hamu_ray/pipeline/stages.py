@@ -21,6 +21,7 @@ import yaml
 
 from hamu_ray import digests, files, receipt
 from hamu_ray.engine import data, monitor
+from hamu_ray.pipeline import classifier_attacks
 from hamu_ray.pipeline import datasets
 from hamu_ray.pipeline import evaluate
 from hamu_ray.pipeline import lm_pipeline
@@ -560,18 +561,34 @@ def load_weights(cfg: PipelineConfig, weights: Path):
 
 
 def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput]) -> list[dict]:
+    """Every stage's classifier measured against the oracle; with robustness, each attack's
+    forget accuracy and recovered share (classifier_attacks)."""
     ruler = classifier_yardstick(cfg, prepared, stages["oracle"].weights if "oracle" in stages else None)
-    results = {}
+    attacks = classifier_attacks.plan(cfg, prepared) if cfg.robustness is not None else {}
+    results, original_correct = {}, None
     for name, stage in stages.items():  # original, oracle, then the methods
         summary = stage.summary
         measured = ruler.oracle if name == "oracle" else classifier_measure(cfg, ruler, stage.weights)
+        if attacks:
+            model = load_weights(cfg, stage.weights)
+            correct = classifier_attacks.forget_correct(model, ruler.sets)
+            original_correct = correct if name == "original" else original_correct
+            for attack, how in attacks.items():
+                after = classifier_attacks.forget_correct(classifier_attacks.attacked(cfg, model, how, ruler.sets),
+                                                          ruler.sets)
+                measured = {**measured, **classifier_attacks.attack_metrics(attack, correct, original_correct,
+                                                                            after, how.scored)}
         results[name] = {**measured, "steps": summary["steps"],
                          "stop": summary["stop"], "wall_s": summary["wall_s"]}
-    return evaluate.comparison_rows(results)
+    return evaluate.comparison_rows(results, table_columns(cfg))
 
 
 def table_columns(cfg: PipelineConfig) -> tuple[str, ...]:
-    return lm_pipeline.table_columns(cfg) if cfg.is_lm else evaluate.TABLE_COLUMNS
+    """The comparison's columns; a classifier's attacks' before steps, stop and wall_s."""
+    if cfg.is_lm:
+        return lm_pipeline.table_columns(cfg)
+    *metrics, steps, stop, wall = evaluate.TABLE_COLUMNS
+    return (*metrics, *classifier_attacks.attack_columns(lm_pipeline.attack_names(cfg)), steps, stop, wall)
 
 
 def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageOutput], report: Path,
@@ -585,9 +602,9 @@ def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageO
     if notes:  # under the table: what it cannot show by itself
         files.write_atomic(report / "comparison.md", (report / "comparison.md").read_text() + f"\nNotes:\n{notes}\n")
     plots.tradeoff(rows, report / "tradeoff.png", plots.LM_AXES if lm else plots.CLASSIFIER_AXES)
-    attacks = lm_pipeline.attack_names(cfg) if lm else []
+    attacks = lm_pipeline.attack_names(cfg)
     if attacks:
-        plots.attacks(rows, attacks, report / "attacks.png")
+        plots.attacks(rows, attacks, report / "attacks.png", "prob" if lm else "acc")
     else:  # an earlier run's would describe other runs
         (report / "attacks.png").unlink(missing_ok=True)
     logs = {name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES}

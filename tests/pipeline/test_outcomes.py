@@ -196,6 +196,9 @@ def test_the_receipt_names_what_each_attack_brought_back_beside_the_oracles_floo
     assert verdict.endswith("int4 0.03 (oracle 0.00); relearn 0.50 (oracle 0.03).")
     assert attack_verdict(attack_record(row, None)).endswith("int4 0.03; relearn 0.50.")
     assert attack_record({"forget_prob": 0.1}, oracle) == {} and attack_verdict({}) == ""
+    classifier = attack_record({"forget_acc_int8": 0.2, "recovered_acc_int8": None}, {"recovered_acc_int8": 0.0}, "acc")
+    assert classifier == {"int8": {"forget_acc": 0.2, "recovered_acc": None, "oracle_recovered_acc": 0.0}}
+    assert "(forget accuracy; 0 none" in attack_verdict(classifier) and attack_verdict(classifier).endswith("int8 – (oracle 0.00).")
 
 
 def test_truth_ratio_scores_of_a_collapsed_model_raise_no_numpy_warning():

@@ -235,10 +235,10 @@ def test_a_killed_run_reruns_from_the_cache_and_the_interrupted_stages_checkpoin
 
 
 @pytest.mark.integration
-def test_two_seeds_add_one_stage_and_report_the_mean_and_spread(pipeline_runs):
+def test_two_seeds_add_one_stage_and_report_the_mean_and_spread(pipeline_runs, tmp_path):
     """seeds: 2 on the first run's pipeline: its HAMU-Q stage is the first seed's (cached), one
     new stage runs with seed 1; the table's row is the runs' mean ± sd, the registry keeps the
-    first seed's model and evaluation."""
+    first seed's model and evaluation. With robustness: the attacks (check_classifier_attacks)."""
     import contextlib
     import io
 
@@ -247,7 +247,7 @@ def test_two_seeds_add_one_stage_and_report_the_mean_and_spread(pipeline_runs):
     out, first, *_ = pipeline_runs
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result = run_pipeline(digits_config(out, lambda raw: hamu_only(raw) or raw.update(seeds=2)))
+        result = run_pipeline(digits_config(out, lambda raw: hamu_only(raw) or raw.update(seeds=2, robustness=ATTACKS)))
     cached = {name: run.data.tags["cached"] for name, run in runs_of(result.tracking_uri, result.parent_run_id).items()}
     assert cached == {"prepare": "True", "original": "True", "oracle": "True",
                       "unlearn-hamu-q": "True", "unlearn-hamu-q-seed1": "False"}
@@ -263,8 +263,75 @@ def test_two_seeds_add_one_stage_and_report_the_mean_and_spread(pipeline_runs):
     assert row["forget_acc_sd"] == pytest.approx(abs(pair[0] - pair[1]) / 2 ** 0.5)  # sd of two values
     assert " ± " in result.table and (result.report_dir / "comparison_seeds.csv").exists()
     assert "forget_quality: not compared (it needs two methods" in (result.report_dir / "spread.md").read_text()
-    receipt = json.loads(next(stage_dirs(out, "unlearn-hamu-q")[0].glob("receipt.json")).read_text())
+    method_run = runs_of(result.tracking_uri, result.parent_run_id)["unlearn-hamu-q"]  # its stage's receipt, as
+    logged = mlflow.MlflowClient(result.tracking_uri).download_artifacts(  # killed and resumed runs left another
+        method_run.info.run_id, "receipt.json", str(tmp_path))
+    receipt = json.loads(Path(logged).read_text())
     assert receipt["evaluation"]["model"]["forget_acc"] == runs["hamu-q"]["forget_acc"]
+    check_classifier_attacks(result, runs, receipt, out)
+
+
+ATTACKS = {"quantize": [8, 4], "relearn": {"share": 0.2, "steps": 4, "batch_size": 8}}
+
+
+def check_classifier_attacks(result, runs: dict, receipt: dict, out: Path) -> None:
+    """robustness on a classifier: per attack the forget accuracy after it (quantized: the models
+    as fake_quantize leaves them; relearned: plain-torch AdamW at a tenth of train.lr on the
+    held-apart forget rows, scored on the others), the recovered share, mean ± sd over the seeds,
+    the plot and the receipt."""
+    import copy
+
+    import torch
+
+    from hamu_ray.attacks.quantize import fake_quantize
+    from hamu_ray.attacks.recovery import recovered_share
+    from hamu_ray.attacks.relearn import batch_rows
+    from hamu_ray.pipeline.lm_pipeline import relearn_split
+    from hamu_ray.pipeline.stages import load_weights
+
+    cfg = digits_config(out, lambda raw: hamu_only(raw) or raw.update(robustness=ATTACKS))
+    forget = pq.read_table(next((out / "stages").glob("prepare-*/forget.parquet")))
+    x = torch.tensor(forget.column("x").to_pylist(), dtype=torch.float32)
+    y = torch.tensor(forget.column("y").to_pylist())
+    trained, scored = relearn_split(next((out / "stages").glob("prepare-*/forget.parquet")), 0.2, 0)
+
+    def relearned(model):
+        tuned = copy.deepcopy(model).train()
+        optimizer = torch.optim.AdamW(tuned.parameters(), lr=cfg.train.lr / 10, weight_decay=0.0)
+        for rows in batch_rows(trained, 4, 8, 0):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(tuned(x[rows]), y[rows]).backward()
+            optimizer.step()
+        return tuned.eval()
+
+    def correct(model):
+        with torch.no_grad():
+            return (model(x).argmax(-1) == y).numpy()
+
+    from hamu_ray.receipt import model_digest
+
+    unlearned = next(d for d in stage_dirs(out, "unlearn-hamu-q")  # the receipt's model
+                     if model_digest(d / "model.safetensors") == receipt["model_out"]["sha256"])
+    weights = {"original": stage_dirs(out, "original")[0], "oracle": stage_dirs(out, "oracle")[0], "hamu-q": unlearned}
+    models = {name: load_weights(cfg, d / "model.safetensors") for name, d in weights.items()}
+    plain = {name: correct(m) for name, m in models.items()}
+    for name, model in models.items():
+        row = runs[name]
+        for attack, after, rows in (("int8", correct(fake_quantize(model, 8)), slice(None)),
+                                    ("int4", correct(fake_quantize(model, 4)), slice(None)),
+                                    ("relearn", correct(relearned(model)), scored)):
+            accuracy = lambda c: float(c[rows].mean())  # noqa: E731
+            assert row[f"forget_acc_{attack}"] == pytest.approx(accuracy(after), abs=1e-12), (name, attack)
+            share = recovered_share(accuracy(plain["original"]), accuracy(plain[name]), accuracy(after))
+            assert row[f"recovered_acc_{attack}"] == (None if share is None else pytest.approx(share))
+        assert 0 <= row["forget_acc_benign"] <= 1
+    assert runs["original"]["recovered_acc_relearn"] is None and runs["oracle"]["recovered_acc_int8"] is not None
+    mean = {r["model"]: r for r in result.rows}["hamu-q"]
+    pair = [runs["hamu-q"]["forget_acc_relearn"], runs["hamu-q-seed1"]["forget_acc_relearn"]]
+    assert mean["forget_acc_relearn"] == pytest.approx(sum(pair) / 2) and "forget_acc_relearn_sd" in mean
+    assert (result.report_dir / "attacks.png").read_bytes()[:4] == b"\x89PNG"
+    assert receipt["evaluation"]["attacks"]["int4"]["recovered_acc"] == runs["hamu-q"]["recovered_acc_int4"]
+    assert "Attacks brought back this share of its forgetting (forget accuracy" in receipt["verdict"]
 
 
 COUNTRY_QA = PIPELINE.parent / "country_qa.yaml"
@@ -436,8 +503,6 @@ def test_a_users_classifier_inputs_are_refused_before_ray(pipeline_runs, tmp_pat
         model={"kind": "causal_lm", "path": "/models/x"}, robustness={"relearn": {}}, pretrain=None, train=None,
         data={"source": "files", "forget": "f.parquet", "retain": "r.parquet"}),
      "robustness.relearn.lr: required with your own model"),
-    (PIPELINE, lambda raw: raw.update(robustness={"quantize": [8]}),
-     "robustness: the attacks are scored on a language model's forget set"),
 ])
 def test_pipeline_errors_name_the_file_and_the_field(tmp_path, pipeline, edit, needle):
     raw = yaml.safe_load(pipeline.read_text())

@@ -183,6 +183,7 @@ def search(tmp_path_factory, digits_run_dir):
     # B's range from the hardness pre-flight of the original, at the method's own radius
     raw = digits_raw(num_samples=2, space={"constraint_ratio": {"preflight": True}})
     raw["output_dir"] = str(digits_run_dir)  # shares the cached original and oracle
+    raw["unlearn"].update(max_steps=10, progress_every=5)  # 3 reports a trial: ASHA's grace period is 2
     path = tmp / "digits-tune.yaml"
     path.write_text(yaml.safe_dump(raw))
 
