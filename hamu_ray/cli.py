@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="a finished run's table for the README: the table, its notes "
                                  "and spread under one line saying when, where and at which commit it ran")
     report.add_argument("run_dir", help="the pipeline's output_dir")
+    report.add_argument("--columns", type=lambda text: text.split(","), metavar="A,B,…",
+                        help="only these columns of the table, in this order (e.g. "
+                        "model,forget_prob,model_utility,recovered_prob_relearn)")
     report.set_defaults(handler=report_command)
 
     tune = commands.add_parser("tune", help="search a method's threshold with Ray Tune (the tune: section)")
@@ -198,7 +201,7 @@ def run_command(args) -> int:
 def report_command(args) -> int:
     from hamu_ray.pipeline.run_record import readme_block
 
-    print(readme_block(args.run_dir), end="")
+    print(readme_block(args.run_dir, args.columns), end="")
     return 0
 
 

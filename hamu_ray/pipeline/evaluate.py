@@ -159,7 +159,7 @@ def format_cell(column: str, value: Any) -> str:
         return "–"
     if column in TEXT_COLUMNS:
         return str(value)
-    if column.endswith(("_acc", "_acc_retained", "_gap")) or column.startswith("gap_"):
+    if column.endswith(("_acc", "_acc_retained", "_gap")) or column.startswith(("gap_", "forget_acc_")):
         return f"{100 * value:.1f}"  # percent
     if column == "forget_quality":
         return f"{value:.3g}"  # a p-value: 1e-30 and 0.5 both need to stay readable

@@ -7,6 +7,7 @@ above it, so a results table in the README is pasted from a run, never typed by 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -15,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hamu_ray import files
-from hamu_ray.errors import MissingInputError
+from hamu_ray.errors import MissingInputError, UserError
 
 RECORD = "run.json"
 CODE_DIR = Path(__file__).resolve().parents[2]  # the checkout hamu_ray runs from, if it is one
@@ -58,12 +59,13 @@ def machine() -> dict:
     return record
 
 
-def readme_block(run_dir: Path) -> str:
+def readme_block(run_dir: Path, columns: list[str] | None = None) -> str:
     """The run's comparison table (with its notes and, with seeds, the spread) under one line
-    that says when, where and from which commit it was measured."""
+    that says when, where and from which commit it was measured; with `columns`, only those
+    columns of the table, in that order (from comparison.csv: with seeds, mean ± sd)."""
     report = Path(run_dir) / "report"
     table, record_file = report / "comparison.md", report / RECORD
-    for needed in (table, record_file):
+    for needed in (report / "comparison.csv" if columns else table, record_file):
         if not needed.is_file():
             raise MissingInputError(f"{needed}: not found; `hamu-ray report` reads the output_dir "
                                     "of a finished `hamu-ray run` (one that wrote report/run.json)")
@@ -72,9 +74,37 @@ def readme_block(run_dir: Path) -> str:
     device = ", ".join(where.get("gpus", [])) or f"{where['cpu']}, {where['cores']} cores, {where['memory_gib']} GiB"
     line = (f"Pipeline `{record['pipeline']}`, {record['seeds']} seed(s), finished {record['finished']} "
             f"at commit {record['commit'] or 'unknown (not a git checkout)'} on {device}. "
-            f"Made by `hamu-ray report {run_dir}`.")  # the path as given: the README's is relative
+            f"Made by `hamu-ray report {run_dir}{' --columns ' + ','.join(columns) if columns else ''}`.")
+    # (the path as given: the README's is relative)
+    if columns:
+        return line + "\n\n" + column_table(report / "comparison.csv", columns) + "\n"
     parts = [line, table.read_text().strip()]
     spread = report / "spread.md"
     if spread.is_file() and record["seeds"] > 1:
         parts.append(spread.read_text().strip())
     return "\n\n".join(parts) + "\n"
+
+
+def column_table(csv_path: Path, columns: list[str]) -> str:
+    """The Markdown table of `columns` of a comparison.csv, each cell as the full table shows it
+    (seeds.spread_cell: mean ± sd where the csv has the `<column>_sd`)."""
+    from hamu_ray.pipeline import evaluate, seeds
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    known = [c for c in (rows[0] if rows else {}) if not c.endswith("_sd") and c != "seeds"]
+    unknown = [c for c in columns if c not in known]
+    if unknown:
+        raise UserError(f"--columns: {', '.join(unknown)} not in {csv_path}; it has {', '.join(known)}")
+    parsed = [{k: value(k, v) for k, v in row.items()} for row in rows]
+    shown = [{c: seeds.spread_cell(c, row) for c in columns} for row in parsed]
+    return evaluate.to_markdown(shown, columns, seeds.formatted)
+
+
+def value(column: str, text: str) -> float | str | None:
+    """A comparison.csv cell as the table had it: None when empty, the text of a text column, else a number."""
+    if text == "":
+        return None
+    from hamu_ray.pipeline.evaluate import TEXT_COLUMNS
+
+    return text if column in TEXT_COLUMNS else float(text)

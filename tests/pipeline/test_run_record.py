@@ -46,3 +46,18 @@ def test_one_seed_has_no_spread_and_a_run_without_a_record_is_named(tmp_path, ca
     (run / "report" / "run.json").unlink()
     assert cli.main(["report", str(run)]) == 2
     assert f"{run / 'report' / 'run.json'}: not found" in capsys.readouterr().err
+
+
+def test_columns_print_those_columns_of_the_csv_with_the_seeds_spread(tmp_path, capsys):
+    run, record = finished_run(tmp_path, seeds=3)
+    (run / "report" / "comparison.csv").write_text(
+        "model,forget_prob,forget_acc_int4,stop,forget_prob_sd,forget_acc_int4_sd,stop_sd,seeds\n"
+        "original,0.9,0.95,none,,,,\n"
+        "hamu-q,0.1234,0.5,\"none, stop ×2\",0.0456,0.25,,3\n")
+    assert cli.main(["report", str(run), "--columns", "model,forget_acc_int4,forget_prob"]) == 0
+    first, table = capsys.readouterr().out.split("\n\n", 1)
+    assert first.endswith(f"Made by `hamu-ray report {run} --columns model,forget_acc_int4,forget_prob`.")
+    assert table.splitlines()[0] == "| model | forget_acc_int4 | forget_prob |"
+    assert table.splitlines()[2:] == ["| original | 95.0 | 0.900 |", "| hamu-q | 50.0 ± 25.0 | 0.123 ± 0.046 |"]
+    assert cli.main(["report", str(run), "--columns", "model,forget_rouge"]) == 2
+    assert "--columns: forget_rouge not in" in capsys.readouterr().err
