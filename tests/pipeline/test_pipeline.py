@@ -252,7 +252,8 @@ def test_two_seeds_add_one_stage_and_report_the_mean_and_spread(pipeline_runs, t
     assert cached == {"prepare": "True", "original": "True", "oracle": "True",
                       "unlearn-hamu-q": "True", "unlearn-hamu-q-seed1": "False"}
     runs = {row["model"]: row for row in result.runs}
-    assert runs["hamu-q"] == {row["model"]: row for row in first.rows}["hamu-q"]  # the same model, measured
+    measured = {row["model"]: row for row in first.rows}["hamu-q"]  # the same model, measured the same
+    assert {k: runs["hamu-q"][k] for k in measured} == measured  # (and now attacked too)
     [seed1] = (out / "stages").glob("unlearn-hamu-q-seed1-*")
     assert json.loads((seed1 / "summary.json").read_text())["config"]["data"]["shuffle_seed"] == 1
     first_model = stage_dirs(out, "unlearn-hamu-q")[0] / "model.safetensors"
