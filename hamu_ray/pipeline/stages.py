@@ -511,7 +511,7 @@ class Yardstick:
     sets: dict[str, tuple]
     forget_classes: list[int]
     oracle: dict[str, float] | None  # measured like any model (forget quality 1, gaps 0)
-    oracle_forget_losses: np.ndarray | None
+    oracle_forget: evaluate.Predictions | None  # its losses and correctness on the forget rows
 
 
 def yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle: Path):
@@ -533,7 +533,7 @@ def classifier_yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle_w
                                              forget_classes=forget_classes(cfg))
     losses = predictions["forget"].losses
     metrics.update(evaluate.compare_to_oracle(metrics, losses, metrics, losses))  # its own table row
-    return Yardstick(sets, forget_classes(cfg), metrics, losses)
+    return Yardstick(sets, forget_classes(cfg), metrics, predictions["forget"])
 
 
 def measure(cfg: PipelineConfig, ruler, model: Path) -> dict[str, float]:
@@ -546,12 +546,16 @@ def measure(cfg: PipelineConfig, ruler, model: Path) -> dict[str, float]:
 
 
 def classifier_measure(cfg: PipelineConfig, ruler: Yardstick, weights: Path) -> dict[str, float]:
-    metrics, predictions = evaluate.evaluate(load_weights(cfg, weights), ruler.sets,
-                                             forget_classes=ruler.forget_classes)
+    return classifier_scores(ruler, load_weights(cfg, weights))[0]
+
+
+def classifier_scores(ruler: Yardstick, model) -> tuple[dict[str, float], evaluate.Predictions]:
+    """A classifier's metrics against the yardstick, and its predictions on the forget rows."""
+    metrics, predictions = evaluate.evaluate(model, ruler.sets, forget_classes=ruler.forget_classes)
     if ruler.oracle is not None:
         metrics.update(evaluate.compare_to_oracle(metrics, predictions["forget"].losses,
-                                                  ruler.oracle, ruler.oracle_forget_losses))
-    return metrics
+                                                  ruler.oracle, ruler.oracle_forget.losses))
+    return metrics, predictions["forget"]
 
 
 def load_weights(cfg: PipelineConfig, weights: Path):
@@ -562,22 +566,22 @@ def load_weights(cfg: PipelineConfig, weights: Path):
 
 def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput]) -> list[dict]:
     """Every stage's classifier measured against the oracle; with robustness, each attack's
-    forget accuracy and recovered share (classifier_attacks)."""
+    forget accuracy and recovered share (classifier_attacks). Each model is loaded and scored once."""
     ruler = classifier_yardstick(cfg, prepared, stages["oracle"].weights if "oracle" in stages else None)
-    attacks = classifier_attacks.plan(cfg, prepared) if cfg.robustness is not None else {}
+    attacks = lm_pipeline.attacks(cfg, prepared)
     results, original_correct = {}, None
     for name, stage in stages.items():  # original, oracle, then the methods
+        model = load_weights(cfg, stage.weights) if attacks or name != "oracle" else None
+        if name == "oracle":  # the yardstick measured it
+            measured, forget = ruler.oracle, ruler.oracle_forget
+        else:
+            measured, forget = classifier_scores(ruler, model)
+        original_correct = forget.correct if name == "original" else original_correct
+        for attack, how in attacks.items():
+            after = classifier_attacks.forget_correct(classifier_attacks.attacked(model, how), ruler.sets)
+            measured = {**measured, **classifier_attacks.attack_metrics(attack, forget.correct, original_correct,
+                                                                        after, how.rows)}
         summary = stage.summary
-        measured = ruler.oracle if name == "oracle" else classifier_measure(cfg, ruler, stage.weights)
-        if attacks:
-            model = load_weights(cfg, stage.weights)
-            correct = classifier_attacks.forget_correct(model, ruler.sets)
-            original_correct = correct if name == "original" else original_correct
-            for attack, how in attacks.items():
-                after = classifier_attacks.forget_correct(classifier_attacks.attacked(cfg, model, how, ruler.sets),
-                                                          ruler.sets)
-                measured = {**measured, **classifier_attacks.attack_metrics(attack, correct, original_correct,
-                                                                            after, how.scored)}
         results[name] = {**measured, "steps": summary["steps"],
                          "stop": summary["stop"], "wall_s": summary["wall_s"]}
     return evaluate.comparison_rows(results, table_columns(cfg))

@@ -4,15 +4,17 @@ hand-computed accuracies."""
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
-
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from hamu_ray.attacks.quantize import fake_quantize
 from hamu_ray.attacks.relearn import batch_rows
-from hamu_ray.pipeline.classifier_attacks import ClassifierAttack, attack_metrics, attacked, forget_correct
+from hamu_ray.pipeline.classifier_attacks import attack_metrics, attacked, forget_correct
+from hamu_ray.pipeline.lm_evaluate import Relearning
+from hamu_ray.pipeline.lm_pipeline import Attack
 
 
 def test_an_attacks_accuracy_and_recovered_share_are_taken_on_its_scored_rows():
@@ -33,15 +35,16 @@ def small_classifier() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
 
 
-def test_relearning_a_classifier_is_adamw_on_its_rows_and_quantizing_is_fake_quantize():
+def test_relearning_a_classifier_is_adamw_on_its_rows_and_quantizing_is_fake_quantize(tmp_path):
     rng = np.random.default_rng(0)
     sets = {"forget": (rng.normal(size=(12, 6)).astype(np.float32), rng.integers(0, 3, 12)),
             "retain": (rng.normal(size=(20, 6)).astype(np.float32), rng.integers(0, 3, 20))}
-    cfg = SimpleNamespace(robustness=SimpleNamespace(relearn=SimpleNamespace(steps=4, batch_size=3)),
-                          data=SimpleNamespace(seed=5), relearn_lr=0.01)
+    retain = tmp_path / "retain.parquet"
+    pq.write_table(pa.table({"x": list(sets["retain"][0]), "y": sets["retain"][1]}), retain)
     model = small_classifier()
     before = copy.deepcopy(model.state_dict())
-    tuned = attacked(cfg, model, ClassifierAttack(train_set="retain", train_rows=(1, 4, 7, 9, 12)), sets)
+    relearning = Relearning(str(retain), (1, 4, 7, 9, 12), steps=4, lr=0.01, batch_size=3, seed=5)
+    tuned = attacked(model, Attack({"relearning": relearning}))
 
     reference = copy.deepcopy(model)  # plain torch: AdamW without weight decay, one step per batch
     optimizer = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.0)
@@ -55,7 +58,7 @@ def test_relearning_a_classifier_is_adamw_on_its_rows_and_quantizing_is_fake_qua
         torch.testing.assert_close(model.state_dict()[name], before[name], rtol=0, atol=0)  # the model stays
     assert not torch.equal(tuned.state_dict()["0.weight"], before["0.weight"])
 
-    int4 = attacked(cfg, model, ClassifierAttack(bits=4), sets)
+    int4 = attacked(model, Attack({"quantize_bits": 4}))
     expected = fake_quantize(model, 4)
     assert all(torch.equal(int4.state_dict()[k], v) for k, v in expected.state_dict().items())
     logits = expected(torch.as_tensor(sets["forget"][0])).argmax(-1).numpy()
