@@ -51,11 +51,12 @@ def complete_receipt(cfg, path: Path, row: dict, original: dict, oracle: dict | 
     evaluation = {"against": "oracle" if oracle is not None else None,
                   "model": {k: row.get(k) for k in keys}, "original": {k: original.get(k) for k in keys},
                   "oracle": {k: oracle.get(k) for k in keys} if oracle is not None else None}
-    attacks = attack_record(row, oracle, "prob" if cfg.is_lm else "acc")
+    metric = "prob" if cfg.is_lm else "acc"
+    attacks = attack_record(row, oracle, metric)
     if attacks:
         evaluation["attacks"] = attacks
     current = receipt.load(str(path))
-    verdict = evaluation_verdict(cfg.is_lm, evaluation) + attack_verdict(attacks)
+    verdict = evaluation_verdict(cfg.is_lm, evaluation) + attack_verdict(attacks, metric)
     updated = receipt.with_evaluation(current, evaluation, verdict)
     if updated != current:
         files.write_atomic(path, json.dumps(updated, indent=2))
@@ -84,7 +85,7 @@ def evaluation_verdict(is_lm: bool, evaluation: dict) -> str:
                    "oracle (KS test, p < 0.05).")
 
 
-def attack_record(row: dict, oracle: dict | None, metric: str = "prob") -> dict:
+def attack_record(row: dict, oracle: dict | None, metric: str) -> dict:
     """Per attack in the row (its recovered_<metric>_<attack> column; metric prob, a classifier's
     acc): the model's forget <metric> after it, the share of its forgetting the attack undid, and
     the oracle's share, the floor."""
@@ -95,12 +96,12 @@ def attack_record(row: dict, oracle: dict | None, metric: str = "prob") -> dict:
             for name in names}
 
 
-def attack_verdict(attacks: dict) -> str:
-    """A sentence on what each attack brought back, beside the oracle's floor; empty without attacks."""
+def attack_verdict(attacks: dict, metric: str) -> str:
+    """A sentence on what each attack of attack_record(..., metric) brought back, beside the
+    oracle's floor; empty without attacks."""
     if not attacks:
         return ""
     share = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731 (None: the model is the original's)
-    metric = "prob" if "recovered_prob" in next(iter(attacks.values())) else "acc"
     parts = []
     for name, a in attacks.items():
         floor = a[f"oracle_recovered_{metric}"]

@@ -189,16 +189,17 @@ def test_the_receipt_names_what_each_attack_brought_back_beside_the_oracles_floo
     row = {"forget_prob": 0.1, "forget_prob_int4": 0.12, "recovered_prob_int4": 0.025,
            "forget_prob_relearn": 0.5, "recovered_prob_relearn": 0.5, "recovered_prob_relearn_sd": 0.1}
     oracle = {"recovered_prob_int4": 0.0, "recovered_prob_relearn": 0.03}
-    record = attack_record(row, oracle)
+    record = attack_record(row, oracle, "prob")
     assert record == {"int4": {"forget_prob": 0.12, "recovered_prob": 0.025, "oracle_recovered_prob": 0.0},
                       "relearn": {"forget_prob": 0.5, "recovered_prob": 0.5, "oracle_recovered_prob": 0.03}}
-    verdict = attack_verdict(record)
+    verdict = attack_verdict(record, "prob")
     assert verdict.endswith("int4 0.03 (oracle 0.00); relearn 0.50 (oracle 0.03).")
-    assert attack_verdict(attack_record(row, None)).endswith("int4 0.03; relearn 0.50.")
-    assert attack_record({"forget_prob": 0.1}, oracle) == {} and attack_verdict({}) == ""
+    assert attack_verdict(attack_record(row, None, "prob"), "prob").endswith("int4 0.03; relearn 0.50.")
+    assert attack_record({"forget_prob": 0.1}, oracle, "prob") == {} and attack_verdict({}, "prob") == ""
     classifier = attack_record({"forget_acc_int8": 0.2, "recovered_acc_int8": None}, {"recovered_acc_int8": 0.0}, "acc")
     assert classifier == {"int8": {"forget_acc": 0.2, "recovered_acc": None, "oracle_recovered_acc": 0.0}}
-    assert "(forget accuracy; 0 none" in attack_verdict(classifier) and attack_verdict(classifier).endswith("int8 – (oracle 0.00).")
+    said = attack_verdict(classifier, "acc")
+    assert "(forget accuracy; 0 none" in said and said.endswith("int8 – (oracle 0.00).")
 
 
 def test_truth_ratio_scores_of_a_collapsed_model_raise_no_numpy_warning():
