@@ -148,13 +148,14 @@ def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = Fa
         raise RuntimeError(f"{pipeline_path}: the pipeline does not survive a YAML round trip")
     (working_dir / JOB_PIPELINE).write_text(text)
 
-    from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS
+    from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS, kernel_env
 
     runtime_env: dict[str, Any] = {
         "working_dir": str(working_dir),
         "py_modules": [str(PACKAGE_DIR)],
         "excludes": ["__pycache__/", "*.pyc"],
-        "env_vars": {**RUNTIME_ENV_DEFAULTS, **file_vars, "MLFLOW_TRACKING_URI": uri},
+        # the submitting shell's kernel pins travel with the job; the runtime env file's win
+        "env_vars": {**RUNTIME_ENV_DEFAULTS, **kernel_env(), **file_vars, "MLFLOW_TRACKING_URI": uri},
     }
     if "pip" in runtime_file:
         runtime_env["pip"] = runtime_file["pip"]

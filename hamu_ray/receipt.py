@@ -349,13 +349,16 @@ def determinism_record(cfg, device, dtype, workers: int) -> dict:
 
     import torch
 
+    from hamu_ray.engine.driver import kernel_env
+
     device = torch.device(device)
     record = {
         "seeds": {"train": cfg.train.seed, "data_shuffle": cfg.data.shuffle_seed},
         "libraries": {"python": platform.python_version(), **{name: installed_version(name) for name in LIBRARIES}},
         "device": {"kind": device.type, "count": workers,  # one per worker
                    "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-                   "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                   "kernel_pins": kernel_env()},  # empty: the machine's own kernels
         "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()},
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "dtype": str(dtype).removeprefix("torch."),
@@ -370,7 +373,9 @@ def determinism_record(cfg, device, dtype, workers: int) -> dict:
 def determinism_verdict(record: dict) -> str:
     """The determinism record in one sentence of the verdict."""
     device, threads, seeds = record["device"], record["threads"], record["seeds"]
-    kernels = f", {device['cpu_capability']} kernels" if device["kind"] == "cpu" else ""
+    pins = device.get("kernel_pins") or {}  # (a record made before pins were recorded has none)
+    pinned = f" pinned by {' '.join(f'{k}={v}' for k, v in pins.items())}" if pins else " (the machine's own)"
+    kernels = f", {device['cpu_capability']} kernels{pinned}" if device["kind"] == "cpu" else ""
     return (f" Its numbers come from {record['workers']} {device['kind']} worker(s) ({device['name']}{kernels}, "
             f"{threads['intra_op']} intra-op / {threads['inter_op']} inter-op thread(s)) in {record['dtype']} at "
             f"ZeRO stage {record['zero_stage']}, torch {record['libraries']['torch']}, seed {seeds['train']}, "

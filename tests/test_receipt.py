@@ -356,3 +356,52 @@ def test_a_model_has_one_digest_in_receipts_and_the_registry(tmp_path, monkeypat
                                          sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     lm_tags = version_tags(StageOutput("original", directory.parent, True, {}), "original", None)
     assert receipt.model_digest(directory) == lm_tags["model_sha256"] == expected
+
+
+RECORD = """
+import json, types, torch
+from hamu_ray import receipt
+cfg = types.SimpleNamespace(train=types.SimpleNamespace(seed=0, zero_stage=0), data=types.SimpleNamespace(shuffle_seed=None))
+record = receipt.determinism_record(cfg, "cpu", torch.float32, 1)
+print(json.dumps({"device": record["device"], "verdict": receipt.determinism_verdict(record)}))
+"""
+
+
+def record_under(env: dict) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    from hamu_ray.engine.driver import PORTABLE_KERNELS as PINS
+
+    clean = {k: v for k, v in os.environ.items() if k not in PINS}
+    done = subprocess.run([sys.executable, "-c", RECORD], env={**clean, **env}, capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout)
+
+
+def test_kernel_pins_choose_torchs_kernels_and_are_recorded_passed_to_workers_and_keyed(monkeypatch, tmp_path):
+    """The opt-in for runs that reproduce across machines (driver.KERNEL_ENV): set, a fresh
+    process computes with AVX2 kernels whatever the machine has, and says so; unset, the
+    record names the machine's own."""
+    from hamu_ray.engine.driver import PORTABLE_KERNELS as PINS
+    from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS, worker_env_vars
+    from hamu_ray.pipeline.stages import stage_key
+
+    pinned, native = record_under(PINS), record_under({})
+    assert pinned["device"]["cpu_capability"] == "AVX2" and pinned["device"]["kernel_pins"] == PINS
+    assert "AVX2 kernels pinned by ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2, " in pinned["verdict"]
+    assert native["device"]["kernel_pins"] == {}
+    assert native["device"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"{native['device']['cpu_capability']} kernels (the machine's own), " in native["verdict"]
+
+    for key in PINS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    job = {"model": {"kind": "mlp"}, "output_dir": str(tmp_path)}
+    assert worker_env_vars() == RUNTIME_ENV_DEFAULTS
+    unpinned_key = stage_key(job, tmp_path)
+    for key, value in PINS.items():
+        monkeypatch.setenv(key, value)
+    assert worker_env_vars() == {**RUNTIME_ENV_DEFAULTS, **PINS}  # every Ray worker computes as the driver
+    assert stage_key(job, tmp_path) != unpinned_key  # a stage made with other kernels is not reused

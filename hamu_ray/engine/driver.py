@@ -45,6 +45,13 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # a job starts and ends in several such polls, and on a small machine they are most of a short
 # stage's time (docs/design.md §9). A cluster keeps its own setting.
 LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Which CPU kernels torch and MKL run. Unset, each machine takes its widest vector unit (AVX-512
+# here, AVX2 elsewhere) and the numbers differ between machines in the last bits, which training
+# amplifies; set (`ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2`, README "Runs that reproduce") in the
+# shell that starts a run, every process of it computes with the same kernels on any x86-64 with
+# AVX2. They are passed on to the workers, recorded in receipts and part of the stage keys.
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+KERNEL_ENV = tuple(PORTABLE_KERNELS)
 
 
 @dataclass(frozen=True)
@@ -221,9 +228,7 @@ def ray_session(cluster: ClusterSection):
         os.environ.setdefault(key, value)
     quiet.ray_driver_output()
     address = cluster.address or os.environ.get("RAY_ADDRESS")
-    # DeepSpeed picks cuda on GPU nodes and cpu elsewhere by itself; pass only an explicit choice
-    accelerator = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}
-    env_vars = {**RUNTIME_ENV_DEFAULTS, **accelerator}
+    env_vars = worker_env_vars()
     if address:
         ray.init(address=address, runtime_env=joining_runtime_env(env_vars), log_to_driver=False)
     else:
@@ -248,6 +253,19 @@ def ray_session(cluster: ClusterSection):
         yield
     finally:
         ray.shutdown()
+
+
+def kernel_env() -> dict[str, str]:
+    """The kernel pins (KERNEL_ENV) this process runs under; empty: each machine's own kernels."""
+    return {key: os.environ[key] for key in KERNEL_ENV if key in os.environ}
+
+
+def worker_env_vars() -> dict[str, str]:
+    """What the driver passes on to every Ray worker: the defaults, and the accelerator and kernel
+    pins when set here. DeepSpeed picks cuda on GPU nodes and cpu elsewhere by itself, so only an
+    explicit DS_ACCELERATOR is passed."""
+    accelerator = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}
+    return {**RUNTIME_ENV_DEFAULTS, **accelerator, **kernel_env()}
 
 
 def joining_runtime_env(env_vars: dict[str, str]) -> dict | None:

@@ -281,9 +281,13 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
 # ---- stages --------------------------------------------------------------------------------
 
 def stage_key(job: dict, out: Path) -> str:
-    """Hash of a stage's job with the output directory factored out (so the folder can move), and
-    of the receipt format its stages write: a stage cached by an earlier format is not reused."""
-    text = json.dumps({"job": job, "receipt": receipt.VERSION}, sort_keys=True).replace(str(out), "<out>")
+    """Hash of a stage's job with the output directory factored out (so the folder can move), of
+    the receipt format its stages write (a stage cached by an earlier format is not reused) and of
+    the kernel pins it runs under, when any (driver.KERNEL_ENV: they change the numbers)."""
+    from hamu_ray.engine.driver import kernel_env
+
+    keyed = {"job": job, "receipt": receipt.VERSION, **({"kernels": kernel_env()} if kernel_env() else {})}
+    text = json.dumps(keyed, sort_keys=True).replace(str(out), "<out>")
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -182,7 +182,7 @@ def test_the_receipt_records_what_decides_the_numbers_under_its_signature(two_wo
                                    **{name: version(name) for name in ("torch", "deepspeed", "ray", "transformers",
                                                                        "peft", "numpy")}}
     assert record["device"] == {"kind": "cpu", "count": 2, "name": platform.machine(),
-                                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+                                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "kernel_pins": {}}
     threads = record["threads"]
     assert set(threads) == {"intra_op", "inter_op"} and all(type(n) is int and n >= 1 for n in threads.values())
     assert record["deterministic_algorithms"] is False
@@ -190,7 +190,7 @@ def test_the_receipt_records_what_decides_the_numbers_under_its_signature(two_wo
     assert "cudnn" not in record
     assert content["verdict"].endswith(
         f" Its numbers come from 2 cpu worker(s) ({platform.machine()}, {record['device']['cpu_capability']} "
-        f"kernels, {threads['intra_op']} intra-op / {threads['inter_op']} inter-op thread(s)) in float32 at ZeRO "
+        f"kernels (the machine's own), {threads['intra_op']} intra-op / {threads['inter_op']} inter-op thread(s)) in float32 at ZeRO "
         f"stage 3, torch {torch.__version__}, seed 0, data shuffle seed None, deterministic algorithms off.")
 
     monkeypatch.setenv(receipt.KEY_ENV, "a key")
