@@ -106,12 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     prove = steps.add_parser("prove", help="the Merkle inclusion proof of one forget row")
     prove.add_argument("receipt", help="receipt.json of an unlearning job")
     prove.add_argument("--row", type=int, required=True, help="the row's index in the file, from 0")
+    chain = steps.add_parser("verify-chain", help="walk a model's lineage of deletion requests (`hamu-ray "
+                             "forget`) and check every link, receipt, model digest and signature")
+    chain.add_argument("name", help="the registered model's name")
+    chain.add_argument("--tracking-uri", help="the registry's MLflow URI (default: $MLFLOW_TRACKING_URI)")
+    chain.set_defaults(handler=verify_chain_command)
     for step in (verify, prove):
         step.add_argument("--forget", help="the forget file (its Merkle root is recomputed; default: the "
                           "path the receipt records)")
         step.add_argument("--key", help="the digest key file the row digests are keyed by (default: the one "
                           "the receipt names, or $HAMU_RECEIPT_KEY when the job ran with it)")
         step.set_defaults(handler=receipt_command)
+
+    forget = commands.add_parser("forget", help="carry out a deletion request: unlearn its rows from a registered "
+                                 "language model and register the next version, its receipt chained to the last")
+    forget.add_argument("request", help="the rows to forget (parquet or JSON lines, the policy's text columns)")
+    forget.add_argument("--model", required=True, help="NAME (its newest version) or NAME/VERSION in the registry")
+    forget.add_argument("--config", required=True, help="the policy: a job YAML without data.forget, model.path "
+                        "and output_dir (method, hyper-parameters, retain set, training, cluster, stop rule)")
+    forget.add_argument("--tracking-uri", help="the registry's MLflow URI (default: $MLFLOW_TRACKING_URI)")
+    forget.add_argument("--workdir", help="where the requests' jobs and the lineage's digest key live "
+                        "(default: runs/forget/NAME)")
+    forget.set_defaults(handler=forget_command)
 
     preflight = commands.add_parser("hardness", help="the hardness pre-flight of a job: how much forget gain "
                                     "its sets allow without retain damage (no step taken)")
@@ -377,6 +393,38 @@ def receipt_command(args) -> int:
               "(pass --forget FILE)")
     if not checks:
         raise UserError("receipt verify: nothing to check; give --model DIR and/or --forget FILE")
+    for what, ok, detail in checks:
+        print(f"{'ok      ' if ok else 'MISMATCH'} {what}: {detail}")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def registry_uri(args) -> str:
+    import os
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UserError("give the registry: --tracking-uri URI or $MLFLOW_TRACKING_URI (e.g. sqlite:///runs/x/mlflow.db)")
+    return uri
+
+
+def forget_command(args) -> int:
+    from hamu_ray import lineage
+
+    version = lineage.forget(args.request, args.model, args.config, registry_uri(args), args.workdir)
+    print(f"registered {lineage.split_model(args.model)[0]} version {version}")
+    return 0
+
+
+def verify_chain_command(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from hamu_ray import lineage
+
+    with tempfile.TemporaryDirectory(prefix="hamu-chain-") as tmp:
+        checks = lineage.verify_chain(MlflowClient(registry_uri(args)), args.name, Path(tmp))
     for what, ok, detail in checks:
         print(f"{'ok      ' if ok else 'MISMATCH'} {what}: {detail}")
     return 0 if all(ok for _, ok, _ in checks) else 1

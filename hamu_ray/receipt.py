@@ -312,6 +312,15 @@ def with_evaluation(receipt: dict, evaluation: dict, verdict: str) -> dict:
     return sign(updated)
 
 
+def with_lineage(receipt: dict, lineage: dict, sentence: str) -> dict:
+    """The receipt of a deletion request (hamu_ray.lineage) with its link to the version it
+    unlearned from and the rows forgotten along the lineage; signed anew when a key is set."""
+    updated = {k: v for k, v in receipt.items() if k != "signature"}
+    updated["lineage"] = lineage
+    updated["verdict"] = receipt["verdict"] + " " + sentence
+    return sign(updated)
+
+
 def code_version() -> dict:
     return {"hamu_ray": installed_version("hamu-ray") or "not installed"}
 

@@ -159,13 +159,13 @@ def test_help_of_every_command_imports_neither_ray_nor_torch():
         "import contextlib, io, sys\nfrom hamu_ray.cli import build_parser, main\n"
         "commands = build_parser()._subparsers._group_actions[0].choices\n"
         "argvs = [[], *([c] for c in commands), *(['jobs', a] for a in ('status', 'logs', 'stop')),\n"
-        "         *(['receipt', a] for a in ('verify', 'prove')), ['tracking', 'upload']]\n"
+        "         *(['receipt', a] for a in ('verify', 'prove', 'verify-chain')), ['tracking', 'upload']]\n"
         "for argv in argvs:\n"
         "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
         "        main([*argv, '--help'])\n"
         "    assert 'usage: hamu-ray' in out.getvalue(), argv\n"
         "print(len(argvs), 'ray' in sys.modules, 'torch' in sys.modules)")
-    assert done.stdout.split() == ["20", "False", "False"]
+    assert done.stdout.split() == ["22", "False", "False"]
 
 
 # ---- what --help and `methods` tell a new user ---------------------------------------------------

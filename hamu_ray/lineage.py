@@ -1,0 +1,370 @@
+"""Deletion requests over time: `hamu-ray forget` and `hamu-ray receipt verify-chain`.
+
+A request unlearns its rows from a registered language model's version (by default the newest)
+and registers the result as the next version, whose receipt is chained to its parent's: the
+parent's version, receipt sha256 and model digest, this request's rows (their keyed digests'
+Merkle root, in the receipt's `forget` block as for any job) and the root over every row
+forgotten along the lineage so far. A version is unlearned from at most once (a lock in the
+registry, then a check that it has no child yet), so two requests never fork the lineage.
+
+The keyed row digests of each request and of the rows forgotten so far travel as an artifact of
+the version's run (`forgotten.json`: digests only, never a row); rows are digested under one key
+for the whole lineage (the work directory's digest.key, or $HAMU_RECEIPT_KEY) so that a row asked
+for twice is recognised. verify_chain walks the lineage from its first request and checks every
+link, receipt, model digest and signature from what the registry holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hamu_ray.errors import UserError
+
+PARENT_TAG = "lineage_parent"   # on a version made by `forget`: the version it was unlearned from
+LOCK_SUFFIX = ".forget-lock"    # a registered model of this name is held while a request runs
+EXPERIMENT = "hamu-ray forget"
+RECEIPT, FORGOTTEN = "receipt.json", "forgotten.json"
+SET_BY_THE_COMMAND = {("data", "forget"): "the request is", ("model", "path"): "the registered version is",
+                      ("output_dir",): "--workdir decides it"}
+
+
+class LineageError(UserError):
+    """A request that cannot be carried out on this lineage; the message says why."""
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The version a request unlearns from, fetched from the registry."""
+    version: str
+    model_dir: Path
+    model_sha256: str
+    receipt_sha256: str | None
+    forgotten: list[str]  # keyed digests of every row forgotten along the lineage, in request order
+    position: int         # how many requests made it
+
+
+# ---- the registry --------------------------------------------------------------------------
+
+def versions(client, name: str) -> dict[str, object]:
+    """Every version of `name` by its number (as text), oldest first."""
+    found = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    return {str(v.version): v for v in found}
+
+
+def split_model(spec: str) -> tuple[str, str | None]:
+    """NAME or NAME/VERSION."""
+    name, _, version = spec.partition("/")
+    if not name or (version and not version.isdigit()):
+        raise LineageError(f"--model {spec}: give NAME or NAME/VERSION (a version number)")
+    return name, version or None
+
+
+def parent_version(client, spec: str):
+    """The version a request starts from: the one named, or the newest; refused when a request
+    already unlearned from it (starting there again would fork the lineage)."""
+    name, wanted = split_model(spec)
+    known = versions(client, name)
+    if not known:
+        raise LineageError(f"--model {spec}: no registered model {name!r} in this registry")
+    version = wanted or list(known)[-1]
+    if version not in known:
+        raise LineageError(f"--model {spec}: {name} has no version {version} (it has {', '.join(known)})")
+    children = [v for v, mv in known.items() if mv.tags.get(PARENT_TAG) == version]
+    if children:
+        raise LineageError(f"--model {spec}: version {version} was already unlearned from (version "
+                           f"{children[0]}); a request starts from the lineage's newest version, here "
+                           f"{lineage_head(known, version)}")
+    return known[version]
+
+
+def lineage_head(known: dict, version: str) -> str:
+    """Following the children of `version` to the end."""
+    while True:
+        children = [v for v, mv in known.items() if mv.tags.get(PARENT_TAG) == version]
+        if not children:
+            return version
+        version = children[0]
+
+
+@contextlib.contextmanager
+def locked(client, name: str):
+    """Hold `name`'s request lock: a registered model created only if absent (the registry's
+    own uniqueness check, on a file store or a server alike). A holder that is gone (its process
+    ended on this host) leaves a stale lock, which is taken over."""
+    from mlflow.exceptions import MlflowException
+
+    from hamu_ray import files
+
+    lock = name + LOCK_SUFFIX
+    for attempt in (1, 2):
+        try:
+            client.create_registered_model(lock, tags={"owner": json.dumps(files.this_process())})
+            break
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+            owner = json.loads(client.get_registered_model(lock).tags.get("owner", "{}"))
+            if attempt == 1 and owner and not files.owner_alive(owner):
+                client.delete_registered_model(lock)  # its holder is gone
+                continue
+            raise LineageError(f"another `hamu-ray forget` is running on {name} (process {owner.get('pid')} "
+                               f"on {owner.get('host')}); run this request after it: requests on one model are "
+                               f"taken one at a time so that its lineage never forks") from None
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
+def fetch_parent(client, name: str, mv, into: Path) -> Parent:
+    """The parent's model directory (checked against its registered digest), its receipt's
+    sha256 and the rows forgotten along its lineage."""
+    import mlflow
+
+    from hamu_ray import receipt
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(into / "model"),
+                                                     tracking_uri=client.tracking_uri))
+    model_dir = local / "artifacts" / "model"
+    if not model_dir.is_dir():
+        raise LineageError(f"{name} version {mv.version} is not a language model registered by hamu-ray "
+                           "(no artifacts/model directory); `forget` unlearns causal language models")
+    digest = receipt.model_digest(model_dir)
+    if mv.tags.get("model_sha256") not in (None, digest):
+        raise LineageError(f"{name} version {mv.version}: the downloaded model's digest {digest[:16]}… is not "
+                           f"its registered model_sha256 {mv.tags['model_sha256'][:16]}…; nothing was unlearned")
+    record = run_json(client, mv.run_id, FORGOTTEN, into) if PARENT_TAG in mv.tags else None
+    return Parent(str(mv.version), model_dir, digest, mv.tags.get("receipt_sha256"),
+                  record["forgotten"] if record else [], record["position"] if record else 0)
+
+
+def run_json(client, run_id: str, artifact: str, into: Path) -> dict | None:
+    """A JSON artifact of a run, None when the run has none."""
+    try:
+        path = client.download_artifacts(run_id, artifact, str(into))
+    except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing artifact)
+        return None
+    return json.loads(Path(path).read_text())
+
+
+# ---- one request ---------------------------------------------------------------------------
+
+def request_job(policy: dict, request: Path, parent: Parent, out: Path):
+    """The engine job: the policy's method, retain set, training and cluster, unlearning the
+    request's rows from the parent's model into `out`."""
+    from hamu_ray.engine.config import parse_config
+
+    for path, who in SET_BY_THE_COMMAND.items():
+        section = policy
+        for field in path[:-1]:
+            section = section.get(field) or {}
+        if path[-1] in section:
+            raise LineageError(f"the policy sets {'.'.join(path)}: leave it out, {who}")
+    model = {**(policy.get("model") or {}), "kind": "causal_lm", "path": str(parent.model_dir)}
+    data = {**(policy.get("data") or {}), "forget": str(request)}
+    return parse_config({**policy, "data": data, "model": model, "output_dir": str(out)}, source="the policy")
+
+
+def lineage_record(name: str, parent: Parent, request: list[str]) -> tuple[dict, list[str]]:
+    """The receipt's lineage block (the link to the parent, what the lineage has forgotten), and
+    the digests of every row forgotten along it, this request's new ones last."""
+    from hamu_ray.receipt import merkle_root
+
+    distinct, before = list(dict.fromkeys(request)), set(parent.forgotten)
+    forgotten = parent.forgotten + [d for d in distinct if d not in before]
+    block = {"model": name, "request": parent.position + 1,
+             "parent": {"version": parent.version, "model_sha256": parent.model_sha256,
+                        "receipt_sha256": parent.receipt_sha256},
+             "rows": {"requested": len(request), "forgotten_before": sum(d in before for d in distinct),
+                      "repeated_in_request": len(request) - len(distinct)},
+             "forgotten": {"rows": len(forgotten), "merkle_root": merkle_root(forgotten)}}
+    return block, forgotten
+
+
+def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | None = None) -> str:
+    """Carry out one deletion request; returns the registered version."""
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    from hamu_ray import digests
+    from hamu_ray.engine.driver import run_unlearning
+
+    request_path = Path(request).resolve()
+    if not request_path.is_file():
+        raise LineageError(f"request {request}: no such file")
+    try:
+        policy = yaml.safe_load(Path(policy_path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise LineageError(f"--config {policy_path}: cannot read it ({exc})") from None
+    client = MlflowClient(uri)
+    name, _ = split_model(model)
+    work = Path(workdir or Path("runs") / "forget" / name).resolve()
+    with locked(client, name), tempfile.TemporaryDirectory(prefix="hamu-forget-") as tmp:
+        mv = parent_version(client, model)  # under the lock: nobody else extends it meanwhile
+        parent = fetch_parent(client, name, mv, Path(tmp))
+        out = work / f"v{parent.version}-{hashlib.sha256(request_path.read_bytes()).hexdigest()[:12]}"
+        cfg = request_job(policy, request_path, parent, out)
+        run_unlearning(cfg, progress="forget", key_dir=work)
+        key = digests.output_key(work)
+        requested = digests.row_digests(str(request_path), key)
+        block, forgotten = lineage_record(name, parent, requested)
+        chained = chain_receipt(out, block)
+        (out / FORGOTTEN).write_text(json.dumps({"request": requested, "forgotten": forgotten,
+                                                 "position": block["request"]}))
+        return register(client, name, parent, out, chained)
+
+
+def chain_receipt(out: Path, block: dict) -> dict:
+    """The job's receipt with the lineage block and a sentence on it; written back atomically."""
+    from hamu_ray import files, receipt
+
+    content = receipt.load(str(out / RECEIPT))
+    chained = receipt.with_lineage(content, block, lineage_verdict(block))
+    files.write_atomic(out / RECEIPT, json.dumps(chained, indent=2))
+    return chained
+
+
+def lineage_verdict(block: dict) -> str:
+    rows = block["rows"]
+    return (f"Request {block['request']} on {block['model']}, from version {block['parent']['version']}: "
+            f"{rows['requested']} rows ({rows['forgotten_before']} forgotten before); "
+            f"{block['forgotten']['rows']} distinct rows forgotten along the lineage.")
+
+
+def register(client, name: str, parent: Parent, out: Path, chained: dict) -> str:
+    """The unlearned model as the next version of `name`, its receipt and digests in its run (a
+    local store keeps the artifacts in the work directory, beside the requests' jobs)."""
+    import mlflow
+
+    from hamu_ray import receipt
+    from hamu_ray.pipeline import registry, tracking
+
+    tags = {"role": "forget", PARENT_TAG: parent.version, "method": chained["method"],
+            "model_sha256": receipt.model_digest(receipt.exported_model(out)),
+            "receipt_sha256": hashlib.sha256((out / RECEIPT).read_bytes()).hexdigest(),
+            "forget_merkle_root": chained["forget"]["merkle_root"],
+            "forgotten_root": chained["lineage"]["forgotten"]["merkle_root"]}
+    mlflow.set_tracking_uri(client.tracking_uri)
+    experiment = tracking.Store(client.tracking_uri).experiment_id(EXPERIMENT, str(out.parent / "mlartifacts"))
+    with mlflow.start_run(experiment_id=experiment, run_name=f"forget-{name}-from-v{parent.version}"):
+        mlflow.log_artifact(str(out / RECEIPT))
+        mlflow.log_artifact(str(out / FORGOTTEN))
+        info = registry.log_model({"kind": "causal_lm", "model_dir": str(receipt.exported_model(out))}, name, tags)
+        version = str(info.registered_model_version)
+        mlflow.set_tag("registered_version", version)
+    return version
+
+
+# ---- the chain -----------------------------------------------------------------------------
+
+def verify_chain(client, name: str, into: Path) -> list[tuple[str, bool, str]]:
+    """(what, ok, detail) for every link of `name`'s lineage, from its first request: the
+    receipt against its registered sha256 and signature, the model files against the receipt,
+    the parent link (version, model digest, receipt sha256), the request's and the lineage's
+    Merkle roots from the digests, one digest key throughout, and no version unlearned twice."""
+    known = versions(client, name)
+    made = [v for v, mv in known.items() if PARENT_TAG in mv.tags]
+    if not made:
+        raise LineageError(f"{name}: no version made by `hamu-ray forget` in this registry")
+    checks = forks(known)
+    key_ids = set()
+    for version in made:
+        found = link_checks(client, name, known, version, into / version)
+        checks += found.checks
+        key_ids |= found.key_ids
+    if len(key_ids) > 1:
+        checks.append(("digest key", False, f"the requests' rows are keyed by {len(key_ids)} different keys "
+                                            f"({', '.join(sorted(key_ids))}): rows asked for twice go unnoticed"))
+    return checks
+
+
+def forks(known: dict) -> list[tuple[str, bool, str]]:
+    parents = [mv.tags[PARENT_TAG] for mv in known.values() if PARENT_TAG in mv.tags]
+    twice = sorted({p for p in parents if parents.count(p) > 1}, key=int)
+    return [(f"version {p}", False, "unlearned from more than once: the lineage forks there") for p in twice]
+
+
+@dataclass
+class LinkChecks:
+    checks: list
+    key_ids: set
+
+
+def link_checks(client, name: str, known: dict, version: str, into: Path) -> LinkChecks:
+    """One version's checks against its parent."""
+    import mlflow
+
+    from hamu_ray import receipt
+
+    mv, label = known[version], f"v{version}"
+    into.mkdir(parents=True, exist_ok=True)
+    receipt_file = client.download_artifacts(mv.run_id, RECEIPT, str(into))
+    content = json.loads(Path(receipt_file).read_text())
+    sha = hashlib.sha256(Path(receipt_file).read_bytes()).hexdigest()
+    checks = [(f"{label} receipt", sha == mv.tags.get("receipt_sha256"),
+               "matches its registered sha256" if sha == mv.tags.get("receipt_sha256") else
+               f"sha256 {sha[:16]}… ≠ registered {str(mv.tags.get('receipt_sha256'))[:16]}…: the receipt was edited")]
+    checks += [(f"{label} {what}", ok, detail) for what, ok, detail in receipt.verify(content)]
+    model = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(into / "model"),
+                                                     tracking_uri=client.tracking_uri)) / "artifacts" / "model"
+    digest = receipt.model_digest(model)
+    ok = digest == content["model_out"]["sha256"] == mv.tags.get("model_sha256")
+    checks.append((f"{label} model", ok, "its files match the receipt" if ok else
+                   f"digest {digest[:16]}… ≠ the receipt's {content['model_out']['sha256'][:16]}…"))
+    lineage = content.get("lineage")
+    if lineage is None:
+        return LinkChecks(checks + [(f"{label} lineage", False, "its receipt has no lineage block")], set())
+    checks += parent_checks(label, lineage, content, known, mv, client, into)
+    checks += root_checks(label, lineage, content, run_json(client, mv.run_id, FORGOTTEN, into),
+                          parent_record(client, known, lineage["parent"]["version"], into))
+    return LinkChecks(checks, {content["forget"]["digest_key"]["id"]})
+
+
+def parent_checks(label, lineage, content, known, mv, client, into) -> list[tuple[str, bool, str]]:
+    link = lineage["parent"]
+    if link["version"] != mv.tags.get(PARENT_TAG):
+        return [(f"{label} parent", False, f"the receipt names version {link['version']}, the registry "
+                                           f"{mv.tags.get(PARENT_TAG)}: the link was changed")]
+    parent = known.get(link["version"])
+    if parent is None:
+        return [(f"{label} parent", False, f"version {link['version']} is not in the registry: a link was removed")]
+    problems = []
+    if link["model_sha256"] != parent.tags.get("model_sha256") or link["model_sha256"] != (content.get("model_in") or {}).get("sha256"):
+        problems.append("its model digest is not the parent's")
+    if link["receipt_sha256"] != parent.tags.get("receipt_sha256"):
+        problems.append("its receipt sha256 is not the parent's")
+    ok = not problems
+    return [(f"{label} parent", ok, f"version {link['version']}: model and receipt digests match" if ok else
+             f"version {link['version']}: " + "; ".join(problems))]
+
+
+def parent_record(client, known, version: str, into: Path) -> dict | None:
+    parent = known.get(version)
+    if parent is None or PARENT_TAG not in parent.tags:
+        return None
+    return run_json(client, parent.run_id, FORGOTTEN, into / "parent")
+
+
+def root_checks(label, lineage, content, record, parent) -> list[tuple[str, bool, str]]:
+    from hamu_ray.receipt import merkle_root
+
+    if record is None:
+        return [(f"{label} rows", False, f"its run has no {FORGOTTEN}")]
+    before = parent["forgotten"] if parent else []
+    expected = before + list(dict.fromkeys(d for d in record["request"] if d not in set(before)))
+    problems = []
+    if merkle_root(record["request"]) != content["forget"]["merkle_root"]:
+        problems.append("the request's digests are not the receipt's forget rows")
+    if record["forgotten"] != expected:
+        problems.append("the rows forgotten so far are not the parent's plus this request's")
+    if merkle_root(record["forgotten"]) != lineage["forgotten"]["merkle_root"]:
+        problems.append("the lineage's Merkle root is not the receipt's")
+    ok = not problems
+    return [(f"{label} rows", ok, f"{len(record['request'])} requested, {len(record['forgotten'])} forgotten "
+                                  "so far: both Merkle roots match" if ok else "; ".join(problems))]

@@ -1,0 +1,192 @@
+"""Deletion requests over time (hamu_ray.lineage): two requests against a registered tiny Llama
+in a real sqlite MLflow registry, each a real Ray Train job; the chained receipts recomputed
+by hand from the files, and verify-chain against an edited receipt, a changed link and a
+removed version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.lm_fixtures import qa_rows
+
+pytestmark = pytest.mark.integration
+
+NAME = "tiny"
+POLICY = {"method": {"name": "gdiff"}, "train": {"lr": 0.01, "max_steps": 2},
+          "cluster": {"num_workers": 1}}
+
+
+@pytest.fixture(scope="module")
+def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
+    """Version 1 is the tiny Llama; request A (rows 0-3) makes version 2, request B (rows 3-6,
+    row 3 asked for again) version 3."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from hamu_ray import lineage, receipt
+    from hamu_ray.pipeline import registry, tracking
+
+    root, rows = tmp_path_factory.mktemp("lineage"), qa_rows()
+    files = {"a": rows[0:4], "b": rows[3:7], "retain": rows[10:30]}
+    for name, part in files.items():
+        pq.write_table(pa.Table.from_pylist(part), root / f"{name}.parquet")
+    policy = {**POLICY, "data": {"retain": str(root / "retain.parquet"), "retain_batch_size": 4,
+                                 "forget_batch_size": 2}}
+    (root / "policy.yaml").write_text(yaml.safe_dump(policy))
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    experiment = tracking.Store(uri).experiment_id("setup", str(root / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment):
+        registry.log_model({"kind": "causal_lm", "model_dir": str(tiny_lm)}, NAME,
+                           {"role": "original", "model_sha256": receipt.model_digest(tiny_lm)})
+    work = root / "work"
+    made = [lineage.forget(str(root / f"{r}.parquet"), NAME, str(root / "policy.yaml"), uri, str(work))
+            for r in ("a", "b")]
+    yield SimpleNamespace(root=root, uri=uri, work=work, made=made, client=MlflowClient(uri), policy=policy)
+    mlflow.set_tracking_uri(None)
+
+
+def run_file(client, version: str, artifact: str, into: Path) -> Path:
+    run = client.get_model_version(NAME, version).run_id
+    return Path(client.download_artifacts(run, artifact, str(into)))
+
+
+def artifact_path(client, version: str, artifact: str) -> Path:
+    """Where the local store keeps a version's run artifact (to edit it, as an attacker would)."""
+    run = client.get_run(client.get_model_version(NAME, version).run_id)
+    return Path(urlparse(run.info.artifact_uri).path) / artifact
+
+
+def test_each_request_registers_the_next_version_chained_to_its_parent(lineage_run, tiny_lm, tmp_path):
+    import mlflow
+
+    from hamu_ray import digests, receipt
+
+    run, client = lineage_run, lineage_run.client
+    assert run.made == ["2", "3"]
+    tags = {v: client.get_model_version(NAME, v).tags for v in ("1", "2", "3")}
+    assert (tags["2"]["lineage_parent"], tags["3"]["lineage_parent"]) == ("1", "2")
+    assert tags["1"]["model_sha256"] == receipt.model_digest(tiny_lm)  # the start is untouched
+
+    key = digests.read_key(run.work / digests.KEY_FILE)  # one key for the whole lineage
+    a, b = (digests.row_digests(str(run.root / f"{r}.parquet"), key) for r in ("a", "b"))
+    assert a[3] == b[0] and len(set(a + b)) == 7
+    second = json.loads(run_file(client, "2", "receipt.json", tmp_path / "r2").read_text())
+    third_file = run_file(client, "3", "receipt.json", tmp_path / "r3")
+    third = json.loads(third_file.read_text())
+    assert hashlib.sha256(third_file.read_bytes()).hexdigest() == tags["3"]["receipt_sha256"]
+
+    model_2 = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/2", dst_path=str(tmp_path / "m2"),
+                                                       tracking_uri=run.uri)) / "artifacts" / "model"
+    assert second["lineage"] == {
+        "model": NAME, "request": 1,
+        "parent": {"version": "1", "model_sha256": receipt.model_digest(tiny_lm), "receipt_sha256": None},
+        "rows": {"requested": 4, "forgotten_before": 0, "repeated_in_request": 0},
+        "forgotten": {"rows": 4, "merkle_root": receipt.merkle_root(a)}}
+    assert third["lineage"] == {
+        "model": NAME, "request": 2,
+        "parent": {"version": "2", "model_sha256": receipt.model_digest(model_2),
+                   "receipt_sha256": tags["2"]["receipt_sha256"]},
+        "rows": {"requested": 4, "forgotten_before": 1, "repeated_in_request": 0},
+        "forgotten": {"rows": 7, "merkle_root": receipt.merkle_root(a + b[1:])}}
+    assert third["forget"]["merkle_root"] == receipt.merkle_root(b)
+    assert third["model_in"]["sha256"] == receipt.model_digest(model_2) == tags["2"]["model_sha256"]
+    assert third["verdict"].endswith("Request 2 on tiny, from version 2: 4 rows (1 forgotten before); "
+                                     "7 distinct rows forgotten along the lineage.")
+    assert json.loads(run_file(client, "3", "forgotten.json", tmp_path / "f3").read_text()) == {
+        "request": b, "forgotten": a + b[1:], "position": 2}
+
+
+def test_a_request_is_refused_before_training_from_an_unlearned_version_under_a_held_lock_or_a_bad_policy(
+        lineage_run, tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from hamu_ray import cli, files, lineage
+
+    run = lineage_run
+    request, policy = str(run.root / "a.parquet"), str(run.root / "policy.yaml")
+    before = sorted(p.name for p in run.work.iterdir())
+    command = ["forget", request, "--model", f"{NAME}/1", "--config", policy, "--workdir", str(run.work)]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(command) == 2
+    assert "give the registry: --tracking-uri URI or $MLFLOW_TRACKING_URI" in capsys.readouterr().err
+    assert cli.main([*command, "--tracking-uri", run.uri]) == 2
+    assert capsys.readouterr().err.startswith("hamu-ray: --model tiny/1: version 1 was already unlearned from "
+                                              "(version 2); a request starts from the lineage's newest version, here 3")
+    client = MlflowClient(run.uri)
+    with lineage.locked(client, NAME):
+        with pytest.raises(lineage.LineageError, match="another `hamu-ray forget` is running on tiny"):
+            lineage.forget(request, NAME, policy, run.uri, str(run.work))
+    # a holder that is gone (its process ended) leaves a lock that the next request takes over
+    gone = subprocess.run([sys.executable, "-c", "import json; from hamu_ray import files; "
+                           "print(json.dumps(files.this_process()))"], capture_output=True, text=True, check=True)
+    client.create_registered_model(NAME + lineage.LOCK_SUFFIX, tags={"owner": gone.stdout.strip()})
+    assert not files.owner_alive(json.loads(gone.stdout))
+    with lineage.locked(client, NAME):
+        pass
+    assert client.search_registered_models(f"name = '{NAME}{lineage.LOCK_SUFFIX}'") == []  # released
+
+    bad = tmp_path / "policy.yaml"
+    bad.write_text(yaml.safe_dump({**run.policy, "data": {**run.policy["data"], "forget": request}}))
+    with pytest.raises(lineage.LineageError, match="the policy sets data.forget: leave it out, the request is"):
+        lineage.forget(request, NAME, str(bad), run.uri, str(run.work))
+    assert sorted(p.name for p in run.work.iterdir()) == before  # nothing trained, nothing written
+
+
+def test_verify_chain_passes_then_names_an_edited_receipt_a_changed_link_and_a_removed_version(
+        lineage_run, capsys):
+    from hamu_ray import cli
+
+    run, client = lineage_run, lineage_run.client
+    verify = ["receipt", "verify-chain", NAME, "--tracking-uri", run.uri]
+    assert cli.main(verify) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("ok ") for line in lines)
+    assert {line.split(":")[0].split(None, 1)[1] for line in lines} == {
+        f"v{v} {what}" for v in ("2", "3") for what in ("receipt", "model", "parent", "rows")}
+
+    receipt_3 = artifact_path(client, "3", "receipt.json")
+    original = receipt_3.read_bytes()
+    edited = json.loads(original)
+    edited["steps"] += 1
+    receipt_3.write_text(json.dumps(edited, indent=2))
+    assert cli.main(verify) == 1
+    assert "MISMATCH v3 receipt: sha256" in capsys.readouterr().out
+    receipt_3.write_bytes(original)
+
+    client.set_model_version_tag(NAME, "3", "lineage_parent", "1")  # v3 moved under v1
+    assert cli.main(verify) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH v3 parent: the receipt names version 2, the registry 1" in out
+    assert "MISMATCH version 1: unlearned from more than once" in out
+    client.set_model_version_tag(NAME, "3", "lineage_parent", "2")
+
+    client.delete_model_version(NAME, "2")  # a link removed
+    assert cli.main(verify) == 1
+    assert "MISMATCH v3 parent: version 2 is not in the registry: a link was removed" in capsys.readouterr().out
+
+
+def test_the_readmes_policy_makes_a_valid_job(tmp_path):
+    """The README's example policy, as `forget` completes it, validates as a job."""
+    import re
+
+    from hamu_ray import lineage
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```text\n# a forget policy\n(.*?)```", readme, re.S).group(1)
+    parent = lineage.Parent("3", tmp_path / "model", "0" * 64, None, [], 0)
+    job = lineage.request_job(yaml.safe_load(block), tmp_path / "request.parquet", parent, tmp_path / "out")
+    assert (job.method.name, job.method.rule_name, job.model.path) == ("npo", "hamu-q", str(tmp_path / "model"))
+    assert (job.data.forget, job.output_dir) == (str(tmp_path / "request.parquet"), str(tmp_path / "out"))
