@@ -27,8 +27,14 @@ POLICY = {"method": {"name": "gdiff"}, "train": {"lr": 0.01, "max_steps": 2},
 
 @pytest.fixture(scope="module")
 def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
-    """Version 1 is the tiny Llama; request A (rows 0-3) makes version 2, request B (rows 3-6,
-    row 3 asked for again) version 3."""
+    """Version 1 is the tiny Llama; request A (rows 0-3) makes version 2, in this process;
+    request B (rows 3-6, row 3 asked for again) version 3, by `hamu-ray forget` in another
+    process, while this one tries request C and is refused by the held lock."""
+    import os
+    import subprocess
+    import sys
+    import time
+
     import mlflow
     from mlflow import MlflowClient
 
@@ -36,7 +42,7 @@ def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
     from hamu_ray.pipeline import registry, tracking
 
     root, rows = tmp_path_factory.mktemp("lineage"), qa_rows()
-    files = {"a": rows[0:4], "b": rows[3:7], "retain": rows[10:30]}
+    files = {"a": rows[0:4], "b": rows[3:7], "c": rows[7:10], "retain": rows[10:30]}
     for name, part in files.items():
         pq.write_table(pa.Table.from_pylist(part), root / f"{name}.parquet")
     policy = {**POLICY, "data": {"retain": str(root / "retain.parquet"), "retain_batch_size": 4,
@@ -48,10 +54,25 @@ def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
     with mlflow.start_run(experiment_id=experiment):
         registry.log_model({"kind": "causal_lm", "model_dir": str(tiny_lm)}, NAME,
                            {"role": "original", "model_sha256": receipt.model_digest(tiny_lm)})
-    work = root / "work"
-    made = [lineage.forget(str(root / f"{r}.parquet"), NAME, str(root / "policy.yaml"), uri, str(work))
-            for r in ("a", "b")]
-    yield SimpleNamespace(root=root, uri=uri, work=work, made=made, client=MlflowClient(uri), policy=policy)
+    work, client = root / "work", MlflowClient(uri)
+    made = [lineage.forget(str(root / "a.parquet"), NAME, str(root / "policy.yaml"), uri, str(work))]
+
+    command = ["forget", "--model", NAME, "--config", str(root / "policy.yaml"), "--tracking-uri", uri,
+               "--workdir", str(work)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    other = subprocess.Popen([sys.executable, "-m", "hamu_ray.cli", *command, str(root / "b.parquet")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not client.search_registered_models(f"name = '{NAME}{lineage.LOCK_SUFFIX}'"):
+        assert other.poll() is None and time.monotonic() < deadline, "the other request never took the lock"
+        time.sleep(0.2)
+    refused = subprocess.run([sys.executable, "-m", "hamu_ray.cli", *command, str(root / "c.parquet")], env=env,
+                             capture_output=True, text=True)
+    out, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err[-3000:]
+    made.append(out.strip().splitlines()[-1].removeprefix(f"registered {NAME} version "))
+    yield SimpleNamespace(root=root, uri=uri, work=work, made=made, client=client, policy=policy,
+                          refused=refused, other_pid=other.pid)
     mlflow.set_tracking_uri(None)
 
 
@@ -106,7 +127,7 @@ def test_each_request_registers_the_next_version_chained_to_its_parent(lineage_r
         "request": b, "forgotten": a + b[1:], "position": 2}
 
 
-def test_a_request_is_refused_before_training_from_an_unlearned_version_under_a_held_lock_or_a_bad_policy(
+def test_a_request_is_refused_before_training_under_a_held_lock_from_an_unlearned_version_or_by_a_bad_policy(
         lineage_run, tmp_path, capsys, monkeypatch):
     import subprocess
     import sys
@@ -116,6 +137,9 @@ def test_a_request_is_refused_before_training_from_an_unlearned_version_under_a_
     from hamu_ray import cli, files, lineage
 
     run = lineage_run
+    # two commands at once: the second, started while the first held the lock, was refused
+    assert run.refused.returncode == 2 and run.refused.stderr.strip().splitlines()[-1].startswith(
+        f"hamu-ray: another `hamu-ray forget` is running on tiny (process {run.other_pid} on ")
     request, policy = str(run.root / "a.parquet"), str(run.root / "policy.yaml")
     before = sorted(p.name for p in run.work.iterdir())
     command = ["forget", request, "--model", f"{NAME}/1", "--config", policy, "--workdir", str(run.work)]
