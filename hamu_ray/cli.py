@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--tracking-uri", help="the registry's MLflow URI (default: $MLFLOW_TRACKING_URI)")
     forget.add_argument("--workdir", help="where the requests' jobs and the lineage's digest key live "
                         "(default: runs/forget/NAME)")
+    forget.add_argument("--accept-damage", action="store_true", help="go on when the policy's B is beyond the "
+                        "damage-free reach the hardness pre-flight measures on this request (retain damage)")
     forget.set_defaults(handler=forget_command)
 
     preflight = commands.add_parser("hardness", help="the hardness pre-flight of a job: how much forget gain "
@@ -410,7 +412,8 @@ def registry_uri(args) -> str:
 def forget_command(args) -> int:
     from hamu_ray import lineage
 
-    version = lineage.forget(args.request, args.model, args.config, registry_uri(args), args.workdir)
+    version = lineage.forget(args.request, args.model, args.config, registry_uri(args), args.workdir,
+                             args.accept_damage)
     print(f"registered {lineage.split_model(args.model)[0]} version {version}")
     return 0
 

@@ -170,6 +170,39 @@ def request_job(policy: dict, request: Path, parent: Parent, out: Path):
     return parse_config({**policy, "data": data, "model": model, "output_dir": str(out)}, source="the policy")
 
 
+def absolute_constraint(hparams: dict, summary: dict) -> float:
+    """B in loss units, from the policy's constraint and unit and the pre-flight's reaches."""
+    c, unit = float(hparams["constraint"]), hparams.get("constraint_unit", "absolute")
+    scale = {"absolute": 1.0, "reach": summary["max_feasible_constraint"],
+             "damage_free": summary["max_constraint_without_damage"]}[unit]
+    return c * scale
+
+
+def damage_gate(cfg, accept_damage: bool, key_dir: Path) -> dict | None:
+    """The hardness pre-flight on this request, for a HAMU rule's B (None for a rule without B):
+    what the lineage block records (gate)."""
+    from hamu_ray import hardness
+    from hamu_ray.engine.driver import run_preflight
+
+    if hardness.rule_figures(cfg)["constraint"] is None:
+        return None
+    raw, sets = run_preflight(cfg, rows=0)
+    return gate(hardness.build_report(cfg, raw, sets, key_dir), cfg.method.hparams, accept_damage)
+
+
+def gate(summary: dict, hparams: dict, accept_damage: bool) -> dict:
+    """A B beyond the damage-free reach D* cannot be met without retain damage to first order:
+    refused unless accepted."""
+    free, b = summary["max_constraint_without_damage"], absolute_constraint(hparams, summary)
+    if b > free and not accept_damage:
+        raise LineageError(f"the policy's B = {b:.4g} (loss units) is beyond the damage-free reach D* = {free:.4g} "
+                           "of this request on the parent's model (hardness pre-flight): forgetting it needs retain "
+                           f"damage to first order. Give --accept-damage to go on, or a smaller B (constraint ≤ "
+                           f"{free:.4g}, or constraint_unit: damage_free with constraint ≤ 1); nothing was trained")
+    return {"constraint": b, "damage_free_reach": free, "max_feasible": summary["max_feasible_constraint"],
+            "beyond_damage_free_reach": b > free, "damage_accepted": b > free}
+
+
 def lineage_record(name: str, parent: Parent, request: list[str]) -> tuple[dict, list[str]]:
     """The receipt's lineage block (the link to the parent, what the lineage has forgotten), and
     the digests of every row forgotten along it, this request's new ones last."""
@@ -186,13 +219,14 @@ def lineage_record(name: str, parent: Parent, request: list[str]) -> tuple[dict,
     return block, forgotten
 
 
-def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | None = None) -> str:
+def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | None = None,
+           accept_damage: bool = False) -> str:
     """Carry out one deletion request; returns the registered version."""
     import mlflow
     import yaml
     from mlflow import MlflowClient
 
-    from hamu_ray import digests
+    from hamu_ray import digests, receipt
     from hamu_ray.engine.driver import run_unlearning
 
     request_path = Path(request).resolve()
@@ -210,10 +244,17 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         parent = fetch_parent(client, name, mv, Path(tmp))
         out = work / f"v{parent.version}-{hashlib.sha256(request_path.read_bytes()).hexdigest()[:12]}"
         cfg = request_job(policy, request_path, parent, out)
-        run_unlearning(cfg, progress="forget", key_dir=work)
+        preflight = damage_gate(cfg, accept_damage, work)
+        result = run_unlearning(cfg, progress="forget", key_dir=work)
+        if receipt.model_digest(receipt.exported_model(out)) == parent.model_sha256:
+            # the parent's weights (e.g. a rule that stopped at its first step): registering them
+            # would claim a forgetting that did not happen
+            raise LineageError(f"the unlearning left the model unchanged (stop: {result.stop}): nothing was "
+                               f"forgotten and nothing registered; its job is in {out}")
         key = digests.output_key(work)
         requested = digests.row_digests(str(request_path), key)
         block, forgotten = lineage_record(name, parent, requested)
+        block["preflight"] = preflight
         chained = chain_receipt(out, block)
         (out / FORGOTTEN).write_text(json.dumps({"request": requested, "forgotten": forgotten,
                                                  "position": block["request"]}))
@@ -231,10 +272,14 @@ def chain_receipt(out: Path, block: dict) -> dict:
 
 
 def lineage_verdict(block: dict) -> str:
-    rows = block["rows"]
+    rows, preflight = block["rows"], block.get("preflight")
+    damage = ""
+    if preflight is not None and preflight["beyond_damage_free_reach"]:
+        damage = (f" Its B {preflight['constraint']:.4g} was beyond the damage-free reach "
+                  f"{preflight['damage_free_reach']:.4g}: retain damage was accepted (--accept-damage).")
     return (f"Request {block['request']} on {block['model']}, from version {block['parent']['version']}: "
             f"{rows['requested']} rows ({rows['forgotten_before']} forgotten before); "
-            f"{block['forgotten']['rows']} distinct rows forgotten along the lineage.")
+            f"{block['forgotten']['rows']} distinct rows forgotten along the lineage.{damage}")
 
 
 def register(client, name: str, parent: Parent, out: Path, chained: dict) -> str:

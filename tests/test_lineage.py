@@ -59,7 +59,11 @@ def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
 
     command = ["forget", "--model", NAME, "--config", str(root / "policy.yaml"), "--tracking-uri", uri,
                "--workdir", str(work)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    import ray
+
+    # the other command joins this module's Ray (as a command on a cluster would): no second start
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent),
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     other = subprocess.Popen([sys.executable, "-m", "hamu_ray.cli", *command, str(root / "b.parquet")], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -112,13 +116,13 @@ def test_each_request_registers_the_next_version_chained_to_its_parent(lineage_r
         "model": NAME, "request": 1,
         "parent": {"version": "1", "model_sha256": receipt.model_digest(tiny_lm), "receipt_sha256": None},
         "rows": {"requested": 4, "forgotten_before": 0, "repeated_in_request": 0},
-        "forgotten": {"rows": 4, "merkle_root": receipt.merkle_root(a)}}
+        "forgotten": {"rows": 4, "merkle_root": receipt.merkle_root(a)}, "preflight": None}
     assert third["lineage"] == {
         "model": NAME, "request": 2,
         "parent": {"version": "2", "model_sha256": receipt.model_digest(model_2),
                    "receipt_sha256": tags["2"]["receipt_sha256"]},
         "rows": {"requested": 4, "forgotten_before": 1, "repeated_in_request": 0},
-        "forgotten": {"rows": 7, "merkle_root": receipt.merkle_root(a + b[1:])}}
+        "forgotten": {"rows": 7, "merkle_root": receipt.merkle_root(a + b[1:])}, "preflight": None}
     assert third["forget"]["merkle_root"] == receipt.merkle_root(b)
     assert third["model_in"]["sha256"] == receipt.model_digest(model_2) == tags["2"]["model_sha256"]
     assert third["verdict"].endswith("Request 2 on tiny, from version 2: 4 rows (1 forgotten before); "
@@ -167,6 +171,39 @@ def test_a_request_is_refused_before_training_under_a_held_lock_from_an_unlearne
     with pytest.raises(lineage.LineageError, match="the policy sets data.forget: leave it out, the request is"):
         lineage.forget(request, NAME, str(bad), run.uri, str(run.work))
     assert sorted(p.name for p in run.work.iterdir()) == before  # nothing trained, nothing written
+
+    # a B no step can meet without retain damage: refused after the pre-flight, before training
+    beyond = tmp_path / "beyond.yaml"
+    beyond.write_text(yaml.safe_dump({**run.policy, "method": {"name": "ga", "rule": "hamu-q",
+                                                               "hparams": {"constraint": 1e6, "radius": 0.01}}}))
+    c = str(run.root / "c.parquet")
+    with pytest.raises(lineage.LineageError, match=r"B = 1e\+06 \(loss units\) is beyond the damage-free reach D\* "
+                                                   r"= .*Give --accept-damage.*nothing was trained"):
+        lineage.forget(c, NAME, str(beyond), run.uri, str(run.work))
+    assert sorted(p.name for p in run.work.iterdir()) == before
+    # accepted, it trains; a rule that can take no step (B beyond every reach: it stops at its
+    # first) leaves the parent's weights as they were, and that registers nothing
+    with pytest.raises(lineage.LineageError, match=r"left the model unchanged \(stop: infeasible\): nothing was "
+                                                   r"forgotten and nothing registered; its job is in .*/work/v3-"):
+        lineage.forget(c, NAME, str(beyond), run.uri, str(run.work), accept_damage=True)
+    assert lineage.versions(client, NAME).keys() == {"1", "2", "3"}
+
+
+def test_b_in_each_unit_is_read_in_loss_units_against_the_preflights_reaches_and_gated_by_d_star():
+    from hamu_ray.lineage import LineageError, absolute_constraint, gate
+
+    summary = {"max_feasible_constraint": 0.8, "max_constraint_without_damage": 0.2}
+    assert absolute_constraint({"constraint": 0.3}, summary) == 0.3
+    assert absolute_constraint({"constraint": 0.5, "constraint_unit": "reach"}, summary) == 0.4
+    assert absolute_constraint({"constraint": 0.5, "constraint_unit": "damage_free"}, summary) == 0.1
+    assert gate(summary, {"constraint": 0.2}, False) == {  # at D*: no damage to first order
+        "constraint": 0.2, "damage_free_reach": 0.2, "max_feasible": 0.8,
+        "beyond_damage_free_reach": False, "damage_accepted": False}
+    with pytest.raises(LineageError, match=r"B = 0.4 \(loss units\) is beyond the damage-free reach D\* = 0.2"):
+        gate(summary, {"constraint": 0.5, "constraint_unit": "reach"}, False)
+    accepted = gate(summary, {"constraint": 0.5, "constraint_unit": "reach"}, True)
+    assert accepted["beyond_damage_free_reach"] and accepted["damage_accepted"]
+    assert gate(summary, {"constraint": 0.5, "constraint_unit": "reach"}, True) == accepted
 
 
 def test_verify_chain_passes_then_names_an_edited_receipt_a_changed_link_and_a_removed_version(
