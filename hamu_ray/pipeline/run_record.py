@@ -41,7 +41,8 @@ def code_commit() -> str | None:
 
 
 def machine() -> dict:
-    """The driver's machine: CPU model, logical cores, memory; GPUs when torch sees any."""
+    """The driver's machine: CPU model, logical cores, memory, the CPU kernels torch runs (and
+    the pins that chose them, hamu_ray.engine.driver.KERNEL_ENV); GPUs when torch sees any."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -51,8 +52,12 @@ def machine() -> dict:
     except OSError:
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    record = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1)}
     import torch
+
+    from hamu_ray.engine.driver import kernel_env
+
+    record = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1),
+              "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "kernel_pins": kernel_env()}
 
     if torch.cuda.is_available():
         record["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -72,6 +77,9 @@ def readme_block(run_dir: Path, columns: list[str] | None = None) -> str:
     record = json.loads(record_file.read_text())
     where = record["machine"]
     device = ", ".join(where.get("gpus", [])) or f"{where['cpu']}, {where['cores']} cores, {where['memory_gib']} GiB"
+    if "cpu_kernels" in where:  # (a record written before kernels were recorded has none)
+        pins = " ".join(f"{k}={v}" for k, v in where["kernel_pins"].items())
+        device += f", {where['cpu_kernels']} kernels" + (f" (pinned: {pins})" if pins else "")
     line = (f"Pipeline `{record['pipeline']}`, {record['seeds']} seed(s), finished {record['finished']} "
             f"at commit {record['commit'] or 'unknown (not a git checkout)'} on {device}. "
             f"Made by `hamu-ray report {run_dir}{' --columns ' + ','.join(columns) if columns else ''}`.")

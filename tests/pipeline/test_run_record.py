@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import torch
+
 from hamu_ray import cli
 from hamu_ray.pipeline import run_record
 
@@ -25,6 +27,8 @@ def test_the_record_names_this_checkout_and_this_machine(tmp_path):
                           capture_output=True, text=True).stdout.strip()
     assert record["commit"].startswith(head)  # this checkout, "-dirty" when it has edits
     assert record["machine"]["cores"] >= 1 and record["machine"]["memory_gib"] > 0
+    assert record["machine"]["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert record["machine"]["kernel_pins"] == {}  # the tests run on the machine's own kernels
     assert record["pipeline"] == "country-qa" and record["seeds"] == 1
     assert json.loads((tmp_path / "run" / "report" / "run.json").read_text()) == record
 
@@ -36,8 +40,20 @@ def test_the_block_is_the_table_as_written_under_its_provenance(tmp_path, capsys
     first, rest = printed.split("\n\n", 1)
     assert first == (f"Pipeline `country-qa`, 3 seed(s), finished {record['finished']} at commit "
                      f"{record['commit']} on {record['machine']['cpu']}, {record['machine']['cores']} cores, "
-                     f"{record['machine']['memory_gib']} GiB. Made by `hamu-ray report {run}`.")
+                     f"{record['machine']['memory_gib']} GiB, {record['machine']['cpu_kernels']} kernels. "
+                     f"Made by `hamu-ray report {run}`.")
     assert rest.startswith(TABLE.strip()) and rest.endswith("| forget_prob | 0.01 |\n")  # table, notes, spread
+
+
+def test_a_run_under_kernel_pins_says_so_in_its_line(tmp_path, monkeypatch):
+    from hamu_ray.engine.driver import PORTABLE_KERNELS
+
+    for key, value in PORTABLE_KERNELS.items():
+        monkeypatch.setenv(key, value)
+    run, record = finished_run(tmp_path)
+    assert record["machine"]["kernel_pins"] == PORTABLE_KERNELS
+    assert (f"{record['machine']['cpu_kernels']} kernels (pinned: ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2). "
+            "Made by") in run_record.readme_block(run)
 
 
 def test_one_seed_has_no_spread_and_a_run_without_a_record_is_named(tmp_path, capsys):
