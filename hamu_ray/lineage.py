@@ -29,6 +29,8 @@ PARENT_TAG = "lineage_parent"   # on a version made by `forget`: the version it 
 LOCK_SUFFIX = ".forget-lock"    # a registered model of this name is held while a request runs
 EXPERIMENT = "hamu-ray forget"
 RECEIPT, FORGOTTEN = "receipt.json", "forgotten.json"
+EVALUATED = ("forget_prob", "forget_rouge", "retain_prob", "retain_rouge", "mia_auc")
+EVALUATE_DEFAULTS = {"retain_rows": 200, "holdout": None, "seed": 0}
 SET_BY_THE_COMMAND = {("data", "forget"): "the request is", ("model", "path"): "the registered version is",
                       ("output_dir",): "--workdir decides it"}
 
@@ -167,7 +169,62 @@ def request_job(policy: dict, request: Path, parent: Parent, out: Path):
             raise LineageError(f"the policy sets {'.'.join(path)}: leave it out, {who}")
     model = {**(policy.get("model") or {}), "kind": "causal_lm", "path": str(parent.model_dir)}
     data = {**(policy.get("data") or {}), "forget": str(request)}
-    return parse_config({**policy, "data": data, "model": model, "output_dir": str(out)}, source="the policy")
+    job = {k: v for k, v in policy.items() if k != "evaluate"}
+    return parse_config({**job, "data": data, "model": model, "output_dir": str(out)}, source="the policy")
+
+
+def evaluation_spec(policy: dict) -> dict:
+    """The policy's `evaluate:` section (what a version is scored on) with its defaults."""
+    spec = policy.get("evaluate") or {}
+    unknown = sorted(set(spec) - set(EVALUATE_DEFAULTS))
+    if unknown:
+        raise LineageError(f"the policy's evaluate.{unknown[0]}: not a field (it has {', '.join(EVALUATE_DEFAULTS)})")
+    return {**EVALUATE_DEFAULTS, **spec}
+
+
+def evaluate_request(cfg, parent_dir: Path, model_dir: Path, spec: dict, into: Path) -> dict:
+    """Without an oracle: the parent and the new version scored on the request's rows, a sample
+    of `retain_rows` retain rows and (given) the holdout's non-members, by the pipeline's own
+    scoring (lm_evaluate.score_models, Ray tasks in the job's cluster)."""
+    from hamu_ray.engine.driver import ray_session
+    from hamu_ray.pipeline import lm_evaluate
+
+    sets = {"forget": as_parquet(cfg.data.forget, into / "forget.parquet"),
+            "retain": retain_sample(cfg.data.retain, spec["retain_rows"], spec["seed"], into / "retain.parquet")}
+    if spec["holdout"]:
+        sets["holdout"] = as_parquet(spec["holdout"], into / "holdout.parquet")
+    with ray_session(cfg.cluster):
+        scores = lm_evaluate.score_models({"parent": str(parent_dir), "model": str(model_dir)}, sets,
+                                          cfg.data.text.model_dump(), bf16=cfg.train.bf16)
+    measured = {name: lm_evaluate.model_metrics(scores[name], None) for name in ("parent", "model")}
+    return {"against": "parent", "retain_rows": read_rows(sets["retain"]).num_rows,
+            **{name: {k: m[k] for k in EVALUATED} for name, m in measured.items()}}
+
+
+def read_rows(path: str):
+    from hamu_ray.digests import _dataset
+
+    return _dataset(path).to_table()
+
+
+def as_parquet(path: str, into: Path) -> str:
+    """The set as parquet (what the scoring reads), owner-only: a request holds sensitive rows."""
+    from hamu_ray import files
+
+    if path.endswith((".parquet", ".pq")):
+        return path
+    return str(files.write_rows(read_rows(path).to_pylist(), into))
+
+
+def retain_sample(path: str, rows: int, seed: int, into: Path) -> str:
+    """`rows` retain rows drawn by seed (all when there are fewer), in file order."""
+    import random
+
+    from hamu_ray import files
+
+    table = read_rows(path)
+    chosen = sorted(random.Random(seed).sample(range(table.num_rows), min(rows, table.num_rows)))
+    return str(files.write_rows(table.take(chosen).to_pylist(), into))
 
 
 def absolute_constraint(hparams: dict, summary: dict) -> float:
@@ -222,7 +279,6 @@ def lineage_record(name: str, parent: Parent, request: list[str]) -> tuple[dict,
 def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | None = None,
            accept_damage: bool = False) -> str:
     """Carry out one deletion request; returns the registered version."""
-    import mlflow
     import yaml
     from mlflow import MlflowClient
 
@@ -236,6 +292,9 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         policy = yaml.safe_load(Path(policy_path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise LineageError(f"--config {policy_path}: cannot read it ({exc})") from None
+    if not isinstance(policy, dict):
+        raise LineageError(f"--config {policy_path}: not a mapping of sections (a job YAML's)")
+    scoring = evaluation_spec(policy)
     client = MlflowClient(uri)
     name, _ = split_model(model)
     work = Path(workdir or Path("runs") / "forget" / name).resolve()
@@ -255,6 +314,8 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         requested = digests.row_digests(str(request_path), key)
         block, forgotten = lineage_record(name, parent, requested)
         block["preflight"] = preflight
+        block["evaluation"] = evaluate_request(cfg, parent.model_dir, receipt.exported_model(out),
+                                               scoring, Path(tmp))
         chained = chain_receipt(out, block)
         (out / FORGOTTEN).write_text(json.dumps({"request": requested, "forgotten": forgotten,
                                                  "position": block["request"]}))
@@ -272,14 +333,24 @@ def chain_receipt(out: Path, block: dict) -> dict:
 
 
 def lineage_verdict(block: dict) -> str:
-    rows, preflight = block["rows"], block.get("preflight")
+    rows, preflight, scored = block["rows"], block.get("preflight"), block.get("evaluation")
     damage = ""
     if preflight is not None and preflight["beyond_damage_free_reach"]:
         damage = (f" Its B {preflight['constraint']:.4g} was beyond the damage-free reach "
                   f"{preflight['damage_free_reach']:.4g}: retain damage was accepted (--accept-damage).")
     return (f"Request {block['request']} on {block['model']}, from version {block['parent']['version']}: "
             f"{rows['requested']} rows ({rows['forgotten_before']} forgotten before); "
-            f"{block['forgotten']['rows']} distinct rows forgotten along the lineage.{damage}")
+            f"{block['forgotten']['rows']} distinct rows forgotten along the lineage.{damage}"
+            + (evaluation_sentence(scored) if scored else ""))
+
+
+def evaluation_sentence(scored: dict) -> str:
+    before, after = scored["parent"], scored["model"]
+    mia = (f"; membership AUC against the holdout {before['mia_auc']:.3f} → {after['mia_auc']:.3f}"
+           if after["mia_auc"] is not None else "")
+    return (f" Answer probability, parent → this version: on the request's rows {before['forget_prob']:.3f} → "
+            f"{after['forget_prob']:.3f}, on {scored['retain_rows']} retain rows {before['retain_prob']:.3f} → "
+            f"{after['retain_prob']:.3f}{mia}.")
 
 
 def register(client, name: str, parent: Parent, out: Path, chained: dict) -> str:

@@ -46,7 +46,7 @@ def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
     for name, part in files.items():
         pq.write_table(pa.Table.from_pylist(part), root / f"{name}.parquet")
     policy = {**POLICY, "data": {"retain": str(root / "retain.parquet"), "retain_batch_size": 4,
-                                 "forget_batch_size": 2}}
+                                 "forget_batch_size": 2}, "evaluate": {"retain_rows": 8, "seed": 1}}
     (root / "policy.yaml").write_text(yaml.safe_dump(policy))
     uri = f"sqlite:///{root}/mlflow.db"
     mlflow.set_tracking_uri(uri)
@@ -92,9 +92,12 @@ def artifact_path(client, version: str, artifact: str) -> Path:
 
 
 def test_each_request_registers_the_next_version_chained_to_its_parent(lineage_run, tiny_lm, tmp_path):
+    import random
+
     import mlflow
 
     from hamu_ray import digests, receipt
+    from hamu_ray.pipeline import lm_evaluate
 
     run, client = lineage_run, lineage_run.client
     assert run.made == ["2", "3"]
@@ -112,6 +115,8 @@ def test_each_request_registers_the_next_version_chained_to_its_parent(lineage_r
 
     model_2 = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/2", dst_path=str(tmp_path / "m2"),
                                                        tracking_uri=run.uri)) / "artifacts" / "model"
+    evaluation = third["lineage"].pop("evaluation")
+    assert second["lineage"].pop("evaluation")["against"] == "parent"
     assert second["lineage"] == {
         "model": NAME, "request": 1,
         "parent": {"version": "1", "model_sha256": receipt.model_digest(tiny_lm), "receipt_sha256": None},
@@ -124,9 +129,26 @@ def test_each_request_registers_the_next_version_chained_to_its_parent(lineage_r
         "rows": {"requested": 4, "forgotten_before": 1, "repeated_in_request": 0},
         "forgotten": {"rows": 7, "merkle_root": receipt.merkle_root(a + b[1:])}, "preflight": None}
     assert third["forget"]["merkle_root"] == receipt.merkle_root(b)
+    # scored without an oracle: version 2 (the parent) and 3 on request B's rows and 8 retain rows
+    # drawn by the policy's seed, as one process scores them
+    model_3 = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/3", dst_path=str(tmp_path / "m3"),
+                                                       tracking_uri=run.uri)) / "artifacts" / "model"
+    retain = pq.read_table(run.root / "retain.parquet")
+    sample = sorted(random.Random(1).sample(range(retain.num_rows), 8))
+    pq.write_table(retain.take(sample), tmp_path / "sample.parquet")
+    sets = {"forget": str(run.root / "b.parquet"), "retain": str(tmp_path / "sample.parquet")}
+    for name, directory in (("parent", model_2), ("model", model_3)):
+        expected = lm_evaluate.model_metrics(lm_evaluate.score_model(str(directory), sets, {}), None)
+        for metric in ("forget_prob", "forget_rouge", "retain_prob", "retain_rouge"):
+            assert evaluation[name][metric] == pytest.approx(expected[metric], abs=1e-6), (name, metric)
+        assert evaluation[name]["mia_auc"] is None  # no holdout given
+    assert evaluation["retain_rows"] == 8 and evaluation["against"] == "parent"
     assert third["model_in"]["sha256"] == receipt.model_digest(model_2) == tags["2"]["model_sha256"]
-    assert third["verdict"].endswith("Request 2 on tiny, from version 2: 4 rows (1 forgotten before); "
-                                     "7 distinct rows forgotten along the lineage.")
+    before, after = evaluation["parent"], evaluation["model"]
+    assert third["verdict"].endswith(
+        "Request 2 on tiny, from version 2: 4 rows (1 forgotten before); 7 distinct rows forgotten along the "
+        f"lineage. Answer probability, parent → this version: on the request's rows {before['forget_prob']:.3f} → "
+        f"{after['forget_prob']:.3f}, on 8 retain rows {before['retain_prob']:.3f} → {after['retain_prob']:.3f}.")
     assert json.loads(run_file(client, "3", "forgotten.json", tmp_path / "f3").read_text()) == {
         "request": b, "forgotten": a + b[1:], "position": 2}
 
@@ -169,6 +191,9 @@ def test_a_request_is_refused_before_training_under_a_held_lock_from_an_unlearne
     bad = tmp_path / "policy.yaml"
     bad.write_text(yaml.safe_dump({**run.policy, "data": {**run.policy["data"], "forget": request}}))
     with pytest.raises(lineage.LineageError, match="the policy sets data.forget: leave it out, the request is"):
+        lineage.forget(request, NAME, str(bad), run.uri, str(run.work))
+    bad.write_text(yaml.safe_dump({**run.policy, "evaluate": {"retain_row": 8}}))
+    with pytest.raises(lineage.LineageError, match=r"evaluate.retain_row: not a field \(it has retain_rows, holdout, seed\)"):
         lineage.forget(request, NAME, str(bad), run.uri, str(run.work))
     assert sorted(p.name for p in run.work.iterdir()) == before  # nothing trained, nothing written
 
@@ -248,6 +273,8 @@ def test_the_readmes_policy_makes_a_valid_job(tmp_path):
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = re.search(r"```text\n# a forget policy\n(.*?)```", readme, re.S).group(1)
     parent = lineage.Parent("3", tmp_path / "model", "0" * 64, None, [], 0)
-    job = lineage.request_job(yaml.safe_load(block), tmp_path / "request.parquet", parent, tmp_path / "out")
+    policy = yaml.safe_load(block)
+    job = lineage.request_job(policy, tmp_path / "request.parquet", parent, tmp_path / "out")
+    assert lineage.evaluation_spec(policy) == {"retain_rows": 200, "holdout": "data/holdout.parquet", "seed": 0}
     assert (job.method.name, job.method.rule_name, job.model.path) == ("npo", "hamu-q", str(tmp_path / "model"))
     assert (job.data.forget, job.output_dir) == (str(tmp_path / "request.parquet"), str(tmp_path / "out"))
