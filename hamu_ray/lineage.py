@@ -76,21 +76,23 @@ def parent_version(client, spec: str):
     version = wanted or list(known)[-1]
     if version not in known:
         raise LineageError(f"--model {spec}: {name} has no version {version} (it has {', '.join(known)})")
-    children = [v for v, mv in known.items() if mv.tags.get(PARENT_TAG) == version]
-    if children:
+    if children(known, version):
         raise LineageError(f"--model {spec}: version {version} was already unlearned from (version "
-                           f"{children[0]}); a request starts from the lineage's newest version, here "
-                           f"{lineage_head(known, version)}")
+                           f"{children(known, version)[0]}); a request starts from the lineage's newest version, "
+                           f"here {lineage_head(known, version)}")
     return known[version]
+
+
+def children(known: dict, version: str) -> list[str]:
+    """The versions a request unlearned from `version`."""
+    return [v for v, mv in known.items() if mv.tags.get(PARENT_TAG) == version]
 
 
 def lineage_head(known: dict, version: str) -> str:
     """Following the children of `version` to the end."""
-    while True:
-        children = [v for v, mv in known.items() if mv.tags.get(PARENT_TAG) == version]
-        if not children:
-            return version
-        version = children[0]
+    while children(known, version):
+        version = children(known, version)[0]
+    return version
 
 
 @contextlib.contextmanager
@@ -126,13 +128,9 @@ def locked(client, name: str):
 def fetch_parent(client, name: str, mv, into: Path) -> Parent:
     """The parent's model directory (checked against its registered digest), its receipt's
     sha256 and the rows forgotten along its lineage."""
-    import mlflow
-
     from hamu_ray import receipt
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(into / "model"),
-                                                     tracking_uri=client.tracking_uri))
-    model_dir = local / "artifacts" / "model"
+    model_dir = download_model(client, name, str(mv.version), into)
     if not model_dir.is_dir():
         raise LineageError(f"{name} version {mv.version} is not a language model registered by hamu-ray "
                            "(no artifacts/model directory); `forget` unlearns causal language models")
@@ -143,6 +141,18 @@ def fetch_parent(client, name: str, mv, into: Path) -> Parent:
     record = run_json(client, mv.run_id, FORGOTTEN, into) if PARENT_TAG in mv.tags else None
     return Parent(str(mv.version), model_dir, digest, mv.tags.get("receipt_sha256"),
                   record["forgotten"] if record else [], record["position"] if record else 0)
+
+
+def download_model(client, name: str, version: str, into: Path) -> Path:
+    """A registered version's files into `into`/model; a language model's directory is returned
+    (registry.LM_ARTIFACT under the pyfunc's artifacts)."""
+    import mlflow
+
+    from hamu_ray.pipeline.registry import LM_ARTIFACT
+
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(into / "model"),
+                                                tracking_uri=client.tracking_uri)
+    return Path(local) / "artifacts" / LM_ARTIFACT
 
 
 def run_json(client, run_id: str, artifact: str, into: Path) -> dict | None:
@@ -189,22 +199,22 @@ def evaluate_request(cfg, parent_dir: Path, model_dir: Path, spec: dict, into: P
     from hamu_ray.engine.driver import ray_session
     from hamu_ray.pipeline import lm_evaluate
 
-    sets = {"forget": as_parquet(cfg.data.forget, into / "forget.parquet"),
-            "retain": retain_sample(cfg.data.retain, spec["retain_rows"], spec["seed"], into / "retain.parquet")}
+    retain, retain_rows = retain_sample(cfg.data.retain, spec["retain_rows"], spec["seed"], into / "retain.parquet")
+    sets = {"forget": as_parquet(cfg.data.forget, into / "forget.parquet"), "retain": retain}
     if spec["holdout"]:
         sets["holdout"] = as_parquet(spec["holdout"], into / "holdout.parquet")
     with ray_session(cfg.cluster):
         scores = lm_evaluate.score_models({"parent": str(parent_dir), "model": str(model_dir)}, sets,
                                           cfg.data.text.model_dump(), bf16=cfg.train.bf16)
     measured = {name: lm_evaluate.model_metrics(scores[name], None) for name in ("parent", "model")}
-    return {"against": "parent", "retain_rows": read_rows(sets["retain"]).num_rows,
+    return {"against": "parent", "retain_rows": retain_rows,
             **{name: {k: m[k] for k in EVALUATED} for name, m in measured.items()}}
 
 
 def read_rows(path: str):
-    from hamu_ray.digests import _dataset
+    from hamu_ray.engine import data
 
-    return _dataset(path).to_table()
+    return data.open_dataset(path, data.file_format("the policy's", path))[1].to_table()
 
 
 def as_parquet(path: str, into: Path) -> str:
@@ -216,15 +226,15 @@ def as_parquet(path: str, into: Path) -> str:
     return str(files.write_rows(read_rows(path).to_pylist(), into))
 
 
-def retain_sample(path: str, rows: int, seed: int, into: Path) -> str:
-    """`rows` retain rows drawn by seed (all when there are fewer), in file order."""
-    import random
-
+def retain_sample(path: str, rows: int, seed: int, into: Path) -> tuple[str, int]:
+    """`rows` retain rows drawn by seed (all when there are fewer; the relearning attack's rule,
+    lm_pipeline.seeded_rows), in file order, as parquet; and how many."""
     from hamu_ray import files
+    from hamu_ray.pipeline.lm_pipeline import seeded_rows
 
     table = read_rows(path)
-    chosen = sorted(random.Random(seed).sample(range(table.num_rows), min(rows, table.num_rows)))
-    return str(files.write_rows(table.take(chosen).to_pylist(), into))
+    chosen = seeded_rows(table.num_rows, rows, seed)
+    return str(files.write_rows(table.take(list(chosen)).to_pylist(), into)), len(chosen)
 
 
 def absolute_constraint(hparams: dict, summary: dict) -> float:
@@ -305,7 +315,8 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         cfg = request_job(policy, request_path, parent, out)
         preflight = damage_gate(cfg, accept_damage, work)
         result = run_unlearning(cfg, progress="forget", key_dir=work)
-        if receipt.model_digest(receipt.exported_model(out)) == parent.model_sha256:
+        job_receipt = receipt.load(str(out / RECEIPT))  # its model_out.sha256 is the export's digest
+        if job_receipt["model_out"]["sha256"] == parent.model_sha256:
             # the parent's weights (e.g. a rule that stopped at its first step): registering them
             # would claim a forgetting that did not happen
             raise LineageError(f"the unlearning left the model unchanged (stop: {result.stop}): nothing was "
@@ -316,17 +327,16 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         block["preflight"] = preflight
         block["evaluation"] = evaluate_request(cfg, parent.model_dir, receipt.exported_model(out),
                                                scoring, Path(tmp))
-        chained = chain_receipt(out, block)
+        chained = chain_receipt(out, job_receipt, block)
         (out / FORGOTTEN).write_text(json.dumps({"request": requested, "forgotten": forgotten,
                                                  "position": block["request"]}))
         return register(client, name, parent, out, chained)
 
 
-def chain_receipt(out: Path, block: dict) -> dict:
+def chain_receipt(out: Path, content: dict, block: dict) -> dict:
     """The job's receipt with the lineage block and a sentence on it; written back atomically."""
     from hamu_ray import files, receipt
 
-    content = receipt.load(str(out / RECEIPT))
     chained = receipt.with_lineage(content, block, lineage_verdict(block))
     files.write_atomic(out / RECEIPT, json.dumps(chained, indent=2))
     return chained
@@ -362,7 +372,7 @@ def register(client, name: str, parent: Parent, out: Path, chained: dict) -> str
     from hamu_ray.pipeline import registry, tracking
 
     tags = {"role": "forget", PARENT_TAG: parent.version, "method": chained["method"],
-            "model_sha256": receipt.model_digest(receipt.exported_model(out)),
+            "model_sha256": chained["model_out"]["sha256"],
             "receipt_sha256": hashlib.sha256((out / RECEIPT).read_bytes()).hexdigest(),
             "forget_merkle_root": chained["forget"]["merkle_root"],
             "forgotten_root": chained["lineage"]["forgotten"]["merkle_root"]}
@@ -388,12 +398,12 @@ def verify_chain(client, name: str, into: Path) -> list[tuple[str, bool, str]]:
     made = [v for v, mv in known.items() if PARENT_TAG in mv.tags]
     if not made:
         raise LineageError(f"{name}: no version made by `hamu-ray forget` in this registry")
-    checks = forks(known)
-    key_ids = set()
+    records = {v: run_json(client, known[v].run_id, FORGOTTEN, into / v) for v in made}  # each read once
+    checks, key_ids = forks(known), set()
     for version in made:
-        found = link_checks(client, name, known, version, into / version)
-        checks += found.checks
-        key_ids |= found.key_ids
+        found, key_id = link_checks(client, name, known, version, records, into / version)
+        checks += found
+        key_ids |= {key_id} - {None}
     if len(key_ids) > 1:
         checks.append(("digest key", False, f"the requests' rows are keyed by {len(key_ids)} different keys "
                                             f"({', '.join(sorted(key_ids))}): rows asked for twice go unnoticed"))
@@ -406,16 +416,9 @@ def forks(known: dict) -> list[tuple[str, bool, str]]:
     return [(f"version {p}", False, "unlearned from more than once: the lineage forks there") for p in twice]
 
 
-@dataclass
-class LinkChecks:
-    checks: list
-    key_ids: set
-
-
-def link_checks(client, name: str, known: dict, version: str, into: Path) -> LinkChecks:
-    """One version's checks against its parent."""
-    import mlflow
-
+def link_checks(client, name: str, known: dict, version: str, records: dict,
+                into: Path) -> tuple[list[tuple[str, bool, str]], str | None]:
+    """One version's checks against its parent, and the id of the key its rows are digested by."""
     from hamu_ray import receipt
 
     mv, label = known[version], f"v{version}"
@@ -427,22 +430,20 @@ def link_checks(client, name: str, known: dict, version: str, into: Path) -> Lin
                "matches its registered sha256" if sha == mv.tags.get("receipt_sha256") else
                f"sha256 {sha[:16]}… ≠ registered {str(mv.tags.get('receipt_sha256'))[:16]}…: the receipt was edited")]
     checks += [(f"{label} {what}", ok, detail) for what, ok, detail in receipt.verify(content)]
-    model = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(into / "model"),
-                                                     tracking_uri=client.tracking_uri)) / "artifacts" / "model"
-    digest = receipt.model_digest(model)
+    digest = receipt.model_digest(download_model(client, name, version, into))
     ok = digest == content["model_out"]["sha256"] == mv.tags.get("model_sha256")
     checks.append((f"{label} model", ok, "its files match the receipt" if ok else
                    f"digest {digest[:16]}… ≠ the receipt's {content['model_out']['sha256'][:16]}…"))
     lineage = content.get("lineage")
     if lineage is None:
-        return LinkChecks(checks + [(f"{label} lineage", False, "its receipt has no lineage block")], set())
-    checks += parent_checks(label, lineage, content, known, mv, client, into)
-    checks += root_checks(label, lineage, content, run_json(client, mv.run_id, FORGOTTEN, into),
-                          parent_record(client, known, lineage["parent"]["version"], into))
-    return LinkChecks(checks, {content["forget"]["digest_key"]["id"]})
+        return checks + [(f"{label} lineage", False, "its receipt has no lineage block")], None
+    checks += parent_checks(label, lineage, content, known, mv)
+    # the parent's rows: none when it was not made by a request (or is gone: its link fails above)
+    checks += root_checks(label, lineage, content, records[version], records.get(lineage["parent"]["version"]))
+    return checks, content["forget"]["digest_key"]["id"]
 
 
-def parent_checks(label, lineage, content, known, mv, client, into) -> list[tuple[str, bool, str]]:
+def parent_checks(label, lineage, content, known, mv) -> list[tuple[str, bool, str]]:
     link = lineage["parent"]
     if link["version"] != mv.tags.get(PARENT_TAG):
         return [(f"{label} parent", False, f"the receipt names version {link['version']}, the registry "
@@ -458,13 +459,6 @@ def parent_checks(label, lineage, content, known, mv, client, into) -> list[tupl
     ok = not problems
     return [(f"{label} parent", ok, f"version {link['version']}: model and receipt digests match" if ok else
              f"version {link['version']}: " + "; ".join(problems))]
-
-
-def parent_record(client, known, version: str, into: Path) -> dict | None:
-    parent = known.get(version)
-    if parent is None or PARENT_TAG not in parent.tags:
-        return None
-    return run_json(client, parent.run_id, FORGOTTEN, into / "parent")
 
 
 def root_checks(label, lineage, content, record, parent) -> list[tuple[str, bool, str]]:

@@ -335,7 +335,11 @@ def relearn_split(forget: str, share: float, seed: int) -> tuple[list[int], np.n
 
 def benign_rows(retain: str, count: int, seed: int) -> tuple[int, ...]:
     """`count` retain rows drawn by seed (all of them when there are fewer), in file order."""
-    total = pq.ParquetFile(retain).metadata.num_rows
+    return seeded_rows(pq.ParquetFile(retain).metadata.num_rows, count, seed)
+
+
+def seeded_rows(total: int, count: int, seed: int) -> tuple[int, ...]:
+    """`count` of `total` row numbers drawn by seed (all when there are fewer), in file order."""
     return tuple(sorted(random.Random(seed).sample(range(total), min(count, total))))
 
 
