@@ -26,13 +26,14 @@ def attack_columns(names: list[str]) -> tuple[str, ...]:
     return tuple(column for name in names for column in (f"forget_acc_{name}", f"recovered_acc_{name}"))
 
 
-def attacked(model: nn.Module, attack: Attack) -> nn.Module:
+def attacked(model: nn.Module, attack: Attack, read=datasets.read_split) -> nn.Module:
     """A copy of `model` after one attack of lm_pipeline.attacks (quantized, or relearned on the
-    rows its Relearning names, read from that set's file); `model` is left as it was."""
+    rows its Relearning names, from that set's file as `read` gives it: a caller attacking many
+    models passes a cached reader); `model` is left as it was."""
     if "quantize_bits" in attack.fields:
         return fake_quantize(model, attack.fields["quantize_bits"])
     how = attack.fields["relearning"]
-    split = datasets.read_split(how.path)
+    split = read(how.path)
     x, y = torch.as_tensor(split.x), torch.as_tensor(split.y)
     batches = ((x[rows].float(), y[rows].long())
                for rows in batch_rows(how.rows, how.steps, how.batch_size, how.seed))

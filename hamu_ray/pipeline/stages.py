@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import random
@@ -286,7 +287,8 @@ def stage_key(job: dict, out: Path) -> str:
     the kernel pins it runs under, when any (driver.KERNEL_ENV: they change the numbers)."""
     from hamu_ray.engine.driver import kernel_env
 
-    keyed = {"job": job, "receipt": receipt.VERSION, **({"kernels": kernel_env()} if kernel_env() else {})}
+    pins = kernel_env()
+    keyed = {"job": job, "receipt": receipt.VERSION, **({"kernels": pins} if pins else {})}
     text = json.dumps(keyed, sort_keys=True).replace(str(out), "<out>")
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -573,6 +575,7 @@ def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, Sta
     forget accuracy and recovered share (classifier_attacks). Each model is loaded and scored once."""
     ruler = classifier_yardstick(cfg, prepared, stages["oracle"].weights if "oracle" in stages else None)
     attacks = lm_pipeline.attacks(cfg, prepared)
+    read = functools.cache(datasets.read_split)  # each relearning set once, for every model
     results, original_correct = {}, None
     for name, stage in stages.items():  # original, oracle, then the methods
         model = load_weights(cfg, stage.weights) if attacks or name != "oracle" else None
@@ -582,7 +585,7 @@ def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, Sta
             measured, forget = classifier_scores(ruler, model)
         original_correct = forget.correct if name == "original" else original_correct
         for attack, how in attacks.items():
-            after = classifier_attacks.forget_correct(classifier_attacks.attacked(model, how), ruler.sets)
+            after = classifier_attacks.forget_correct(classifier_attacks.attacked(model, how, read), ruler.sets)
             measured = {**measured, **classifier_attacks.attack_metrics(attack, forget.correct, original_correct,
                                                                         after, how.rows)}
         summary = stage.summary
