@@ -306,18 +306,19 @@ def build(cfg, sets: dict, summary: dict, output_dir: Path, step_log: list[dict]
 def with_evaluation(receipt: dict, evaluation: dict, verdict: str) -> dict:
     """The receipt with a pipeline's evaluation of the unlearned model (against the oracle when
     there is one) and the verdict extended by it; signed anew when a key is set."""
-    updated = {k: v for k, v in receipt.items() if k != "signature"}
-    updated["evaluation"] = evaluation
-    updated["verdict"] = engine_verdict(updated) + " " + verdict
-    return sign(updated)
+    return extended(receipt, "evaluation", evaluation, engine_verdict(receipt) + " " + verdict)
 
 
 def with_lineage(receipt: dict, lineage: dict, sentence: str) -> dict:
     """The receipt of a deletion request (hamu_ray.lineage) with its link to the version it
     unlearned from and the rows forgotten along the lineage; signed anew when a key is set."""
+    return extended(receipt, "lineage", lineage, receipt["verdict"] + " " + sentence)
+
+
+def extended(receipt: dict, key: str, block: dict, verdict: str) -> dict:
+    """The receipt with one more block and its verdict, signed anew (the old signature dropped)."""
     updated = {k: v for k, v in receipt.items() if k != "signature"}
-    updated["lineage"] = lineage
-    updated["verdict"] = receipt["verdict"] + " " + sentence
+    updated[key], updated["verdict"] = block, verdict
     return sign(updated)
 
 
