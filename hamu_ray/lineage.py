@@ -31,6 +31,8 @@ EXPERIMENT = "hamu-ray forget"
 RECEIPT, FORGOTTEN = "receipt.json", "forgotten.json"
 EVALUATED = ("forget_prob", "forget_rouge", "retain_prob", "retain_rouge", "mia_auc")
 EVALUATE_DEFAULTS = {"retain_rows": 200, "holdout": None, "seed": 0}
+DEFAULT_METHOD = {"name": "hamu-q"}  # a policy without `method`: HAMU-Q, its B from the pre-flight
+PREFLIGHT_SHARE = 0.5  # a HAMU rule without a constraint: B = this share of the request's D*
 SET_BY_THE_COMMAND = {("data", "forget"): "the request is", ("model", "path"): "the registered version is",
                       ("output_dir",): "--workdir decides it"}
 
@@ -245,16 +247,52 @@ def absolute_constraint(hparams: dict, summary: dict) -> float:
     return c * scale
 
 
-def damage_gate(cfg, accept_damage: bool, key_dir: Path) -> dict | None:
-    """The hardness pre-flight on this request, for a HAMU rule's B (None for a rule without B):
-    what the lineage block records (gate)."""
+def preflight_job(policy: dict, request: Path, parent: Parent, out: Path, accept_damage: bool,
+                  key_dir: Path):
+    """The engine job and, for a HAMU rule's B, the hardness pre-flight on this request and the
+    parent's model (what the lineage block records; None for a rule without B). A HAMU rule
+    without a constraint (the default method's too) gets B = PREFLIGHT_SHARE × D*, in loss units."""
     from hamu_ray import hardness
     from hamu_ray.engine.driver import run_preflight
 
+    policy = {**policy, "method": policy.get("method") or DEFAULT_METHOD}
+    from_preflight = takes_b_from_preflight(policy["method"])
+    cfg = request_job(with_constraint(policy, 0.0) if from_preflight else policy, request, parent, out)
     if hardness.rule_figures(cfg)["constraint"] is None:
-        return None
+        return cfg, None
     raw, sets = run_preflight(cfg, rows=0)
-    return gate(hardness.build_report(cfg, raw, sets, key_dir), cfg.method.hparams, accept_damage)
+    summary = hardness.build_report(cfg, raw, sets, key_dir)
+    if from_preflight:
+        cfg = request_job(with_constraint(policy, preflight_constraint(summary)), request, parent, out)
+    return cfg, {**gate(summary, cfg.method.hparams, accept_damage),
+                 "constraint_from": f"{PREFLIGHT_SHARE} × D*" if from_preflight else "the policy"}
+
+
+def takes_b_from_preflight(method: dict) -> bool:
+    """A HAMU rule (the method's own or method.rule) whose hparams give no constraint."""
+    from hamu_ray.objectives import METHODS
+
+    spec = METHODS.get(method.get("name"))
+    if spec is None or spec.implicit:  # parse_config names an unknown method
+        return False
+    return ((method.get("rule") or spec.rule) in ("hamu-q", "hamu-u")
+            and "constraint" not in (method.get("hparams") or {}))
+
+
+def with_constraint(policy: dict, b: float) -> dict:
+    hparams = {**(policy["method"].get("hparams") or {}), "constraint": b, "constraint_unit": "absolute"}
+    return {**policy, "method": {**policy["method"], "hparams": hparams}}
+
+
+def preflight_constraint(summary: dict) -> float:
+    """PREFLIGHT_SHARE × D*; refused when the pre-flight finds no damage-free reach (every step
+    would raise the retain loss to first order)."""
+    free = summary["max_constraint_without_damage"]
+    if not free > 0:
+        raise LineageError(f"the hardness pre-flight finds no damage-free reach on this request (D* = {free:.4g}): "
+                           "any forgetting raises the retain loss to first order. Give method.hparams.constraint "
+                           "(and --accept-damage) to forget it anyway; nothing was trained")
+    return PREFLIGHT_SHARE * free
 
 
 def gate(summary: dict, hparams: dict, accept_damage: bool) -> dict:
@@ -267,7 +305,7 @@ def gate(summary: dict, hparams: dict, accept_damage: bool) -> dict:
                            f"damage to first order. Give --accept-damage to go on, or a smaller B (constraint ≤ "
                            f"{free:.4g}, or constraint_unit: damage_free with constraint ≤ 1); nothing was trained")
     return {"constraint": b, "damage_free_reach": free, "max_feasible": summary["max_feasible_constraint"],
-            "beyond_damage_free_reach": b > free, "damage_accepted": b > free}
+            "damage_accepted": b > free}
 
 
 def lineage_record(name: str, parent: Parent, request: list[str]) -> tuple[dict, list[str]]:
@@ -312,8 +350,7 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         mv = parent_version(client, model)  # under the lock: nobody else extends it meanwhile
         parent = fetch_parent(client, name, mv, Path(tmp))
         out = work / f"v{parent.version}-{hashlib.sha256(request_path.read_bytes()).hexdigest()[:12]}"
-        cfg = request_job(policy, request_path, parent, out)
-        preflight = damage_gate(cfg, accept_damage, work)
+        cfg, preflight = preflight_job(policy, request_path, parent, out, accept_damage, work)
         result = run_unlearning(cfg, progress="forget", key_dir=work)
         job_receipt = receipt.load(str(out / RECEIPT))  # its model_out.sha256 is the export's digest
         if job_receipt["model_out"]["sha256"] == parent.model_sha256:
@@ -345,7 +382,7 @@ def chain_receipt(out: Path, content: dict, block: dict) -> dict:
 def lineage_verdict(block: dict) -> str:
     rows, preflight, scored = block["rows"], block.get("preflight"), block.get("evaluation")
     damage = ""
-    if preflight is not None and preflight["beyond_damage_free_reach"]:
+    if preflight is not None and preflight["damage_accepted"]:
         damage = (f" Its B {preflight['constraint']:.4g} was beyond the damage-free reach "
                   f"{preflight['damage_free_reach']:.4g}: retain damage was accepted (--accept-damage).")
     return (f"Request {block['request']} on {block['model']}, from version {block['parent']['version']}: "

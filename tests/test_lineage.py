@@ -27,7 +27,8 @@ POLICY = {"method": {"name": "gdiff"}, "train": {"lr": 0.01, "max_steps": 2},
 
 @pytest.fixture(scope="module")
 def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
-    """Version 1 is the tiny Llama; request A (rows 0-3) makes version 2, in this process;
+    """Version 1 is the tiny Llama; request A (rows 0-3) makes version 2, in this process, under
+    the default method (HAMU-Q, B from the pre-flight);
     request B (rows 3-6, row 3 asked for again) version 3, by `hamu-ray forget` in another
     process, while this one tries request C and is refused by the held lock."""
     import os
@@ -48,6 +49,7 @@ def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
     policy = {**POLICY, "data": {"retain": str(root / "retain.parquet"), "retain_batch_size": 4,
                                  "forget_batch_size": 2}, "evaluate": {"retain_rows": 8, "seed": 1}}
     (root / "policy.yaml").write_text(yaml.safe_dump(policy))
+    (root / "default.yaml").write_text(yaml.safe_dump({k: v for k, v in policy.items() if k != "method"}))
     uri = f"sqlite:///{root}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     experiment = tracking.Store(uri).experiment_id("setup", str(root / "artifacts"))
@@ -55,7 +57,7 @@ def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
         registry.log_model({"kind": "causal_lm", "model_dir": str(tiny_lm)}, NAME,
                            {"role": "original", "model_sha256": receipt.model_digest(tiny_lm)})
     work, client = root / "work", MlflowClient(uri)
-    made = [lineage.forget(str(root / "a.parquet"), NAME, str(root / "policy.yaml"), uri, str(work))]
+    made = [lineage.forget(str(root / "a.parquet"), NAME, str(root / "default.yaml"), uri, str(work))]
 
     command = ["forget", "--model", NAME, "--config", str(root / "policy.yaml"), "--tracking-uri", uri,
                "--workdir", str(work)]
@@ -117,11 +119,17 @@ def test_each_request_registers_the_next_version_chained_to_its_parent(lineage_r
                                                        tracking_uri=run.uri)) / "artifacts" / "model"
     evaluation = third["lineage"].pop("evaluation")
     assert second["lineage"].pop("evaluation")["against"] == "parent"
+    # the default method, HAMU-Q, with half the damage-free reach the pre-flight found as its B
+    preflight = second["lineage"].pop("preflight")
+    assert (second["method"], second["hparams"]["constraint_unit"]) == ("hamu-q", "absolute")
+    assert preflight["damage_free_reach"] > 0 and preflight["constraint_from"] == "0.5 × D*"
+    assert second["hparams"]["constraint"] == preflight["constraint"] == 0.5 * preflight["damage_free_reach"]
+    assert preflight["damage_accepted"] is False and preflight["max_feasible"] >= preflight["damage_free_reach"]
     assert second["lineage"] == {
         "model": NAME, "request": 1,
         "parent": {"version": "1", "model_sha256": receipt.model_digest(tiny_lm), "receipt_sha256": None},
         "rows": {"requested": 4, "forgotten_before": 0, "repeated_in_request": 0},
-        "forgotten": {"rows": 4, "merkle_root": receipt.merkle_root(a)}, "preflight": None}
+        "forgotten": {"rows": 4, "merkle_root": receipt.merkle_root(a)}}
     assert third["lineage"] == {
         "model": NAME, "request": 2,
         "parent": {"version": "2", "model_sha256": receipt.model_digest(model_2),
@@ -222,13 +230,31 @@ def test_b_in_each_unit_is_read_in_loss_units_against_the_preflights_reaches_and
     assert absolute_constraint({"constraint": 0.5, "constraint_unit": "reach"}, summary) == 0.4
     assert absolute_constraint({"constraint": 0.5, "constraint_unit": "damage_free"}, summary) == 0.1
     assert gate(summary, {"constraint": 0.2}, False) == {  # at D*: no damage to first order
-        "constraint": 0.2, "damage_free_reach": 0.2, "max_feasible": 0.8,
-        "beyond_damage_free_reach": False, "damage_accepted": False}
+        "constraint": 0.2, "damage_free_reach": 0.2, "max_feasible": 0.8, "damage_accepted": False}
     with pytest.raises(LineageError, match=r"B = 0.4 \(loss units\) is beyond the damage-free reach D\* = 0.2"):
         gate(summary, {"constraint": 0.5, "constraint_unit": "reach"}, False)
     accepted = gate(summary, {"constraint": 0.5, "constraint_unit": "reach"}, True)
-    assert accepted["beyond_damage_free_reach"] and accepted["damage_accepted"]
-    assert gate(summary, {"constraint": 0.5, "constraint_unit": "reach"}, True) == accepted
+    assert accepted["damage_accepted"] and accepted["constraint"] == 0.4
+
+
+def test_a_hamu_rule_without_b_takes_half_the_preflights_damage_free_reach_and_none_is_refused():
+    from hamu_ray.lineage import (DEFAULT_METHOD, LineageError, PREFLIGHT_SHARE, preflight_constraint,
+                                  takes_b_from_preflight, with_constraint)
+
+    assert takes_b_from_preflight(DEFAULT_METHOD)  # the default policy's method: HAMU-Q
+    assert takes_b_from_preflight({"name": "npo", "rule": "hamu-u", "hparams": {"radius": 0.3}})
+    assert not takes_b_from_preflight({"name": "hamu-q", "hparams": {"constraint": 0.1}})
+    assert not takes_b_from_preflight({"name": "npo"})  # its own rule has no B
+    assert not takes_b_from_preflight({"name": "surgery-implicit"})
+    assert PREFLIGHT_SHARE == 0.5 and preflight_constraint({"max_constraint_without_damage": 0.3}) == 0.15
+    policy = {"method": {"name": "hamu-q", "hparams": {"radius": 0.2, "constraint_unit": "reach"}}}
+    assert with_constraint(policy, 0.15)["method"]["hparams"] == {"radius": 0.2, "constraint": 0.15,
+                                                                  "constraint_unit": "absolute"}
+    assert policy["method"]["hparams"] == {"radius": 0.2, "constraint_unit": "reach"}  # not modified
+    for none in (0.0, float("nan")):
+        with pytest.raises(LineageError, match=r"finds no damage-free reach .*Give method.hparams.constraint "
+                                               r"\(and --accept-damage\).*nothing was trained"):
+            preflight_constraint({"max_constraint_without_damage": none})
 
 
 def test_verify_chain_passes_then_names_an_edited_receipt_a_changed_link_and_a_removed_version(
