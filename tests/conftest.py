@@ -42,3 +42,34 @@ def tiny_lm(tmp_path_factory):
     from tests.lm_fixtures import build_tiny_lm
 
     return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+# ---- the test process's exit ----------------------------------------------------------------
+# Many Ray sessions start and stop in this one process (each pipeline's ray_session); threads
+# that used one (Ray Data's executors, a fit's daemon thread) can outlive it, and the interpreter's
+# teardown then frees Ray's core-worker state under them: CI saw a segfault after every test had
+# passed (exit 139; ray-project/ray#31145 is the same crash). The tests' verdict is final once
+# pytest has reported, so the process ends there, without the teardown, naming what was alive.
+_exit_status = None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    import sys
+    import threading
+
+    if _exit_status is None or os.environ.get("HAMU_TEST_TEARDOWN") == "1":  # =1: the full teardown
+        return
+    alive = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+    if alive:
+        print(f"conftest: ending without interpreter teardown; {len(alive)} threads still alive "
+              f"({', '.join(alive[:8])}{', …' if len(alive) > 8 else ''})", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
