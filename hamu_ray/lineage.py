@@ -31,7 +31,10 @@ EXPERIMENT = "hamu-ray forget"
 RECEIPT, FORGOTTEN = "receipt.json", "forgotten.json"
 EVALUATED = ("forget_prob", "forget_rouge", "retain_prob", "retain_rouge", "mia_auc")
 EVALUATE_DEFAULTS = {"retain_rows": 200, "holdout": None, "seed": 0}
-DEFAULT_METHOD = {"name": "hamu-q"}  # a policy without `method`: HAMU-Q, its B from the pre-flight
+# A policy without `method`: HAMU-Q, its B from the pre-flight, in a fixed radius per block (the
+# rule's default radius, lr·‖g_r,b‖, vanishes on a model that fits its retain set: on the demo's
+# original D* was 0.0014 there and 50 steps moved the request's answer probability 0.968 → 0.939)
+DEFAULT_METHOD = {"name": "hamu-q", "hparams": {"radius": 0.2}}
 PREFLIGHT_SHARE = 0.5  # a HAMU rule without a constraint: B = this share of the request's D*
 SET_BY_THE_COMMAND = {("data", "forget"): "the request is", ("model", "path"): "the registered version is",
                       ("output_dir",): "--workdir decides it"}
@@ -181,7 +184,7 @@ def request_job(policy: dict, request: Path, parent: Parent, out: Path):
             raise LineageError(f"the policy sets {'.'.join(path)}: leave it out, {who}")
     model = {**(policy.get("model") or {}), "kind": "causal_lm", "path": str(parent.model_dir)}
     data = {**(policy.get("data") or {}), "forget": str(request)}
-    job = {k: v for k, v in policy.items() if k != "evaluate"}
+    job = {k: v for k, v in policy.items() if k not in ("evaluate", "robustness")}
     return parse_config({**job, "data": data, "model": model, "output_dir": str(out)}, source="the policy")
 
 
@@ -194,10 +197,27 @@ def evaluation_spec(policy: dict) -> dict:
     return {**EVALUATE_DEFAULTS, **spec}
 
 
-def evaluate_request(cfg, parent_dir: Path, model_dir: Path, spec: dict, into: Path) -> dict:
+def robustness_spec(policy: dict):
+    """The policy's `robustness:` section (the pipelines' own: quantize, relearn), or None."""
+    from pydantic import ValidationError
+
+    from hamu_ray.pipeline.config import RobustnessSection
+
+    if policy.get("robustness") is None:
+        return None
+    try:
+        return RobustnessSection.model_validate(policy["robustness"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in ("robustness", *first["loc"]))
+        raise LineageError(f"the policy's {where}: {first['msg']}") from None
+
+
+def evaluate_request(cfg, parent_dir: Path, model_dir: Path, spec: dict, robustness, into: Path) -> dict:
     """Without an oracle: the parent and the new version scored on the request's rows, a sample
     of `retain_rows` retain rows and (given) the holdout's non-members, by the pipeline's own
-    scoring (lm_evaluate.score_models, Ray tasks in the job's cluster)."""
+    scoring (lm_evaluate.score_all, Ray tasks in the job's cluster); and the new version under
+    each attack of `robustness`, its recovered share against the parent's scores."""
     from hamu_ray.engine.driver import ray_session
     from hamu_ray.pipeline import lm_evaluate
 
@@ -205,12 +225,43 @@ def evaluate_request(cfg, parent_dir: Path, model_dir: Path, spec: dict, into: P
     sets = {"forget": as_parquet(cfg.data.forget, into / "forget.parquet"), "retain": retain}
     if spec["holdout"]:
         sets["holdout"] = as_parquet(spec["holdout"], into / "holdout.parquet")
+    attacks, skipped = request_attacks(cfg, robustness, sets["forget"], into / "retain-all.parquet", spec["seed"])
+    scorings = {name: lm_evaluate.Scoring(name, str(path), sets)
+                for name, path in (("parent", parent_dir), ("model", model_dir))}
+    for name, attack in attacks.items():
+        scorings[name] = lm_evaluate.Scoring("model", str(model_dir), {"forget": sets["forget"]}, attack=name,
+                                             **attack.fields)
     with ray_session(cfg.cluster):
-        scores = lm_evaluate.score_models({"parent": str(parent_dir), "model": str(model_dir)}, sets,
-                                          cfg.data.text.model_dump(), bf16=cfg.train.bf16)
+        scores = lm_evaluate.score_all(scorings, cfg.data.text.model_dump(), bf16=cfg.train.bf16)
     measured = {name: lm_evaluate.model_metrics(scores[name], None) for name in ("parent", "model")}
+    found = {name: lm_evaluate.attack_metrics(name, scores["model"]["forget"], scores["parent"]["forget"],
+                                              scores[name]["forget"], attack.rows)
+             for name, attack in attacks.items()}
     return {"against": "parent", "retain_rows": retain_rows,
-            **{name: {k: m[k] for k in EVALUATED} for name, m in measured.items()}}
+            **{name: {k: m[k] for k in EVALUATED} for name, m in measured.items()},
+            **({"attacks": {**found, **skipped}} if robustness is not None else {})}
+
+
+def request_attacks(cfg, robustness, forget: str, retain_into: Path, seed: int) -> tuple[dict, dict]:
+    """The policy's attacks on this request (lm_pipeline.planned_attacks; relearning at a tenth of
+    train.lr unless given), and those that cannot run on it, with the reason (relearning needs
+    two entities: it trains on a part and scores the rest)."""
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.pipeline import lm_pipeline
+    from hamu_ray.pipeline.config import RELEARN_LR_OF_TRAIN
+
+    if robustness is None:
+        return {}, {}
+    relearn, retain, skipped = robustness.relearn, cfg.data.retain, {}
+    if relearn is not None:
+        if relearn.benign:
+            retain = as_parquet(retain, retain_into)
+        try:
+            lm_pipeline.relearn_split(forget, relearn.share, seed)
+        except DataError as exc:  # e.g. a request of one person's rows
+            skipped["relearn"] = {"skipped": str(exc)}
+    lr = None if relearn is None else relearn.lr or RELEARN_LR_OF_TRAIN * cfg.train.lr
+    return lm_pipeline.planned_attacks(robustness, forget, retain, lr, seed, unsplit_ok=True), skipped
 
 
 def read_rows(path: str):
@@ -342,7 +393,7 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         raise LineageError(f"--config {policy_path}: cannot read it ({exc})") from None
     if not isinstance(policy, dict):
         raise LineageError(f"--config {policy_path}: not a mapping of sections (a job YAML's)")
-    scoring = evaluation_spec(policy)
+    scoring, robustness = evaluation_spec(policy), robustness_spec(policy)
     client = MlflowClient(uri)
     name, _ = split_model(model)
     work = Path(workdir or Path("runs") / "forget" / name).resolve()
@@ -363,7 +414,7 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         block, forgotten = lineage_record(name, parent, requested)
         block["preflight"] = preflight
         block["evaluation"] = evaluate_request(cfg, parent.model_dir, receipt.exported_model(out),
-                                               scoring, Path(tmp))
+                                               scoring, robustness, Path(tmp))
         chained = chain_receipt(out, job_receipt, block)
         (out / FORGOTTEN).write_text(json.dumps({"request": requested, "forgotten": forgotten,
                                                  "position": block["request"]}))
@@ -397,7 +448,17 @@ def evaluation_sentence(scored: dict) -> str:
            if after["mia_auc"] is not None else "")
     return (f" Answer probability, parent → this version: on the request's rows {before['forget_prob']:.3f} → "
             f"{after['forget_prob']:.3f}, on {scored['retain_rows']} retain rows {before['retain_prob']:.3f} → "
-            f"{after['retain_prob']:.3f}{mia}.")
+            f"{after['retain_prob']:.3f}{mia}." + attacks_sentence(scored.get("attacks") or {}))
+
+
+def attacks_sentence(attacks: dict) -> str:
+    """What each attack brought back of this request's forgetting (its share of the parent → version
+    drop in answer probability: 0 none, 1 all)."""
+    parts = [f"{name} not run ({a['skipped']})" if "skipped" in a else
+             f"{name} {'–' if a[f'recovered_prob_{name}'] is None else format(a[f'recovered_prob_{name}'], '.2f')}"
+             for name, a in attacks.items()]
+    return (" Attacks brought back this share of the drop in answer probability (0 none, 1 all): "
+            + "; ".join(parts) + ".") if parts else ""
 
 
 def register(client, name: str, parent: Parent, out: Path, chained: dict) -> str:

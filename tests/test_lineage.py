@@ -47,7 +47,8 @@ def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
     for name, part in files.items():
         pq.write_table(pa.Table.from_pylist(part), root / f"{name}.parquet")
     policy = {**POLICY, "data": {"retain": str(root / "retain.parquet"), "retain_batch_size": 4,
-                                 "forget_batch_size": 2}, "evaluate": {"retain_rows": 8, "seed": 1}}
+                                 "forget_batch_size": 2}, "evaluate": {"retain_rows": 8, "seed": 1},
+              "robustness": {"quantize": [8], "relearn": {"steps": 2, "batch_size": 2}}}
     (root / "policy.yaml").write_text(yaml.safe_dump(policy))
     (root / "default.yaml").write_text(yaml.safe_dump({k: v for k, v in policy.items() if k != "method"}))
     uri = f"sqlite:///{root}/mlflow.db"
@@ -98,8 +99,11 @@ def test_each_request_registers_the_next_version_chained_to_its_parent(lineage_r
 
     import mlflow
 
+    import numpy as np
+
     from hamu_ray import digests, receipt
-    from hamu_ray.pipeline import lm_evaluate
+    from hamu_ray.pipeline import lm_evaluate, lm_pipeline
+    from hamu_ray.pipeline.config import RobustnessSection
 
     run, client = lineage_run, lineage_run.client
     assert run.made == ["2", "3"]
@@ -151,12 +155,30 @@ def test_each_request_registers_the_next_version_chained_to_its_parent(lineage_r
             assert evaluation[name][metric] == pytest.approx(expected[metric], abs=1e-6), (name, metric)
         assert evaluation[name]["mia_auc"] is None  # no holdout given
     assert evaluation["retain_rows"] == 8 and evaluation["against"] == "parent"
+    # the policy's attacks on version 3, recovered shares against the parent, as one process
+    # scores them: int8; relearning 2 steps at a tenth of train.lr on one of request B's rows
+    # (no entity column: rows are the units), scored on the other three; benign relearning on
+    # 4 retain rows, scored on all four
+    parent_forget = lm_evaluate.score_model(str(model_2), {"forget": sets["forget"]}, {})["forget"]
+    model_forget = lm_evaluate.score_model(str(model_3), {"forget": sets["forget"]}, {})["forget"]
+    planned = lm_pipeline.planned_attacks(RobustnessSection.model_validate(run.policy["robustness"]),
+                                          sets["forget"], str(run.root / "retain.parquet"), 0.001, 1)
+    assert list(planned) == ["int8", "relearn", "benign"] and planned["relearn"].rows.sum() == 3
+    assert planned["relearn"].fields["relearning"].rows == tuple(np.flatnonzero(~planned["relearn"].rows))
+    assert len(planned["benign"].fields["relearning"].rows) == 4
+    assert list(evaluation["attacks"]) == ["int8", "relearn", "benign"]
+    for name, attack in planned.items():
+        attacked = lm_evaluate.score_model(str(model_3), {"forget": sets["forget"]}, {}, **attack.fields)["forget"]
+        expected = lm_evaluate.attack_metrics(name, model_forget, parent_forget, attacked, attack.rows)
+        assert evaluation["attacks"][name] == pytest.approx(expected, abs=1e-6), name
+    assert "Attacks brought back this share of the drop in answer probability (0 none, 1 all): int8 " in third["verdict"]
     assert third["model_in"]["sha256"] == receipt.model_digest(model_2) == tags["2"]["model_sha256"]
     before, after = evaluation["parent"], evaluation["model"]
-    assert third["verdict"].endswith(
+    assert (
         "Request 2 on tiny, from version 2: 4 rows (1 forgotten before); 7 distinct rows forgotten along the "
         f"lineage. Answer probability, parent → this version: on the request's rows {before['forget_prob']:.3f} → "
-        f"{after['forget_prob']:.3f}, on 8 retain rows {before['retain_prob']:.3f} → {after['retain_prob']:.3f}.")
+        f"{after['forget_prob']:.3f}, on 8 retain rows {before['retain_prob']:.3f} → {after['retain_prob']:.3f}."
+    ) in third["verdict"]
     assert json.loads(run_file(client, "3", "forgotten.json", tmp_path / "f3").read_text()) == {
         "request": b, "forgotten": a + b[1:], "position": 2}
 
@@ -290,6 +312,28 @@ def test_verify_chain_passes_then_names_an_edited_receipt_a_changed_link_and_a_r
     assert "MISMATCH v3 parent: version 2 is not in the registry: a link was removed" in capsys.readouterr().out
 
 
+def test_a_one_entity_request_runs_every_attack_but_relearning_and_says_why(tmp_path):
+    """Relearning trains on a part of a request's entities and scores the rest; benign relearning
+    (on retain rows) and quantization still run on a request of one person's rows."""
+    from hamu_ray import lineage
+
+    rows = [{"entity": "Ann", "question": f"q{i}", "answer": f"a{i}"} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "request.parquet")
+    cfg = SimpleNamespace(train=SimpleNamespace(lr=0.5), data=SimpleNamespace(retain=str(tmp_path / "request.parquet")))
+    section = lineage.robustness_spec({"robustness": {"quantize": [4], "relearn": {}}})
+    attacks, skipped = lineage.request_attacks(cfg, section, str(tmp_path / "request.parquet"), tmp_path / "r.parquet", 0)
+    assert list(attacks) == ["int4", "benign"] and attacks["int4"].fields == {"quantize_bits": 4}
+    assert attacks["benign"].rows is None and attacks["benign"].fields["relearning"].lr == 0.05  # a tenth of train.lr
+    assert skipped == {"relearn": {"skipped": "robustness.relearn: the forget set has 1 entities; relearning trains "
+                                              "on a part of them and scores the rest, which needs two or more"}}
+    assert lineage.attacks_sentence({"int4": {"recovered_prob_int4": 0.25}, **skipped}).startswith(
+        " Attacks brought back this share of the drop in answer probability (0 none, 1 all): int4 0.25; "
+        "relearn not run (robustness.relearn: the forget set has 1 entities")
+    with pytest.raises(lineage.LineageError, match=r"the policy's robustness.quantize.0: Input should be 8 or 4"):
+        lineage.robustness_spec({"robustness": {"quantize": [3]}})
+    assert lineage.robustness_spec({}) is None
+
+
 def test_the_readmes_policy_makes_a_valid_job(tmp_path):
     """The README's example policy, as `forget` completes it, validates as a job."""
     import re
@@ -302,5 +346,6 @@ def test_the_readmes_policy_makes_a_valid_job(tmp_path):
     policy = yaml.safe_load(block)
     job = lineage.request_job(policy, tmp_path / "request.parquet", parent, tmp_path / "out")
     assert lineage.evaluation_spec(policy) == {"retain_rows": 200, "holdout": "data/holdout.parquet", "seed": 0}
+    assert lineage.robustness_spec(policy).quantize == [8, 4] and lineage.robustness_spec(policy).relearn.share == 0.1
     assert (job.method.name, job.method.rule_name, job.model.path) == ("npo", "hamu-q", str(tmp_path / "model"))
     assert (job.data.forget, job.output_dir) == (str(tmp_path / "request.parquet"), str(tmp_path / "out"))

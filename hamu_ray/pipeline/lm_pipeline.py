@@ -294,18 +294,30 @@ class Attack:
 def attacks(cfg, prepared: dict[str, str]) -> dict[str, Attack]:
     """Every attack of robustness, by its name in attack_names."""
     r = cfg.robustness
-    found = {}
-    for bits in (r.quantize or []) if r is not None else []:
-        found[f"int{bits}"] = Attack({"quantize_bits": bits})
-    if r is not None and r.relearn is not None:
-        relearn, seed = r.relearn, cfg.data.seed
-        trained, scored = relearn_split(prepared["forget"], relearn.share, seed)
-        steps = dict(steps=relearn.steps, lr=cfg.relearn_lr, batch_size=relearn.batch_size, seed=seed)
-        found["relearn"] = Attack({"relearning": lm_evaluate.Relearning(prepared["forget"], tuple(trained), **steps)},
-                                  scored)
+    if r is None:
+        return {}
+    lr = cfg.relearn_lr if r.relearn is not None else None
+    return planned_attacks(r, prepared["forget"], prepared["retain"], lr, cfg.data.seed)
+
+
+def planned_attacks(r, forget: str, retain: str, relearn_lr: float | None, seed: int, *,
+                    unsplit_ok: bool = False) -> dict[str, Attack]:
+    """A robustness section's attacks on the forget set `forget` (parquet files), relearning at
+    `relearn_lr` (the pipeline's or a forget policy's rule). A forget set relearning cannot split
+    (one entity) raises, or with `unsplit_ok` leaves relearning out."""
+    found = {f"int{bits}": Attack({"quantize_bits": bits}) for bits in r.quantize or []}
+    if r.relearn is not None:
+        relearn = r.relearn
+        steps = dict(steps=relearn.steps, lr=relearn_lr, batch_size=relearn.batch_size, seed=seed)
+        try:
+            trained, scored = relearn_split(forget, relearn.share, seed)
+            found["relearn"] = Attack({"relearning": lm_evaluate.Relearning(forget, tuple(trained), **steps)}, scored)
+        except data.DataError:
+            if not unsplit_ok:
+                raise
         if relearn.benign:
-            rows = benign_rows(prepared["retain"], relearn.steps * relearn.batch_size, seed)
-            found["benign"] = Attack({"relearning": lm_evaluate.Relearning(prepared["retain"], rows, **steps)})
+            rows = benign_rows(retain, relearn.steps * relearn.batch_size, seed)
+            found["benign"] = Attack({"relearning": lm_evaluate.Relearning(retain, rows, **steps)})
     return found
 
 
