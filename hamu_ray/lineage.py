@@ -155,7 +155,10 @@ def download_model(client, name: str, version: str, into: Path) -> Path:
 
     from hamu_ray.pipeline.registry import LM_ARTIFACT
 
-    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(into / "model"),
+    # the version's own artifact location: a models:/ URI would be resolved in the process's
+    # default registry, not in the client's
+    source = client.get_model_version_download_uri(name, version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into / "model"),
                                                 tracking_uri=client.tracking_uri)
     return Path(local) / "artifacts" / LM_ARTIFACT
 

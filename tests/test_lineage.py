@@ -65,8 +65,10 @@ def lineage_run(ray_cluster, tiny_lm, tmp_path_factory):
     import ray
 
     # the other command joins this module's Ray (as a command on a cluster would): no second start
+    # and its default MLflow store is another one: only --tracking-uri names the registry
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent),
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root}/elsewhere.db"}
     other = subprocess.Popen([sys.executable, "-m", "hamu_ray.cli", *command, str(root / "b.parquet")], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -280,12 +282,18 @@ def test_a_hamu_rule_without_b_takes_half_the_preflights_damage_free_reach_and_n
 
 
 def test_verify_chain_passes_then_names_an_edited_receipt_a_changed_link_and_a_removed_version(
-        lineage_run, capsys):
+        lineage_run, capsys, tmp_path):
     from hamu_ray import cli
+
+    import mlflow
 
     run, client = lineage_run, lineage_run.client
     verify = ["receipt", "verify-chain", NAME, "--tracking-uri", run.uri]
-    assert cli.main(verify) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/elsewhere.db")  # the process's default store is another
+    try:
+        assert cli.main(verify) == 0
+    finally:
+        mlflow.set_tracking_uri(run.uri)
     lines = capsys.readouterr().out.splitlines()
     assert lines and all(line.startswith("ok ") for line in lines)
     assert {line.split(":")[0].split(None, 1)[1] for line in lines} == {
