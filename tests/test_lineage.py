@@ -357,3 +357,23 @@ def test_the_readmes_policy_makes_a_valid_job(tmp_path):
     assert lineage.robustness_spec(policy).quantize == [8, 4] and lineage.robustness_spec(policy).relearn.share == 0.1
     assert (job.method.name, job.method.rule_name, job.model.path) == ("npo", "hamu-q", str(tmp_path / "model"))
     assert (job.data.forget, job.output_dir) == (str(tmp_path / "request.parquet"), str(tmp_path / "out"))
+
+
+def test_the_sustainability_study_splits_requests_by_entity_covering_every_row_once(tmp_path):
+    """scripts/requests_over_time.py: N requests of whole entities, disjoint, all rows."""
+    import importlib.util
+
+    script = Path(__file__).parent.parent / "scripts" / "requests_over_time.py"
+    spec = importlib.util.spec_from_file_location("requests_over_time", script)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rows = [{"entity": f"e{i % 7}", "question": f"q{i}", "answer": f"a{i}"} for i in range(30)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "forget.parquet")
+    split = study.split_requests(str(tmp_path / "forget.parquet"), 3, 0, tmp_path / "requests")
+    assert sorted(i for part in split["rows"] for i in part) == list(range(30))
+    owners = [{rows[i]["entity"] for i in part} for part in split["rows"]]
+    assert sorted(len(o) for o in owners) == [2, 2, 3] and not (owners[0] & owners[1] or owners[1] & owners[2])
+    for part, path in zip(split["rows"], split["files"]):
+        assert pq.read_table(path).to_pylist() == [rows[i] for i in part]
+    with pytest.raises(SystemExit, match="--requests 8: between 1 and the forget set's 7 entities"):
+        study.split_requests(str(tmp_path / "forget.parquet"), 8, 0, tmp_path / "more")
