@@ -301,6 +301,29 @@ def absolute_constraint(hparams: dict, summary: dict) -> float:
     return c * scale
 
 
+def fitted_batch(policy: dict, rows: int) -> tuple[dict, dict | None]:
+    """A request smaller than one forget batch per worker (one person's few rows) runs with the
+    batch it fills: rows // workers, said and recorded (None: the policy's batch fits). Fewer rows
+    than workers is refused."""
+    from hamu_ray.engine.config import ClusterSection, DataSection
+
+    data_section, cluster = policy.get("data") or {}, policy.get("cluster") or {}
+    if not (isinstance(data_section, dict) and isinstance(cluster, dict)):
+        return policy, None  # parse_config names the bad section
+    batch = data_section.get("forget_batch_size", DataSection.model_fields["forget_batch_size"].default)
+    workers = cluster.get("num_workers", ClusterSection.model_fields["num_workers"].default)
+    if rows // workers >= batch:
+        return policy, None
+    if rows < workers:
+        raise LineageError(f"the request has {rows} rows for the policy's {workers} workers (cluster.num_workers): "
+                           "every worker needs one; give fewer workers. Nothing was trained")
+    fitted = rows // workers
+    print(f"[forget] the request's {rows} rows give {fitted} per worker: forget batches of {fitted} "
+          f"(the policy's data.forget_batch_size is {batch})", flush=True)
+    return ({**policy, "data": {**data_section, "forget_batch_size": fitted}},
+            {"policy": batch, "used": fitted, "rows": rows, "workers": workers})
+
+
 def preflight_job(policy: dict, request: Path, parent: Parent, out: Path, accept_damage: bool,
                   key_dir: Path):
     """The engine job and, for a HAMU rule's B, the hardness pre-flight on this request and the
@@ -404,6 +427,7 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         mv = parent_version(client, model)  # under the lock: nobody else extends it meanwhile
         parent = fetch_parent(client, name, mv, Path(tmp))
         out = work / f"v{parent.version}-{hashlib.sha256(request_path.read_bytes()).hexdigest()[:12]}"
+        policy, batch = fitted_batch(policy, len(read_rows(str(request_path))))
         cfg, preflight = preflight_job(policy, request_path, parent, out, accept_damage, work)
         result = run_unlearning(cfg, progress="forget", key_dir=work)
         job_receipt = receipt.load(str(out / RECEIPT))  # its model_out.sha256 is the export's digest
@@ -416,6 +440,8 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         requested = digests.row_digests(str(request_path), key)
         block, forgotten = lineage_record(name, parent, requested)
         block["preflight"] = preflight
+        if batch is not None:
+            block["forget_batch_size"] = batch
         block["evaluation"] = evaluate_request(cfg, parent.model_dir, receipt.exported_model(out),
                                                scoring, robustness, Path(tmp))
         chained = chain_receipt(out, job_receipt, block)

@@ -342,6 +342,20 @@ def test_a_one_entity_request_runs_every_attack_but_relearning_and_says_why(tmp_
     assert lineage.robustness_spec({}) is None
 
 
+def test_a_request_smaller_than_a_batch_per_worker_runs_with_the_batch_it_fills(capsys):
+    from hamu_ray.lineage import LineageError, fitted_batch
+
+    policy = {"data": {"retain": "r.parquet", "forget_batch_size": 16}, "cluster": {"num_workers": 2}}
+    assert fitted_batch(policy, 32) == (policy, None)
+    fitted, record = fitted_batch(policy, 5)  # one person's five facts
+    assert fitted == {"data": {"retain": "r.parquet", "forget_batch_size": 2}, "cluster": {"num_workers": 2}}
+    assert record == {"policy": 16, "used": 2, "rows": 5, "workers": 2} and policy["data"]["forget_batch_size"] == 16
+    assert "the request's 5 rows give 2 per worker: forget batches of 2" in capsys.readouterr().out
+    assert fitted_batch({}, 10)[1] == {"policy": 32, "used": 5, "rows": 10, "workers": 2}  # the engine's defaults
+    with pytest.raises(LineageError, match=r"the request has 1 rows for the policy's 2 workers .*give fewer workers"):
+        fitted_batch(policy, 1)
+
+
 def test_the_readmes_policy_makes_a_valid_job(tmp_path):
     """The README's example policy, as `forget` completes it, validates as a job."""
     import re
