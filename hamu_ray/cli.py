@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: runs/forget/NAME)")
     forget.add_argument("--accept-damage", action="store_true", help="go on when the policy's B is beyond the "
                         "damage-free reach the hardness pre-flight measures on this request (retain damage)")
+    forget.add_argument("--address", help="submit the request to this Ray cluster as a job (http://HEAD:8265) "
+                        "instead of running it here; the request, the policy's files and --workdir by absolute "
+                        "path on storage every node sees, the registry an MLflow server")
+    forget.add_argument("--runtime-env", help="with --address: YAML with env_vars and pip for the job")
+    forget.add_argument("--no-follow", dest="follow", action="store_false",
+                        help="with --address: print the job id and return")
     forget.set_defaults(handler=forget_command)
 
     preflight = commands.add_parser("hardness", help="the hardness pre-flight of a job: how much forget gain "
@@ -410,8 +416,15 @@ def registry_uri(args) -> str:
 
 
 def forget_command(args) -> int:
-    from hamu_ray import lineage
+    from hamu_ray import jobs, lineage
 
+    if args.address:
+        return jobs.submit_forget(args.address, args.request, args.model, args.config,
+                                  tracking_uri=args.tracking_uri, workdir=args.workdir,
+                                  accept_damage=args.accept_damage, runtime_env_file=args.runtime_env,
+                                  follow=args.follow)
+    if args.runtime_env or not args.follow:
+        raise UserError("--runtime-env and --no-follow go with --address (a request submitted to a cluster)")
     version = lineage.forget(args.request, args.model, args.config, registry_uri(args), args.workdir,
                              args.accept_damage)
     print(f"registered {lineage.split_model(args.model)[0]} version {version}")

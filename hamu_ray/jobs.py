@@ -80,6 +80,64 @@ def submit(address: str | None, pipeline_path: str | Path, *, tune: bool = False
     return follow_job(client, address, job_id)
 
 
+def submit_forget(address: str | None, request: str, model: str, policy_path: str | Path, *,
+                  tracking_uri: str | None, workdir: str | None, accept_damage: bool = False,
+                  runtime_env_file: str | Path | None = None, follow: bool = True) -> int:
+    """`hamu-ray forget` as a Ray job: validated here, the policy shipped as the working
+    directory's only file; 0 when the job succeeded (with `follow`)."""
+    address = resolve_address(address)
+    with tempfile.TemporaryDirectory(prefix="hamu-ray-forget-") as working_dir:
+        entrypoint, runtime_env = prepare_forget(request, model, policy_path, Path(working_dir),
+                                                 tracking_uri=tracking_uri, workdir=workdir,
+                                                 accept_damage=accept_damage, runtime_env_file=runtime_env_file)
+        client = connect(address)
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                       metadata={"hamu_ray.forget": model})
+        except (RuntimeError, OSError) as exc:
+            raise JobsError(f"the cluster at {address} refused the job: {exc}") from None
+    print(f"submitted {job_id} to {address}\n  registry: {runtime_env['env_vars']['MLFLOW_TRACKING_URI']}\n"
+          f"  workdir: {workdir}", flush=True)
+    if not follow:
+        for command in ("status", "logs", "stop"):
+            print(f"  hamu-ray jobs {command} {job_id} --address {address}")
+        return 0
+    return follow_job(client, address, job_id)
+
+
+def prepare_forget(request: str, model: str, policy_path: str | Path, working_dir: Path, *,
+                   tracking_uri: str | None, workdir: str | None, accept_damage: bool = False,
+                   runtime_env_file: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """The entrypoint and runtime env of a forget job, every check that needs no cluster done:
+    the request, the policy's files and the work directory by absolute path (storage every node
+    sees), a registry server every node reaches, the policy as `forget` reads it."""
+    import shlex
+
+    from hamu_ray import lineage
+    from hamu_ray.pipeline.tracking import is_local_store
+
+    runtime_file = read_runtime_env_file(runtime_env_file) if runtime_env_file else {}
+    uri = (tracking_uri or runtime_file.get("env_vars", {}).get("MLFLOW_TRACKING_URI")
+           or os.environ.get("MLFLOW_TRACKING_URI"))
+    if not uri or is_local_store(uri):
+        raise ConfigError(f"--tracking-uri: {'a submitted request needs the registry' if not uri else uri + ' is a local store'}"
+                          ": give an MLflow server every node reaches (e.g. http://mlflow.internal:5000)")
+    policy = lineage.read_policy(policy_path)
+    paths = {"the request": request, "--workdir": workdir, "the policy's data.retain": (policy.get("data") or {}).get("retain"),
+             "the policy's evaluate.holdout": (policy.get("evaluate") or {}).get("holdout")}
+    for what, path in paths.items():
+        if what == "--workdir" and path is None:
+            raise ConfigError("--workdir: a submitted request needs the lineage's work directory (its jobs and "
+                              "digest key) as an absolute path on storage every node sees")
+        if path is not None and "://" not in str(path) and not Path(path).is_absolute():
+            raise ConfigError(f"{what}: {path!r} is relative; inside the job it would resolve against the job's "
+                              "temporary working directory: give an absolute path every node sees")
+    (working_dir / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
+    command = ["python", "-m", "hamu_ray.cli", "forget", request, "--model", model, "--config", "policy.yaml",
+               "--tracking-uri", uri, "--workdir", workdir] + ["--accept-damage"] * accept_damage
+    return shlex.join(command), job_runtime_env(working_dir, runtime_file, uri)
+
+
 def status(address: str | None, job_id: str) -> tuple[str, str]:
     """(status, Ray's message about it)."""
     address = resolve_address(address)
@@ -148,19 +206,26 @@ def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = Fa
         raise RuntimeError(f"{pipeline_path}: the pipeline does not survive a YAML round trip")
     (working_dir / JOB_PIPELINE).write_text(text)
 
+    command = "tune" if tune else "run"
+    return JobSpec(f"python -m hamu_ray.cli {command} {JOB_PIPELINE}",
+                   job_runtime_env(working_dir, runtime_file, uri), shipped)
+
+
+def job_runtime_env(working_dir: Path, runtime_file: dict[str, Any], uri: str) -> dict[str, Any]:
+    """The working directory, this checkout's package, the environment the job's processes need
+    (the submitting shell's kernel pins; the runtime-env file's variables win) and its pip."""
     from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS, kernel_env
 
     runtime_env: dict[str, Any] = {
         "working_dir": str(working_dir),
         "py_modules": [str(PACKAGE_DIR)],
         "excludes": ["__pycache__/", "*.pyc"],
-        # the submitting shell's kernel pins travel with the job; the runtime env file's win
-        "env_vars": {**RUNTIME_ENV_DEFAULTS, **kernel_env(), **file_vars, "MLFLOW_TRACKING_URI": uri},
+        "env_vars": {**RUNTIME_ENV_DEFAULTS, **kernel_env(), **runtime_file.get("env_vars", {}),
+                     "MLFLOW_TRACKING_URI": uri},
     }
     if "pip" in runtime_file:
         runtime_env["pip"] = runtime_file["pip"]
-    command = "tune" if tune else "run"
-    return JobSpec(f"python -m hamu_ray.cli {command} {JOB_PIPELINE}", runtime_env, shipped)
+    return runtime_env
 
 
 def relative_paths(cfg: PipelineConfig) -> list[tuple[str, str]]:

@@ -174,17 +174,38 @@ def run_json(client, run_id: str, artifact: str, into: Path) -> dict | None:
 
 # ---- one request ---------------------------------------------------------------------------
 
+def read_policy(path) -> dict:
+    """The policy file as a mapping, its `evaluate:` and `robustness:` sections and the fields the
+    command sets checked (the job itself is checked against the parent's model)."""
+    import yaml
+
+    try:
+        policy = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise LineageError(f"--config {path}: cannot read it ({exc})") from None
+    if not isinstance(policy, dict):
+        raise LineageError(f"--config {path}: not a mapping of sections (a job YAML's)")
+    evaluation_spec(policy)  # each raises on what it cannot read
+    robustness_spec(policy)
+    check_set_by_the_command(policy)
+    return policy
+
+
+def check_set_by_the_command(policy: dict) -> None:
+    for path, who in SET_BY_THE_COMMAND.items():
+        section = policy
+        for field in path[:-1]:
+            section = section.get(field) or {}
+        if isinstance(section, dict) and path[-1] in section:
+            raise LineageError(f"the policy sets {'.'.join(path)}: leave it out, {who}")
+
+
 def request_job(policy: dict, request: Path, parent: Parent, out: Path):
     """The engine job: the policy's method, retain set, training and cluster, unlearning the
     request's rows from the parent's model into `out`."""
     from hamu_ray.engine.config import parse_config
 
-    for path, who in SET_BY_THE_COMMAND.items():
-        section = policy
-        for field in path[:-1]:
-            section = section.get(field) or {}
-        if path[-1] in section:
-            raise LineageError(f"the policy sets {'.'.join(path)}: leave it out, {who}")
+    check_set_by_the_command(policy)
     model = {**(policy.get("model") or {}), "kind": "causal_lm", "path": str(parent.model_dir)}
     data = {**(policy.get("data") or {}), "forget": str(request)}
     job = {k: v for k, v in policy.items() if k not in ("evaluate", "robustness")}
@@ -404,7 +425,6 @@ def lineage_record(name: str, parent: Parent, request: list[str]) -> tuple[dict,
 def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | None = None,
            accept_damage: bool = False) -> str:
     """Carry out one deletion request; returns the registered version."""
-    import yaml
     from mlflow import MlflowClient
 
     from hamu_ray import digests, receipt
@@ -413,12 +433,7 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
     request_path = Path(request).resolve()
     if not request_path.is_file():
         raise LineageError(f"request {request}: no such file")
-    try:
-        policy = yaml.safe_load(Path(policy_path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise LineageError(f"--config {policy_path}: cannot read it ({exc})") from None
-    if not isinstance(policy, dict):
-        raise LineageError(f"--config {policy_path}: not a mapping of sections (a job YAML's)")
+    policy = read_policy(policy_path)
     scoring, robustness = evaluation_spec(policy), robustness_spec(policy)
     client = MlflowClient(uri)
     name, _ = split_model(model)

@@ -188,6 +188,42 @@ def test_the_job_ships_the_pipeline_with_the_command_lines_overrides(nothing_sen
         in capsys.readouterr().err
 
 
+def test_a_submitted_request_is_checked_before_anything_is_sent(nothing_sent, tmp_path, capsys):
+    policy = write_yaml(tmp_path / "policy.yaml", {"method": {"name": "gdiff"}, "train": {"lr": 0.01},
+                                                   "data": {"retain": str(tmp_path / "retain.parquet")}})
+    request, work = str(tmp_path / "request.parquet"), str(tmp_path / "work")
+
+    def refused(*extra: str, config: Path = policy) -> str:
+        assert cli.main(["forget", *extra, "--model", "m", "--config", str(config),
+                         "--address", "http://127.0.0.1:1"]) == 2
+        return capsys.readouterr().err
+    server = ["--tracking-uri", SERVER]
+    assert "--tracking-uri: a submitted request needs the registry" in refused(request, "--workdir", work)
+    assert "is a local store: give an MLflow server every node reaches" in refused(
+        request, "--workdir", work, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    assert "the request: 'request.parquet' is relative" in refused("request.parquet", "--workdir", work, *server)
+    assert "--workdir: a submitted request needs the lineage's work directory" in refused(request, *server)
+    relative = write_yaml(tmp_path / "relative.yaml", {"data": {"retain": "retain.parquet"}})
+    assert "the policy's data.retain: 'retain.parquet' is relative" in refused(
+        request, "--workdir", work, *server, config=relative)
+    sets_forget = write_yaml(tmp_path / "bad.yaml", {"data": {"retain": "/r.parquet", "forget": "/f.parquet"}})
+    assert "the policy sets data.forget: leave it out, the request is" in refused(
+        request, "--workdir", work, *server, config=sets_forget)
+    assert cli.main(["forget", request, "--model", "m", "--config", str(policy), "--no-follow"]) == 2
+    assert "--runtime-env and --no-follow go with --address" in capsys.readouterr().err
+
+
+def test_a_submitted_request_ships_its_policy_and_runs_forget_in_the_job(nothing_sent, tmp_path):
+    raw = {"method": {"name": "gdiff"}, "data": {"retain": "/shared/retain.parquet"}, "evaluate": {"retain_rows": 8}}
+    entrypoint, runtime_env = jobs.prepare_forget("/shared/req uest.parquet", "m/3", write_yaml(tmp_path / "p.yaml", raw),
+                                                  tmp_path, tracking_uri=SERVER, workdir="/shared/work",
+                                                  accept_damage=True)
+    assert entrypoint == ("python -m hamu_ray.cli forget '/shared/req uest.parquet' --model m/3 --config policy.yaml "
+                          f"--tracking-uri {SERVER} --workdir /shared/work --accept-damage")
+    assert yaml.safe_load((tmp_path / "policy.yaml").read_text()) == raw
+    assert runtime_env["working_dir"] == str(tmp_path) and runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == SERVER
+
+
 def test_an_unreachable_cluster_is_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # --address wins over the environment
     address = f"http://127.0.0.1:{free_ports(1)[0]}"
@@ -470,3 +506,43 @@ def test_a_job_can_be_stopped(cluster, tmp_path, capsys):
     assert cli.main(["jobs", "stop", job_id, "--address", cluster["dashboard"]]) == 0
     assert f"{job_id}: stop requested" in capsys.readouterr().out
     wait_for(lambda: jobs.status(cluster["dashboard"], job_id)[0] == "STOPPED", "job stopped", 60)
+
+
+@pytest.mark.integration
+def test_a_submitted_request_registers_the_next_version_on_the_server(cluster, tiny_lm, tmp_path):
+    """`hamu-ray forget --address`: a tiny Llama registered on the server forgets 4 rows in a job
+    on the two-node cluster; the chain then verifies against the server."""
+    import mlflow
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hamu_ray import receipt
+    from hamu_ray.pipeline import registry, tracking
+    from tests.lm_fixtures import qa_rows
+
+    rows = qa_rows()
+    pq.write_table(pa.Table.from_pylist(rows[:4]), tmp_path / "request.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[10:30]), tmp_path / "retain.parquet")
+    policy = write_yaml(tmp_path / "policy.yaml", {
+        "method": {"name": "gdiff"}, "train": {"lr": 0.01, "max_steps": 2}, "cluster": {"num_workers": 1},
+        "data": {"retain": str(tmp_path / "retain.parquet"), "retain_batch_size": 4, "forget_batch_size": 2},
+        "evaluate": {"retain_rows": 8}})
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(cluster["mlflow"])
+    try:
+        experiment = tracking.Store(cluster["mlflow"]).experiment_id("setup", None)
+        with mlflow.start_run(experiment_id=experiment):
+            registry.log_model({"kind": "causal_lm", "model_dir": str(tiny_lm)}, "tiny-submitted",
+                               {"role": "original", "model_sha256": receipt.model_digest(tiny_lm)})
+    finally:
+        mlflow.set_tracking_uri(saved)
+    env_file = write_yaml(tmp_path / "env.yaml", {"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    done = cli_subprocess("forget", str(tmp_path / "request.parquet"), "--model", "tiny-submitted",
+                          "--config", str(policy), "--tracking-uri", cluster["mlflow"], "--workdir",
+                          str(tmp_path / "work"), "--address", cluster["dashboard"], "--runtime-env", str(env_file))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "registered tiny-submitted version 2" in done.stdout and f"{job_id_in(done.stdout)} SUCCEEDED" in done.stdout
+    client = mlflow.MlflowClient(cluster["mlflow"])
+    assert client.get_model_version("tiny-submitted", "2").tags["lineage_parent"] == "1"
+    verified = cli_subprocess("receipt", "verify-chain", "tiny-submitted", "--tracking-uri", cluster["mlflow"])
+    assert verified.returncode == 0 and verified.stdout.count("ok ") == 4, verified.stdout + verified.stderr
