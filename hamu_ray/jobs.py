@@ -64,20 +64,27 @@ def submit(address: str | None, pipeline_path: str | Path, *, tune: bool = False
         spec = prepare_job(pipeline_path, Path(working_dir), tune=tune, tracking_uri=tracking_uri,
                            output_dir=output_dir, runtime_env_file=runtime_env_file,
                            overrides=overrides)
-        client = connect(address)
-        try:  # the client zips and uploads working_dir and py_modules here
-            job_id = client.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env,
-                                       metadata={"hamu_ray.pipeline": spec.config.name})
-        except (RuntimeError, OSError) as exc:
-            raise JobsError(f"the cluster at {address} refused the job: {exc}") from None
+        client, job_id = send(address, spec.entrypoint, spec.runtime_env, {"hamu_ray.pipeline": spec.config.name})
     print(f"submitted {job_id} to {address}", flush=True)
     print(f"  output: {spec.config.output_dir}\n"
           f"  MLflow: {spec.runtime_env['env_vars']['MLFLOW_TRACKING_URI']}", flush=True)
-    if not follow:
-        for command in ("status", "logs", "stop"):
-            print(f"  hamu-ray jobs {command} {job_id} --address {address}")
-        return 0
-    return follow_job(client, address, job_id)
+    return follow_job(client, address, job_id) if follow else print_job_commands(address, job_id)
+
+
+def send(address: str, entrypoint: str, runtime_env: dict[str, Any], metadata: dict[str, str]):
+    """(client, job id) of a job submitted to `address`; the client zips and uploads the
+    working directory and py_modules here."""
+    client = connect(address)
+    try:
+        return client, client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
+    except (RuntimeError, OSError) as exc:
+        raise JobsError(f"the cluster at {address} refused the job: {exc}") from None
+
+
+def print_job_commands(address: str, job_id: str) -> int:
+    for command in ("status", "logs", "stop"):
+        print(f"  hamu-ray jobs {command} {job_id} --address {address}")
+    return 0
 
 
 def submit_forget(address: str | None, request: str, model: str, policy_path: str | Path, *,
@@ -90,19 +97,10 @@ def submit_forget(address: str | None, request: str, model: str, policy_path: st
         entrypoint, runtime_env = prepare_forget(request, model, policy_path, Path(working_dir),
                                                  tracking_uri=tracking_uri, workdir=workdir,
                                                  accept_damage=accept_damage, runtime_env_file=runtime_env_file)
-        client = connect(address)
-        try:
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                       metadata={"hamu_ray.forget": model})
-        except (RuntimeError, OSError) as exc:
-            raise JobsError(f"the cluster at {address} refused the job: {exc}") from None
+        client, job_id = send(address, entrypoint, runtime_env, {"hamu_ray.forget": model})
     print(f"submitted {job_id} to {address}\n  registry: {runtime_env['env_vars']['MLFLOW_TRACKING_URI']}\n"
           f"  workdir: {workdir}", flush=True)
-    if not follow:
-        for command in ("status", "logs", "stop"):
-            print(f"  hamu-ray jobs {command} {job_id} --address {address}")
-        return 0
-    return follow_job(client, address, job_id)
+    return follow_job(client, address, job_id) if follow else print_job_commands(address, job_id)
 
 
 def prepare_forget(request: str, model: str, policy_path: str | Path, working_dir: Path, *,
