@@ -120,13 +120,13 @@ def prepare_forget(request: str, model: str, policy_path: str | Path, working_di
     if not uri or is_local_store(uri):
         raise ConfigError(f"--tracking-uri: {'a submitted request needs the registry' if not uri else uri + ' is a local store'}"
                           ": give an MLflow server every node reaches (e.g. http://mlflow.internal:5000)")
-    policy = lineage.read_policy(policy_path)
+    policy, evaluation, _ = lineage.read_policy(policy_path)
+    if workdir is None:
+        raise ConfigError("--workdir: a submitted request needs the lineage's work directory (its jobs and "
+                          "digest key) as an absolute path on storage every node sees")
     paths = {"the request": request, "--workdir": workdir, "the policy's data.retain": (policy.get("data") or {}).get("retain"),
-             "the policy's evaluate.holdout": (policy.get("evaluate") or {}).get("holdout")}
+             "the policy's evaluate.holdout": evaluation["holdout"]}
     for what, path in paths.items():
-        if what == "--workdir" and path is None:
-            raise ConfigError("--workdir: a submitted request needs the lineage's work directory (its jobs and "
-                              "digest key) as an absolute path on storage every node sees")
         if path is not None and "://" not in str(path) and not Path(path).is_absolute():
             raise ConfigError(f"{what}: {path!r} is relative; inside the job it would resolve against the job's "
                               "temporary working directory: give an absolute path every node sees")

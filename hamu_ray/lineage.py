@@ -174,9 +174,10 @@ def run_json(client, run_id: str, artifact: str, into: Path) -> dict | None:
 
 # ---- one request ---------------------------------------------------------------------------
 
-def read_policy(path) -> dict:
-    """The policy file as a mapping, its `evaluate:` and `robustness:` sections and the fields the
-    command sets checked (the job itself is checked against the parent's model)."""
+def read_policy(path) -> tuple[dict, dict, object]:
+    """The policy file as a mapping, with its `evaluate:` and `robustness:` sections read
+    (evaluation_spec, robustness_spec) and the fields the command sets checked (the job itself is
+    checked against the parent's model)."""
     import yaml
 
     try:
@@ -185,10 +186,8 @@ def read_policy(path) -> dict:
         raise LineageError(f"--config {path}: cannot read it ({exc})") from None
     if not isinstance(policy, dict):
         raise LineageError(f"--config {path}: not a mapping of sections (a job YAML's)")
-    evaluation_spec(policy)  # each raises on what it cannot read
-    robustness_spec(policy)
     check_set_by_the_command(policy)
-    return policy
+    return policy, evaluation_spec(policy), robustness_spec(policy)
 
 
 def check_set_by_the_command(policy: dict) -> None:
@@ -277,15 +276,16 @@ def request_attacks(cfg, robustness, forget: str, retain_into: Path, seed: int) 
     if robustness is None:
         return {}, {}
     relearn, retain, skipped = robustness.relearn, cfg.data.retain, {}
-    if relearn is not None:
-        if relearn.benign:
-            retain = as_parquet(retain, retain_into)
+    if relearn is not None and relearn.benign:
+        retain = as_parquet(retain, retain_into)
+    lr = None if relearn is None else relearn.lr or RELEARN_LR_OF_TRAIN * cfg.train.lr
+    attacks = lm_pipeline.planned_attacks(robustness, forget, retain, lr, seed, unsplit_ok=True)
+    if relearn is not None and "relearn" not in attacks:  # e.g. a request of one person's rows
         try:
             lm_pipeline.relearn_split(forget, relearn.share, seed)
-        except DataError as exc:  # e.g. a request of one person's rows
+        except DataError as exc:  # the reason planned_attacks left it out
             skipped["relearn"] = {"skipped": str(exc)}
-    lr = None if relearn is None else relearn.lr or RELEARN_LR_OF_TRAIN * cfg.train.lr
-    return lm_pipeline.planned_attacks(robustness, forget, retain, lr, seed, unsplit_ok=True), skipped
+    return attacks, skipped
 
 
 def read_rows(path: str):
@@ -433,8 +433,7 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
     request_path = Path(request).resolve()
     if not request_path.is_file():
         raise LineageError(f"request {request}: no such file")
-    policy = read_policy(policy_path)
-    scoring, robustness = evaluation_spec(policy), robustness_spec(policy)
+    policy, scoring, robustness = read_policy(policy_path)
     client = MlflowClient(uri)
     name, _ = split_model(model)
     work = Path(workdir or Path("runs") / "forget" / name).resolve()
