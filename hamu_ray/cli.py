@@ -119,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         step.set_defaults(handler=receipt_command)
 
     forget = commands.add_parser("forget", help="carry out a deletion request: unlearn its rows from a registered "
-                                 "language model and register the next version, its receipt chained to the last")
-    forget.add_argument("request", help="the rows to forget (parquet or JSON lines, the policy's text columns)")
+                                 "language model or classifier and register the next version, its receipt chained to the last")
+    forget.add_argument("request", help="the rows to forget (parquet or JSON lines; the policy's text "
+                        "columns, a classifier's input and label columns)")
     forget.add_argument("--model", required=True, help="NAME (its newest version) or NAME/VERSION in the registry")
     forget.add_argument("--config", required=True, help="the policy: a job YAML without data.forget, model.path "
-                        "and output_dir (method, hyper-parameters, retain set, training, cluster, stop rule)")
+                        "(a classifier's: no model section) and output_dir (method, hyper-parameters, retain set, training, cluster, stop rule)")
     forget.add_argument("--tracking-uri", help="the registry's MLflow URI (default: $MLFLOW_TRACKING_URI)")
     forget.add_argument("--workdir", help="where the requests' jobs and the lineage's digest key live "
                         "(default: runs/forget/NAME)")

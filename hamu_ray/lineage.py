@@ -1,7 +1,7 @@
 """Deletion requests over time: `hamu-ray forget` and `hamu-ray receipt verify-chain`.
 
-A request unlearns its rows from a registered language model's version (by default the newest)
-and registers the result as the next version, whose receipt is chained to its parent's: the
+A request unlearns its rows from a registered model's version (by default the newest; a causal
+language model, or a classifier registered with its weights and shape) and registers the result as the next version, whose receipt is chained to its parent's: the
 parent's version, receipt sha256 and model digest, this request's rows (their keyed digests'
 Merkle root, in the receipt's `forget` block as for any job) and the root over every row
 forgotten along the lineage so far. A version is unlearned from at most once (a lock in the
@@ -30,6 +30,7 @@ LOCK_SUFFIX = ".forget-lock"    # a registered model of this name is held while 
 EXPERIMENT = "hamu-ray forget"
 RECEIPT, FORGOTTEN = "receipt.json", "forgotten.json"
 EVALUATED = ("forget_prob", "forget_rouge", "retain_prob", "retain_rouge", "mia_auc")
+EVALUATED_CLASSIFIER = ("forget_acc", "forget_loss", "retain_acc", "holdout_acc", "mia_auc")
 EVALUATE_DEFAULTS = {"retain_rows": 200, "holdout": None, "seed": 0}
 # A policy without `method`: HAMU-Q, its B from the pre-flight, in a fixed radius per block (the
 # rule's default radius, lr·‖g_r,b‖, vanishes on a model that fits its retain set: on the demo's
@@ -48,7 +49,8 @@ class LineageError(UserError):
 class Parent:
     """The version a request unlearns from, fetched from the registry."""
     version: str
-    model_dir: Path
+    model: Path               # a language model's directory, or a classifier's weights file
+    classifier: dict | None   # a classifier's shape (registry.CLASSIFIER_FIELDS); None: a language model
     model_sha256: str
     receipt_sha256: str | None
     forgotten: list[str]  # keyed digests of every row forgotten along the lineage, in request order
@@ -135,32 +137,38 @@ def fetch_parent(client, name: str, mv, into: Path) -> Parent:
     sha256 and the rows forgotten along its lineage."""
     from hamu_ray import receipt
 
-    model_dir = download_model(client, name, str(mv.version), into)
-    if not model_dir.is_dir():
-        raise LineageError(f"{name} version {mv.version} is not a language model registered by hamu-ray "
-                           "(no artifacts/model directory); `forget` unlearns causal language models")
-    digest = receipt.model_digest(model_dir)
+    model, classifier = download_model(client, name, str(mv.version), into)
+    digest = receipt.model_digest(model)
     if mv.tags.get("model_sha256") not in (None, digest):
         raise LineageError(f"{name} version {mv.version}: the downloaded model's digest {digest[:16]}… is not "
                            f"its registered model_sha256 {mv.tags['model_sha256'][:16]}…; nothing was unlearned")
     record = run_json(client, mv.run_id, FORGOTTEN, into) if PARENT_TAG in mv.tags else None
-    return Parent(str(mv.version), model_dir, digest, mv.tags.get("receipt_sha256"),
+    return Parent(str(mv.version), model, classifier, digest, mv.tags.get("receipt_sha256"),
                   record["forgotten"] if record else [], record["position"] if record else 0)
 
 
-def download_model(client, name: str, version: str, into: Path) -> Path:
-    """A registered version's files into `into`/model; a language model's directory is returned
-    (registry.LM_ARTIFACT under the pyfunc's artifacts)."""
+def download_model(client, name: str, version: str, into: Path) -> tuple[Path, dict | None]:
+    """A registered version's files into `into`/model: a language model's directory
+    (registry.LM_ARTIFACT under the pyfunc's artifacts) and None, or a classifier's weights file
+    and shape (in the pytorch flavour's extra_files)."""
     import mlflow
 
-    from hamu_ray.pipeline.registry import LM_ARTIFACT
+    from hamu_ray.pipeline.registry import CLASSIFIER_SHAPE, LM_ARTIFACT
+    from hamu_ray.tasks.classifier import EXPORT_WEIGHTS
 
     # the version's own artifact location: a models:/ URI would be resolved in the process's
     # default registry, not in the client's
     source = client.get_model_version_download_uri(name, version)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into / "model"),
-                                                tracking_uri=client.tracking_uri)
-    return Path(local) / "artifacts" / LM_ARTIFACT
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into / "model"),
+                                                     tracking_uri=client.tracking_uri))
+    if (local / "artifacts" / LM_ARTIFACT).is_dir():
+        return local / "artifacts" / LM_ARTIFACT, None
+    weights, shape = local / "extra_files" / EXPORT_WEIGHTS, local / "extra_files" / CLASSIFIER_SHAPE
+    if weights.is_file() and shape.is_file():
+        return weights, json.loads(shape.read_text())
+    raise LineageError(f"{name} version {version} holds neither a language model directory (artifacts/{LM_ARTIFACT}) "
+                       f"nor a classifier's weights and shape (extra_files/{EXPORT_WEIGHTS}, {CLASSIFIER_SHAPE}): "
+                       "`forget` unlearns the models hamu-ray registers; nothing was unlearned")
 
 
 def run_json(client, run_id: str, artifact: str, into: Path) -> dict | None:
@@ -205,10 +213,23 @@ def request_job(policy: dict, request: Path, parent: Parent, out: Path):
     from hamu_ray.engine.config import parse_config
 
     check_set_by_the_command(policy)
-    model = {**(policy.get("model") or {}), "kind": "causal_lm", "path": str(parent.model_dir)}
     data = {**(policy.get("data") or {}), "forget": str(request)}
     job = {k: v for k, v in policy.items() if k not in ("evaluate", "robustness")}
-    return parse_config({**job, "data": data, "model": model, "output_dir": str(out)}, source="the policy")
+    return parse_config({**job, "data": data, "model": job_model(policy, parent), "output_dir": str(out)},
+                        source="the policy")
+
+
+def job_model(policy: dict, parent: Parent) -> dict:
+    """The parent as the job's model: a language model's directory (the policy may set its dtype,
+    LoRA, …), or a classifier's weights in its registered shape (the policy sets none of it)."""
+    given = policy.get("model") or {}
+    if parent.classifier is None:
+        return {**given, "kind": "causal_lm", "path": str(parent.model)}
+    if isinstance(given, dict) and given:
+        raise LineageError(f"the policy sets model.{next(iter(given))}: leave it out, the registered version is a "
+                           f"classifier ({parent.classifier['kind']} {parent.classifier['sizes']}) whose shape "
+                           "and weights come from the registry")
+    return {**parent.classifier, "weights": str(parent.model)}
 
 
 def evaluation_spec(policy: dict) -> dict:
@@ -236,23 +257,33 @@ def robustness_spec(policy: dict):
         raise LineageError(f"the policy's {where}: {first['msg']}") from None
 
 
-def evaluate_request(cfg, parent_dir: Path, model_dir: Path, spec: dict, robustness, into: Path) -> dict:
-    """Without an oracle: the parent and the new version scored on the request's rows, a sample
-    of `retain_rows` retain rows and (given) the holdout's non-members, by the pipeline's own
-    scoring (lm_evaluate.score_all, Ray tasks in the job's cluster); and the new version under
-    each attack of `robustness`, its recovered share against the parent's scores."""
-    from hamu_ray.engine.driver import ray_session
-    from hamu_ray.pipeline import lm_evaluate
-
+def evaluate_request(cfg, parent: Parent, model: Path, spec: dict, robustness, into: Path) -> dict:
+    """Without an oracle: the parent and the new version `model` scored on the request's rows, a
+    sample of `retain_rows` retain rows and (given) the holdout's non-members, as the pipelines
+    score (lm_scores, classifier_scores); and the new version under each attack of `robustness`,
+    its recovered share against the parent's scores."""
     retain, retain_rows = retain_sample(cfg.data.retain, spec["retain_rows"], spec["seed"], into / "retain.parquet")
     sets = {"forget": as_parquet(cfg.data.forget, into / "forget.parquet"), "retain": retain}
     if spec["holdout"]:
         sets["holdout"] = as_parquet(spec["holdout"], into / "holdout.parquet")
     attacks, skipped = request_attacks(cfg, robustness, sets["forget"], into / "retain-all.parquet", spec["seed"])
-    scorings = {name: lm_evaluate.Scoring(name, str(path), sets)
-                for name, path in (("parent", parent_dir), ("model", model_dir))}
+    score, kept = (lm_scores, EVALUATED) if parent.classifier is None else (classifier_scores, EVALUATED_CLASSIFIER)
+    measured, found = score(cfg, parent, model, sets, attacks)
+    return {"against": "parent", "retain_rows": retain_rows,
+            **{name: {k: m[k] for k in kept} for name, m in measured.items()},
+            **({"attacks": {**found, **skipped}} if robustness is not None else {})}
+
+
+def lm_scores(cfg, parent: Parent, model: Path, sets: dict[str, str], attacks: dict) -> tuple[dict, dict]:
+    """A language model's metrics (parent, model) and attacks, by the pipeline's own scoring
+    (lm_evaluate.score_all, Ray tasks in the job's cluster)."""
+    from hamu_ray.engine.driver import ray_session
+    from hamu_ray.pipeline import lm_evaluate
+
+    scorings = {name: lm_evaluate.Scoring(name, str(path), sets) for name, path in (("parent", parent.model),
+                                                                                   ("model", model))}
     for name, attack in attacks.items():
-        scorings[name] = lm_evaluate.Scoring("model", str(model_dir), {"forget": sets["forget"]}, attack=name,
+        scorings[name] = lm_evaluate.Scoring("model", str(model), {"forget": sets["forget"]}, attack=name,
                                              **attack.fields)
     with ray_session(cfg.cluster):
         scores = lm_evaluate.score_all(scorings, cfg.data.text.model_dump(), bf16=cfg.train.bf16)
@@ -260,9 +291,42 @@ def evaluate_request(cfg, parent_dir: Path, model_dir: Path, spec: dict, robustn
     found = {name: lm_evaluate.attack_metrics(name, scores["model"]["forget"], scores["parent"]["forget"],
                                               scores[name]["forget"], attack.rows)
              for name, attack in attacks.items()}
-    return {"against": "parent", "retain_rows": retain_rows,
-            **{name: {k: m[k] for k in EVALUATED} for name, m in measured.items()},
-            **({"attacks": {**found, **skipped}} if robustness is not None else {})}
+    return measured, found
+
+
+def classifier_scores(cfg, parent: Parent, model: Path, sets: dict[str, str], attacks: dict) -> tuple[dict, dict]:
+    """A classifier's metrics (parent, model) and attacks, as the classifier pipelines score
+    (evaluate.predict, classifier_attacks), on the driver: accuracy in place of probability."""
+    import functools
+
+    from hamu_ray.pipeline import classifier_attacks, datasets, evaluate
+    from hamu_ray.tasks.classifier import ClassifierModel, build_model
+
+    read = functools.cache(functools.partial(datasets.read_split, x=cfg.data.input_column, y=cfg.data.label_column))
+    splits = {name: read(path) for name, path in sets.items()}
+    models = {name: build_model(ClassifierModel.model_validate({**parent.classifier, "weights": str(path)}))
+              for name, path in (("parent", parent.model), ("model", model))}
+    predicted = {name: {s: evaluate.predict(m, split.x, split.y) for s, split in splits.items()}
+                 for name, m in models.items()}
+    forget = {"forget": (splits["forget"].x, splits["forget"].y)}
+    found = {name: classifier_attacks.attack_metrics(
+                 name, predicted["model"]["forget"].correct, predicted["parent"]["forget"].correct,
+                 classifier_attacks.forget_correct(classifier_attacks.attacked(models["model"], attack, read), forget),
+                 attack.rows)
+             for name, attack in attacks.items()}
+    return {name: classifier_metrics(p) for name, p in predicted.items()}, found
+
+
+def classifier_metrics(predicted: dict) -> dict:
+    """EVALUATED_CLASSIFIER from per-set predictions (the holdout's, and membership inference
+    against it, None without a holdout)."""
+    from hamu_ray.pipeline import evaluate
+
+    holdout = predicted.get("holdout")
+    return {"forget_acc": evaluate.accuracy(predicted["forget"]), "forget_loss": float(predicted["forget"].losses.mean()),
+            "retain_acc": evaluate.accuracy(predicted["retain"]),
+            "holdout_acc": None if holdout is None else evaluate.accuracy(holdout),
+            "mia_auc": None if holdout is None else evaluate.mia_auc(predicted["forget"].losses, holdout.losses)}
 
 
 def request_attacks(cfg, robustness, forget: str, retain_into: Path, seed: int) -> tuple[dict, dict]:
@@ -456,8 +520,8 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         block["preflight"] = preflight
         if batch is not None:
             block["forget_batch_size"] = batch
-        block["evaluation"] = evaluate_request(cfg, parent.model_dir, receipt.exported_model(out),
-                                               scoring, robustness, Path(tmp))
+        block["evaluation"] = evaluate_request(cfg, parent, receipt.exported_model(out), scoring, robustness,
+                                               Path(tmp))
         chained = chain_receipt(out, job_receipt, block)
         (out / FORGOTTEN).write_text(json.dumps({"request": requested, "forgotten": forgotten,
                                                  "position": block["request"]}))
@@ -487,20 +551,24 @@ def lineage_verdict(block: dict) -> str:
 
 def evaluation_sentence(scored: dict) -> str:
     before, after = scored["parent"], scored["model"]
+    metric, what = ("acc", "Accuracy") if "forget_acc" in after else ("prob", "Answer probability")
     mia = (f"; membership AUC against the holdout {before['mia_auc']:.3f} → {after['mia_auc']:.3f}"
            if after["mia_auc"] is not None else "")
-    return (f" Answer probability, parent → this version: on the request's rows {before['forget_prob']:.3f} → "
-            f"{after['forget_prob']:.3f}, on {scored['retain_rows']} retain rows {before['retain_prob']:.3f} → "
-            f"{after['retain_prob']:.3f}{mia}." + attacks_sentence(scored.get("attacks") or {}))
+    return (f" {what}, parent → this version: on the request's rows {before[f'forget_{metric}']:.3f} → "
+            f"{after[f'forget_{metric}']:.3f}, on {scored['retain_rows']} retain rows {before[f'retain_{metric}']:.3f} → "
+            f"{after[f'retain_{metric}']:.3f}{mia}." + attacks_sentence(scored.get("attacks") or {}, metric))
 
 
-def attacks_sentence(attacks: dict) -> str:
+def attacks_sentence(attacks: dict, metric: str = "prob") -> str:
     """What each attack brought back of this request's forgetting (its share of the parent → version
-    drop in answer probability: 0 none, 1 all)."""
-    parts = [f"{name} not run ({a['skipped']})" if "skipped" in a else
-             f"{name} {'–' if a[f'recovered_prob_{name}'] is None else format(a[f'recovered_prob_{name}'], '.2f')}"
-             for name, a in attacks.items()]
-    return (" Attacks brought back this share of the drop in answer probability (0 none, 1 all): "
+    drop in answer probability, a classifier's accuracy (metric acc): 0 none, 1 all)."""
+    parts = []
+    for name, a in attacks.items():
+        share = a.get(f"recovered_{metric}_{name}")
+        parts.append(f"{name} not run ({a['skipped']})" if "skipped" in a else
+                     f"{name} {'–' if share is None else format(share, '.2f')}")
+    what = "answer probability" if metric == "prob" else "accuracy"
+    return (f" Attacks brought back this share of the drop in {what} (0 none, 1 all): "
             + "; ".join(parts) + ".") if parts else ""
 
 
@@ -522,7 +590,9 @@ def register(client, name: str, parent: Parent, out: Path, chained: dict) -> str
     with mlflow.start_run(experiment_id=experiment, run_name=f"forget-{name}-from-v{parent.version}"):
         mlflow.log_artifact(str(out / RECEIPT))
         mlflow.log_artifact(str(out / FORGOTTEN))
-        info = registry.log_model({"kind": "causal_lm", "model_dir": str(receipt.exported_model(out))}, name, tags)
+        source = ({"kind": "causal_lm", "model_dir": str(receipt.exported_model(out))} if parent.classifier is None
+                  else {"kind": "classifier", "stage_dir": str(out), "model": parent.classifier})
+        info = registry.log_model(source, name, tags)
         version = str(info.registered_model_version)
         mlflow.set_tag("registered_version", version)
     return version
@@ -571,7 +641,7 @@ def link_checks(client, name: str, known: dict, version: str, records: dict,
                "matches its registered sha256" if sha == mv.tags.get("receipt_sha256") else
                f"sha256 {sha[:16]}… ≠ registered {str(mv.tags.get('receipt_sha256'))[:16]}…: the receipt was edited")]
     checks += [(f"{label} {what}", ok, detail) for what, ok, detail in receipt.verify(content)]
-    digest = receipt.model_digest(download_model(client, name, version, into))
+    digest = receipt.model_digest(download_model(client, name, version, into)[0])
     ok = digest == content["model_out"]["sha256"] == mv.tags.get("model_sha256")
     checks.append((f"{label} model", ok, "its files match the receipt" if ok else
                    f"digest {digest[:16]}… ≠ the receipt's {content['model_out']['sha256'][:16]}…"))

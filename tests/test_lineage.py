@@ -364,7 +364,7 @@ def test_the_readmes_policy_makes_a_valid_job(tmp_path):
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = re.search(r"```text\n# a forget policy\n(.*?)```", readme, re.S).group(1)
-    parent = lineage.Parent("3", tmp_path / "model", "0" * 64, None, [], 0)
+    parent = lineage.Parent("3", tmp_path / "model", None, "0" * 64, None, [], 0)
     policy = yaml.safe_load(block)
     job = lineage.request_job(policy, tmp_path / "request.parquet", parent, tmp_path / "out")
     assert lineage.evaluation_spec(policy) == {"retain_rows": 200, "holdout": "data/holdout.parquet", "seed": 0}
@@ -391,3 +391,156 @@ def test_the_sustainability_study_splits_requests_by_entity_covering_every_row_o
         assert pq.read_table(path).to_pylist() == [rows[i] for i in part]
     with pytest.raises(SystemExit, match="--requests 8: between 1 and the forget set's 7 entities"):
         study.split_requests(str(tmp_path / "forget.parquet"), 8, 0, tmp_path / "more")
+
+
+# ---- a classifier's lineage ------------------------------------------------------------------
+
+DIGITS_SHAPE = {"kind": "mlp", "sizes": [64, 16, 10]}
+
+
+def digits_table(x, y) -> pa.Table:
+    return pa.Table.from_pydict({"x": [list(map(float, row)) for row in x], "y": [int(v) for v in y]})
+
+
+@pytest.fixture(scope="module")
+def classifier_lineage(ray_cluster, tmp_path_factory):
+    """An MLP trained on the first 1200 of scikit-learn's digits, registered as version 1 the way
+    the classifier pipelines register; a request of 16 of its training 3s unlearned from it under
+    the default method (HAMU-Q, B from the pre-flight), the other classes' training rows retained,
+    the rows after 1200 as holdout."""
+    import mlflow
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from sklearn.datasets import load_digits
+
+    from hamu_ray import lineage, receipt
+    from hamu_ray.pipeline import registry, tracking
+    from hamu_ray.tasks.classifier import ClassifierModel, build_model
+
+    root = tmp_path_factory.mktemp("classifier-lineage")
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    torch.manual_seed(0)
+    model = build_model(ClassifierModel.model_validate(DIGITS_SHAPE))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.tensor(x[:1200])), torch.tensor(y[:1200])).backward()
+        opt.step()
+    stage = root / "original"
+    stage.mkdir()
+    save_file(model.state_dict(), str(stage / "model.safetensors"))
+    threes = np.flatnonzero(y[:1200] == 3)
+    sets = {"request": threes[:16], "retain": np.flatnonzero(y[:1200] != 3), "holdout": np.arange(1200, 1500)}
+    for name, rows in sets.items():
+        pq.write_table(digits_table(x[rows], y[rows]), root / f"{name}.parquet")
+    policy = {"data": {"retain": str(root / "retain.parquet"), "retain_batch_size": 64, "forget_batch_size": 8},
+              "train": {"lr": 0.1, "max_steps": 10}, "cluster": {"num_workers": 1},
+              "evaluate": {"retain_rows": 100, "holdout": str(root / "holdout.parquet"), "seed": 2},
+              "robustness": {"quantize": [8], "relearn": {"steps": 2, "batch_size": 4}}}
+    (root / "policy.yaml").write_text(yaml.safe_dump(policy))
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    experiment = tracking.Store(uri).experiment_id("setup", str(root / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment):
+        registry.log_model({"kind": "classifier", "stage_dir": str(stage), "model": DIGITS_SHAPE}, "digits",
+                           {"role": "original", "model_sha256": receipt.model_digest(stage / "model.safetensors")})
+    version = lineage.forget(str(root / "request.parquet"), "digits", str(root / "policy.yaml"), uri, str(root / "work"))
+    yield SimpleNamespace(root=root, uri=uri, version=version, x=x, y=y, policy=policy, sets=sets,
+                          original=stage / "model.safetensors")
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_classifier_request_registers_the_next_version_scored_by_accuracy_as_by_hand(classifier_lineage, tmp_path):
+    """The new version's weights (and its loadable pytorch module) are the job's export; its
+    lineage block's accuracies, membership AUC and int8 attack equal plain torch and sklearn on the
+    same rows; relearning scores only rows it did not train on."""
+    import mlflow
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    from sklearn.metrics import roc_auc_score
+
+    from hamu_ray import receipt
+    from hamu_ray.attacks.quantize import fake_quantize
+    from hamu_ray.pipeline.lm_pipeline import seeded_rows
+    from hamu_ray.tasks.classifier import ClassifierModel, build_model
+
+    run = classifier_lineage
+    client = mlflow.MlflowClient(run.uri)
+    assert run.version == "2"
+    tags = client.get_model_version("digits", "2").tags
+    assert tags["lineage_parent"] == "1" and tags["method"] == "hamu-q"
+    local = Path(mlflow.artifacts.download_artifacts("models:/digits/2", dst_path=str(tmp_path / "m2"),
+                                                     tracking_uri=run.uri))
+    weights = local / "extra_files" / "model.safetensors"
+    assert json.loads((local / "extra_files" / "classifier.json").read_text()) == {**DIGITS_SHAPE, "channels": [16, 32]}
+    assert receipt.model_digest(weights) == tags["model_sha256"] != receipt.model_digest(run.original)
+    content = json.loads(run_file_of(client, "digits", "2", "receipt.json", tmp_path).read_text())
+    assert content["model_in"]["sha256"] == receipt.model_digest(run.original)
+
+    def mlp(path):
+        model = build_model(ClassifierModel.model_validate(DIGITS_SHAPE)).eval()
+        model.load_state_dict(load_file(str(path)))
+        return model
+
+    parent, unlearned = mlp(run.original), mlp(weights)
+    registered = mlflow.pytorch.load_model("models:/digits/2")
+    x = torch.tensor(run.x)
+    assert torch.equal(registered(x[:40]), unlearned(x[:40]))  # the registered module is the unlearned one
+
+    retain = run.sets["retain"][list(seeded_rows(len(run.sets["retain"]), 100, 2))]
+    sets = {"forget": run.sets["request"], "retain": retain, "holdout": run.sets["holdout"]}
+
+    def scored(model):
+        with torch.no_grad():
+            logits = {s: model(x[rows]) for s, rows in sets.items()}
+        acc = {s: float((logits[s].argmax(1).numpy() == run.y[rows]).mean()) for s, rows in sets.items()}
+        loss = {s: torch.nn.functional.cross_entropy(logits[s], torch.tensor(run.y[rows]), reduction="none").numpy()
+                for s, rows in sets.items()}
+        members = np.r_[np.ones(16), np.zeros(300)]
+        return {"forget_acc": acc["forget"], "forget_loss": float(loss["forget"].mean()), "retain_acc": acc["retain"],
+                "holdout_acc": acc["holdout"],
+                "mia_auc": roc_auc_score(members, -np.r_[loss["forget"], loss["holdout"]])}
+
+    evaluation = content["lineage"]["evaluation"]
+    assert evaluation["retain_rows"] == 100
+    for name, model in (("parent", parent), ("model", unlearned)):
+        assert evaluation[name] == pytest.approx(scored(model), abs=1e-6), name
+    assert evaluation["model"]["forget_acc"] < evaluation["parent"]["forget_acc"] == 1.0
+
+    attacks = evaluation["attacks"]
+    with torch.no_grad():
+        forget = sets["forget"]
+        int8 = float((fake_quantize(unlearned, 8)(x[forget]).argmax(1).numpy() == run.y[forget]).mean())
+    drop = evaluation["parent"]["forget_acc"] - evaluation["model"]["forget_acc"]
+    assert attacks["int8"]["forget_acc_int8"] == pytest.approx(int8)
+    assert attacks["int8"]["recovered_acc_int8"] == pytest.approx((int8 - evaluation["model"]["forget_acc"]) / drop)
+    assert set(attacks) == {"int8", "relearn", "benign"} and -1 <= attacks["relearn"]["recovered_acc_relearn"] <= 1
+    assert "Accuracy, parent → this version: on the request's rows 1.000 → " in content["verdict"]
+    assert "Attacks brought back this share of the drop in accuracy (0 none, 1 all): int8 " in content["verdict"]
+
+
+def run_file_of(client, name: str, version: str, artifact: str, into: Path) -> Path:
+    run = client.get_model_version(name, version).run_id
+    return Path(client.download_artifacts(run, artifact, str(into)))
+
+
+def test_a_classifiers_chain_verifies_and_its_policy_cannot_reshape_the_model(classifier_lineage, capsys):
+    from mlflow import MlflowClient
+
+    from hamu_ray import cli, lineage
+
+    run = classifier_lineage
+    assert cli.main(["receipt", "verify-chain", "digits", "--tracking-uri", run.uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(line.startswith("ok ") for line in lines)
+    bad = run.root / "reshaped.yaml"
+    bad.write_text(yaml.safe_dump({**run.policy, "model": {"sizes": [64, 32, 10]}}))
+    before = sorted(p.name for p in (run.root / "work").iterdir())
+    with pytest.raises(lineage.LineageError, match=r"the policy sets model.sizes: leave it out, the registered "
+                                                   r"version is a classifier \(mlp \[64, 16, 10\]\)"):
+        lineage.forget(str(run.root / "request.parquet"), "digits", str(bad), run.uri, str(run.root / "work"))
+    assert sorted(p.name for p in (run.root / "work").iterdir()) == before
+    assert lineage.versions(MlflowClient(run.uri), "digits").keys() == {"1", "2"}

@@ -247,21 +247,22 @@ def _write_atomically(table: pa.Table, path: str) -> None:
         pq.write_table(table, tmp)
 
 
-def read_split(path: str | os.PathLike) -> Split:
-    """A parquet set written by write_sets (or any x: list<float>, y: int column pair) as a Split."""
+def read_split(path: str | os.PathLike, x: str = "x", y: str = "y") -> Split:
+    """A parquet set written by write_sets (or any list<float> input column `x` and integer label
+    column `y`) as a Split."""
     try:
-        table = pq.read_table(path, columns=["x", "y"])
+        table = pq.read_table(path, columns=[x, y])
     except (OSError, pa.ArrowException) as exc:
         raise DatasetError(f"set {path}: cannot read it: {exc}") from exc
-    x_col, y_col = table.column("x").combine_chunks(), table.column("y")
+    x_col, y_col = table.column(x).combine_chunks(), table.column(y)
     if x_col.null_count or y_col.null_count:
-        raise DatasetError(f"set {path}: x or y has missing values")
+        raise DatasetError(f"set {path}: {x} or {y} has missing values")
     lengths = pc.list_value_length(x_col).to_numpy()
     if len(lengths) and (lengths != lengths[0]).any():
-        raise DatasetError(f"set {path}: rows of x differ in length")
+        raise DatasetError(f"set {path}: rows of {x} differ in length")
     d = int(lengths[0]) if len(lengths) else 0
     values = x_col.flatten()
     if values.null_count:
-        raise DatasetError(f"set {path}: x has missing values")
+        raise DatasetError(f"set {path}: {x} has missing values")
     values = values.cast(pa.float32()).to_numpy(zero_copy_only=False, writable=True)
     return Split(values.reshape(len(table), d), y_col.to_numpy().astype(np.int64))

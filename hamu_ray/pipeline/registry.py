@@ -2,7 +2,8 @@
 
 Every model a pipeline publishes (the original it trained, each unlearned model) is logged as an
 MLflow model — a language model's Hugging Face directory as it is, with a pyfunc loader
-(registered_lm.py), its weights never loaded on the driver; a classifier in the pytorch flavour —
+(registered_lm.py), its weights never loaded on the driver; a classifier in the pytorch flavour,
+with its weights file and shape beside it (what `hamu-ray forget` unlearns from) —
 and registered as a version of one registered model (`tracking.registered_model`, default the
 pipeline's name). An unlearned model is published after the evaluation: its receipt
 first gains the evaluation against the oracle and the verdict, then is logged to the method's
@@ -184,7 +185,16 @@ def _log_language_model(model_dir: Path, name: str, tags: dict[str, str]):
                                        pip_requirements=["transformers", "torch"])
 
 
+CLASSIFIER_SHAPE = "classifier.json"  # beside a classifier's weights in the version's extra_files/
+CLASSIFIER_FIELDS = ("kind", "sizes", "channels")  # what builds it again (tasks.classifier.ClassifierModel)
+
+
 def _log_classifier(source: dict, name: str, tags: dict[str, str]):
+    """The pytorch flavour (a loadable module), and in its extra_files the exported weights file
+    (the digest its model_sha256 is) and the shape that builds it: what `hamu-ray forget` unlearns
+    from."""
+    import tempfile
+
     import mlflow
     import numpy as np
 
@@ -197,7 +207,11 @@ def _log_classifier(source: dict, name: str, tags: dict[str, str]):
     # a shape, not a row of any set; two rows: torch.export fixes a batch dimension of 1 (and
     # says so), and the logged model would then take one row at a time
     example = np.zeros((2, config.sizes[0]), dtype=np.float32)
-    # `tags` reach the new version as it is created: a registration cut off half-way is still
-    # found by find_version (its model_sha256) when the upload redoes it
-    return mlflow.pytorch.log_model(module, name="model", registered_model_name=name, tags=tags,
-                                    input_example=example, pip_requirements=["torch"])
+    with tempfile.TemporaryDirectory() as tmp:
+        shape = Path(tmp) / CLASSIFIER_SHAPE
+        shape.write_text(json.dumps(config.model_dump(include=set(CLASSIFIER_FIELDS))))
+        # `tags` reach the new version as it is created: a registration cut off half-way is still
+        # found by find_version (its model_sha256) when the upload redoes it
+        return mlflow.pytorch.log_model(module, name="model", registered_model_name=name, tags=tags,
+                                        input_example=example, pip_requirements=["torch"],
+                                        extra_files=[str(weights), str(shape)])
