@@ -505,6 +505,7 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         mv = parent_version(client, model)  # under the lock: nobody else extends it meanwhile
         parent = fetch_parent(client, name, mv, Path(tmp))
         out = work / f"v{parent.version}-{hashlib.sha256(request_path.read_bytes()).hexdigest()[:12]}"
+        set_aside(out, parent.version)
         policy, batch = fitted_batch(policy, len(read_rows(str(request_path))))
         cfg, preflight = preflight_job(policy, request_path, parent, out, accept_damage, work)
         result = run_unlearning(cfg, progress="forget", key_dir=work)
@@ -526,6 +527,24 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         (out / FORGOTTEN).write_text(json.dumps({"request": requested, "forgotten": forgotten,
                                                  "position": block["request"]}))
         return register(client, name, parent, out, chained)
+
+
+def set_aside(out: Path, parent_version: str) -> Path | None:
+    """An earlier attempt at this request from this parent (its job directory) registered nothing:
+    the parent has no child, checked under the lock. It is kept, renamed, and the request runs
+    again; returns where it went (None: there was none)."""
+    import time
+
+    if not out.exists():
+        return None
+    aside = out.with_name(f"{out.name}.unregistered-{time.strftime('%Y%m%dT%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
+    out.rename(aside)
+    print(f"[forget] {out.name}: an earlier attempt at this request registered nothing (version {parent_version} "
+          f"has no child); kept as {aside}, running it again", flush=True)
+    return aside
 
 
 def chain_receipt(out: Path, content: dict, block: dict) -> dict:

@@ -544,3 +544,19 @@ def test_a_classifiers_chain_verifies_and_its_policy_cannot_reshape_the_model(cl
         lineage.forget(str(run.root / "request.parquet"), "digits", str(bad), run.uri, str(run.root / "work"))
     assert sorted(p.name for p in (run.root / "work").iterdir()) == before
     assert lineage.versions(MlflowClient(run.uri), "digits").keys() == {"1", "2"}
+
+
+def test_an_earlier_attempt_that_registered_nothing_is_kept_aside_and_the_request_runs_again(tmp_path, capsys):
+    from hamu_ray.lineage import set_aside
+
+    out = tmp_path / "v3-0123456789ab"
+    assert set_aside(out, "3") is None and not any(tmp_path.iterdir())
+    for attempt in (1, 2):
+        out.mkdir()
+        (out / "receipt.json").write_text(f"attempt {attempt}")
+        aside = set_aside(out, "3")
+        assert not out.exists() and (aside / "receipt.json").read_text() == f"attempt {attempt}"
+        assert aside.name.startswith("v3-0123456789ab.unregistered-")
+        assert f"v3-0123456789ab: an earlier attempt at this request registered nothing (version 3 has no child); " \
+               f"kept as {aside}, running it again" in capsys.readouterr().out
+    assert len(list(tmp_path.iterdir())) == 2  # both attempts kept, under two names
