@@ -223,9 +223,11 @@ def job_model(policy: dict, parent: Parent) -> dict:
     """The parent as the job's model: a language model's directory (the policy may set its dtype,
     LoRA, …), or a classifier's weights in its registered shape (the policy sets none of it)."""
     given = policy.get("model") or {}
+    if not isinstance(given, dict):
+        raise LineageError(f"the policy's model: a mapping of fields (dtype, lora, …), not {given!r}")
     if parent.classifier is None:
         return {**given, "kind": "causal_lm", "path": str(parent.model)}
-    if isinstance(given, dict) and given:
+    if given:
         raise LineageError(f"the policy sets model.{next(iter(given))}: leave it out, the registered version is a "
                            f"classifier ({parent.classifier['kind']} {parent.classifier['sizes']}) whose shape "
                            "and weights come from the registry")
@@ -505,9 +507,9 @@ def forget(request: str, model: str, policy_path: str, uri: str, workdir: str | 
         mv = parent_version(client, model)  # under the lock: nobody else extends it meanwhile
         parent = fetch_parent(client, name, mv, Path(tmp))
         out = work / f"v{parent.version}-{hashlib.sha256(request_path.read_bytes()).hexdigest()[:12]}"
-        set_aside(out, parent.version)
         policy, batch = fitted_batch(policy, len(read_rows(str(request_path))))
         cfg, preflight = preflight_job(policy, request_path, parent, out, accept_damage, work)
+        set_aside(out, parent.version)  # checked, about to train: an earlier attempt's directory moves now
         result = run_unlearning(cfg, progress="forget", key_dir=work)
         job_receipt = receipt.load(str(out / RECEIPT))  # its model_out.sha256 is the export's digest
         if job_receipt["model_out"]["sha256"] == parent.model_sha256:

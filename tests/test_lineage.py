@@ -542,6 +542,9 @@ def test_a_classifiers_chain_verifies_and_its_policy_cannot_reshape_the_model(cl
     with pytest.raises(lineage.LineageError, match=r"the policy sets model.sizes: leave it out, the registered "
                                                    r"version is a classifier \(mlp \[64, 16, 10\]\)"):
         lineage.forget(str(run.root / "request.parquet"), "digits", str(bad), run.uri, str(run.root / "work"))
+    bad.write_text(yaml.safe_dump({**run.policy, "model": "mlp"}))
+    with pytest.raises(lineage.LineageError, match=r"the policy's model: a mapping of fields \(dtype, lora, …\), not 'mlp'"):
+        lineage.forget(str(run.root / "request.parquet"), "digits", str(bad), run.uri, str(run.root / "work"))
     assert sorted(p.name for p in (run.root / "work").iterdir()) == before
     assert lineage.versions(MlflowClient(run.uri), "digits").keys() == {"1", "2"}
 
