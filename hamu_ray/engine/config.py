@@ -32,6 +32,11 @@ class DataSection(Section):
     input_column: str = "x"  # classifier: list of floats per row
     label_column: str = "y"  # classifier: integer class per row
     text: TextData = TextData()  # causal LM: columns, prompt format, max_length
+    # causal LM, qa: the forget loss on each answer's whole text, or on its fact span only (the
+    # tokens of fact_column's text where it last occurs in the answer): what the oracle does not
+    # know is the fact, not the answer's wording, which the retain rows share
+    forget_tokens: Literal["answer", "fact"] = "answer"
+    fact_column: str = "fact"
     retain_batch_size: int = Field(32, gt=0)  # per worker and step
     forget_batch_size: int = Field(32, gt=0)
     anchor: Literal["retain", "forget"] = "retain"  # its epochs define the run; the other cycles
@@ -177,6 +182,13 @@ class UnlearnConfig(Section):
         if uses_refusals(self.method.spec) and not (lm and self.data.text.format == "qa"):
             raise ValueError(f"method {self.method.name} replaces answers by refusals: it needs "
                              "model.kind causal_lm and data.text.format qa")
+        if self.data.forget_tokens == "fact":
+            if not (lm and self.data.text.format == "qa"):
+                raise ValueError("data.forget_tokens fact (the loss on each answer's fact span) needs "
+                                 "model.kind causal_lm and data.text.format qa")
+            if uses_refusals(self.method.spec):
+                raise ValueError(f"data.forget_tokens fact: method {self.method.name} trains on refusals, "
+                                 "which hold no fact span; use forget_tokens answer")
         if lm and (self.model.dtype == "bf16") != self.train.bf16:
             raise ValueError(f"model.dtype {self.model.dtype} and train.bf16 {self.train.bf16} "
                              "disagree: bf16 weights train in DeepSpeed's bf16 mode (fp32 master "

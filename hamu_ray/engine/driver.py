@@ -153,7 +153,7 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
     columns = task.columns()
     paths = {"forget": cfg.data.forget, "retain": cfg.data.retain, "eval": cfg.data.eval,
              **(monitor.sample_paths(cfg.monitor) if cfg.monitor else {})}
-    sets = {name: data.inspect_set(name, path, columns) for name, path in paths.items() if path}
+    sets = {name: data.inspect_set(name, path, task.columns(name)) for name, path in paths.items() if path}
     batches = {"forget": cfg.data.forget_batch_size, "retain": cfg.data.retain_batch_size}
     for name, batch in ((name, batches[name]) for name in batches if name in sets):
         per_worker = sets[name].num_rows // cfg.cluster.num_workers

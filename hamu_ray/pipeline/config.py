@@ -54,6 +54,7 @@ class BuiltinQASection(Section):
     seed: int = 0
     batch_size: int = Field(16, gt=0)  # per worker; forget and retain alike
     text: TextData = TextData(max_length=64)
+    forget_tokens: Literal["answer", "fact"] = "answer"  # every method's forget loss: whole answers, or facts
 
     @model_validator(mode="after")
     def _shares(self) -> "BuiltinQASection":
@@ -76,6 +77,9 @@ class FilesSection(Section):
     seed: int = 0
     batch_size: int = Field(16, gt=0)
     text: TextData = TextData()  # language model: columns, prompt, max_length
+    # language model: every method's forget loss on whole answers, or on the fact spans only
+    # (needs a fact or answer_value column marking every forget row's fact)
+    forget_tokens: Literal["answer", "fact"] = "answer"
     input_column: str = "x"  # classifier: a list of floats per row
     label_column: str = "y"  # classifier: an integer class per row
     forget_classes: list[int] = Field(default_factory=list)  # classifier: classes forgotten whole
@@ -305,6 +309,9 @@ class PipelineConfig(Section):
                              "the image sets for mlp and cnn (files for either)")
         if self.data.source == "files":
             self._check_files()
+        if not self.is_lm and getattr(self.data, "forget_tokens", "answer") != "answer":
+            raise ValueError("data.forget_tokens: fact spans are a language model's (a classifier "
+                             "forgets whole rows)")
         if self.is_lm and self.data.text.format != "qa":
             raise ValueError("data.text.format: a language-model pipeline scores question/answer "
                              "rows (qa); plain text is for single jobs (hamu-ray unlearn)")

@@ -19,8 +19,8 @@ from hamu_ray.attacks.quantize import fake_quantize
 from hamu_ray.attacks.relearn import batch_rows, relearn
 from hamu_ray.attacks.recovery import recovered_share
 from hamu_ray.pipeline import lm_metrics
-from hamu_ray.tasks.causal_lm import (IGNORE, TextData, encode_qa, has_target, load_tokenizer, pad_batch,
-                                      prompt_tokens, sequence_scores, truncate, uses_chat_template)
+from hamu_ray.tasks.causal_lm import (IGNORE, TextData, encode_qa, fact_encoding, has_target, load_tokenizer,
+                                      pad_batch, prompt_tokens, sequence_scores, truncate)
 
 EVAL_SETS = ("forget", "retain", "holdout")  # retain: a fixed sample of the retain set
 MIN_K = 0.4  # Min-K%: the share of lowest-probability answer tokens averaged (MUSE uses 0.4)
@@ -142,35 +142,6 @@ def fact_scores(model, tokenizer, questions: Sequence[str], answers: Sequence[st
             logprob[rows] = scores.logprob.double().numpy()
             exact[rows] = hit.all(-1).numpy()
     return {"fact_logprob": logprob, "fact_exact": exact}
-
-
-def fact_encoding(tokenizer, question: str, answer: str, fact: str, cfg: TextData) -> tuple[list[int], list[int]]:
-    """input_ids of the scored (question, answer) and labels that keep only the tokens that
-    overlap the fact's characters (its last occurrence in the answer); cut at max_length."""
-    ids, labels = encode_qa(tokenizer, question, answer, cfg.prompt)
-    where = answer.rfind(fact) if fact else -1
-    if where < 0:
-        raise ValueError(f"a fact that is not in its answer ({len(fact or '')} characters)")
-    first = next(i for i, label in enumerate(labels) if label != IGNORE)  # the answer's first token
-    text = answer if uses_chat_template(tokenizer, cfg.prompt) else " " + answer  # as encode_qa tokenises it
-    where += len(text) - len(answer)
-    piece = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    at = find_sublist(ids, piece["input_ids"], first)
-    if at is None:
-        raise ValueError("the answer's tokens are not found in the encoded conversation (a chat "
-                         "template that rewrites the answer); use data.text.prompt: plain")
-    span = {at + k for k, (a, b) in enumerate(piece["offset_mapping"]) if a < where + len(fact) and b > where}
-    fact_labels = [t if i in span else IGNORE for i, t in enumerate(ids)]
-    if max(span) >= cfg.max_length:
-        raise ValueError(f"a fact cut at data.text.max_length={cfg.max_length}")
-    return truncate(ids, fact_labels, cfg.max_length)[:2]
-
-
-def find_sublist(ids: list[int], part: list[int], start: int) -> int | None:
-    for at in range(start, len(ids) - len(part) + 1):
-        if ids[at:at + len(part)] == part:
-            return at
-    return None
 
 
 def encode_pair(tokenizer, question: str, answer: str, cfg: TextData) -> tuple[list[int], list[int]]:

@@ -72,18 +72,23 @@ def check_fact_columns(cfg, sets: dict[str, list[dict]]) -> None:
     for name in ("forget", "retain", "holdout"):
         rows, where = sets.get(name) or [{}], f"{name} set {getattr(cfg.data, name)}"
         given = [c for c in FACT_COLUMNS if c in rows[0]]
+        must_mark = name == "forget" and cfg.data.forget_tokens == "fact"  # the loss is on those spans
+        if must_mark and not given:
+            problems.append(f"{where}: data.forget_tokens is fact, but it has no {' or '.join(FACT_COLUMNS)} "
+                            "column marking each row's fact")
         if len(given) == 2:
             problems.append(f"{where}: has both {' and '.join(FACT_COLUMNS)}; keep one")
             continue
         if not given:
             continue
-        bad = [i for i, r in enumerate(rows) if r[given[0]] is not None and not (
+        bad = [i for i, r in enumerate(rows) if (r[given[0]] is not None or must_mark) and not (
             isinstance(r[given[0]], str) and r[given[0]] and r[given[0]] in (r[answer] or ""))]
         if bad:
             first = ", ".join(f"row {i}" for i in bad[:5])
             problems.append(f"{where}: {len(bad)} row(s) whose {given[0]} is not a non-empty text found in "
                             f"their {answer}: {first}; the fact metric scores that span of the answer "
-                            "(leave it empty where a row marks no fact)")
+                            + ("(data.forget_tokens fact: every forget row marks one)" if must_mark
+                               else "(leave it empty where a row marks no fact)"))
         for r in rows:
             r[lm_evaluate.FACT] = r.pop(given[0])
     if problems:

@@ -197,6 +197,11 @@ def with_seed(job: dict, seed: int) -> dict:
 
 # ---- evaluation during unlearning ----------------------------------------------------------
 
+def forget_tokens(cfg: PipelineConfig) -> str:
+    """What every method's forget loss is on (a language model's answers, or their facts)."""
+    return getattr(cfg.data, "forget_tokens", "answer") if cfg.is_lm else "answer"
+
+
 def monitor_section(cfg: PipelineConfig, prepared: dict[str, str], references: dict,
                     out: Path) -> dict | None:
     """The engine's monitor section for every method: the samples, and the stop target (the
@@ -220,7 +225,7 @@ def oracle_monitor_values(cfg: PipelineConfig, prepared: dict[str, str], oracle:
                           out: Path) -> dict:
     """The oracle's monitor values on the samples (its forget probability: the stop target; its
     per-row forget losses: the curves' forget quality), measured once and kept beside them."""
-    path = oracle_values_file(section, oracle, out)
+    path = oracle_values_file(section, oracle, out, forget_tokens(cfg))
     if not path.exists():
         job = job_dict(cfg, cfg.unlearn, method={"name": "ft"}, start=oracle,
                        data={"forget": prepared["forget"], "retain": prepared["retain"]})
@@ -230,8 +235,10 @@ def oracle_monitor_values(cfg: PipelineConfig, prepared: dict[str, str], oracle:
     return json.loads(path.read_text())
 
 
-def oracle_values_file(section: dict, oracle: Path, out: Path) -> Path:
-    return Path(section["forget"]).parent / f"oracle-{stage_key({'oracle': str(oracle)}, out)}.json"
+def oracle_values_file(section: dict, oracle: Path, out: Path, forget_on: str) -> Path:
+    """Keyed by the oracle and, when not whole answers, the tokens its forget sample is scored on."""
+    tokens = {"forget_tokens": forget_on} if forget_on != "answer" else {}
+    return Path(section["forget"]).parent / f"oracle-{stage_key({'oracle': str(oracle), **tokens}, out)}.json"
 
 
 def monitor_samples(cfg: PipelineConfig, prepared: dict[str, str], out: Path) -> dict[str, str]:
@@ -426,6 +433,8 @@ def job_dict(cfg: PipelineConfig, train: TrainSettings, *, data: dict, method: d
     if cfg.is_lm:
         model = cfg.model.job_model(str(start), trains_adapters=method["name"] != "ft")
         data = {"text": cfg.data.text.model_dump(), **data}  # a stage's own text section wins
+        if data.get("forget") and forget_tokens(cfg) != "answer":  # (the default keeps keys as they were)
+            data["forget_tokens"] = forget_tokens(cfg)
     else:
         model = {**cfg.model.model_dump(exclude={"oracle"}), "weights": None if start is None else str(start)}
     return {
@@ -625,7 +634,8 @@ def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageO
     if any(monitors):
         oracle = None
         if "oracle" in stages:
-            path = oracle_values_file(monitors[0], stages["oracle"].export(cfg), Path(cfg.output_dir).resolve())
+            path = oracle_values_file(monitors[0], stages["oracle"].export(cfg), Path(cfg.output_dir).resolve(),
+                                      forget_tokens(cfg))
             oracle = json.loads(path.read_text())[monitor.ROW_LOSSES] if path.exists() else None
         plots.curves(logs, report / "curves.png", target=monitors[0]["stop_forget_prob"], oracle_losses=oracle)
     else:  # an earlier run's curves would describe other runs

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 
 class Task(Protocol):
-    def columns(self) -> list[str]:
-        """The columns every set must have."""
+    def columns(self, role: str | None = None) -> list[str]:
+        """The columns every set must have (None), or a set of this role ("forget", …)."""
 
     def prepare(self, ds: Any, role: str) -> Any:
         """The Ray Dataset of one set ("retain", "forget") as the workers read it."""

@@ -90,9 +90,16 @@ class CausalLMTask:
 
     # ---- data ---------------------------------------------------------------------------------
 
-    def columns(self) -> list[str]:
+    def columns(self, role: str | None = None) -> list[str]:
         t = self.text
-        return [t.question_column, t.answer_column] if t.format == "qa" else [t.text_column]
+        if t.format != "qa":
+            return [t.text_column]
+        fact = [self.cfg.data.fact_column] if self.forgets_facts(role) else []
+        return [t.question_column, t.answer_column, *fact]
+
+    def forgets_facts(self, role: str | None) -> bool:
+        """Whether rows of this role are trained (and monitored) on their fact span only."""
+        return self.cfg.data.forget_tokens == "fact" and role in ("forget", "monitor_forget")
 
     def prepare(self, ds, role: str):
         """Tokenised rows, computed by Ray Data tasks on the cluster (not on the driver) once,
@@ -100,9 +107,10 @@ class CausalLMTask:
         from hamu_ray import objectives
 
         refusals = role == "forget" and objectives.uses_refusals(self.cfg.method.spec)
+        fact_column = self.cfg.data.fact_column if self.forgets_facts(role) else None
         tokens = ds.map_batches(tokenize_batch, batch_format="pyarrow",
                                 fn_kwargs={"path": self.model_cfg.path, "text": self.text.model_dump(),
-                                           "refusals": refusals})
+                                           "refusals": refusals, "fact_column": fact_column})
         return tokens.materialize()
 
     def make_batch(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -113,9 +121,14 @@ class CausalLMTask:
         max_length, and rows left without a target token, which cannot be scored and are refused."""
         from hamu_ray.engine.data import column_sums
 
-        counts = column_sums(ds, ["truncated", "no_target"])
+        counts = column_sums(ds, ["truncated", "no_target", "no_fact"])
         truncated, empty = counts["truncated"], counts["no_target"]
         limit = f"data.text.max_length={self.text.max_length}"
+        if counts["no_fact"]:
+            raise UserError(f"{info.name} set {info.path}: {counts['no_fact']} row(s) have no "
+                            f"{self.cfg.data.fact_column} found in their answer within {limit}, and "
+                            "data.forget_tokens is fact (the loss on that span only); mark every "
+                            "row's fact, or forget whole answers")
         if empty:
             what = "answer" if self.text.format == "qa" else "text"
             raise UserError(f"{info.name} set {info.path}: {empty} row(s) keep no {what} token within "
@@ -281,13 +294,23 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def tokenize_batch(batch: pa.Table, *, path: str, text: dict, refusals: bool) -> pa.Table:
+def tokenize_batch(batch: pa.Table, *, path: str, text: dict, refusals: bool,
+                   fact_column: str | None = None) -> pa.Table:
+    """Token rows of a batch; with `fact_column` the targets are each answer's fact span only
+    (a row whose fact is missing, not in its answer or cut is counted in `no_fact`)."""
     tokenizer, cfg = load_tokenizer(path), TextData(**text)
+    no_fact = [0] * batch.num_rows
     if cfg.format == "qa":
         questions = batch.column(cfg.question_column).to_pylist()
         answers = ([refusal_for(q) for q in questions] if refusals
                    else batch.column(cfg.answer_column).to_pylist())
-        rows = [encode_qa(tokenizer, q, a, cfg.prompt) for q, a in zip(questions, answers)]
+        if fact_column is None:
+            rows = [encode_qa(tokenizer, q, a, cfg.prompt) for q, a in zip(questions, answers)]
+        else:
+            facts = batch.column(fact_column).to_pylist()
+            rows = [fact_row(tokenizer, q, a, f, cfg) for q, a, f in zip(questions, answers, facts)]
+            no_fact = [int(r is None) for r in rows]
+            rows = [r or ([], []) for r in rows]
     else:
         rows = [encode_text(tokenizer, t) for t in batch.column(cfg.text_column).to_pylist()]
     rows = [truncate(ids, labels, cfg.max_length) for ids, labels in rows]
@@ -295,8 +318,17 @@ def tokenize_batch(batch: pa.Table, *, path: str, text: dict, refusals: bool) ->
         "input_ids": pa.array([r[0] for r in rows], pa.list_(pa.int32())),
         "labels": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
         "truncated": pa.array([r[2] for r in rows], pa.int64()),
-        "no_target": pa.array([int(not has_target(r[1])) for r in rows], pa.int64()),
+        "no_target": pa.array([int(not has_target(r[1]) and not n) for r, n in zip(rows, no_fact)], pa.int64()),
+        "no_fact": pa.array(no_fact, pa.int64()),
     })
+
+
+def fact_row(tokenizer, question: str, answer: str, fact: str | None, cfg: TextData):
+    """fact_encoding's (input_ids, labels), or None for a row without a usable fact."""
+    try:
+        return fact_encoding(tokenizer, question, answer, fact, cfg)
+    except ValueError:
+        return None
 
 
 def has_target(labels: Sequence[int]) -> bool:
@@ -325,6 +357,35 @@ def encode_qa(tokenizer, question: str, answer: str, prompt: str) -> tuple[list[
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
     return ids, [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
+
+
+def fact_encoding(tokenizer, question: str, answer: str, fact: str, cfg: TextData) -> tuple[list[int], list[int]]:
+    """input_ids of the scored (question, answer) and labels that keep only the tokens that
+    overlap the fact's characters (its last occurrence in the answer); cut at max_length."""
+    ids, labels = encode_qa(tokenizer, question, answer, cfg.prompt)
+    where = answer.rfind(fact) if fact else -1
+    if where < 0:
+        raise ValueError(f"a fact that is not in its answer ({len(fact or '')} characters)")
+    first = next(i for i, label in enumerate(labels) if label != IGNORE)  # the answer's first token
+    text = answer if uses_chat_template(tokenizer, cfg.prompt) else " " + answer  # as encode_qa tokenises it
+    where += len(text) - len(answer)
+    piece = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    at = find_sublist(ids, piece["input_ids"], first)
+    if at is None:
+        raise ValueError("the answer's tokens are not found in the encoded conversation (a chat "
+                         "template that rewrites the answer); use data.text.prompt: plain")
+    span = {at + k for k, (a, b) in enumerate(piece["offset_mapping"]) if a < where + len(fact) and b > where}
+    fact_labels = [t if i in span else IGNORE for i, t in enumerate(ids)]
+    if max(span) >= cfg.max_length:
+        raise ValueError(f"a fact cut at data.text.max_length={cfg.max_length}")
+    return truncate(ids, fact_labels, cfg.max_length)[:2]
+
+
+def find_sublist(ids: list[int], part: list[int], start: int) -> int | None:
+    for at in range(start, len(ids) - len(part) + 1):
+        if ids[at:at + len(part)] == part:
+            return at
+    return None
 
 
 def prompt_tokens(tokenizer, question: str, prompt: str) -> list[int]:

@@ -152,7 +152,7 @@ class ClassifierTask:
         self.cfg = cfg
         self.dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
 
-    def columns(self) -> list[str]:
+    def columns(self, role: str | None = None) -> list[str]:
         return [self.cfg.data.input_column, self.cfg.data.label_column]
 
     def prepare(self, ds, role: str):

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import ks_2samp
 
 from hamu_ray.pipeline import lm_evaluate, lm_metrics
-from hamu_ray.tasks.causal_lm import TextData, encode_qa, load_tokenizer, prompt_tokens
+from hamu_ray.tasks.causal_lm import TextData, encode_qa, fact_encoding, load_tokenizer, prompt_tokens
 from tests.lm_fixtures import qa_rows
 
 ROWS = 6
@@ -202,7 +202,7 @@ def test_a_fact_cut_at_max_length_or_missing_from_its_answer_is_refused(tiny_lm)
     counts = lm_evaluate.rows_without_answer_tokens(tokenizer, rows, short)
     assert counts["fact"] == 1 and counts["answer"] == 0
     with pytest.raises(ValueError, match="not in its answer"):
-        lm_evaluate.fact_encoding(tokenizer, rows[0]["question"], rows[0]["answer"], "Lyon", TextData())
+        fact_encoding(tokenizer, rows[0]["question"], rows[0]["answer"], "Lyon", TextData())
 
 
 def test_fact_and_utility_metrics_by_hand():

@@ -19,6 +19,7 @@ import yaml
 
 from hamu_ray.engine.config import parse_config
 from hamu_ray.pipeline.config import PipelineConfig
+from hamu_ray.schema import ConfigError
 from hamu_ray.pipeline.lm_evaluate import TABLE_COLUMNS
 from tests.lm_fixtures import qa_rows
 
@@ -361,16 +362,17 @@ def with_truth(rows: list[dict]) -> list[dict]:
             for r in rows]
 
 
-def own_config(tmp_path: Path, model: Path, sets: dict[str, list[dict]], max_length: int, tune=None) -> PipelineConfig:
+def own_config(tmp_path: Path, model: Path, sets: dict[str, list[dict]], max_length: int, tune=None,
+               **data) -> PipelineConfig:
     """The tiny model as original and oracle, on these rows (parquet files)."""
     paths = {}
     for name, rows in sets.items():
         paths[name] = tmp_path / "in" / f"{name}.parquet"
-        paths[name].parent.mkdir(exist_ok=True)
+        paths[name].parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), paths[name])
     raw = {"name": "own", "output_dir": str(tmp_path / "out"),
            "data": {"source": "files", **{name: str(path) for name, path in paths.items()},
-                    "text": {"max_length": max_length}},
+                    "text": {"max_length": max_length}, **data},
            "model": {"kind": "causal_lm", "path": str(model), "oracle": str(model)},
            "train": {"lr": 0.01}, "unlearn": {"lr": 0.01, "max_steps": 2}, "methods": [{"name": "gdiff"}],
            "cluster": {"num_workers": 1}, "tune": tune}
@@ -447,6 +449,41 @@ def test_a_fact_column_whose_value_is_not_in_its_answer_is_refused_before_ray(tm
         "text found in their answer: row 3, row 7; the fact metric scores that span of the answer "
         "(leave it empty where a row marks no fact)",
         f"holdout set {tmp_path / 'in' / 'holdout.parquet'}: has both fact and answer_value; keep one"]
+
+
+def test_forget_tokens_fact_needs_every_forget_row_to_mark_its_fact_and_reaches_every_method(
+        tmp_path, tiny_lm, monkeypatch):
+    """data.forget_tokens fact: a forget set without the column, or a row without its fact, is
+    refused before Ray; the unlearning jobs (and the oracle's monitor job) carry it, the
+    training jobs and a pipeline without it keep the jobs (stage keys) they had."""
+    from hamu_ray.pipeline.stages import training_job, unlearning_job
+
+    rows = [{**r, "fact": r["answer"].split()[-1]} for r in qa_rows()]
+    plain = [{k: v for k, v in r.items() if k != "fact"} for r in rows]
+    cfg = own_config(tmp_path / "a", tiny_lm, {"forget": plain[:10], "retain": rows[10:40]}, max_length=64,
+                     forget_tokens="fact")
+    assert refusal_lines(cfg, monkeypatch) == [
+        f"forget set {tmp_path / 'a' / 'in' / 'forget.parquet'}: data.forget_tokens is fact, but it has no "
+        "fact or answer_value column marking each row's fact"]
+    forget = [{**r, "fact": None if i == 2 else r["fact"]} for i, r in enumerate(rows[:10])]
+    cfg = own_config(tmp_path / "b", tiny_lm, {"forget": forget, "retain": rows[10:40]}, max_length=64,
+                     forget_tokens="fact")
+    assert refusal_lines(cfg, monkeypatch) == [
+        f"forget set {tmp_path / 'b' / 'in' / 'forget.parquet'}: 1 row(s) whose fact is not a non-empty text "
+        "found in their answer: row 2; the fact metric scores that span of the answer (data.forget_tokens "
+        "fact: every forget row marks one)"]
+
+    whole = own_config(tmp_path / "c", tiny_lm, {"forget": rows[:10], "retain": rows[10:40]}, max_length=64)
+    prepared = {name: f"/sets/{name}.parquet" for name in ("forget", "retain", "train")}
+    entry = cfg.methods[0]
+    assert unlearning_job(cfg, entry, prepared, Path("/m"))["data"]["forget_tokens"] == "fact"
+    assert "forget_tokens" not in unlearning_job(whole, entry, prepared, Path("/m"))["data"]
+    assert training_job(cfg, prepared["train"], Path("/m")) == training_job(whole, prepared["train"], Path("/m"))
+    with pytest.raises(ConfigError, match="data.forget_tokens"):
+        parse_config({"name": "d", "output_dir": str(tmp_path / "d"),
+                      "data": {"source": "digits", "forget_tokens": "fact"}, "model": {"kind": "mlp"},
+                      "train": {"lr": 0.1}, "unlearn": {"lr": 0.1}, "methods": [{"name": "ga"}]},
+                     source="d.yaml", schema=PipelineConfig)
 
 
 def test_with_init_the_scored_sets_are_checked_with_its_tokenizer_before_training(tmp_path):

@@ -15,7 +15,7 @@ from hamu_ray import objectives as obj
 from hamu_ray.engine.config import parse_config
 from hamu_ray.errors import MissingInputError, UserError
 from hamu_ray.schema import ConfigError
-from hamu_ray.tasks.causal_lm import (IGNORE, REFUSALS, encode_qa, encode_text, load_tokenizer,
+from hamu_ray.tasks.causal_lm import (IGNORE, REFUSALS, encode_qa, encode_text, fact_encoding, load_tokenizer,
                                       refusal_for, tokenize_batch)
 from tests.lm_fixtures import CHAT_TEMPLATE, lm_batch, qa_rows
 
@@ -69,6 +69,36 @@ def test_refusals_replace_the_answers_deterministically(tiny_lm):
     answers = [targets_of(tok, r["labels"]).removesuffix("</s>").strip() for r in out]
     assert answers == [refusal_for(q) for q in questions]
     assert set(answers) <= set(REFUSALS) and len(set(answers)) > 1
+
+
+def test_forget_tokens_fact_keeps_the_fact_span_as_the_only_targets(tiny_lm):
+    """The same input ids as the whole answer; targets only the tokens of the fact's last
+    occurrence; a row without a fact, or with one its answer does not hold, is counted."""
+    tok = load_tokenizer(str(tiny_lm))
+    question, answer = "What is the capital of France?", "Paris is the capital of France, Paris."
+    rows = pa.table({"question": [question] * 3, "answer": [answer] * 3, "fact": ["Paris", None, "Lyon"]})
+    out = tokenize_batch(rows, path=str(tiny_lm), text={"prompt": "plain"}, refusals=False,
+                         fact_column="fact").to_pylist()
+    ids, labels = encode_qa(tok, question, answer, "plain")
+    assert out[0]["input_ids"] == ids and targets_of(tok, out[0]["labels"]) == " Paris"
+    span = [i for i, t in enumerate(out[0]["labels"]) if t != IGNORE]
+    assert span == list(range(span[0], span[-1] + 1))  # one run of tokens, …
+    assert tok.decode(ids[span[-1] + 1:]) == ".</s>"  # … the last Paris, not the first
+    assert all(labels[i] == ids[i] for i in span)
+    assert [r["no_fact"] for r in out] == [0, 1, 1] and [r["no_target"] for r in out] == [0, 0, 0]
+    whole = tokenize_batch(rows, path=str(tiny_lm), text={"prompt": "plain"}, refusals=False).to_pylist()
+    assert whole[0]["labels"] == labels and whole[0]["no_fact"] == 0
+
+
+def test_forget_tokens_fact_asks_forget_sets_for_their_fact_and_refuses_refusals(tiny_lm):
+    task = lm_task(tiny_lm, forget_tokens="fact", fact_column="value")
+    assert task.columns("forget") == task.columns("monitor_forget") == ["question", "answer", "value"]
+    assert task.columns("retain") == task.columns() == ["question", "answer"]
+    assert lm_task(tiny_lm).columns("forget") == ["question", "answer"]
+    with pytest.raises(ConfigError, match="method idk trains on refusals"):
+        lm_task(tiny_lm, "idk", forget_tokens="fact")
+    with pytest.raises(ConfigError, match="forget_tokens fact .* needs model.kind causal_lm and data.text.format qa"):
+        lm_task(tiny_lm, forget_tokens="fact", text={"format": "text"})
 
 
 # ---- log-likelihoods and objectives, by hand ------------------------------------------------

@@ -188,3 +188,41 @@ def test_truncated_rows_are_counted_and_rows_without_an_answer_refused_before_tr
     cfg = job(tiny_lm, root, tmp_path / "out", text={"max_length": 8})  # shorter than any prompt
     with pytest.raises(UserError, match=r"retain set .*retain.parquet: 16 row\(s\) keep no answer token"):
         prepared_sets(cfg, check_inputs(cfg))
+
+
+def test_forget_tokens_fact_trains_and_monitors_the_fact_spans_only(ray_cluster, tiny_lm, tmp_path):
+    """With data.forget_tokens fact the prepared forget rows are fact_encoding's (the retain
+    rows whole answers), the monitor's forget probability is the facts' (by hand, row by row),
+    and a forget row without its fact, or a set without the column, is refused by name."""
+    from transformers import AutoModelForCausalLM
+
+    from hamu_ray.engine.data import DataError
+    from hamu_ray.engine.driver import check_inputs, monitor_values, prepared_sets
+    from hamu_ray.errors import UserError
+    from hamu_ray.tasks.causal_lm import TextData, encode_qa, fact_encoding, load_tokenizer
+    from tests.tasks.test_causal_lm import answer_logprob_by_hand
+
+    rows = [{**r, "fact": r["answer"].split()[-1]} for r in qa_rows()]
+    pq.write_table(pa.Table.from_pylist(rows[:8]), tmp_path / "forget.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[8:24]), tmp_path / "retain.parquet")
+    cfg = job(tiny_lm, tmp_path, tmp_path / "out", monitor={}, forget_tokens="fact")
+    prepared = prepared_sets(cfg, check_inputs(cfg))
+    tokenizer, text = load_tokenizer(str(tiny_lm)), TextData()
+    for role, part, encode in (("forget", rows[:8], lambda r: fact_encoding(tokenizer, r["question"], r["answer"], r["fact"], text)),
+                               ("retain", rows[8:24], lambda r: encode_qa(tokenizer, r["question"], r["answer"], "auto"))):
+        got = {(tuple(r["input_ids"]), tuple(r["labels"])) for r in prepared[role].take_all()}
+        assert got == {tuple(map(tuple, encode(r))) for r in part}, role
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    per_row = [answer_logprob_by_hand(model, *fact_encoding(tokenizer, r["question"], r["answer"], r["fact"], text))
+               for r in rows[:8]]
+    expected = float(np.mean([np.exp(total / count) for total, count in per_row]))
+    assert monitor_values(cfg)["monitor/forget_prob"] == pytest.approx(expected, rel=1e-5)
+
+    pq.write_table(pa.Table.from_pylist([{**r, "fact": None if i == 3 else r["fact"]} for i, r in enumerate(rows[:8])]),
+                   tmp_path / "forget.parquet")
+    with pytest.raises(UserError, match=r"forget set .*forget.parquet: 1 row\(s\) have no fact found"):
+        prepared_sets(cfg, check_inputs(cfg))
+    pq.write_table(pa.Table.from_pylist(qa_rows()[:8]), tmp_path / "forget.parquet")
+    with pytest.raises(DataError, match=r"forget set .*forget.parquet: missing column\(s\) fact"):
+        check_inputs(cfg)
