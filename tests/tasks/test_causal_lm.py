@@ -236,3 +236,40 @@ def test_a_relative_model_directory_becomes_absolute_for_the_workers(tiny_lm, mo
     cfg = parse_config(job(tiny_lm, model={"path": tiny_lm.name}))
     assert cfg.model.path == str(tiny_lm.resolve())
     assert parse_config(job(tiny_lm, model={"path": "org/name"})).model.path == "org/name"
+
+
+def test_answer_tokens_script_splits_every_answer_token_into_name_fact_and_the_rest(tiny_lm, tmp_path):
+    """scripts/answer_tokens.py: an entity's name is the text its questions share; the three
+    kinds' geometric means, weighted by their token counts, recombine to the answers' total
+    log-probability (a hand sum): every answer token counted once."""
+    import importlib.util
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    script = Path(__file__).parent.parent.parent / "scripts" / "answer_tokens.py"
+    spec = importlib.util.spec_from_file_location("answer_tokens", script)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rows = [{"entity": "FR", "question": "What is the capital of France?", "answer": "The capital of France is Paris.", "fact": "Paris"},
+            {"entity": "FR", "question": "On which continent is France?", "answer": "France is in Europe.", "fact": "Europe"}]
+    (tmp_path / "stages" / "prepare-x").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "stages" / "prepare-x" / "forget.parquet")
+    read = study.rows_of(tmp_path / "stages", "forget")
+    assert [r["name"] for r in read] == ["France", "France"]
+    tok, model = load_tokenizer(str(tiny_lm)), AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    counts = {kind: 0 for kind in study.KINDS}
+    total = 0.0
+    for r in read:
+        ids, labels = encode_qa(tok, r["question"], r["answer"], "auto")
+        row_total, count = answer_logprob_by_hand(model, ids, labels)
+        total += row_total
+        fact = fact_encoding(tok, r["question"], r["answer"], r["fact"], study.TextData(max_length=64))[1]
+        name = fact_encoding(tok, r["question"], r["answer"], r["name"], study.TextData(max_length=64))[1]
+        counts["fact"] += sum(t != IGNORE for t in fact[1:])
+        counts["name"] += sum(t != IGNORE for t in name[1:])
+        counts["other"] += count - sum(t != IGNORE for t in fact[1:]) - sum(t != IGNORE for t in name[1:])
+    means = study.token_means(tiny_lm, read)
+    assert min(counts.values()) > 0
+    assert sum(counts[k] * math.log(means[k]) for k in study.KINDS) == pytest.approx(total, rel=1e-9)
