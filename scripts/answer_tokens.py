@@ -8,8 +8,8 @@ without any fact being known or forgotten.
 
 RUN_DIR is a pipeline's output_dir on a built-in set (rows with `entity` and `fact`); a model is
 a stage name prefix under RUN_DIR/stages (its first match). An entity's name is the longest text
-all its questions share (e.g. " Chad?" in "What is the capital of Chad?" and "On which continent
-is Chad?"), stripped. Prints one Markdown table. Only numbers are printed, never a row's text.
+all its questions and answers share ("Chad" in "What is the capital of Chad?", "The capital of
+Chad is N'Djamena.", "On which continent is Chad?", …), stripped. Prints one Markdown table. Only numbers are printed, never a row's text.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ def rows_of(stages: Path, name: str) -> list[dict]:
     rows = pq.read_table(found[0]).to_pylist()
     if rows and not {"entity", "fact"} <= rows[0].keys():
         raise SystemExit(f"{found[0]}: rows without entity and fact columns (a built-in set's)")
-    questions = defaultdict(list)
+    texts = defaultdict(list)
     for r in rows:
-        questions[r["entity"]].append(r["question"])
-    names = {entity: functools.reduce(common_text, qs).strip(string.whitespace + string.punctuation)
-             for entity, qs in questions.items() if len(qs) > 1}
+        texts[r["entity"]] += [r["question"], r["answer"]]
+    names = {entity: functools.reduce(common_text, t).strip(string.whitespace + string.punctuation)
+             for entity, t in texts.items() if len(t) > 2}
     return [{**r, "name": names.get(r["entity"], "")} for r in rows]
 
 
