@@ -9,7 +9,8 @@ without any fact being known or forgotten.
 RUN_DIR is a pipeline's output_dir on a built-in set (rows with `entity` and `fact`); a model is
 a stage name prefix under RUN_DIR/stages (its first match). An entity's name is the longest text
 all its questions and answers share ("Chad" in "What is the capital of Chad?", "The capital of
-Chad is N'Djamena.", "On which continent is Chad?", …), stripped. Prints one Markdown table. Only numbers are printed, never a row's text.
+Chad is N'Djamena.", "On which continent is Chad?", …), stripped. Prints one Markdown table:
+only numbers, never a row's text.
 """
 
 from __future__ import annotations

@@ -433,8 +433,9 @@ def job_dict(cfg: PipelineConfig, train: TrainSettings, *, data: dict, method: d
     if cfg.is_lm:
         model = cfg.model.job_model(str(start), trains_adapters=method["name"] != "ft")
         data = {"text": cfg.data.text.model_dump(), **data}  # a stage's own text section wins
-        if data.get("forget") and forget_tokens(cfg) != "answer":  # (the default keeps keys as they were)
-            data["forget_tokens"] = forget_tokens(cfg)
+        tokens = forget_tokens(cfg)
+        if data.get("forget") and tokens != "answer":  # (the default keeps keys as they were)
+            data["forget_tokens"] = tokens
     else:
         model = {**cfg.model.model_dump(exclude={"oracle"}), "weights": None if start is None else str(start)}
     return {
