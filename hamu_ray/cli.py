@@ -169,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_overrides(plan, JOB_OVERRIDES)
     plan.add_argument("--method", metavar="LABEL", help=METHOD_HELP + " (or not yet: a plan reads no data)")
     plan.add_argument("--gpus-per-node", type=int, default=8)
-    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80); with "
+                      "--device cpu, GB per CPU worker")
+    plan.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="plan for GPUs (default) or for "
+                      "CPU workers at ZeRO-3 (every state in the worker's memory)")
     plan.add_argument("--model-config", help="a config.json (or its directory) to size instead of "
                       "model.path's, e.g. where the weights live on cluster storage only")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -318,8 +321,8 @@ def plan_command(args) -> int:
     from hamu_ray import plan
 
     cfg = job_of(args, needs_sets=False)
-    result = plan.plan(cfg, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory,
-                       model_config=args.model_config)
+    result = plan.plan(cfg, device=args.device, gpus_per_node=args.gpus_per_node,
+                       gpu_memory_gb=args.gpu_memory, model_config=args.model_config)
     print(json.dumps(plan.as_dict(result), indent=2) if args.json else plan.describe(result))
     return 0 if result.fits else 1
 

@@ -6,8 +6,15 @@ share. Model states (parameters, gradients, optimizer) come from DeepSpeed's own
 (`estimate_zero2/3_model_states_mem_needs`, which assume mixed-precision Adam: an upper bound
 for SGD); to them the plan adds what they do not count: the frozen base of a LoRA model, the
 frozen reference copy that KL/NPO/SCRUB need without LoRA, and the gradient copies HAMU's
-two-backward step holds (`gradient_copies`). Activations are not estimated: they depend on
-batch × sequence length and on gradient checkpointing, and come on top.
+two-backward step holds (`gradient_copies`), the activations a backward keeps at the job's
+batch and max_length (`activation_bytes`: the model run on the meta device, its saved tensors
+counted), and at ZeRO-3 its working memory: the parameters it keeps gathered
+(`zero3_gathered_bytes`) and the gradient reduction's buffers (`zero3_reduction_bytes`).
+
+`device="cpu"` plans a job on CPU workers (ZeRO-3): every term lands in the worker's memory, and
+the model states are counted as DeepSpeed 0.19 allocates them for the job's optimizer
+(`zero3_states`) rather than by its mixed-precision-Adam estimator; checked against measured peak
+RSS in tests/test_plan_measured.py and scripts/big_llama.py.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class ModelSize:
 
 @dataclass(frozen=True)
 class MemoryPlan:
+    device: str  # gpu: per GPU (host memory per node beside); cpu: per CPU worker, everything in RAM
     model: str
     gpus: int
     gpus_per_node: int
@@ -50,7 +58,9 @@ class MemoryPlan:
     reference_gpu_gb: float  # the frozen original for KL/NPO/SCRUB (none with LoRA: disable_adapter)
     hamu_gpu_gb: float  # HAMU's gradient copies on each GPU (gradient_copies)
     hamu_cpu_gb: float  # ... in CPU memory per node (ZeRO-1/2 with offload)
-    total_gpu_gb: float
+    activations_gb: float  # saved for backward at the job's batch and max_length (the larger set's batch)
+    working_gb: float  # ZeRO-3's working memory: the parameters held gathered, the gradient reduction's buffers
+    total_gpu_gb: float  # per GPU; with device cpu, per CPU worker (the name kept for --json readers)
     gpu_memory_gb: float
     fits: bool
 
@@ -82,7 +92,7 @@ def model_size(config_path: str | Path, lora=None) -> ModelSize:
 
 
 def gradient_copies(*, stage: int, offload: str, bf16: bool, trainable: int, largest_block: int,
-                    gpus: int) -> tuple[float, float]:
+                    gpus: int, device: str = "gpu") -> tuple[float, float]:
     """(bytes per GPU, bytes in CPU memory per rank) that HAMU's two-backward step holds beside
     DeepSpeed's own buffers, as DeepSpeed 0.19 hands a rank its gradient (hamu_ray.engine.grads);
     T trainable parameters, N GPUs, b = 2 in bf16 else 4:
@@ -93,10 +103,12 @@ def gradient_copies(*, stage: int, offload: str, bf16: bool, trainable: int, lar
                  an fp32 copy, and so is g_f in bf16 or with offload        + 4·T/N
                  (offload does not take them off the GPU)
     and where bf16 gradients are read in place (ZeRO-0–2, no offload), the statistics' fp32
-    copies of one block of g_r and g_f: 8·min(largest block, T/N)."""
+    copies of one block of g_r and g_f: 8·min(largest block, T/N). On CPU workers (`device`
+    cpu) the accelerator is the CPU: an offloaded fp32 ZeRO-3 gradient is handed out as it is,
+    so g_f is a copy only in bf16."""
     shard = trainable / (gpus if stage else 1)
     if stage == 3:
-        copy_of_g_f = bf16 or offload != "none"
+        copy_of_g_f = bf16 or (offload != "none" and device == "gpu")
         return 4 * shard * (2 if copy_of_g_f else 1), 0.0
     if offload != "none":
         return 0.0, 4 * shard
@@ -105,9 +117,96 @@ def gradient_copies(*, stage: int, offload: str, bf16: bool, trainable: int, lar
     return weight_bytes * shard + statistics, 0.0
 
 
-def plan(cfg, *, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
-         model_config: str | None = None) -> MemoryPlan:
-    """The per-GPU and per-node memory of `cfg`'s causal LM on cfg.cluster.num_workers GPUs."""
+OPTIMIZER_STATE_BYTES = {"SGD": 0, "AdamW": 8}  # per trainable parameter (HAMU's SGD: lr only, no momentum)
+
+
+def zero3_states(*, trainable: int, gpus: int, bf16: bool, offload: str, optimizer: str) -> dict[str, tuple[float, str]]:
+    """Model states per rank as DeepSpeed 0.19's ZeRO-3 allocates them (stage3.py), T trainable
+    parameters on N ranks, b = 2 in bf16 else 4, each with where it lives (accelerator or host):
+      the parameters' partition (lp_param_buffer)            b·T/N   host with offload all
+      the fp32 master partition: none in fp32 without         4·T/N   host with offload
+        offload (the partition is already fp32 on the device: DeepSpeed uses it)
+      the gradient partition (grad_partitions_flat_buffer)   b·T/N   host with offload
+      the optimizer's state (AdamW 8 bytes; SGD without momentum none)"""
+    b, shard = (2 if bf16 else 4), trainable / gpus
+    states_at = "host" if offload != "none" else "accelerator"
+    return {
+        "parameters": (b * shard, "host" if offload == "all" else "accelerator"),
+        "fp32 master": (4 * shard if bf16 or offload != "none" else 0.0, states_at),
+        "gradients": (b * shard, states_at),
+        "optimizer": (OPTIMIZER_STATE_BYTES[optimizer] * shard, states_at),
+    }
+
+
+def zero3_gathered_bytes(*, params: int, bf16: bool) -> float:
+    """The parameters ZeRO-3 holds gathered whole on every rank (DeepSpeed 0.19 defaults): it
+    keeps a gathered parameter until `stage3_max_live_parameters` are live and does not release
+    one it will use again within `stage3_max_reuse_distance` (the backward reuses the forward's),
+    so a model under those limits (1e9 parameters) is held whole between forward and backward."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return (2 if bf16 else 4) * min(params, int(DeepSpeedZeroConfig().max_live_parameters))
+
+
+def zero3_reduction_bytes(*, trainable: int, bf16: bool, gloo: bool) -> float:
+    """The gradient reduction's working buffers per rank at ZeRO-3 (DeepSpeed 0.19, defaults):
+    the reduce bucket (`reduce_bucket_size` elements, filled with every gradient before it is
+    reduced), the flat copy `reduce_scatter_coalesced` concatenates the bucket's parameters
+    into, and on CPU (gloo) the backend's copy of it for the reduce-scatter (measured: not in
+    any tensor Python sees). All in the weights' dtype, min(T, bucket) elements each."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    bucket = min(trainable, int(DeepSpeedZeroConfig().reduce_bucket_size))
+    return (2 if bf16 else 4) * bucket * (3 if gloo else 2)
+
+
+def activation_bytes(config_path: str | Path, *, rows: int, seq_len: int, bf16: bool,
+                     checkpointing: bool = False) -> float:
+    """What one backward keeps: the model run on the meta device (no memory, no compute) on a
+    `rows` × `seq_len` batch under autograd's saved-tensor hooks, every storage a saved tensor
+    uses counted once, the parameters' not. Attention is counted as the math kernel keeps it
+    (its softmax weights, rows × heads × seq_len² each layer); the fused kernels keep less, so
+    this is an upper bound there (tests/test_plan.py). With gradient checkpointing only the
+    checkpoints are kept, and one layer's activations come back during its recomputation."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(config_path)
+    config = AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model.train()
+    if checkpointing:  # as CausalLMTask.build sets it up
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # a storage's identity: its StorageImpl (meta storages have no data pointer to tell them apart)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            kept[storage._cdata] = storage.nbytes()
+        return t
+
+    ids = torch.zeros(rows, seq_len, dtype=torch.long, device="meta")
+    # a 4-d mask as given (a 2-d one, or none, is inspected for values, which meta tensors lack)
+    mask = torch.ones(rows, 1, seq_len, seq_len, dtype=torch.bool, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+    saved = sum(kept.values())
+    if checkpointing:
+        saved += activation_bytes(config_path, rows=rows, seq_len=seq_len, bf16=bf16) / config.num_hidden_layers
+    return float(saved)
+
+
+def plan(cfg, *, device: str = "gpu", gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
+         model_config: str | None = None, batch_rows: int | None = None,
+         seq_len: int | None = None) -> MemoryPlan:
+    """The per-GPU (device gpu) or per-CPU-worker (device cpu, ZeRO-3) memory of `cfg`'s causal
+    LM on cfg.cluster.num_workers workers; activations at `batch_rows` × `seq_len` (default: the
+    larger of the job's two per-worker batches × data.text.max_length)."""
     with quiet.without_log_messages("DeepSpeed", ACCELERATOR_GUESS):  # a plan uses no accelerator
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -116,12 +215,23 @@ def plan(cfg, *, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
 
     if cfg.model.kind != "causal_lm":
         raise MissingInputError("hamu-ray plan sizes causal LMs (model.kind causal_lm)")
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be gpu or cpu, got {device!r}")
     lora, stage, offload = cfg.model.lora, cfg.train.zero_stage, cfg.train.offload
-    size = model_size(model_config or cfg.model.path, lora)
+    if device == "cpu" and stage != 3:
+        raise MissingInputError(f"hamu-ray plan --device cpu sizes ZeRO-3 jobs (the stage measured on CPU "
+                                f"workers); train.zero_stage is {stage}")
+    path = model_config or cfg.model.path
+    size = model_size(path, lora)
     gpus = cfg.cluster.num_workers
     per_node = min(gpus_per_node, gpus)
     nodes = math.ceil(gpus / per_node)
-    if stage == 3:
+    two_backwards = cfg.data.forget is not None and not cfg.method.spec.implicit
+    if device == "cpu":  # every state in the worker's memory, counted as allocated
+        states = zero3_states(trainable=size.trainable, gpus=gpus, bf16=cfg.train.bf16, offload=offload,
+                              optimizer=cfg.train.optimizer)
+        gpu, cpu = sum(b for b, _ in states.values()), 0.0
+    elif stage == 3:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
             size.trainable, size.largest_layer, per_node, nodes, cpu_offload=offload != "none",
             cpu_offload_params=offload == "all", zero_init=True)
@@ -131,41 +241,56 @@ def plan(cfg, *, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
             cpu_offload=offload == "optimizer")
     weight_bytes = 2 if cfg.model.dtype == "bf16" else 4
     shards = gpus if stage == 3 and offload != "all" else 1
-    on_gpu = 0 if offload == "all" else 1
+    on_gpu = 0 if offload == "all" and device == "gpu" else 1
     frozen = on_gpu * weight_bytes * (size.total - size.trainable) / shards
     reference = 0.0
     if lora is None and cfg.data.forget is not None and needs_reference(cfg.method.spec):
         reference = on_gpu * weight_bytes * size.total / shards
     hamu_gpu, hamu_cpu = 0.0, 0.0
-    if cfg.data.forget is not None and not cfg.method.spec.implicit:  # two backwards (worker.step_function)
+    if two_backwards:  # (worker.step_function)
         hamu_gpu, hamu_cpu = gradient_copies(stage=stage, offload=offload, bf16=cfg.train.bf16,
                                              trainable=size.trainable, largest_block=size.largest_trainable,
-                                             gpus=gpus)
+                                             gpus=gpus, device=device)
         hamu_cpu *= per_node
-    total = (gpu + frozen + reference + hamu_gpu) / GB
+    rows = batch_rows or max(cfg.data.retain_batch_size, cfg.data.forget_batch_size if cfg.data.forget else 0)
+    activations = activation_bytes(path, rows=rows, seq_len=seq_len or cfg.data.text.max_length,
+                                   bf16=cfg.model.dtype == "bf16", checkpointing=cfg.model.gradient_checkpointing)
+    working = 0.0
+    if stage == 3:
+        working = (zero3_reduction_bytes(trainable=size.trainable, bf16=cfg.train.bf16, gloo=device == "cpu")
+                   + zero3_gathered_bytes(params=size.total, bf16=cfg.model.dtype == "bf16"))
+    total = (gpu + frozen + reference + hamu_gpu + activations + working) / GB
     return MemoryPlan(
-        model=str(model_config or cfg.model.path), gpus=gpus, gpus_per_node=per_node, zero_stage=stage,
+        device=device, model=str(path), gpus=gpus, gpus_per_node=per_node, zero_stage=stage,
         offload=offload, lora=lora is not None, params=size.total, trainable_params=size.trainable,
-        model_states_gpu_gb=round(gpu / GB, 2), model_states_cpu_gb=round(cpu / GB, 2),
-        frozen_gpu_gb=round(frozen / GB, 2), reference_gpu_gb=round(reference / GB, 2),
-        hamu_gpu_gb=round(hamu_gpu / GB, 3), hamu_cpu_gb=round(hamu_cpu / GB, 2), total_gpu_gb=round(total, 2),
-        gpu_memory_gb=gpu_memory_gb,
-        fits=total <= gpu_memory_gb)
+        model_states_gpu_gb=round(gpu / GB, 3), model_states_cpu_gb=round(cpu / GB, 2),
+        frozen_gpu_gb=round(frozen / GB, 3), reference_gpu_gb=round(reference / GB, 3),
+        hamu_gpu_gb=round(hamu_gpu / GB, 3), hamu_cpu_gb=round(hamu_cpu / GB, 2),
+        activations_gb=round(activations / GB, 3), working_gb=round(working / GB, 3),
+        total_gpu_gb=round(total, 3), gpu_memory_gb=gpu_memory_gb, fits=total <= gpu_memory_gb)
 
 
 def describe(p: MemoryPlan) -> str:
+    where = "per GPU" if p.device == "gpu" else "per CPU worker"
+    if p.device == "gpu":
+        states = (f"  model states (DeepSpeed's estimate, Adam-mixed-precision bound): {p.model_states_gpu_gb} GB "
+                  f"{where}, {p.model_states_cpu_gb} GB CPU per node")
+    else:
+        states = f"  model states (as ZeRO-3 allocates them for train.optimizer): {p.model_states_gpu_gb} GB {where}"
     lines = [
         f"model {p.model}: {p.params / 1e9:.2f}B parameters, {p.trainable_params / 1e6:.1f}M trainable"
         + (" (LoRA)" if p.lora else ""),
-        f"{p.gpus} GPU(s), {p.gpus_per_node} per node, ZeRO-{p.zero_stage}, offload {p.offload}",
-        f"  model states (DeepSpeed's estimate, Adam-mixed-precision bound): {p.model_states_gpu_gb} GB per GPU, "
-        f"{p.model_states_cpu_gb} GB CPU per node",
-        f"  frozen base weights: {p.frozen_gpu_gb} GB per GPU",
-        f"  reference model: {p.reference_gpu_gb} GB per GPU",
-        f"  HAMU's gradient copies (g_r kept; g_f where DeepSpeed hands out a copy): {p.hamu_gpu_gb} GB per GPU"
+        (f"{p.gpus} GPU(s), {p.gpus_per_node} per node" if p.device == "gpu" else f"{p.gpus} CPU worker(s)")
+        + f", ZeRO-{p.zero_stage}, offload {p.offload}",
+        states,
+        f"  frozen base weights: {p.frozen_gpu_gb} GB {where}",
+        f"  reference model: {p.reference_gpu_gb} GB {where}",
+        f"  HAMU's gradient copies (g_r kept; g_f where DeepSpeed hands out a copy): {p.hamu_gpu_gb} GB {where}"
         + (f", {p.hamu_cpu_gb} GB CPU per node (offloaded)" if p.hamu_cpu_gb else ""),
-        f"  total {p.total_gpu_gb} GB per GPU before activations: "
-        + ("fits" if p.fits else "does NOT fit") + f" in {p.gpu_memory_gb} GB",
+        f"  activations kept for a backward (the job's batch × max_length): {p.activations_gb} GB {where}",
+        f"  ZeRO-3 working memory (parameters held gathered, the reduction's buffers): {p.working_gb} GB {where}",
+        f"  total {p.total_gpu_gb} GB {where}: " + ("fits" if p.fits else "does NOT fit")
+        + f" in {p.gpu_memory_gb} GB",
     ]
     return "\n".join(lines)
 

@@ -44,7 +44,49 @@ def test_the_8b_full_job_by_hand():
     # bf16: DeepSpeed hands out g_r and g_f as fp32 copies of the local shard
     assert p.hamu_gpu_gb == pytest.approx(8 * P / N / GB, abs=0.001)
     assert p.reference_gpu_gb == 0 and p.frozen_gpu_gb == 0  # hamu-q needs no reference
-    assert p.total_gpu_gb == pytest.approx((4 * L + 18 * P / N + 8 * P / N) / GB, abs=0.01) and p.fits
+    # ZeRO-3's working memory in bf16: the reduce bucket and its flat copy (5e8 elements each),
+    # and 1e9 parameters held gathered (max_live_parameters; the model is larger)
+    assert p.working_gb == pytest.approx((2 * 2 * 5e8 + 2 * 1e9) / GB, abs=0.001)
+    # activations at 4 rows × 512 tokens with checkpointing: at least the 32 layers' inputs
+    assert p.activations_gb > 32 * 4 * 512 * 4096 * 2 / GB
+    assert p.total_gpu_gb == pytest.approx((4 * L + 18 * P / N + 8 * P / N) / GB + p.working_gb + p.activations_gb,
+                                           abs=0.01) and p.fits
+
+
+def test_activations_counted_on_the_meta_device_equal_a_real_backwards_saved_tensors(tiny_lm):
+    """The plan's count (meta device, no memory) against the same model really run: every
+    storage autograd saves for the backward, the parameters' not. The meta device runs attention
+    as the math kernel does (its softmax weights saved); the fused CPU kernel keeps less, so the
+    count is exact under the math kernel and an upper bound otherwise."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(3, 1000, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)  # a padded batch's mask (here nothing padded)
+
+    def saved_bytes() -> int:
+        saved = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, attention_mask=mask, labels=ids)
+        return sum(saved.values())
+
+    counted = plan.activation_bytes(tiny_lm, rows=3, seq_len=20, bf16=False)
+    with sdpa_kernel(SDPBackend.MATH):
+        assert counted == saved_bytes()
+    assert saved_bytes() < counted
+
+
 
 
 # Llama-3.1-8B on one node of 8 GPUs: T parameters, all trainable; its largest tensor the embedding
@@ -64,6 +106,23 @@ T, BLOCK, N8 = 8_030_261_248, 128_256 * 4096, 8
 def test_gradient_copies_by_hand(stage, offload, bf16, gpu, cpu):
     assert plan.gradient_copies(stage=stage, offload=offload, bf16=bf16, trainable=T, largest_block=BLOCK,
                                 gpus=N8) == pytest.approx((gpu, cpu))
+
+
+def test_on_cpu_workers_an_offloaded_fp32_zero3_gradient_is_handed_out_as_it_is():
+    # the accelerator is the CPU: `.to(accelerator).float()` of an fp32 CPU shard is the shard
+    kwargs = dict(stage=3, offload="optimizer", trainable=T, largest_block=BLOCK, gpus=N8, device="cpu")
+    assert plan.gradient_copies(bf16=False, **kwargs) == (4 * T / N8, 0.0)  # g_r only
+    assert plan.gradient_copies(bf16=True, **kwargs) == (8 * T / N8, 0.0)  # .float() of bf16 copies
+
+
+def test_zero3_states_as_deepspeed_allocates_them():
+    kwargs = dict(trainable=T, gpus=N8, optimizer="SGD")
+    fp32 = plan.zero3_states(bf16=False, offload="none", **kwargs)
+    assert fp32["fp32 master"] == (0.0, "accelerator")  # the fp32 partition is the master
+    assert sum(b for b, _ in fp32.values()) == 8 * T / N8  # parameters + gradients
+    offloaded = plan.zero3_states(bf16=True, offload="optimizer", **{**kwargs, "optimizer": "AdamW"})
+    assert offloaded == {"parameters": (2 * T / N8, "accelerator"), "fp32 master": (4 * T / N8, "host"),
+                         "gradients": (2 * T / N8, "host"), "optimizer": (8 * T / N8, "host")}
 
 
 def test_only_two_backward_methods_hold_gradient_copies_and_offload_counts_them_per_node():
@@ -135,3 +194,24 @@ def test_a_pipeline_is_planned_by_its_methods_job(tiny_lm, tmp_path, capsys):
     assert (planned["model"], planned["gpus"], planned["params"]) == (str(tiny_lm), 2, plan.model_size(tiny_lm).total)
     assert cli.main(["plan", str(REPO / "cluster" / "jobs" / "llama-8b-full.yaml"), "--method", "npo"]) == 2
     assert "is a job, not a pipeline; leave --method out" in capsys.readouterr().err
+
+
+def test_the_command_plans_cpu_workers_at_zero3_and_refuses_other_stages(tiny_lm, tmp_path, capsys):
+    import yaml
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"),
+        "data": {"forget": str(tmp_path / "f.parquet"), "retain": str(tmp_path / "r.parquet"),
+                 "retain_batch_size": 4, "forget_batch_size": 2, "text": {"format": "qa", "max_length": 32}},
+        "model": {"kind": "causal_lm", "path": str(tiny_lm)},
+        "method": {"name": "hamu-q", "hparams": {"constraint": 0.01}},
+        "train": {"lr": 0.01, "zero_stage": 3}, "cluster": {"num_workers": 2}}))
+    assert cli.main(["plan", str(job), "--device", "cpu", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["device"] == "cpu" and planned["gpus"] == 2
+    # the larger batch (4 rows) at max_length, as activation_bytes counts it
+    assert planned["activations_gb"] == round(plan.activation_bytes(tiny_lm, rows=4, seq_len=32, bf16=False) / GB, 3)
+    assert cli.main(["plan", str(job), "--device", "cpu", "train.zero_stage=2"]) == 2
+    assert "--device cpu sizes ZeRO-3 jobs (the stage measured on CPU workers); train.zero_stage is 2" in \
+        capsys.readouterr().err

@@ -26,7 +26,7 @@ from ray.train import UserCallback as UserCallbackBase
 from hamu_ray import digests, quiet, receipt
 from hamu_ray.engine import data, monitor
 from hamu_ray.engine.config import ClusterSection, UnlearnConfig
-from hamu_ray.errors import OutputExistsError
+from hamu_ray.errors import OutputExistsError, UserError
 from hamu_ray.files import staging_dir
 from hamu_ray.rules import NonFiniteStatsError
 from hamu_ray.engine.worker import (EXPORT_INFO, EXPORT_LOG, PREFLIGHT_FILE, PREFLIGHT_ROWS,
@@ -262,10 +262,14 @@ def kernel_env() -> dict[str, str]:
 
 def worker_env_vars() -> dict[str, str]:
     """What the driver passes on to every Ray worker: the defaults, and the accelerator and kernel
-    pins when set here. DeepSpeed picks cuda on GPU nodes and cpu elsewhere by itself, so only an
-    explicit DS_ACCELERATOR is passed."""
-    accelerator = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}
-    return {**RUNTIME_ENV_DEFAULTS, **accelerator, **kernel_env()}
+    pins and the host-memory choice (usage.HOST_MEMORY_ENV) when set here. DeepSpeed picks cuda on
+    GPU nodes and cpu elsewhere by itself, so only an explicit DS_ACCELERATOR is passed."""
+    from hamu_ray.engine.usage import HOST_MEMORY_ENV
+
+    passed = {key: os.environ[key] for key in ("DS_ACCELERATOR", HOST_MEMORY_ENV) if key in os.environ}
+    if passed.get(HOST_MEMORY_ENV, "keep") not in ("keep", "release"):  # before any worker starts
+        raise UserError(f"${HOST_MEMORY_ENV} must be keep or release, got {passed[HOST_MEMORY_ENV]!r}")
+    return {**RUNTIME_ENV_DEFAULTS, **passed, **kernel_env()}
 
 
 def joining_runtime_env(env_vars: dict[str, str]) -> dict | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from hamu_ray import objectives, receipt
-from hamu_ray.engine import data, monitor, preflight
+from hamu_ray.engine import data, monitor, preflight, usage
 from hamu_ray.engine import deepspeed_engine as eng
 from hamu_ray.engine.config import UnlearnConfig, measures_steps
 from hamu_ray.engine.grads import DeepSpeedGrads
@@ -34,7 +34,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = UnlearnConfig.model_validate(config)
     rank = ray.train.get_context().get_world_rank()
-    task, engine, losses = build(cfg)
+    task = ready_task(cfg)
+    used = usage.Usage()  # the libraries are in: what comes now is the model's (what plan predicts)
+    engine, losses = build(cfg, task)
     device = engine.device  # the one place the device is decided: batches and reference follow it
 
     # resume: weights and optimizer state from the latest checkpoint, then skip the steps done
@@ -63,8 +65,10 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         step += 1
+        used.count(retain_batch, forget_batch)
         try:
-            record = take_step(step, data.to_device(retain_batch, device), data.to_device(forget_batch, device))
+            record = used.timed(take_step, step, data.to_device(retain_batch, device),
+                                data.to_device(forget_batch, device))
         except NonFiniteStatsError as exc:  # the pipeline's table names the step a method diverged at
             raise exc.at_step(step) from None
         if watch is not None and watch.due(step):
@@ -89,10 +93,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     # export: the task writes the model from rank 0 (a collective under ZeRO-3), then the step log
     summary = {"steps": step, "stop": step_log[-1]["stop"] if step_log else "none",
-               "resumed_from_step": start_step}
+               "resumed_from_step": start_step,
+               "usage": usage.summary(usage.gathered(used.record(device)))}  # before the export's gather
     with tempfile.TemporaryDirectory() as tmp:
         task.export(engine, Path(tmp) if rank == 0 else None)
-        if rank == 0:  # the receipt's determinism record: this process made the numbers
+        if rank == 0:
+            summary["usage"]["rank0_peak_rss_gb_after_export"] = round(usage.peak_rss_bytes() / 1e9, 3)
+            # the receipt's determinism record: this process made the numbers
             dtype = next(engine.module.parameters()).dtype
             determinism = receipt.determinism_record(cfg, device, dtype, ray.train.get_context().get_world_size())
             export_log(tmp, step_log, {**summary, "determinism": determinism})
@@ -100,12 +107,21 @@ def train_loop_per_worker(config: dict) -> None:
                          checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
-def build(cfg: UnlearnConfig):
-    """(task, DeepSpeed engine, (retain_loss, forget_loss)): the task's original model wrapped at
-    the configured ZeRO stage, and the method's losses (with its frozen reference, if any)."""
+def ready_task(cfg: UnlearnConfig):
+    """The job's task in a worker process made ready for its model: DeepSpeed and the model's code
+    imported, and with $HAMU_RAY_HOST_MEMORY=release freed host memory returned to the system
+    (usage.return_freed_memory: the peak then follows the live tensors, what the plan counts)."""
+    usage.return_freed_memory()
     eng.import_deepspeed()  # first: transformers' ZeRO-3 integration would import it with MLflow
-    torch.manual_seed(cfg.train.seed)
     task = task_for(cfg)
+    task.import_model_code()
+    return task
+
+
+def build(cfg: UnlearnConfig, task):
+    """(DeepSpeed engine, (retain_loss, forget_loss)): the task's original model wrapped at the
+    configured ZeRO stage, and the method's losses (with its frozen reference, if any)."""
+    torch.manual_seed(cfg.train.seed)
     ds_config = eng.deepspeed_config(
         stage=cfg.train.zero_stage, lr=cfg.train.lr, micro_batch_size=cfg.data.retain_batch_size,
         bf16=cfg.train.bf16, optimizer=cfg.train.optimizer, offload=cfg.train.offload)
@@ -115,7 +131,7 @@ def build(cfg: UnlearnConfig):
         reference = task.reference(engine, ds_config)
     losses = objectives.loss_fns(cfg.method.spec, cfg.method.objective,
                                  lambda batch: task.scores(engine, batch), reference)
-    return task, engine, losses
+    return engine, losses
 
 
 def preflight_loop_per_worker(config: dict) -> None:
@@ -126,7 +142,8 @@ def preflight_loop_per_worker(config: dict) -> None:
     cfg = UnlearnConfig.model_validate(config["job"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    task, engine, (retain_loss, forget_loss) = build(cfg)
+    task = ready_task(cfg)
+    engine, (retain_loss, forget_loss) = build(cfg, task)
     grads, device = DeepSpeedGrads(engine), engine.device
     reduce = SumAcrossRanks(device=device)
 

@@ -34,6 +34,10 @@ class Task(Protocol):
     def check_model(self) -> None:
         """The model's input files exist (before Ray starts)."""
 
+    def import_model_code(self) -> None:
+        """Import the model's code, no weights: a worker's memory before `build` is then the
+        process's own (engine.usage measures the model's from there)."""
+
     def build(self, ds_config: dict) -> torch.nn.Module:
         """The original model, weights loaded; the input files are only read."""
 

@@ -149,6 +149,16 @@ class CausalLMTask:
             raise MissingInputError(f"model.path {path}: no such directory (and not a hub name "
                                     "of the form org/name)")
 
+    def import_model_code(self) -> None:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        config = AutoConfig.from_pretrained(self.model_cfg.path)
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:  # else from_pretrained says what is wrong
+            MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lookup imports the architecture's module
+        if self.model_cfg.lora is not None:
+            import peft  # noqa: F401
+
     def build(self, ds_config: dict) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig

@@ -165,6 +165,9 @@ class ClassifierTask:
         if self.cfg.model.weights is not None:
             check_weights(self.cfg.model, self.cfg.model.weights, "model.weights")
 
+    def import_model_code(self) -> None:
+        pass  # torch.nn only, imported already
+
     def build(self, ds_config: dict) -> torch.nn.Module:
         return build_model(self.cfg.model)
 

@@ -131,6 +131,12 @@ def test_two_zero3_workers_match_the_single_process_step(two_worker_run, inputs)
         assert [row[name] for row in log] == pytest.approx([r[name] for r in measured], abs=1e-6)
     summary = json.loads((two_worker_run.output_dir / "summary.json").read_text())
     assert summary["sets"]["forget"]["num_rows"] == 4 and len(summary["sets"]["forget"]["digest"]) == 16
+    used = summary["usage"]  # each worker's memory and the steps' time: 12 rows a step (8 + 4, all ranks)
+    assert len(used["peak_rss_gb"]) == len(used["rss_before_model_gb"]) == 2
+    assert all(0 < before <= peak for before, peak in zip(used["rss_before_model_gb"], used["peak_rss_gb"]))
+    assert used["tokens_per_step"] == 12 and used["median_step_s"] > 0
+    assert used["tokens_per_s"] == pytest.approx(12 / used["median_step_s"], rel=1e-2)
+    assert used["rank0_peak_rss_gb_after_export"] >= used["peak_rss_gb"][0]
 
 
 def test_the_job_writes_a_receipt_that_verifies_and_catches_a_changed_model(two_worker_run, inputs, tmp_path):

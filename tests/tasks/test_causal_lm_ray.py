@@ -84,6 +84,11 @@ def test_two_zero3_workers_equal_the_single_process_step(tiny_lm, qa_sets, monit
     model = AutoModelForCausalLM.from_pretrained(tiny_lm)
     grads = TorchGrads(model, torch.optim.SGD(model.parameters(), lr=LR))
     whole = (lm_batch(task, rows["retain"]), lm_batch(task, rows["forget"]))
+    # the job's account: every row's tokens once a step (full-batch steps), the widest batch
+    # as wide as the longest row
+    used = json.loads((result.output_dir / "summary.json").read_text())["usage"]
+    assert used["tokens_per_step"] == sum(int(b["attention_mask"].sum()) for b in whole)
+    assert used["longest_batch"] == max(b["attention_mask"].shape[1] for b in whole)
     run_steps(task, grads, lambda b: task.scores(model, b), None, [whole] * STEPS)
     expected = model.state_dict()
     for name, tensor in exported.state_dict().items():
