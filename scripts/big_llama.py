@@ -236,19 +236,24 @@ def allocator_rank(rank: int, port: int, out: str, arm: str, steps: int) -> None
     sets = {name: root / "data" / f"{name}.parquet" for name in ("forget", "retain")}
     cfg = job(root, root / "model", sets, "hamu-q", "fp32", "none", steps)
     task = worker.ready_task(cfg)
-    used = usage.Usage()
-    engine, losses = worker.build(cfg, task)
-    take_step = worker.step_function(cfg, DeepSpeedGrads(engine), *losses, [])
+    batches = []  # tokenised first, as Ray Data hands them to a worker: the tokenizer is not the model's memory
     for step in range(steps):
-        batches = []
+        pair = []
         for name in ("retain", "forget"):
             table = pq.read_table(sets[name]).slice((step * WORKERS + rank) * BATCH, BATCH)
             tokens = tokenize_batch(table, path=str(root / "model"), text=task.text.model_dump(), refusals=False)
-            batches.append(task.make_batch({k: np.array(tokens.column(k).to_pylist(), dtype=object)
-                                            for k in ("input_ids", "labels")}))
-        used.timed(take_step, step + 1, *batches)
+            pair.append(task.make_batch({k: np.array(tokens.column(k).to_pylist(), dtype=object)
+                                         for k in ("input_ids", "labels")}))
+        batches.append(pair)
+    used = usage.Usage()
+    engine, losses = worker.build(cfg, task)
+    take_step = worker.step_function(cfg, DeepSpeedGrads(engine), *losses, [])
+    for step, pair in enumerate(batches):
+        used.timed(take_step, step + 1, *pair)
     if rank == 0:
         (root / "allocator-rank0.json").write_text(json.dumps(used.record(torch.device("cpu"))))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def evaluation_time(model_dir: Path, sets: dict, rows: int) -> dict:

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 SPEED_METHODS = ("ft", "gdiff-1bwd", "hamu-q")
 OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
 HAMU = {"constraint": 0.02, "radius": 0.2}  # the bench's HAMU-Q on the Llama (bench.cases.llama_case)
+BENCH_ROWS = 8  # rows per set and step of the bench's Llama (BenchSpec.lm_batch): one backward's batch
 SETTINGS = {  # seconds per part: 465, and ~15 s for imports and the plan, make 8 minutes
     False: {"device": "cuda", "size": "1b", "warmup": 8, "steps": 32,
             "limit_s": {"tests": 190, "llama": 45, "speed": 160, "memory": 70}},
@@ -190,7 +191,7 @@ def part_memory(out: Path, settings: dict, llama: Path) -> tuple[bool, str]:
                         "method": {"name": "hamu-q", "hparams": HAMU},
                         "train": {"lr": 0.01, "bf16": True, "zero_stage": 3, "offload": "optimizer"},
                         "cluster": {"num_workers": 1}, "output_dir": str(out / "unused")})
-    planned = plan.plan(job, gpus_per_node=1)
+    planned = plan.plan(job, gpus_per_node=1, batch_rows=BENCH_ROWS, seq_len=longest_row(llama))
     if engine_row["alloc_peak_mib"] is None:
         return True, f"(rehearsal: no GPU memory to measure) plan: {planned.total_gpu_gb} GB"
     measured = engine_row["alloc_peak_mib"] * 2**20 / 1e9
@@ -202,10 +203,24 @@ def part_memory(out: Path, settings: dict, llama: Path) -> tuple[bool, str]:
         f"| measured: of which above what the step started with (activations, g_r, g_f) | "
         f"{engine_row['step_peak_mib'] * 2**20 / 1e9:.2f} |",
         f"| measured: reserved by the caching allocator at the end | {engine_row['peak_mib'] * 2**20 / 1e9:.2f} |",
-        f"| plan: total before activations | {planned.total_gpu_gb} |",
+        f"| plan: total | {planned.total_gpu_gb} |",
         f"| plan: model states (DeepSpeed's estimate, an Adam bound) | {planned.model_states_gpu_gb} |",
         f"| plan: HAMU's gradient copies | {planned.hamu_gpu_gb} |",
-        f"\nMeasured ÷ planned: {measured / planned.total_gpu_gb:.2f} (activations are not planned)."])
+        f"| plan: activations ({BENCH_ROWS} rows × the longest row, an upper bound) | {planned.activations_gb} |",
+        f"| plan: ZeRO-3 working memory (parameters held gathered, reduction buffers) | {planned.working_gb} |",
+        f"\nMeasured ÷ planned: {measured / planned.total_gpu_gb:.2f}."])
+
+
+def longest_row(llama: Path) -> int:
+    """The longest country QA row in the Llama's tokens: no batch of the bench is wider."""
+    import pyarrow as pa
+
+    from hamu_ray.pipeline import country_qa
+    from hamu_ray.tasks.causal_lm import TextData, tokenize_batch
+
+    rows = [r for rows in country_qa.build(forget_share=0.1).values() for r in rows]
+    table = tokenize_batch(pa.Table.from_pylist(rows), path=str(llama), text=TextData().model_dump(), refusals=False)
+    return max(len(ids) for ids in table.column("input_ids").to_pylist())
 
 
 if __name__ == "__main__":
