@@ -43,23 +43,20 @@ def rank_main(rank: int, port: int, model_dir: str, data_dir: str, out: str) -> 
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
                       HAMU_RAY_HOST_MEMORY="release")  # freed memory returned: RSS follows live tensors
     torch.set_num_threads(1)
-    import numpy as np
     import pyarrow.parquet as pq
 
     from hamu_ray.engine import deepspeed_engine as eng
     from hamu_ray.engine import usage, worker
     from hamu_ray.engine.grads import DeepSpeedGrads
-    from hamu_ray.tasks.causal_lm import tokenize_batch
+    from tests.lm_fixtures import lm_batch
 
     eng.import_deepspeed().init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     cfg = job(Path(model_dir), Path(data_dir))
     task = worker.ready_task(cfg)
 
     def batch(name: str, step: int):
-        table = pq.read_table(Path(data_dir) / f"{name}.parquet").slice((step * WORLD + rank) * ROWS, ROWS)
-        tokens = tokenize_batch(table, path=model_dir, text=task.text.model_dump(), refusals=False)
-        return task.make_batch({k: np.array(tokens.column(k).to_pylist(), dtype=object)
-                                for k in ("input_ids", "labels")})
+        rows = pq.read_table(Path(data_dir) / f"{name}.parquet").slice((step * WORLD + rank) * ROWS, ROWS)
+        return lm_batch(task, rows.to_pylist())
 
     # the batches first, as a Ray Train worker receives them from Ray Data: the tokenizer is not
     # the model's memory

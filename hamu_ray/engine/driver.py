@@ -264,11 +264,13 @@ def worker_env_vars() -> dict[str, str]:
     """What the driver passes on to every Ray worker: the defaults, and the accelerator and kernel
     pins and the host-memory choice (usage.HOST_MEMORY_ENV) when set here. DeepSpeed picks cuda on
     GPU nodes and cpu elsewhere by itself, so only an explicit DS_ACCELERATOR is passed."""
-    from hamu_ray.engine.usage import HOST_MEMORY_ENV
+    from hamu_ray.engine.usage import HOST_MEMORY_ENV, host_memory_choice
 
+    try:
+        host_memory_choice()  # named here, before any worker starts
+    except ValueError as e:
+        raise UserError(str(e)) from None
     passed = {key: os.environ[key] for key in ("DS_ACCELERATOR", HOST_MEMORY_ENV) if key in os.environ}
-    if passed.get(HOST_MEMORY_ENV, "keep") not in ("keep", "release"):  # before any worker starts
-        raise UserError(f"${HOST_MEMORY_ENV} must be keep or release, got {passed[HOST_MEMORY_ENV]!r}")
     return {**RUNTIME_ENV_DEFAULTS, **passed, **kernel_env()}
 
 

@@ -19,6 +19,16 @@ HOST_MEMORY_ENV = "HAMU_RAY_HOST_MEMORY"  # keep (glibc as it is, the default) o
 MMAP_THRESHOLD = 128 * 1024  # glibc's own default, held fixed
 
 
+def host_memory_choice() -> str:
+    """$HAMU_RAY_HOST_MEMORY's value: keep (the default) or release; anything else is named."""
+    import os
+
+    choice = os.environ.get(HOST_MEMORY_ENV, "keep")
+    if choice not in ("keep", "release"):
+        raise ValueError(f"${HOST_MEMORY_ENV} must be keep or release, got {choice!r}")
+    return choice
+
+
 def return_freed_memory() -> bool:
     """With $HAMU_RAY_HOST_MEMORY=release, ask glibc to serve every allocation of 128 KiB or more
     with its own mapping, given back to the system when freed, and to keep that threshold. By
@@ -30,12 +40,8 @@ def return_freed_memory() -> bool:
     C library is not glibc."""
     import ctypes
     import ctypes.util
-    import os
 
-    choice = os.environ.get(HOST_MEMORY_ENV, "keep")
-    if choice not in ("keep", "release"):
-        raise ValueError(f"${HOST_MEMORY_ENV} must be keep or release, got {choice!r}")
-    if choice == "keep" or not sys.platform.startswith("linux"):
+    if host_memory_choice() == "keep" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
