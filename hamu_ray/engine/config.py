@@ -151,6 +151,22 @@ class MonitorSection(Section):
     batch_size: int = Field(32, gt=0)  # rows per forward pass
 
 
+class EvaluationSection(Section):
+    """Evaluation of the job's final model on its own workers (the model never leaves them):
+    every row of each set scored, each rank its share (tasks.lm_scores), the per-example
+    numbers written beside the export (engine.evaluation). Causal LM, qa format."""
+    sets: dict[str, str] = Field(min_length=1)  # name → parquet file of rows (every worker reads it)
+    batch_size: int = Field(64, gt=0)  # rows per forward pass and per greedy decoding
+    max_new_tokens: int = Field(32, gt=0)  # greedy answers' length (ROUGE)
+
+    @model_validator(mode="after")
+    def _names(self) -> "EvaluationSection":
+        bad = [name for name in self.sets if not name.isidentifier()]
+        if bad:
+            raise ValueError(f"evaluation.sets: names must be identifiers (letters, digits, _), got {bad}")
+        return self
+
+
 class UnlearnConfig(Section):
     data: DataSection
     model: ModelSection
@@ -158,6 +174,7 @@ class UnlearnConfig(Section):
     train: TrainSection
     cluster: ClusterSection = ClusterSection()
     monitor: MonitorSection | None = None  # None: no evaluation during the run
+    evaluation: EvaluationSection | None = None  # None: the final model is not scored here
     output_dir: str  # created by the run; must not exist yet (nothing is overwritten)
 
     @model_validator(mode="after")
@@ -189,6 +206,9 @@ class UnlearnConfig(Section):
             if uses_refusals(self.method.spec):
                 raise ValueError(f"data.forget_tokens fact: method {self.method.name} trains on refusals, "
                                  "which hold no fact span; use forget_tokens answer")
+        if self.evaluation is not None and not (lm and self.data.text.format == "qa"):
+            raise ValueError("evaluation scores answers to questions: it needs model.kind causal_lm "
+                             "and data.text.format qa")
         if lm and (self.model.dtype == "bf16") != self.train.bf16:
             raise ValueError(f"model.dtype {self.model.dtype} and train.bf16 {self.train.bf16} "
                              "disagree: bf16 weights train in DeepSpeed's bf16 mode (fp32 master "

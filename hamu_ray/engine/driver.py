@@ -24,13 +24,14 @@ import ray.train
 from ray.train import UserCallback as UserCallbackBase
 
 from hamu_ray import digests, quiet, receipt
-from hamu_ray.engine import data, monitor
+from hamu_ray.engine import data, evaluation, monitor
 from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import OutputExistsError, UserError
 from hamu_ray.files import staging_dir
 from hamu_ray.rules import NonFiniteStatsError
 from hamu_ray.engine.worker import (EXPORT_INFO, EXPORT_LOG, PREFLIGHT_FILE, PREFLIGHT_ROWS,
-                                   preflight_loop_per_worker, train_loop_per_worker)
+                                   evaluate_loop_per_worker, preflight_loop_per_worker,
+                                   train_loop_per_worker)
 from hamu_ray.tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,35 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
         # its receipt digests every row: a column it cannot encode fails here, not after training
         digests.check_encodable(sets["forget"].path)
     task.check_model()
+    check_evaluation_sets(cfg)
     for info in sets.values():  # counts and digests only: never the rows
         log.info("%s set: %d rows, sha256 %s", info.name, info.num_rows, info.digest)
     return sets
+
+
+def check_evaluation_sets(cfg: UnlearnConfig) -> list[data.SetInfo]:
+    """The evaluation sets readable, non-empty, with the question and answer columns."""
+    if cfg.evaluation is None:
+        return []
+    columns = [cfg.data.text.question_column, cfg.data.text.answer_column]
+    return [data.inspect_set(evaluation.set_label(name), path, columns)
+            for name, path in cfg.evaluation.sets.items()]
+
+
+def run_evaluation(cfg: UnlearnConfig) -> dict:
+    """The job's model as given (model.path), scored on its evaluation sets by the job's own
+    workers at its ZeRO stage and dtype (an evaluation-only job: no optimizer, no step); only
+    the per-example numbers come back: set → score → values."""
+    if cfg.evaluation is None:
+        raise UserError("the job has no evaluation: section (the sets to score)")
+    task_for(cfg).check_model()
+    check_evaluation_sets(cfg)
+    with tempfile.TemporaryDirectory() as tmp, ray_session(cfg.cluster):
+        result = fit(cfg, {}, Path(tmp) / "ray", loop=evaluate_loop_per_worker)
+        if result.checkpoint is None:
+            raise RuntimeError("the evaluation reported no scores")
+        with result.checkpoint.as_directory() as reported:
+            return evaluation.read_scores(Path(reported) / evaluation.SCORES_FILE)
 
 
 def prepared_sets(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> dict:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from hamu_ray import objectives, receipt
-from hamu_ray.engine import data, monitor, preflight, usage
+from hamu_ray.engine import data, evaluation, monitor, preflight, usage
 from hamu_ray.engine import deepspeed_engine as eng
 from hamu_ray.engine.config import UnlearnConfig, measures_steps
 from hamu_ray.engine.grads import DeepSpeedGrads
 from hamu_ray.rules import NonFiniteStatsError, Rule, get_rule, trust
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
 from hamu_ray.tasks import task_for
+from hamu_ray.tasks.lm_scores import Ranks
 from hamu_ray.engine.step import (ImplicitStepOutput, ImplicitSurgery, MeanAcrossRanks, StepOutput,
                                   SumAcrossRanks, TrustRegion, descent_step, implicit_surgery_step,
                                   unlearning_step)
@@ -95,8 +97,16 @@ def train_loop_per_worker(config: dict) -> None:
     summary = {"steps": step, "stop": step_log[-1]["stop"] if step_log else "none",
                "resumed_from_step": start_step,
                "usage": usage.summary(usage.gathered(used.record(device)))}  # before the export's gather
+    scores = None
+    if cfg.evaluation is not None:  # the final model scored where it is, before it is written out
+        started = time.perf_counter()
+        scores = task.evaluate(engine.module, evaluation.read_sets(cfg.evaluation), cfg.evaluation,
+                               Ranks.of_job(device, cfg.train.zero_stage))
+        summary["evaluation_s"] = round(time.perf_counter() - started, 2)
     with tempfile.TemporaryDirectory() as tmp:
         task.export(engine, Path(tmp) if rank == 0 else None)
+        if rank == 0 and scores is not None:
+            evaluation.write_scores(Path(tmp) / evaluation.SCORES_FILE, scores)
         if rank == 0:
             summary["usage"]["rank0_peak_rss_gb_after_export"] = round(usage.peak_rss_bytes() / 1e9, 3)
             # the receipt's determinism record: this process made the numbers
@@ -165,6 +175,32 @@ def preflight_loop_per_worker(config: dict) -> None:
                 {"stats": measured.stats.to_tensor().tolist(), "batch_rr": measured.batch_rr.tolist(),
                  "batch_ff": measured.batch_ff.tolist(), "names": names, "rows": table.tolist()}))
         ray.train.report({"final": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def evaluate_loop_per_worker(config: dict) -> None:
+    """An evaluation-only job: the job's model as given, built at its ZeRO stage and dtype
+    without an optimizer, its evaluation sets scored as after an unlearning run (rank 0
+    reports evaluation.SCORES_FILE)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = UnlearnConfig.model_validate(config)
+    rank = ray.train.get_context().get_world_rank()
+    task = ready_task(cfg)
+    ds_config = eng.deepspeed_config(
+        stage=cfg.train.zero_stage, lr=cfg.train.lr, micro_batch_size=cfg.data.retain_batch_size,
+        bf16=cfg.train.bf16, optimizer=cfg.train.optimizer, offload=cfg.train.offload)
+    device = ray.train.torch.get_device()
+    model = eng.frozen_copy(task.build(ds_config), ds_config, device)  # ZeRO-3: partitioned
+    started = time.perf_counter()
+    scores = task.evaluate(getattr(model, "module", model), evaluation.read_sets(cfg.evaluation),
+                           cfg.evaluation, Ranks.of_job(device, cfg.train.zero_stage))
+    elapsed = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            evaluation.write_scores(Path(tmp) / evaluation.SCORES_FILE, scores)
+        ray.train.report({"final": True, "evaluation_s": round(elapsed, 2)},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
 def step_function(cfg: UnlearnConfig, grads: DeepSpeedGrads, retain_loss, forget_loss,

@@ -1,4 +1,4 @@
-"""Evaluating language models after unlearning: per-example scores computed by Ray tasks on the
+"""Evaluating language models after unlearning: per-example scores (tasks.lm_scores) computed by Ray tasks on the
 cluster (one model loaded once per task, every set batched), metrics from them on the driver.
 
 Only numbers leave a task: the forget rows' text and the model's answers to them stay there
@@ -19,13 +19,10 @@ from hamu_ray.attacks.quantize import fake_quantize
 from hamu_ray.attacks.relearn import batch_rows, relearn
 from hamu_ray.attacks.recovery import recovered_share
 from hamu_ray.pipeline import lm_metrics
-from hamu_ray.tasks.causal_lm import (IGNORE, TextData, encode_qa, fact_encoding, has_target, load_tokenizer,
-                                      pad_batch, prompt_tokens, sequence_scores, truncate)
+from hamu_ray.tasks.causal_lm import TextData, fact_encoding, has_target, load_tokenizer, pad_batch, sequence_scores
+from hamu_ray.tasks.lm_scores import FACT, PARAPHRASED, PERTURBED, encode_pair, score_rows
 
 EVAL_SETS = ("forget", "retain", "holdout")  # retain: a fixed sample of the retain set
-MIN_K = 0.4  # Min-K%: the share of lowest-probability answer tokens averaged (MUSE uses 0.4)
-PARAPHRASED, PERTURBED = "paraphrased_answer", "perturbed_answers"  # optional columns
-FACT = "fact"  # optional: the answer's value (its last occurrence in the answer is the fact's span)
 TABLE_COLUMNS = ("model", "forget_prob", "forget_rouge", "forget_truth", "forget_fact", "forget_fact_em",
                  "retain_prob", "retain_rouge", "retain_truth", "retain_fact", "holdout_fact",
                  "utility_prob", "model_utility", "forget_quality", "mia_auc", "priv_leak",
@@ -68,24 +65,9 @@ def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool 
         model = fake_quantize(model, quantize_bits)
     if relearning is not None:
         model = relearned(model, tokenizer, relearning, cfg)
-    model.eval()
-    out = {}
-    with torch.no_grad():
-        for name, path in sets.items():
-            rows = pq.read_table(path).to_pylist()
-            questions = [r[cfg.question_column] for r in rows]
-            answers = [r[cfg.answer_column] for r in rows]
-            logprob, count, min_k = answer_scores(model, tokenizer, questions, answers, cfg, batch_size)
-            generated = greedy_answers(model, tokenizer, questions, cfg, batch_size, max_new_tokens)
-            scores = {"logprob": logprob, "count": count, "min_k": min_k,
-                      "rouge": lm_metrics.rouge_l_recall(generated, answers)}
-            if rows and PARAPHRASED in rows[0] and PERTURBED in rows[0]:
-                scores.update(truth_ratio_inputs(model, tokenizer, rows, questions, cfg, batch_size))
-            if rows and FACT in rows[0]:
-                scores.update(fact_scores(model, tokenizer, questions, answers, [r[FACT] for r in rows],
-                                          cfg, batch_size))
-            out[name] = scores
-    return out
+    return {name: score_rows(model, tokenizer, pq.read_table(path).to_pylist(), cfg, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens)
+            for name, path in sets.items()}
 
 
 def relearned(model, tokenizer, spec: Relearning, cfg: TextData):
@@ -101,52 +83,6 @@ def relearned(model, tokenizer, spec: Relearning, cfg: TextData):
         scores = sequence_scores(tuned, batch)
         return -scores.logprob.sum() / scores.count.sum()
     return relearn(model, batches, spec.lr, mean_token_loss)
-
-
-def answer_scores(model, tokenizer, questions: Sequence[str], answers: Sequence[str], cfg: TextData,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Summed answer-token log-prob, answer token count and Min-K% score per (question, answer)."""
-    logprob, count, min_k = [], [], []
-    for start in range(0, len(questions), batch_size):
-        encoded = [encode_pair(tokenizer, q, a, cfg)
-                   for q, a in zip(questions[start:start + batch_size], answers[start:start + batch_size])]
-        batch = pad_batch([ids for ids, _ in encoded], [labels for _, labels in encoded])
-        scores = sequence_scores(model, batch)
-        targets = batch["labels"][:, 1:]
-        token_lp = torch.log_softmax(scores.logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        logprob.append(scores.logprob.double().numpy())
-        count.append(scores.count.double().numpy())
-        min_k.append(lm_metrics.min_k_percent(
-            [lp[t != IGNORE].double().numpy() for lp, t in zip(token_lp, targets)], MIN_K))
-    empty = np.empty(0)
-    return tuple(np.concatenate(parts) if parts else empty for parts in (logprob, count, min_k))
-
-
-def fact_scores(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
-                facts: Sequence[str | None], cfg: TextData, batch_size: int) -> dict[str, np.ndarray]:
-    """The fact metric's inputs per row: the value span's summed log-prob given the question and
-    the answer up to it (`fact_logprob`; P(value | question, prefix) = exp of it) and whether
-    greedy decoding from that prefix reproduces the span's tokens (`fact_exact`: the argmax at
-    every span position is the span's token). Rows without a fact (None) get NaN and False.
-    A model scorer of its own (the engine's monitor can call it with a loaded model)."""
-    logprob, exact = np.full(len(answers), np.nan), np.zeros(len(answers), dtype=bool)
-    marked = [i for i, f in enumerate(facts) if f is not None]
-    with torch.no_grad():
-        for start in range(0, len(marked), batch_size):
-            rows = marked[start:start + batch_size]
-            encoded = [fact_encoding(tokenizer, questions[i], answers[i], facts[i], cfg) for i in rows]
-            batch = pad_batch([ids for ids, _ in encoded], [labels for _, labels in encoded])
-            scores = sequence_scores(model, batch)
-            targets = batch["labels"][:, 1:]
-            hit = (scores.logits.argmax(-1) == targets) | (targets == IGNORE)
-            logprob[rows] = scores.logprob.double().numpy()
-            exact[rows] = hit.all(-1).numpy()
-    return {"fact_logprob": logprob, "fact_exact": exact}
-
-
-def encode_pair(tokenizer, question: str, answer: str, cfg: TextData) -> tuple[list[int], list[int]]:
-    """input_ids and labels of one scored (question, answer), cut at max_length as in training."""
-    return truncate(*encode_qa(tokenizer, question, answer, cfg.prompt), cfg.max_length)[:2]
 
 
 def rows_without_answer_tokens(tokenizer, rows: list[dict], cfg: TextData) -> dict[str, int]:
@@ -175,38 +111,6 @@ def fact_kept(tokenizer, question: str, answer: str, fact: str, cfg: TextData) -
     except ValueError:
         return False
     return True
-
-
-def truth_ratio_inputs(model, tokenizer, rows: list[dict], questions: Sequence[str], cfg: TextData,
-                       batch_size: int) -> dict[str, np.ndarray]:
-    """Mean answer-token log-probs (log P̃) of the paraphrased answer [n] and the perturbed ones [n, k]."""
-    k = len(rows[0][PERTURBED])
-    if any(len(r[PERTURBED]) != k for r in rows):
-        raise ValueError(f"every row needs the same number of {PERTURBED} (the first has {k})")
-    para_lp, para_n, _ = answer_scores(model, tokenizer, questions, [r[PARAPHRASED] for r in rows],
-                                       cfg, batch_size)
-    pert_lp, pert_n, _ = answer_scores(model, tokenizer, [q for q in questions for _ in range(k)],
-                                       [a for r in rows for a in r[PERTURBED]], cfg, batch_size)
-    return {"paraphrased_logp": para_lp / para_n, "perturbed_logp": (pert_lp / pert_n).reshape(len(rows), k)}
-
-
-def greedy_answers(model, tokenizer, questions: Sequence[str], cfg: TextData, batch_size: int,
-                   max_new_tokens: int) -> list[str]:
-    """The model's greedy answer to each question (prompts left-padded, stopped at EOS)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [prompt_tokens(tokenizer, q, cfg.prompt) for q in questions[start:start + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.as_tensor(p)
-            mask[i, width - len(p):] = 1
-        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in new]
-    return answers
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from hamu_ray import digests, files
 from hamu_ray.engine import data
 from hamu_ray.errors import MissingInputError
 from hamu_ray.pipeline import lm_evaluate, lm_metrics, qa_sets, user_data
-from hamu_ray.pipeline.lm_evaluate import PARAPHRASED, PERTURBED
+from hamu_ray.tasks.lm_scores import FACT, PARAPHRASED, PERTURBED
 from hamu_ray.tasks import small_llama
 
 EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout",
@@ -90,7 +90,7 @@ def check_fact_columns(cfg, sets: dict[str, list[dict]]) -> None:
                             + ("(data.forget_tokens fact: every forget row marks one)" if must_mark
                                else "(leave it empty where a row marks no fact)"))
         for r in rows:
-            r[lm_evaluate.FACT] = r.pop(given[0])
+            r[FACT] = r.pop(given[0])
     if problems:
         raise data.DataError("\n".join(problems))
 

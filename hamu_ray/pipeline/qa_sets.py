@@ -5,7 +5,7 @@ pipeline.fictitious_qa).
 Every row is TOFU's: a question, the answer, a paraphrased answer and five perturbed answers (the
 paraphrase with wrong values of the same fact: true and false answers differ only in the fact),
 and `fact`, the value's text, whose last occurrence in the answer is the span the fact metric
-scores (lm_evaluate.fact_scores). Forgetting is by entity: forget / holdout (never trained on) /
+scores (lm_scores.fact_scores). Forgetting is by entity: forget / holdout (never trained on) /
 retain. Beside them, each pipeline gets
 
 - a *utility* set: facts of the other world, which the forget request does not touch; the

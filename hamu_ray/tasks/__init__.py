@@ -49,6 +49,11 @@ class Task(Protocol):
     def reference(self, engine: Any, ds_config: dict) -> Callable[[dict], Scores]:
         """The frozen original's scores (no gradient), for KL/NPO/SCRUB."""
 
+    def evaluate(self, model: Any, sets: dict[str, list[dict]], section: Any,
+                 ranks: Any) -> dict[str, dict[str, np.ndarray]]:
+        """Per-example scores of every row of each evaluation set, this rank scoring its share
+        (causal LM; the config refuses an evaluation section for other tasks)."""
+
     def export(self, engine: Any, directory: Path | None) -> None:
         """Write the trained model to `directory` (rank 0; None on other ranks). A collective
         under ZeRO-3: every rank calls it."""

@@ -193,6 +193,17 @@ class CausalLMTask:
     def scores(self, model, batch: dict[str, torch.Tensor]) -> Scores:
         return sequence_scores(model, batch)
 
+    def evaluate(self, model, sets: dict[str, list[dict]], section, ranks) -> dict[str, dict[str, np.ndarray]]:
+        """Every row of each set scored with `model` (the Hugging Face module; under ZeRO-3
+        partitioned), this rank its share (`ranks`: tasks.lm_scores.Ranks), batched as
+        `section` says (engine.config.EvaluationSection); every rank gets every row's numbers."""
+        from hamu_ray.tasks.lm_scores import score_rows
+
+        tokenizer = load_tokenizer(self.model_cfg.path)
+        return {name: score_rows(model, tokenizer, rows, self.text, batch_size=section.batch_size,
+                                 max_new_tokens=section.max_new_tokens, ranks=ranks)
+                for name, rows in sets.items()}
+
     def reference(self, engine, ds_config: dict):
         if self.model_cfg.lora is not None:
             module = engine.module

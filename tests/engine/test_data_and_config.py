@@ -15,6 +15,7 @@ from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
 from hamu_ray.schema import apply_overrides
 from hamu_ray.engine.data import DataError, inspect_set
 from hamu_ray.engine.driver import check_inputs
+from hamu_ray.errors import UserError
 
 
 @pytest.fixture
@@ -288,3 +289,40 @@ def test_overridden_configs_are_validated_like_the_file():
     # each error names the command line's override that made it, not the file
     assert f"command line 'unlearn.lr=-1' (over {DIGITS}): unlearn.lr: Input should be greater than 0" in message
     assert f"command line 'cluster.nodes=3' (over {DIGITS}): cluster.nodes: Extra inputs are not permitted" in message
+
+
+def test_an_evaluation_section_needs_a_qa_language_model_and_sets_named_by_identifiers(sets):
+    evaluation = {"sets": {"forget": str(sets / "forget.parquet")}}
+    with pytest.raises(ConfigError, match="evaluation scores answers to questions: it needs model.kind causal_lm"):
+        parse_config({**raw(sets), "evaluation": evaluation})
+    lm = {**raw(sets), "model": {"kind": "causal_lm", "path": str(sets)}}
+    with pytest.raises(ConfigError, match=r"evaluation.sets: names must be identifiers .*\['a b'\]"):
+        parse_config({**lm, "evaluation": {"sets": {"a b": "x.parquet"}}})
+    with pytest.raises(ConfigError, match="evaluation.sets"):
+        parse_config({**lm, "evaluation": {"sets": {}}})
+    assert parse_config({**lm, "evaluation": evaluation}).evaluation.batch_size == 64
+
+
+def test_evaluation_sets_are_checked_before_any_worker_starts(tiny_lm, tmp_path):
+    from hamu_ray.engine.driver import run_evaluation
+    from tests.lm_fixtures import qa_rows
+
+    rows = qa_rows()
+    pq.write_table(pa.Table.from_pylist(rows[:4]), tmp_path / "forget.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[4:12]), tmp_path / "retain.parquet")
+    pq.write_table(pa.table({"question": ["q"]}), tmp_path / "no_answer.parquet")
+    job = {"data": {"forget": str(tmp_path / "forget.parquet"), "retain": str(tmp_path / "retain.parquet"),
+                    "retain_batch_size": 2, "forget_batch_size": 2},
+           "model": {"kind": "causal_lm", "path": str(tiny_lm)}, "method": {"name": "ga"},
+           "train": {"lr": 0.1}, "output_dir": str(tmp_path / "out")}
+    missing = parse_config({**job, "evaluation": {"sets": {"holdout": str(tmp_path / "holdout.parquet")}}})
+    with pytest.raises(DataError, match="evaluation holdout set .*holdout.parquet: no such file"):
+        check_inputs(missing)
+    with pytest.raises(DataError, match="evaluation holdout set .*holdout.parquet: no such file"):
+        run_evaluation(missing)  # before Ray starts
+    no_answer = parse_config({**job, "evaluation": {"sets": {"extra": str(tmp_path / "no_answer.parquet")}}})
+    with pytest.raises(DataError, match="evaluation extra set .*no_answer.parquet: missing column.s. answer"):
+        check_inputs(no_answer)
+    with pytest.raises(UserError, match="the job has no evaluation: section"):
+        run_evaluation(parse_config(job))
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import torch
 from scipy.stats import ks_2samp
 
 from hamu_ray.pipeline import lm_evaluate, lm_metrics
+from hamu_ray.tasks import lm_scores
 from hamu_ray.tasks.causal_lm import TextData, encode_qa, fact_encoding, load_tokenizer, prompt_tokens
 from tests.lm_fixtures import qa_rows
 
@@ -149,7 +150,7 @@ def test_fact_scores_are_the_value_spans_probability_given_question_and_prefix_b
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_lm).eval(), load_tokenizer(str(tiny_lm))
     cfg = TextData(prompt="plain", max_length=64)
     rows = FACT_ROWS + [{"question": "No fact here?", "answer": "None.", "fact": None}]
-    got = lm_evaluate.fact_scores(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
+    got = lm_scores.fact_scores(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
                                   [r["fact"] for r in rows], cfg, batch_size=3)
     for i, r in enumerate(FACT_ROWS):
         ids, s, e = hand_fact_span(tokenizer, r["question"], r["answer"], r["fact"])
@@ -178,7 +179,7 @@ def test_a_fact_the_model_predicts_greedily_is_an_exact_match(tiny_lm):
     ids, s, e = hand_fact_span(tokenizer, one["question"], one["answer"], one["fact"])
     assert e - s == 1
     rows = [one, FACT_ROWS[3]]
-    before = lm_evaluate.fact_scores(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
+    before = lm_scores.fact_scores(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
                                      [r["fact"] for r in rows], cfg, 4)
     assert not before["fact_exact"].any()
     bias = torch.zeros(model.config.vocab_size)
@@ -186,7 +187,7 @@ def test_a_fact_the_model_predicts_greedily_is_an_exact_match(tiny_lm):
     with torch.no_grad():
         model.lm_head.weight.zero_()
     model.lm_head.bias = torch.nn.Parameter(bias)
-    after = lm_evaluate.fact_scores(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
+    after = lm_scores.fact_scores(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
                                     [r["fact"] for r in rows], cfg, 4)
     assert after["fact_exact"].tolist() == [True, False]
     assert after["fact_logprob"][0] == pytest.approx(0, abs=1e-12)

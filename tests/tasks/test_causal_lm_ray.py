@@ -33,11 +33,15 @@ def qa_sets(tmp_path_factory):
     return root, {"forget": rows[:8], "retain": rows[8:24]}
 
 
-def job(tiny_lm, root, out, monitor=None, workers=WORKERS, zero_stage=3, **data) -> dict:
+def job(tiny_lm, root, out, monitor=None, workers=WORKERS, zero_stage=3, evaluate=False, **data) -> dict:
     """Full-batch steps (each worker's batch is its whole shard), so any row order gives the
-    same gradients and the single-process step on the whole sets is the reference."""
+    same gradients and the single-process step on the whole sets is the reference. `evaluate`:
+    the final model scored on forget and retain by the workers (batches of 3: uneven)."""
     monitor = {"monitor": {"forget": str(root / "forget.parquet"), "retain": str(root / "retain.parquet"),
                            "every": 1, "batch_size": 5, **monitor}} if monitor is not None else {}
+    if evaluate:
+        monitor["evaluation"] = {"sets": {name: str(root / f"{name}.parquet") for name in ("forget", "retain")},
+                                 "batch_size": 3, "max_new_tokens": 6}
     return parse_config({**monitor,
         "data": {"forget": str(root / "forget.parquet"), "retain": str(root / "retain.parquet"),
                  "retain_batch_size": 16 // workers, "forget_batch_size": 8 // workers, **data},
@@ -63,7 +67,7 @@ def monitored_run(ray_cluster, tiny_lm, qa_sets, tmp_path_factory):
 
     root, _ = qa_sets
     before = digest(tiny_lm)
-    result = run_unlearning(job(tiny_lm, root, tmp_path_factory.mktemp("run") / "out", monitor={}))
+    result = run_unlearning(job(tiny_lm, root, tmp_path_factory.mktemp("run") / "out", monitor={}, evaluate=True))
     assert digest(tiny_lm) == before  # the input model is only read
     log = [json.loads(line) for line in (result.output_dir / EXPORT_LOG).read_text().splitlines()]
     return result, log
@@ -95,6 +99,44 @@ def test_two_zero3_workers_equal_the_single_process_step(tiny_lm, qa_sets, monit
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-5, msg=name)
 
 
+def assert_scores_equal(got: dict, expected: dict) -> None:
+    """Per-example scores alike: the same sets and scores, numbers to 1e-5, ROUGE identical."""
+    assert {name: set(s) for name, s in got.items()} == {name: set(s) for name, s in expected.items()}
+    for name, scores in expected.items():
+        for score, values in scores.items():
+            if score == "rouge":
+                assert got[name][score].tolist() == values.tolist(), name
+            else:
+                np.testing.assert_allclose(got[name][score], values, rtol=1e-5, atol=1e-6, err_msg=f"{name} {score}")
+
+
+def test_the_job_evaluates_its_final_model_on_its_workers_as_one_process_scores_the_export(
+        qa_sets, monitored_run):
+    from hamu_ray.engine import evaluation
+    from hamu_ray.pipeline import lm_evaluate
+
+    root, _ = qa_sets
+    result, _ = monitored_run
+    got = evaluation.read_scores(result.output_dir / evaluation.SCORES_FILE)
+    sets = {name: str(root / f"{name}.parquet") for name in ("forget", "retain")}
+    expected = lm_evaluate.score_model(str(result.output_dir / MODEL_DIR), sets, {}, max_new_tokens=6)
+    assert_scores_equal(got, expected)
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    assert summary["evaluation_s"] > 0
+
+
+def test_an_evaluation_only_job_scores_the_model_as_given_on_zero3_workers(ray_cluster, tiny_lm, qa_sets, tmp_path):
+    from hamu_ray.engine.driver import run_evaluation
+    from hamu_ray.pipeline import lm_evaluate
+
+    root, _ = qa_sets
+    before = digest(tiny_lm)
+    got = run_evaluation(job(tiny_lm, root, tmp_path / "unused", evaluate=True))
+    assert digest(tiny_lm) == before and not (tmp_path / "unused").exists()
+    sets = {name: str(root / f"{name}.parquet") for name in ("forget", "retain")}
+    assert_scores_equal(got, lm_evaluate.score_model(str(tiny_lm), sets, {}, max_new_tokens=6))
+
+
 def test_monitor_values_are_the_answer_probabilities_of_the_model_at_that_step(
         tiny_lm, qa_sets, monitored_run, tmp_path):
     """Step 0 scores the original and the last step the exported model, each equal to a plain
@@ -103,7 +145,7 @@ def test_monitor_values_are_the_answer_probabilities_of_the_model_at_that_step(
     from transformers import AutoModelForCausalLM
 
     from hamu_ray.engine.driver import monitor_values
-    from hamu_ray.pipeline.lm_evaluate import answer_scores
+    from hamu_ray.tasks.lm_scores import answer_scores
     from hamu_ray.tasks.causal_lm import TextData, load_tokenizer
 
     root, rows = qa_sets

@@ -1,0 +1,150 @@
+"""Evaluation where the model lives: 2 plain gloo ranks (no Ray) build the job's model as a Ray
+Train worker does (worker.ready_task, build) at ZeRO-0, ZeRO-3 and ZeRO-3 with LoRA, and score
+the job's evaluation sets data-parallel (task.evaluate, each rank its share, gathered). Every
+per-example number equals one process scoring every row (lm_evaluate.score_model) to 1e-5 and
+the greedy answers are the same texts, with rows uneven across ranks (one rank runs stand-in
+forwards under ZeRO-3) and a set of one row (a rank with none)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hamu_ray.tasks.lm_scores import Ranks
+from tests.engine.test_grads_deepspeed import free_port
+from tests.lm_fixtures import qa_rows
+
+pytestmark = pytest.mark.integration
+
+WORLD, BATCH, NEW_TOKENS = 2, 3, 6
+CASES = {"zero0": {"stage": 0}, "zero3": {"stage": 3},
+         "lora-zero3": {"stage": 3, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}}
+
+
+def eval_rows() -> list[dict]:
+    """7 rows (4 and 3 per rank: 2 and 1 batches of 3), truth-ratio columns, a fact in the first 5."""
+    rows = []
+    for i, r in enumerate(qa_rows()[:7]):
+        words = r["answer"].split()
+        rows.append({**r, "paraphrased_answer": " ".join(reversed(words)),
+                     "perturbed_answers": [r["answer"][::-1], "no idea at all"],
+                     "fact": words[-1] if i < 5 else None})
+    return rows
+
+
+def job(model_dir: str, sets: dict[str, str], case: str) -> dict:
+    spec = CASES[case]
+    return {"data": {"forget": "f.parquet", "retain": "r.parquet", "retain_batch_size": 2, "forget_batch_size": 2},
+            "model": {"kind": "causal_lm", "path": model_dir, "lora": spec.get("lora")},
+            "method": {"name": "gdiff"}, "train": {"lr": 0.1, "zero_stage": spec["stage"]},
+            "evaluation": {"sets": sets, "batch_size": BATCH, "max_new_tokens": NEW_TOKENS},
+            "output_dir": "unused"}
+
+
+def _rank(rank: int, port: int, model_dir: str, sets: dict[str, str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import torch.distributed as dist
+
+    from hamu_ray.engine import deepspeed_engine as eng
+    from hamu_ray.engine import evaluation, worker
+    from hamu_ray.engine.config import parse_config
+    from hamu_ray.tasks.causal_lm import TextData, load_tokenizer
+    from hamu_ray.tasks.lm_scores import greedy_answers
+
+    # a rank out of step with the other waits for it: fail in two minutes, not gloo's ten
+    eng.import_deepspeed().init_distributed(dist_backend="gloo", auto_mpi_discovery=False,
+                                            timeout=datetime.timedelta(seconds=120))
+    results = {}
+    for case in CASES:
+        cfg = parse_config(job(model_dir, sets, case))
+        task = worker.ready_task(cfg)
+        engine, _ = worker.build(cfg, task)
+        ranks = Ranks.of_job(engine.device, cfg.train.zero_stage)
+        per_set = evaluation.read_sets(cfg.evaluation)
+        scores = task.evaluate(engine.module, per_set, cfg.evaluation, ranks)
+        questions = [r["question"] for r in per_set["qa"]][ranks.share(len(per_set["qa"]))]
+        with torch.no_grad():
+            answers = greedy_answers(engine.module.eval(), load_tokenizer(model_dir), questions, TextData(),
+                                     BATCH, NEW_TOKENS, ranks)
+        results[case] = {"lockstep": ranks.lockstep, "scores": scores,
+                         "answers": ranks.gather({"text": np.array(answers, dtype=object)})["text"].tolist()}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("eval-sets")
+    rows = eval_rows()
+    paths = {"qa": directory / "qa.parquet", "single": directory / "single.parquet"}
+    pq.write_table(pa.Table.from_pylist(rows), paths["qa"])
+    pq.write_table(pa.Table.from_pylist(rows[:1]), paths["single"])
+    return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def ranked(tiny_lm, sets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranked")
+    torch.multiprocessing.start_processes(_rank, args=(free_port(), str(tiny_lm), sets, str(out)),
+                                          nprocs=WORLD, join=True, start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_lm, sets):
+    """One process, every row, today's batch size: lm_evaluate.score_model and greedy answers."""
+    from transformers import AutoModelForCausalLM
+
+    from hamu_ray.pipeline import lm_evaluate
+    from hamu_ray.tasks.causal_lm import TextData, load_tokenizer
+    from hamu_ray.tasks.lm_scores import greedy_answers
+
+    scores = lm_evaluate.score_model(str(tiny_lm), sets, TextData().model_dump(), max_new_tokens=NEW_TOKENS)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    questions = [r["question"] for r in eval_rows()]
+    with torch.no_grad():
+        answers = greedy_answers(model, load_tokenizer(str(tiny_lm)), questions, TextData(), 64, NEW_TOKENS)
+    return scores, answers
+
+
+def test_shares_are_contiguous_cover_every_row_once_and_differ_by_at_most_one():
+    assert [Ranks(r, 2).share(7) for r in range(2)] == [slice(0, 4), slice(4, 7)]
+    assert [Ranks(r, 3).share(1) for r in range(3)] == [slice(0, 1), slice(1, 1), slice(1, 1)]
+    for n in range(0, 12):
+        rows = [i for r in range(4) for i in range(n)[Ranks(r, 4).share(n)]]
+        assert rows == list(range(n))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_rank_gets_every_rows_scores_equal_to_one_process(ranked, alone, case):
+    expected, _ = alone
+    assert ranked[0][case]["lockstep"] == (CASES[case]["stage"] == 3)
+    for rank in range(WORLD):
+        got = ranked[rank][case]["scores"]
+        assert set(got) == set(expected)
+        for name, scores in expected.items():
+            assert set(got[name]) == set(scores)
+            for score, values in scores.items():
+                assert got[name][score].shape == values.shape, (name, score)
+                if values.dtype == bool or score == "rouge":
+                    assert got[name][score].tolist() == values.tolist(), (name, score)
+                else:
+                    np.testing.assert_allclose(got[name][score], values, rtol=1e-5, atol=1e-6,
+                                               equal_nan=True, err_msg=f"{name} {score}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_answers_are_the_same_texts(ranked, alone, case):
+    _, answers = alone
+    assert any(answers)  # the tiny model says something: the comparison is not of empty strings
+    for rank in range(WORLD):
+        assert ranked[rank][case]["answers"] == answers
