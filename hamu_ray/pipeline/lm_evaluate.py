@@ -129,12 +129,6 @@ class Scoring:
         return self.name if self.attack is None else f"{self.name} under {self.attack}"
 
 
-def score_models(models: dict[str, str], sets: dict[str, str], text: dict, *,
-                 bf16: bool = False) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """`score_model` for every model on every set (score_all)."""
-    return score_all({name: Scoring(name, path, sets) for name, path in models.items()}, text, bf16=bf16)
-
-
 def score_all(scorings: dict[Hashable, Scoring], text: dict, *,
               bf16: bool = False) -> dict[Hashable, dict[str, dict[str, np.ndarray]]]:
     """Every `score_model` call as a Ray task (one CPU each, as many at once as fit), by the

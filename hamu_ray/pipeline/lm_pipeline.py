@@ -27,6 +27,7 @@ EVAL_FILES = {"forget": "forget", "retain": "retain_eval", "holdout": "holdout",
               "utility": "utility"}  # scored set → file
 FACT_COLUMNS = ("fact", "answer_value")  # the user's name for the value's text (prepared: fact)
 PRETRAIN = "pretrain"  # the built-in sets' pretraining text (a `text` column)
+EVAL_BATCH, EVAL_NEW_TOKENS = 64, 32  # rows per forward pass and per greedy decoding; answer length
 PER_EXAMPLE_ATTACKED = "per_example_attacked.parquet"  # the forget rows' scores under each attack (robustness)
 ENTITY = "entity"  # optional forget-set column: relearning holds entities apart, not rows
 
@@ -249,26 +250,67 @@ def oracle_training_set(prepared: dict[str, str]) -> str:
     return "oracle_train" if "oracle_train" in prepared else "retain"
 
 
+def evaluation_section(prepared: dict[str, str]) -> dict:
+    """The engine's evaluation section of every job whose model a pipeline compares: the scored
+    sets (EVAL_FILES), scored by the job's workers after its last step (engine.evaluation)."""
+    return {"sets": {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared},
+            "batch_size": EVAL_BATCH, "max_new_tokens": EVAL_NEW_TOKENS}
+
+
+def model_scores(cfg, prepared: dict[str, str], model_dir: Path, label: str) -> dict:
+    """A model's per-example scores on the scored sets (set → score → values): those its own
+    stage's job computed on its workers (a training or unlearning stage of this pipeline, or a
+    search trial), else an evaluation-only job's on the pipeline's workers (the user's own model,
+    a stage cached before stages evaluated), cached under output_dir/stages/evaluate-<key>."""
+    from hamu_ray.engine import evaluation
+
+    out, wanted = Path(cfg.output_dir).resolve(), evaluation_section(prepared)
+    stage = Path(model_dir).parent
+    if stage.parent == out / "stages" and (stage / evaluation.SCORES_FILE).exists():
+        if json.loads((stage / "summary.json").read_text())["config"].get("evaluation") == wanted:
+            return evaluation.read_scores(stage / evaluation.SCORES_FILE)
+    return evaluated_elsewhere(cfg, prepared, Path(model_dir), wanted, label)
+
+
+def evaluated_elsewhere(cfg, prepared: dict[str, str], model_dir: Path, wanted: dict, label: str) -> dict:
+    """An evaluation-only job's scores of `model_dir` (driver.run_evaluation: the unlearning
+    stages' workers, ZeRO stage and dtype), kept by the model's files and the sets."""
+    from hamu_ray.engine import evaluation
+    from hamu_ray.engine.config import UnlearnConfig
+    from hamu_ray.engine.driver import run_evaluation
+    from hamu_ray.pipeline import stages
+
+    out = Path(cfg.output_dir).resolve()
+    model_files = [(str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in sorted(model_dir.rglob("*")) if p.is_file()]
+    job = stages.job_dict(cfg, cfg.unlearn, method={"name": "ft"}, start=model_dir,
+                          data={"forget": None, "retain": prepared["retain"]})
+    spec = {"job": {key: job[key] for key in ("model", "train")}, "files": model_files, "evaluation": wanted}
+    directory = out / "stages" / f"evaluate-{stages.stage_key(spec, out)}"
+    if not (directory / evaluation.SCORES_FILE).exists():
+        print(f"[evaluate] {label}: an evaluation-only job on {cfg.cluster.num_workers} worker(s)", flush=True)
+        scores = run_evaluation(UnlearnConfig.model_validate(
+            {**job, "evaluation": wanted, "output_dir": str(directory / "unused")}))
+        with files.staging_dir(directory) as staging:
+            evaluation.write_scores(staging / evaluation.SCORES_FILE, scores)
+    return evaluation.read_scores(directory / evaluation.SCORES_FILE)
+
+
 @dataclass(frozen=True)
 class LMYardstick:
-    """A search's measure: the scored sets, and the oracle's per-example scores on them."""
-    sets: dict[str, str]  # scored set → file
-    text: dict
-    bf16: bool
+    """A search's measure: the prepared sets, and the oracle's per-example scores on the scored ones."""
+    prepared: dict[str, str]
     oracle: dict  # set → score name → per-example values
 
 
 def yardstick(cfg, prepared: dict[str, str], oracle: Path) -> LMYardstick:
-    sets = {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared}
-    text, bf16 = cfg.data.text.model_dump(), cfg.model.dtype == "bf16"
-    scores = lm_evaluate.score_models({"oracle": str(oracle)}, sets, text, bf16=bf16)
-    return LMYardstick(sets, text, bf16, scores["oracle"])
+    return LMYardstick(prepared, model_scores(cfg, prepared, oracle, "oracle"))
 
 
-def measure(ruler: LMYardstick, model_dir: Path) -> dict:
-    """One model's metrics against the oracle, scored in a Ray task."""
-    scores = lm_evaluate.score_models({"model": str(model_dir)}, ruler.sets, ruler.text, bf16=ruler.bf16)
-    return lm_evaluate.model_metrics(scores["model"], ruler.oracle)
+def measure(cfg, ruler: LMYardstick, model_dir: Path) -> dict:
+    """One model's metrics against the oracle, from its scores (model_scores)."""
+    return lm_evaluate.model_metrics(model_scores(cfg, ruler.prepared, model_dir, model_dir.parent.name),
+                                     ruler.oracle)
 
 
 def attack_names(cfg) -> list[str]:
@@ -361,19 +403,17 @@ def seeded_rows(total: int, count: int, seed: int) -> tuple[int, ...]:
 
 
 def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[dict]:
-    """Every stage's exported model scored on forget, retain (sample) and holdout; TOFU's and
-    MUSE's metrics against the oracle; with robustness, the forget set scored again per attack
-    in the same Ray tasks' way; per-row scores written to report/per_example.parquet (and
-    report/per_example_attacked.parquet)."""
-    sets = {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared}
-    scorings = {name: lm_evaluate.Scoring(name, str(stage.model_dir), sets) for name, stage in stages.items()}
+    """Every stage's model scored on forget, retain (sample), holdout and utility (model_scores:
+    by its own job's workers); TOFU's and MUSE's metrics against the oracle; with robustness,
+    the forget set scored again per attack (Ray tasks, one CPU each); per-row scores written to
+    report/per_example.parquet (and report/per_example_attacked.parquet)."""
+    sets = evaluation_section(prepared)["sets"]
+    scores = {name: model_scores(cfg, prepared, stage.model_dir, name) for name, stage in stages.items()}
     found = attacks(cfg, prepared)
     attacked_scorings = {(name, attack): lm_evaluate.Scoring(name, str(stage.model_dir), {"forget": sets["forget"]},
                                                              attack=attack, **how.fields)
                          for name, stage in stages.items() for attack, how in found.items()}
-    scored = lm_evaluate.score_all({**scorings, **attacked_scorings}, cfg.data.text.model_dump(),
-                                   bf16=cfg.model.dtype == "bf16")
-    scores = {name: scored[name] for name in scorings}
+    scored = lm_evaluate.score_all(attacked_scorings, cfg.data.text.model_dump(), bf16=cfg.model.dtype == "bf16")
     attacked = {key: scored[key]["forget"] for key in attacked_scorings}  # (model, attack) → forget scores
     write_per_example(scores, sets, digests.output_key(Path(cfg.output_dir).resolve()),
                       report / "per_example.parquet", attacked, found)

@@ -295,6 +295,7 @@ def stage_key(job: dict, out: Path) -> str:
     from hamu_ray.engine.driver import kernel_env
 
     pins = kernel_env()
+    job = {key: value for key, value in job.items() if key != "evaluation"}  # scores, not the model
     keyed = {"job": job, "receipt": receipt.VERSION, **({"kernels": pins} if pins else {})}
     text = json.dumps(keyed, sort_keys=True).replace(str(out), "<out>")
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -401,9 +402,15 @@ def train_references(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
         if cfg.pretrain is not None:  # shared: the original and the oracle differ only in the facts
             start = run_stage(cfg, "pretrain", pretraining_job(cfg, prepared, start), out, tracker).export(cfg)
         oracle_set = lm_pipeline.oracle_training_set(prepared)
-    return {name: run_stage(cfg, name, training_job(cfg, prepared[split], start), out, tracker,
-                            register_as="original" if name == "original" else None)
+    return {name: run_stage(cfg, name, evaluated(cfg, training_job(cfg, prepared[split], start), prepared), out,
+                            tracker, register_as="original" if name == "original" else None)
             for name, split in (("original", "train"), ("oracle", oracle_set))}
+
+
+def evaluated(cfg: PipelineConfig, job: dict, prepared: dict[str, str]) -> dict:
+    """A language model's job whose model is compared: its workers score it after the last
+    step (lm_pipeline.evaluation_section; not part of the stage's key)."""
+    return {**job, "evaluation": lm_pipeline.evaluation_section(prepared)} if cfg.is_lm else job
 
 
 def pretraining_job(cfg: PipelineConfig, prepared: dict[str, str], start: Path) -> dict:
@@ -422,8 +429,8 @@ def training_job(cfg: PipelineConfig, retain: str, start: Path | None = None) ->
 def unlearning_job(cfg: PipelineConfig, entry, prepared: dict[str, str], original: Path,
                    monitor: dict | None = None) -> dict:
     method = entry.model_dump(include={"name", "rule", "hparams", "objective"})
-    job = job_dict(cfg, cfg.unlearn_settings(entry), method=method, start=original,
-                   data={"forget": prepared["forget"], "retain": prepared["retain"]})
+    job = evaluated(cfg, job_dict(cfg, cfg.unlearn_settings(entry), method=method, start=original,
+                                  data={"forget": prepared["forget"], "retain": prepared["retain"]}), prepared)
     return {**job, "monitor": monitor} if monitor is not None else job
 
 
@@ -555,9 +562,9 @@ def classifier_yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle_w
 def measure(cfg: PipelineConfig, ruler, model: Path) -> dict[str, float]:
     """A model's metrics against the yardstick: for a classifier accuracies, losses, MIA and
     the comparison to the oracle (forget quality, gaps); for a language model TOFU's and MUSE's
-    (scored in a Ray task)."""
+    (scored by its job's workers: lm_pipeline.model_scores)."""
     if cfg.is_lm:
-        return lm_pipeline.measure(ruler, model)
+        return lm_pipeline.measure(cfg, ruler, model)
     return classifier_measure(cfg, ruler, model)
 
 

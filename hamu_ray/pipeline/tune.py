@@ -346,8 +346,9 @@ def trial_stage(cfg: PipelineConfig, context: TrialContext, sample: dict) -> pip
     """Fit the trial's job, forwarding step reports to Tune; cached like a pipeline stage."""
     entry = cfg.method_entry(cfg.tune.method)
     method, train = cfg.trial_settings(entry, sample)
-    job = pipeline.job_dict(cfg, train, method=method.model_dump(), start=Path(context.original),
-                            data={"forget": context.prepared["forget"], "retain": context.prepared["retain"]})
+    job = pipeline.evaluated(cfg, pipeline.job_dict(
+        cfg, train, method=method.model_dump(), start=Path(context.original),
+        data={"forget": context.prepared["forget"], "retain": context.prepared["retain"]}), context.prepared)
     if context.monitor is not None:
         job["monitor"] = context.monitor
     return pipeline.cached_stage(f"trial-{entry.key}", job, Path(context.output_dir),

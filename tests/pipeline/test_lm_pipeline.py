@@ -73,6 +73,42 @@ def test_every_model_is_scored_and_the_oracle_is_its_own_yardstick(qa_run):
     assert "forget_quality" in result.table and "hamu-q" in result.table
 
 
+@pytest.mark.integration
+def test_each_stage_scores_its_own_model_on_its_workers_and_the_table_reads_those_scores(qa_run):
+    """original, oracle and every method: the job scored its final model before exiting
+    (evaluation.npz beside it); the report's per-example rows are those numbers, and no
+    evaluation-only job ran (no model scored twice)."""
+    from hamu_ray.engine import evaluation
+    from hamu_ray.pipeline import lm_metrics
+
+    out, _, result = qa_run
+    stages = out / "stages"
+    per_example = pq.read_table(result.report_dir / "per_example.parquet").to_pylist()
+    for name, pattern in (("original", "original-*"), ("oracle", "oracle-*"), ("hamu-q", "unlearn-hamu-q-*")):
+        stage = next(stages.glob(pattern))
+        scores = evaluation.read_scores(stage / evaluation.SCORES_FILE)
+        assert set(scores) == {r["set"] for r in per_example if r["model"] == name} >= {"forget", "retain", "holdout"}
+        assert json.loads((stage / "summary.json").read_text())["evaluation_s"] > 0
+        for set_name, s in scores.items():
+            reported = [r["probability"] for r in per_example if r["model"] == name and r["set"] == set_name]
+            assert reported == pytest.approx(lm_metrics.probability(s["logprob"], s["count"]).tolist(), rel=1e-12)
+    assert not list(stages.glob("evaluate-*"))
+
+
+def test_a_stages_key_leaves_out_its_evaluation_section(tmp_path):
+    """The scored sets ride along with every compared job, but a stage's key is its model's:
+    stages cached before they evaluated are reused (scored by an evaluation-only job)."""
+    from hamu_ray.pipeline.stages import stage_key, unlearning_job
+
+    cfg = qa_config(tmp_path / "out")
+    prepared = {name: f"/sets/{name}.parquet" for name in ("forget", "retain", "retain_eval", "holdout")}
+    job = unlearning_job(cfg, cfg.methods[0], prepared, Path("/m"))
+    assert job["evaluation"]["sets"] == {"forget": "/sets/forget.parquet", "retain": "/sets/retain_eval.parquet",
+                                         "holdout": "/sets/holdout.parquet"}
+    plain = {key: value for key, value in job.items() if key != "evaluation"}
+    assert stage_key(job, tmp_path) == stage_key(plain, tmp_path)
+
+
 def forget_means(rows: list[dict]) -> dict[str, float | None]:
     """The table's forget metrics of some per-example rows, by hand."""
     facts = [r["fact_probability"] for r in rows if r["fact_probability"] is not None]
@@ -316,6 +352,8 @@ def test_a_users_model_and_files_run_without_training_and_without_an_oracle(qa_r
     for row in rows.values():  # without an oracle: absent, not zero
         assert row["forget_quality"] is None and row["priv_leak"] is None
     assert rows["gdiff"]["steps"] == 2 and "–" in result.table
+    # the user's original was scored by an evaluation-only job (kept by its files), gdiff by its own
+    assert len(list((tmp_path / "byo" / "stages").glob("evaluate-*"))) == 1
     # the user's original is not registered here: the unlearned version names it by digest
     [version] = mlflow.MlflowClient(result.tracking_uri).search_model_versions("name = 'byo'")
     receipt = json.loads(next((tmp_path / "byo" / "stages").glob("unlearn-gdiff-*/receipt.json")).read_text())
