@@ -9,12 +9,15 @@ HAMU-Q (two backwards), GradDiff (two backwards, the engine's), implicit surgery
 FT (retain only, one backward), in fp32 and bf16, with and without optimizer offload. Per case:
 median step time (slowest rank, first step left out), tokens/s, peak RSS per worker, and
 `hamu-ray plan --device cpu`'s prediction of the model's share of it (hamu_ray.plan.plan, at the
-rows per backward and the longest batch the job saw). Then the pipeline's
-evaluation (lm_evaluate.score_model, today one Ray task on one CPU) of the model on forget,
-retain and holdout rows, timed. Writes OUT/big_llama.json and OUT/big_llama.md.
+rows per backward and the longest batch the job saw). Then the evaluation of the model on
+forget, retain and holdout rows side by side: one Ray task on one CPU (lm_evaluate.score_model,
+the pipelines' way before jobs evaluated) and an evaluation-only job on the 2 ZeRO-3 workers
+(driver.run_evaluation, the code an unlearning job's `evaluation:` runs after its last step), fp32,
+with the largest difference between their per-example numbers. Writes OUT/big_llama.json and
+OUT/big_llama.md.
 
     python scripts/big_llama.py [--out runs/big_llama] [--steps 6] [--cases hamu-q-fp32,...]
-        [--layers 12 --hidden 768 --intermediate 3072 --heads 12 --vocab 8192]
+        [--layers 12 --hidden 768 --intermediate 3072 --heads 12 --vocab 8192] [--cases none]
 
 OUT must not exist (nothing is overwritten); the model is kept in OUT/model. `--allocator` on a
 finished OUT runs HAMU-Q fp32 in two plain gloo processes with glibc's default allocator
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "big_llama.md").write_text(table(results))
         print(table(results))
         return 0
-    unknown = set(args.cases.split(",")) - set(CASES)
+    cases = [] if args.cases == "none" else args.cases.split(",")  # none: the evaluation only
+    unknown = set(cases) - set(CASES)
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; choose from {', '.join(CASES)}")
     if args.allocator:
@@ -89,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     from hamu_ray.engine import driver
 
     with driver.ray_session(job(out, model_dir, sets, "ft", "fp32", "none", args.steps).cluster):
-        for name in args.cases.split(","):
+        for name in cases:
             results["cases"].append(run_case(out, model_dir, sets, name, args.steps))
             (out / "big_llama.json").write_text(json.dumps(results, indent=2))
             print(json.dumps(results["cases"][-1]), flush=True)
-        results["evaluation"] = evaluation_time(model_dir, sets, args.eval_rows)
+        results["evaluation"] = evaluation_side_by_side(out, model_dir, sets, args.eval_rows)
+        print(json.dumps(results["evaluation"]), flush=True)
         ray.shutdown()
     (out / "big_llama.json").write_text(json.dumps(results, indent=2))
     results = with_plans(results, out, args.steps)
@@ -256,24 +261,41 @@ def allocator_rank(rank: int, port: int, out: str, arm: str, steps: int) -> None
     torch.distributed.destroy_process_group()
 
 
-def evaluation_time(model_dir: Path, sets: dict, rows: int) -> dict:
-    """The pipeline's scoring of this model (one Ray task, one CPU), timed on `rows` rows of each set."""
+def evaluation_side_by_side(out: Path, model_dir: Path, sets: dict, rows: int) -> dict:
+    """`rows` rows of forget, retain and holdout scored by one Ray task on one CPU and by an
+    evaluation-only job on the workers (its scoring alone, and its whole run: the workers' start
+    and the model's load included), and the largest relative difference of their numbers."""
+    import numpy as np
     import pyarrow.parquet as pq
-
-    from hamu_ray.pipeline import lm_evaluate
-
     import ray
 
-    score = ray.remote(num_cpus=1)(lm_evaluate.score_model)  # as lm_evaluate.score_all runs it
-    text = {"format": "qa", "max_length": MAX_LENGTH}
-    took = {}
+    from hamu_ray.engine import driver
+    from hamu_ray.engine.config import parse_config
+    from hamu_ray.pipeline import lm_evaluate
+
+    sliced = {}
     for name in ("forget", "retain", "holdout"):
-        sliced = sets[name].with_name(f"{name}-{rows}.parquet")
-        pq.write_table(pq.read_table(sets[name]).slice(0, rows), sliced)
+        sliced[name] = str(sets[name].with_name(f"{name}-{rows}.parquet"))
+        pq.write_table(pq.read_table(sets[name]).slice(0, rows), sliced[name])
+    text = {"format": "qa", "max_length": MAX_LENGTH}
+    start = time.perf_counter()
+    alone = ray.get(ray.remote(num_cpus=1)(lm_evaluate.score_model).remote(str(model_dir), sliced, text))
+    one_cpu = time.perf_counter() - start
+    raw = job(out, model_dir, sets, "hamu-q", "fp32", "none", 1).model_dump()
+    arms = {}
+    for arm, whole in (("whole copy per worker", True), ("partitioned, in lockstep", False)):
+        cfg = parse_config({**raw, "evaluation": {"sets": sliced, "whole_model": whole}})
         start = time.perf_counter()
-        ray.get(score.remote(str(model_dir), {name: str(sliced)}, text))
-        took[name] = round(time.perf_counter() - start, 1)
-    return {"rows_per_set": rows, "seconds": took}
+        evaluated = driver.run_evaluation(cfg)
+        whole_job = time.perf_counter() - start
+        differences = [float(np.max(np.abs(evaluated.scores[n][k] - v) / np.maximum(np.abs(v), 1e-12)))
+                       for n, per_set in alone.items() for k, v in per_set.items() if k != "rouge"]
+        arms[arm] = {"scoring_s": round(evaluated.seconds, 1), "job_s": round(whole_job, 1),
+                     "max_relative_difference": max(differences),
+                     "rouge_identical": all(np.array_equal(evaluated.scores[n]["rouge"], s["rouge"])
+                                            for n, s in alone.items())}
+        print(json.dumps({arm: arms[arm]}), flush=True)
+    return {"rows_per_set": rows, "one_cpu_task_s": round(one_cpu, 1), "workers": WORKERS, "arms": arms}
 
 
 def table(results: dict) -> str:
@@ -296,8 +318,12 @@ def table(results: dict) -> str:
                      + (f"{planned:.2f} | {planned / model:.2f} |" if planned is not None else "– | – |"))
     if results.get("evaluation"):
         e = results["evaluation"]
-        lines += ["", f"Evaluation (lm_evaluate.score_model, one Ray task on one CPU), {e['rows_per_set']} rows "
-                  "per set: " + ", ".join(f"{k} {v} s" for k, v in e["seconds"].items())]
+        lines += ["", f"Evaluation of forget, retain and holdout, {e['rows_per_set']} rows each (fp32), "
+                  f"one Ray task on one CPU: {e['one_cpu_task_s']} s. The evaluation-only job on {e['workers']} "
+                  "ZeRO-3 workers:", "", "| workers score with | scoring (s) | the job, with start and load (s) "
+                  "| per-example numbers vs one task (max relative difference) | ROUGE |", "|---|---|---|---|---|"]
+        lines += [f"| {arm} | {a['scoring_s']} | {a['job_s']} | {a['max_relative_difference']:.1e} | "
+                  f"{'identical' if a['rouge_identical'] else 'DIFFERENT'} |" for arm, a in e["arms"].items()]
     return "\n".join(lines) + "\n"
 
 

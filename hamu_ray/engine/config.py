@@ -158,6 +158,11 @@ class EvaluationSection(Section):
     sets: dict[str, str] = Field(min_length=1)  # name → parquet file of rows (every worker reads it)
     batch_size: int = Field(64, gt=0)  # rows per forward pass and per greedy decoding
     max_new_tokens: int = Field(32, gt=0)  # greedy answers' length (ROUGE)
+    # ZeRO-3 on 2+ workers: each rank scores with a whole copy of the model (gathered once, one
+    # parameter at a time) instead of gathering every layer at every forward, and the ranks no
+    # longer step in lockstep. auto: when the copy takes at most half of every rank's free
+    # memory (GPU: its free memory; CPU: the node's available memory over its workers)
+    whole_model: bool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _names(self) -> "EvaluationSection":

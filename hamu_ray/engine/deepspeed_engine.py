@@ -97,6 +97,26 @@ def frozen_copy(model: torch.nn.Module, ds_config: dict[str, Any], device: torch
     return model.to(device, torch.bfloat16 if bf16 else None)
 
 
+def copy_whole_into(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Every parameter and buffer of a ZeRO-3 partitioned `source` copied whole into the
+    same-named one of `target` (an unpartitioned model of the same architecture), one
+    parameter gathered at a time, so no rank holds more than `target` and one parameter.
+    A collective: every rank calls it."""
+    deepspeed = import_deepspeed()
+    params, buffers = dict(target.named_parameters()), dict(target.named_buffers())
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                params[name].copy_(p)
+        for name, b in source.named_buffers():  # not partitioned
+            buffers[name].copy_(b)
+
+
+def partitioned_bytes(module: torch.nn.Module) -> int:
+    """A ZeRO-3 partitioned module's whole size, in its parameters' dtypes."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+
+
 def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
     """The trainable parameters (e.g. LoRA adapters), whole, on every rank, by their state-dict
     names (a collective under ZeRO-3)."""

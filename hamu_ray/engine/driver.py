@@ -182,10 +182,16 @@ def check_evaluation_sets(cfg: UnlearnConfig) -> list[data.SetInfo]:
             for name, path in cfg.evaluation.sets.items()]
 
 
-def run_evaluation(cfg: UnlearnConfig) -> dict:
+@dataclass(frozen=True)
+class Evaluated:
+    scores: dict  # set → score → per-example values
+    seconds: float  # the workers' scoring, their start and the model's load left out
+
+
+def run_evaluation(cfg: UnlearnConfig) -> Evaluated:
     """The job's model as given (model.path), scored on its evaluation sets by the job's own
     workers at its ZeRO stage and dtype (an evaluation-only job: no optimizer, no step); only
-    the per-example numbers come back: set → score → values."""
+    the per-example numbers come back."""
     if cfg.evaluation is None:
         raise UserError("the job has no evaluation: section (the sets to score)")
     task_for(cfg).check_model()
@@ -195,7 +201,8 @@ def run_evaluation(cfg: UnlearnConfig) -> dict:
         if result.checkpoint is None:
             raise RuntimeError("the evaluation reported no scores")
         with result.checkpoint.as_directory() as reported:
-            return evaluation.read_scores(Path(reported) / evaluation.SCORES_FILE)
+            return Evaluated(evaluation.read_scores(Path(reported) / evaluation.SCORES_FILE),
+                             result.metrics["evaluation_s"])
 
 
 def prepared_sets(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> dict:

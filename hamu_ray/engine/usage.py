@@ -50,6 +50,19 @@ def return_freed_memory() -> bool:
         return False
 
 
+def free_memory_bytes(device: torch.device, sharers: int = 1) -> int:
+    """Memory free for one more tensor on `device`: a GPU's free memory, or on CPU the node's
+    available memory (/proc/meminfo) over the `sharers` workers that may claim it at once."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024 // max(1, sharers)
+    except (OSError, KeyError, ValueError):
+        return 0  # unknown: nothing assumed free
+
+
 def peak_rss_bytes() -> int:
     """This process's resident-set high-water mark so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -100,9 +101,8 @@ def train_loop_per_worker(config: dict) -> None:
     scores = None
     if cfg.evaluation is not None:  # the final model scored where it is, before it is written out
         started = time.perf_counter()
-        scores = task.evaluate(engine.module, evaluation.read_sets(cfg.evaluation), cfg.evaluation,
-                               Ranks.of_job(device, cfg.train.zero_stage))
-        summary["evaluation_s"] = round(time.perf_counter() - started, 2)
+        scores, whole = evaluate(task, engine.module, cfg, device, ray.train.get_context().get_local_world_size())
+        summary.update(evaluation_s=round(time.perf_counter() - started, 2), evaluation_whole_model=whole)
     with tempfile.TemporaryDirectory() as tmp:
         task.export(engine, Path(tmp) if rank == 0 else None)
         if rank == 0 and scores is not None:
@@ -193,14 +193,42 @@ def evaluate_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     model = eng.frozen_copy(task.build(ds_config), ds_config, device)  # ZeRO-3: partitioned
     started = time.perf_counter()
-    scores = task.evaluate(getattr(model, "module", model), evaluation.read_sets(cfg.evaluation),
-                           cfg.evaluation, Ranks.of_job(device, cfg.train.zero_stage))
+    scores, whole = evaluate(task, getattr(model, "module", model), cfg, device,
+                             ray.train.get_context().get_local_world_size())
     elapsed = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             evaluation.write_scores(Path(tmp) / evaluation.SCORES_FILE, scores)
-        ray.train.report({"final": True, "evaluation_s": round(elapsed, 2)},
+        ray.train.report({"final": True, "evaluation_s": round(elapsed, 2), "evaluation_whole_model": whole},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def evaluate(task, module: torch.nn.Module, cfg: UnlearnConfig, device: torch.device,
+             local_workers: int = 1) -> tuple[dict, bool]:
+    """The job's evaluation sets scored with `module` (the model the job holds), each rank its
+    share: (set → score → per-example values, whether each rank scored with a whole copy).
+    Under ZeRO-3 on 2+ ranks a whole copy per rank (evaluation.whole_model; auto: when it fits
+    in half the free memory, `local_workers` sharing a node's) spares a gather of every layer at
+    every forward and greedy token; otherwise the partitioned model, the ranks in lockstep."""
+    ranks = Ranks.of_job(device, cfg.train.zero_stage)
+    whole = ranks.lockstep and whole_copy_fits(module, cfg.evaluation.whole_model, ranks, local_workers)
+    if whole:
+        copy = task.unpartitioned(device)
+        eng.copy_whole_into(module, copy)
+        module, ranks = copy, dataclasses.replace(ranks, lockstep=False)
+    return task.evaluate(module, evaluation.read_sets(cfg.evaluation), cfg.evaluation, ranks), whole
+
+
+def whole_copy_fits(module: torch.nn.Module, choice, ranks: Ranks, local_workers: int) -> bool:
+    """evaluation.whole_model on every rank alike (auto: the smallest free memory decides)."""
+    if choice != "auto":
+        return choice
+    import torch.distributed as dist
+
+    need = eng.partitioned_bytes(module)
+    fits = torch.tensor([int(2 * need <= usage.free_memory_bytes(ranks.device, local_workers))], device=ranks.device)
+    dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+    return bool(fits.item())
 
 
 def step_function(cfg: UnlearnConfig, grads: DeepSpeedGrads, retain_loss, forget_loss,

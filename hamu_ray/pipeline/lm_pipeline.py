@@ -290,7 +290,7 @@ def evaluated_elsewhere(cfg, prepared: dict[str, str], model_dir: Path, wanted: 
     if not (directory / evaluation.SCORES_FILE).exists():
         print(f"[evaluate] {label}: an evaluation-only job on {cfg.cluster.num_workers} worker(s)", flush=True)
         scores = run_evaluation(UnlearnConfig.model_validate(
-            {**job, "evaluation": wanted, "output_dir": str(directory / "unused")}))
+            {**job, "evaluation": wanted, "output_dir": str(directory / "unused")})).scores
         with files.staging_dir(directory) as staging:
             evaluation.write_scores(staging / evaluation.SCORES_FILE, scores)
     return evaluation.read_scores(directory / evaluation.SCORES_FILE)

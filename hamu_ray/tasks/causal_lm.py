@@ -204,6 +204,30 @@ class CausalLMTask:
                                  max_new_tokens=section.max_new_tokens, ranks=ranks)
                 for name, rows in sets.items()}
 
+    def unpartitioned(self, device: torch.device) -> torch.nn.Module:
+        """The model's architecture whole on `device` in its dtype, weights not loaded (from its
+        config; with LoRA the same adapters), outside ZeRO-3's partitioned construction even while
+        this task's ZeRO-3 model lives: the copy an evaluation fills (copy_whole_into)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model_cfg.path),
+                                                         dtype=self.dtype)
+        finally:
+            if self._hf_deepspeed is not None:
+                set_hf_deepspeed_config(self._hf_deepspeed)
+        if self.model_cfg.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = self.model_cfg.lora
+            model = get_peft_model(model, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        return model.eval()
+
     def reference(self, engine, ds_config: dict):
         if self.model_cfg.lora is not None:
             module = engine.module

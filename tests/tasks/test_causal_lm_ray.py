@@ -122,7 +122,7 @@ def test_the_job_evaluates_its_final_model_on_its_workers_as_one_process_scores_
     expected = lm_evaluate.score_model(str(result.output_dir / MODEL_DIR), sets, {}, max_new_tokens=6)
     assert_scores_equal(got, expected)
     summary = json.loads((result.output_dir / "summary.json").read_text())
-    assert summary["evaluation_s"] > 0
+    assert summary["evaluation_s"] > 0 and summary["evaluation_whole_model"] is True  # auto: it fits
 
 
 def test_an_evaluation_only_job_scores_the_model_as_given_on_zero3_workers(ray_cluster, tiny_lm, qa_sets, tmp_path):
@@ -134,7 +134,8 @@ def test_an_evaluation_only_job_scores_the_model_as_given_on_zero3_workers(ray_c
     got = run_evaluation(job(tiny_lm, root, tmp_path / "unused", evaluate=True))
     assert digest(tiny_lm) == before and not (tmp_path / "unused").exists()
     sets = {name: str(root / f"{name}.parquet") for name in ("forget", "retain")}
-    assert_scores_equal(got, lm_evaluate.score_model(str(tiny_lm), sets, {}, max_new_tokens=6))
+    assert_scores_equal(got.scores, lm_evaluate.score_model(str(tiny_lm), sets, {}, max_new_tokens=6))
+    assert got.seconds > 0
 
 
 def test_monitor_values_are_the_answer_probabilities_of_the_model_at_that_step(
