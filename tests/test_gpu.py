@@ -6,7 +6,8 @@
   2. a 1-worker Ray job on CUDA/NCCL under ZeRO-3, and under ZeRO-2 with optimizer offload
      (gradient fragments in CPU memory), vs the single-process CPU step;
   3. DeepSpeed on one CUDA rank (NCCL, no Ray) with optimizer offload, fp32 and bf16, vs the same;
-  4. the digits pipeline with one CUDA worker vs the same pipeline on the CPU.
+  4. the digits pipeline with one CUDA worker vs the same pipeline on the CPU;
+  5. the evaluation phase (an evaluation-only job of the tiny Llama) on CUDA vs one CPU process.
 """
 
 from __future__ import annotations
@@ -113,6 +114,40 @@ def test_a_one_worker_cuda_job_matches_the_cpu_step(tmp_path, monkeypatch, train
     got = load_file(result.output_dir / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], **TOL, msg=name)
+
+
+@pytest.mark.integration
+def test_the_evaluation_phase_on_cuda_matches_one_cpu_process(tmp_path, monkeypatch, tiny_lm):
+    """An evaluation-only job on one CUDA worker (ZeRO-3, NCCL) scores the tiny Llama as one CPU
+    process does (lm_evaluate.score_model): numbers to 1e-4, greedy answers' ROUGE alike but
+    for near-ties of an untrained model's argmax."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hamu_ray.engine.config import parse_config
+    from hamu_ray.engine.driver import run_evaluation
+    from hamu_ray.pipeline import lm_evaluate
+    from tests.lm_fixtures import qa_rows
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    rows = qa_rows()
+    sets = {"forget": tmp_path / "forget.parquet", "retain": tmp_path / "retain.parquet"}
+    pq.write_table(pa.Table.from_pylist(rows[:8]), sets["forget"])
+    pq.write_table(pa.Table.from_pylist(rows[8:24]), sets["retain"])
+    sets = {name: str(path) for name, path in sets.items()}
+    cfg = parse_config({"data": {**sets, "retain_batch_size": 4, "forget_batch_size": 4},
+                        "model": {"kind": "causal_lm", "path": str(tiny_lm)}, "method": {"name": "ga"},
+                        "train": {"lr": 0.1, "zero_stage": 3}, "cluster": {"num_workers": 1, "use_gpu": True},
+                        "evaluation": {"sets": sets, "max_new_tokens": 6}, "output_dir": str(tmp_path / "unused")})
+    got = run_evaluation(cfg).scores
+    expected = lm_evaluate.score_model(str(tiny_lm), sets, {}, max_new_tokens=6)
+    for name, scores in expected.items():
+        for score, values in scores.items():
+            if score == "rouge":
+                assert np.mean(got[name][score] == values) >= 0.9, name
+            else:
+                np.testing.assert_allclose(got[name][score], values, **TOL, err_msg=f"{name} {score}")
 
 
 # ---- DeepSpeed on one CUDA rank with optimizer offload, fp32 and bf16 ------------------------

@@ -29,7 +29,7 @@ from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import OutputExistsError, UserError
 from hamu_ray.files import staging_dir
 from hamu_ray.rules import NonFiniteStatsError
-from hamu_ray.engine.worker import (EXPORT_INFO, EXPORT_LOG, PREFLIGHT_FILE, PREFLIGHT_ROWS,
+from hamu_ray.engine.worker import (EXPORT_INFO, EXPORT_LOG, MONITOR_FILE, PREFLIGHT_FILE, PREFLIGHT_ROWS,
                                    evaluate_loop_per_worker, preflight_loop_per_worker,
                                    train_loop_per_worker)
 from hamu_ray.tasks import task_for
@@ -225,29 +225,19 @@ def prepared_sets(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> dict:
 
 def monitor_values(cfg: UnlearnConfig) -> dict:
     """The monitor's values for the job's model as given, before any step, computed by the
-    workers' own code (the task's preparation, batches and scores) in one Ray task: e.g. a
-    pipeline's oracle, whose forget probability becomes the methods' stop target."""
-    import ray
-
+    job's own workers at its ZeRO stage and dtype (an evaluation-only job: the task's
+    preparation, batches and scores, as during a run): e.g. a pipeline's oracle, whose forget
+    probability becomes the methods' stop target."""
     if cfg.monitor is None:
         raise ValueError("the job has no monitor: section")
+    cfg = cfg.model_copy(update={"evaluation": None})  # the samples only
     sets = {name: info for name, info in check_inputs(cfg).items() if monitor.is_sample(name)}
-    datasets = prepared_sets(cfg, sets)
-    return ray.get(ray.remote(num_cpus=1)(_monitor_values).remote(cfg.model_dump(), datasets))
-
-
-def _monitor_values(job: dict, datasets: dict) -> dict:
-    import torch
-
-    from hamu_ray.engine import deepspeed_engine as eng
-
-    cfg = UnlearnConfig.model_validate(job)
-    task = task_for(cfg)
-    model = task.build(eng.deepspeed_config(stage=0, lr=cfg.train.lr, micro_batch_size=1, bf16=cfg.train.bf16))
-    if cfg.train.bf16:  # as DeepSpeed's bf16 mode runs it
-        model = model.to(torch.bfloat16)
-    shards = {name: ds.iterator() for name, ds in datasets.items()}
-    return monitor.measure(model, task, monitor.sample_batches(shards, task, cfg.monitor.batch_size))
+    with tempfile.TemporaryDirectory() as tmp, ray_session(cfg.cluster):
+        result = fit(cfg, prepared_sets(cfg, sets), Path(tmp) / "ray", loop=evaluate_loop_per_worker)
+        if result.checkpoint is None:
+            raise RuntimeError("the monitor's evaluation reported no values")
+        with result.checkpoint.as_directory() as reported:
+            return json.loads((Path(reported) / MONITOR_FILE).read_text())
 
 
 @contextlib.contextmanager

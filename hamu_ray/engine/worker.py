@@ -29,6 +29,7 @@ DS_TAG = "ds"  # the DeepSpeed checkpoint tag inside every Ray checkpoint
 STATE_FILE = "loop_state.json"  # step and step log, written by rank 0
 EXPORT_LOG, EXPORT_INFO = "step_log.jsonl", "run_info.json"  # beside the task's model export
 PREFLIGHT_FILE = "preflight.json"  # the pre-flight's raw numbers, reported by rank 0
+MONITOR_FILE = "monitor.json"  # an evaluation-only job's monitor values, reported by rank 0
 PREFLIGHT_ROWS = "rows_forget"  # the pre-flight's forget rows, whole on every rank, in file order
 
 
@@ -179,8 +180,8 @@ def preflight_loop_per_worker(config: dict) -> None:
 
 def evaluate_loop_per_worker(config: dict) -> None:
     """An evaluation-only job: the job's model as given, built at its ZeRO stage and dtype
-    without an optimizer, its evaluation sets scored as after an unlearning run (rank 0
-    reports evaluation.SCORES_FILE)."""
+    without an optimizer; its monitor samples' values (MONITOR_FILE) and its evaluation sets'
+    scores (evaluation.SCORES_FILE) as an unlearning run computes them, reported by rank 0."""
     import ray.train
     import ray.train.torch
 
@@ -192,15 +193,21 @@ def evaluate_loop_per_worker(config: dict) -> None:
         bf16=cfg.train.bf16, optimizer=cfg.train.optimizer, offload=cfg.train.offload)
     device = ray.train.torch.get_device()
     model = eng.frozen_copy(task.build(ds_config), ds_config, device)  # ZeRO-3: partitioned
-    started = time.perf_counter()
-    scores, whole = evaluate(task, getattr(model, "module", model), cfg, device,
-                             ray.train.get_context().get_local_world_size())
-    elapsed = time.perf_counter() - started
+    report = {"final": True}
     with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            evaluation.write_scores(Path(tmp) / evaluation.SCORES_FILE, scores)
-        ray.train.report({"final": True, "evaluation_s": round(elapsed, 2), "evaluation_whole_model": whole},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        if cfg.monitor is not None:  # every rank scores every sample row: their forwards line up
+            samples = {name: ray.train.get_dataset_shard(name) for name in monitor.sample_paths(cfg.monitor)}
+            values = monitor.measure(model, task, monitor.sample_batches(samples, task, cfg.monitor.batch_size, device))
+            if rank == 0:
+                (Path(tmp) / MONITOR_FILE).write_text(json.dumps(values))
+        if cfg.evaluation is not None:
+            started = time.perf_counter()
+            scores, whole = evaluate(task, getattr(model, "module", model), cfg, device,
+                                     ray.train.get_context().get_local_world_size())
+            report.update(evaluation_s=round(time.perf_counter() - started, 2), evaluation_whole_model=whole)
+            if rank == 0:
+                evaluation.write_scores(Path(tmp) / evaluation.SCORES_FILE, scores)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
 def evaluate(task, module: torch.nn.Module, cfg: UnlearnConfig, device: torch.device,

@@ -263,11 +263,13 @@ def model_scores(cfg, prepared: dict[str, str], model_dir: Path, label: str) -> 
     search trial), else an evaluation-only job's on the pipeline's workers (the user's own model,
     a stage cached before stages evaluated), cached under output_dir/stages/evaluate-<key>."""
     from hamu_ray.engine import evaluation
+    from hamu_ray.engine.config import EvaluationSection
 
     out, wanted = Path(cfg.output_dir).resolve(), evaluation_section(prepared)
     stage = Path(model_dir).parent
     if stage.parent == out / "stages" and (stage / evaluation.SCORES_FILE).exists():
-        if json.loads((stage / "summary.json").read_text())["config"].get("evaluation") == wanted:
+        ran = json.loads((stage / "summary.json").read_text())["config"].get("evaluation")
+        if ran == EvaluationSection.model_validate(wanted).model_dump():  # with its defaults
             return evaluation.read_scores(stage / evaluation.SCORES_FILE)
     return evaluated_elsewhere(cfg, prepared, Path(model_dir), wanted, label)
 
