@@ -19,7 +19,6 @@ from hamu_ray.engine.grads import DeepSpeedGrads
 from hamu_ray.rules import NonFiniteStatsError, Rule, get_rule, trust
 from hamu_ray.rules.surgery import ImplicitSurgeryParams
 from hamu_ray.tasks import task_for
-from hamu_ray.tasks.lm_scores import Ranks
 from hamu_ray.engine.step import (ImplicitStepOutput, ImplicitSurgery, MeanAcrossRanks, StepOutput,
                                   SumAcrossRanks, TrustRegion, descent_step, implicit_surgery_step,
                                   unlearning_step)
@@ -129,13 +128,17 @@ def ready_task(cfg: UnlearnConfig):
     return task
 
 
+def job_ds_config(cfg: UnlearnConfig) -> dict:
+    return eng.deepspeed_config(
+        stage=cfg.train.zero_stage, lr=cfg.train.lr, micro_batch_size=cfg.data.retain_batch_size,
+        bf16=cfg.train.bf16, optimizer=cfg.train.optimizer, offload=cfg.train.offload)
+
+
 def build(cfg: UnlearnConfig, task):
     """(DeepSpeed engine, (retain_loss, forget_loss)): the task's original model wrapped at the
     configured ZeRO stage, and the method's losses (with its frozen reference, if any)."""
     torch.manual_seed(cfg.train.seed)
-    ds_config = eng.deepspeed_config(
-        stage=cfg.train.zero_stage, lr=cfg.train.lr, micro_batch_size=cfg.data.retain_batch_size,
-        bf16=cfg.train.bf16, optimizer=cfg.train.optimizer, offload=cfg.train.offload)
+    ds_config = job_ds_config(cfg)
     engine = eng.initialize(task.build(ds_config), ds_config)
     reference = None
     if cfg.data.forget is not None and objectives.needs_reference(cfg.method.spec):
@@ -188,9 +191,7 @@ def evaluate_loop_per_worker(config: dict) -> None:
     cfg = UnlearnConfig.model_validate(config)
     rank = ray.train.get_context().get_world_rank()
     task = ready_task(cfg)
-    ds_config = eng.deepspeed_config(
-        stage=cfg.train.zero_stage, lr=cfg.train.lr, micro_batch_size=cfg.data.retain_batch_size,
-        bf16=cfg.train.bf16, optimizer=cfg.train.optimizer, offload=cfg.train.offload)
+    ds_config = job_ds_config(cfg)
     device = ray.train.torch.get_device()
     model = eng.frozen_copy(task.build(ds_config), ds_config, device)  # ZeRO-3: partitioned
     report = {"final": True}
@@ -217,7 +218,7 @@ def evaluate(task, module: torch.nn.Module, cfg: UnlearnConfig, device: torch.de
     Under ZeRO-3 on 2+ ranks a whole copy per rank (evaluation.whole_model; auto: when it fits
     in half the free memory, `local_workers` sharing a node's) spares a gather of every layer at
     every forward and greedy token; otherwise the partitioned model, the ranks in lockstep."""
-    ranks = Ranks.of_job(device, cfg.train.zero_stage)
+    ranks = evaluation.Ranks.of_job(device, cfg.train.zero_stage)
     whole = ranks.lockstep and whole_copy_fits(module, cfg.evaluation.whole_model, ranks, local_workers)
     if whole:
         copy = task.unpartitioned(device)
@@ -226,7 +227,7 @@ def evaluate(task, module: torch.nn.Module, cfg: UnlearnConfig, device: torch.de
     return task.evaluate(module, evaluation.read_sets(cfg.evaluation), cfg.evaluation, ranks), whole
 
 
-def whole_copy_fits(module: torch.nn.Module, choice, ranks: Ranks, local_workers: int) -> bool:
+def whole_copy_fits(module: torch.nn.Module, choice, ranks: evaluation.Ranks, local_workers: int) -> bool:
     """evaluation.whole_model on every rank alike (auto: the smallest free memory decides)."""
     if choice != "auto":
         return choice

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hamu_ray.tasks.lm_scores import Ranks
+from hamu_ray.engine.evaluation import Ranks
 from tests.engine.test_grads_deepspeed import free_port
 from tests.lm_fixtures import qa_rows
 
