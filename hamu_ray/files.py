@@ -19,6 +19,14 @@ from typing import Callable, Iterator
 from hamu_ray.errors import ModelFileError, OutputExistsError
 
 
+def file_stats(path: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of a file, or of every file below a directory, in path order: what
+    tells an edited model from the one a cached result was made of, without reading it."""
+    path = Path(path)
+    paths = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file()]
+
+
 def hidden_sibling(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
 

@@ -27,7 +27,7 @@ from hamu_ray import digests, quiet, receipt
 from hamu_ray.engine import data, evaluation, monitor
 from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import OutputExistsError, UserError
-from hamu_ray.files import staging_dir
+from hamu_ray.files import file_stats, staging_dir
 from hamu_ray.rules import NonFiniteStatsError
 from hamu_ray.engine.worker import (EXPORT_INFO, EXPORT_LOG, MONITOR_FILE, PREFLIGHT_FILE, PREFLIGHT_ROWS,
                                    evaluate_loop_per_worker, preflight_loop_per_worker,
@@ -114,10 +114,7 @@ def job_identity(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> str:
     job = cfg.model_dump(exclude={"output_dir"})
     job["cluster"].pop("address", None)
     start = getattr(cfg.model, "weights", None) or getattr(cfg.model, "path", None)
-    model = []
-    if start is not None and Path(start).exists():
-        paths = sorted(Path(start).rglob("*")) if Path(start).is_dir() else [Path(start)]
-        model = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file()]
+    model = file_stats(start) if start is not None and Path(start).exists() else []
     spec = {"job": job, "sets": {name: info.digest for name, info in sets.items()}, "model": model}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -196,13 +193,20 @@ def run_evaluation(cfg: UnlearnConfig) -> Evaluated:
         raise UserError("the job has no evaluation: section (the sets to score)")
     task_for(cfg).check_model()
     check_evaluation_sets(cfg)
+    return evaluation_only_job(cfg, dict, lambda reported, metrics: Evaluated(
+        evaluation.read_scores(reported / evaluation.SCORES_FILE), metrics["evaluation_s"]))
+
+
+def evaluation_only_job(cfg: UnlearnConfig, datasets, read):
+    """`worker.evaluate_loop_per_worker` on the job's workers (in a temporary Ray Train storage)
+    with the Ray Datasets `datasets()` makes once Ray is up; `read(reported directory, final
+    metrics)` takes what rank 0 reported before it goes."""
     with tempfile.TemporaryDirectory() as tmp, ray_session(cfg.cluster):
-        result = fit(cfg, {}, Path(tmp) / "ray", loop=evaluate_loop_per_worker)
+        result = fit(cfg, datasets(), Path(tmp) / "ray", loop=evaluate_loop_per_worker)
         if result.checkpoint is None:
-            raise RuntimeError("the evaluation reported no scores")
+            raise RuntimeError("the evaluation-only job reported nothing")
         with result.checkpoint.as_directory() as reported:
-            return Evaluated(evaluation.read_scores(Path(reported) / evaluation.SCORES_FILE),
-                             result.metrics["evaluation_s"])
+            return read(Path(reported), result.metrics)
 
 
 def prepared_sets(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> dict:
@@ -232,12 +236,8 @@ def monitor_values(cfg: UnlearnConfig) -> dict:
         raise ValueError("the job has no monitor: section")
     cfg = cfg.model_copy(update={"evaluation": None})  # the samples only
     sets = {name: info for name, info in check_inputs(cfg).items() if monitor.is_sample(name)}
-    with tempfile.TemporaryDirectory() as tmp, ray_session(cfg.cluster):
-        result = fit(cfg, prepared_sets(cfg, sets), Path(tmp) / "ray", loop=evaluate_loop_per_worker)
-        if result.checkpoint is None:
-            raise RuntimeError("the monitor's evaluation reported no values")
-        with result.checkpoint.as_directory() as reported:
-            return json.loads((Path(reported) / MONITOR_FILE).read_text())
+    return evaluation_only_job(cfg, lambda: prepared_sets(cfg, sets),
+                               lambda reported, _: json.loads((reported / MONITOR_FILE).read_text()))
 
 
 @contextlib.contextmanager

@@ -283,11 +283,9 @@ def evaluated_elsewhere(cfg, prepared: dict[str, str], model_dir: Path, wanted: 
     from hamu_ray.pipeline import stages
 
     out = Path(cfg.output_dir).resolve()
-    model_files = [(str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns)
-                   for p in sorted(model_dir.rglob("*")) if p.is_file()]
     job = stages.job_dict(cfg, cfg.unlearn, method={"name": "ft"}, start=model_dir,
                           data={"forget": None, "retain": prepared["retain"]})
-    spec = {"job": {key: job[key] for key in ("model", "train")}, "files": model_files, "evaluation": wanted}
+    spec = {"job": {key: job[key] for key in ("model", "train")}, "files": files.file_stats(model_dir), "evaluation": wanted}
     directory = out / "stages" / f"evaluate-{stages.stage_key(spec, out)}"
     if not (directory / evaluation.SCORES_FILE).exists():
         print(f"[evaluate] {label}: an evaluation-only job on {cfg.cluster.num_workers} worker(s)", flush=True)
