@@ -435,7 +435,8 @@ def classifier_lineage(ray_cluster, tmp_path_factory):
     sets = {"request": threes[:16], "retain": np.flatnonzero(y[:1200] != 3), "holdout": np.arange(1200, 1500)}
     for name, rows in sets.items():
         pq.write_table(digits_table(x[rows], y[rows]), root / f"{name}.parquet")
-    policy = {"data": {"retain": str(root / "retain.parquet"), "retain_batch_size": 64, "forget_batch_size": 8},
+    # the whole request in every step: the steps' reach is the pre-flight's, so B = ½ D* is met
+    policy = {"data": {"retain": str(root / "retain.parquet"), "retain_batch_size": 64, "forget_batch_size": 16},
               "train": {"lr": 0.1, "max_steps": 10}, "cluster": {"num_workers": 1},
               "evaluate": {"retain_rows": 100, "holdout": str(root / "holdout.parquet"), "seed": 2},
               "robustness": {"quantize": [8], "relearn": {"steps": 2, "batch_size": 4}}}

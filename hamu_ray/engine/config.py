@@ -134,7 +134,7 @@ class TrainSection(TrainSettings):
 class ClusterSection(Section):
     address: str | None = None  # None: $RAY_ADDRESS, else an embedded local Ray
     num_workers: int = Field(2, gt=0)
-    cpus_per_worker: float = Field(0.5, gt=0)  # < 1 leaves Ray Data a CPU on small machines
+    cpus_per_worker: float = Field(0.5, gt=0)  # < 1 leaves the driver's and the pipelines' tasks a CPU on small machines
     use_gpu: bool | Literal["auto"] = "auto"
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the latest checkpoint
 

@@ -1,4 +1,5 @@
-"""Forget / retain / eval sets: checked on the driver, read and sharded by Ray Data, paired per step.
+"""Forget / retain / eval sets, checked on the driver before any worker starts (engine.shards
+reads them in the workers).
 
 The forget set is the sensitive data: nothing here logs its rows, only counts and digests.
 """
@@ -7,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -43,7 +43,9 @@ def file_format(name: str, path: str) -> str:
 
 
 def inspect_set(name: str, path: str, columns: list[str]) -> SetInfo:
-    """Open the set without reading its rows into memory: format, schema, row count, digest."""
+    """Open the set without reading its rows into memory: format, schema, row count (a parquet
+    file's from its footer), digest (its bytes, streamed). Pages are decoded, and their checksums
+    verified, by whoever reads rows: `row_keys` here, the workers' shards."""
     fmt = file_format(name, path)
     fs, fs_path = None, path
     try:
@@ -56,8 +58,6 @@ def inspect_set(name: str, path: str, columns: list[str]) -> SetInfo:
     except (OSError, pa.ArrowException, ValueError) as exc:
         bad_line = _first_bad_json_line(fs, fs_path) if fmt == "json" and fs is not None else None
         raise DataError(f"{name} set {path}: {bad_line or f'cannot read it: {exc}'}") from exc
-    if fmt == "parquet":
-        _check_pages(name, path, fs, sorted(dataset.files))
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise DataError(f"{name} set {path}: missing column(s) {', '.join(missing)}; "
@@ -82,10 +82,14 @@ def check_disjoint(forget: SetInfo, retain: SetInfo, columns: list[str]) -> None
     """A forget row that is also a retain row (the same values in the columns the task trains
     on) would be learnt and unlearnt at once: refused, named by its row numbers (from 0, in file
     order) and never by its content. The one check of `hamu-ray unlearn` and of a pipeline."""
-    retained: dict[bytes, int] = {}
-    for row, key in enumerate(row_keys(retain, columns)):
-        retained.setdefault(key, row)
-    shared = [(row, retained[key]) for row, key in enumerate(row_keys(forget, columns)) if key in retained]
+    forgotten: dict[bytes, list[int]] = {}  # the forget set's keys (the small set) in memory
+    for row, key in enumerate(row_keys(forget, columns)):
+        forgotten.setdefault(key, []).append(row)
+    shared: dict[int, int] = {}  # forget row → the first retain row equal to it
+    for row, key in enumerate(row_keys(retain, columns)):  # streamed
+        for forget_row in forgotten.get(key, ()):
+            shared.setdefault(forget_row, row)
+    shared = sorted(shared.items())
     if shared:
         named = ", ".join(f"forget row {f} = retain row {r}" for f, r in shared[:3])
         more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
@@ -96,15 +100,33 @@ def check_disjoint(forget: SetInfo, retain: SetInfo, columns: list[str]) -> None
 def row_keys(info: SetInfo, columns: list[str]) -> Iterator[bytes]:
     """A 16-byte key per row in file order, equal for rows with equal values in `columns`:
     lists of numbers (a classifier's inputs) compared as float32, as the model reads them;
-    any other value as its Python value."""
-    _, dataset = open_dataset(info.path, info.format)
-    for batch in dataset.to_batches(columns=columns, batch_size=8192):
+    any other value as its Python value. A damaged parquet page is a DataError naming the file."""
+    for batch in verified_batches(info, columns):
         cells = [_cell_bytes(batch.column(c)) for c in columns]
         for row in zip(*cells):
             key = hashlib.blake2b(digest_size=16)
             for cell in row:
                 key.update(len(cell).to_bytes(8, "little") + cell)
             yield key.digest()
+
+
+def verified_batches(info: SetInfo, columns: list[str], batch_size: int = 8192) -> Iterator[pa.RecordBatch]:
+    """The set's rows in file order, in batches; parquet pages' checksums verified where the file
+    has them (every set this tool writes does; without them a flipped byte cannot be seen)."""
+    import pyarrow.parquet as pq
+
+    fs, dataset = open_dataset(info.path, info.format)
+    if info.format != "parquet":
+        yield from dataset.to_batches(columns=columns, batch_size=batch_size)
+        return
+    for f in sorted(dataset.files):
+        try:
+            with fs.open_input_file(f) as handle:
+                reader = pq.ParquetFile(handle, page_checksum_verification=True)
+                for group in range(reader.num_row_groups):  # one at a time: pyarrow buffers what it is asked
+                    yield from reader.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"{info.name} set {info.path}: damaged ({f}): {exc}") from exc
 
 
 def _cell_bytes(column: pa.Array) -> list[bytes]:
@@ -159,21 +181,6 @@ def _json_line_problem(line: str, number: int, kinds: dict[str, tuple[str, int]]
     return None
 
 
-def _check_pages(name: str, path: str, fs: pafs.FileSystem, files: list[str]) -> None:
-    """Decode every page once on the driver, verifying the pages' CRC checksums where the file
-    has them (every set this tool writes does): a damaged file is one error naming it here, not a
-    failure inside every worker. Without checksums a flipped byte inside a page cannot be seen."""
-    import pyarrow.parquet as pq
-
-    for f in files:
-        try:
-            with fs.open_input_file(f) as handle:
-                for _ in pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(batch_size=65536):
-                    pass
-        except (OSError, pa.ArrowException) as exc:
-            raise DataError(f"{name} set {path}: damaged ({f}): {exc}") from exc
-
-
 def _digest(fs: pafs.FileSystem, files: list[str]) -> str:
     h = hashlib.sha256()
     for f in files:
@@ -181,123 +188,6 @@ def _digest(fs: pafs.FileSystem, files: list[str]) -> str:
             while chunk := stream.read(1 << 20):
                 h.update(chunk)
     return h.hexdigest()[:16]
-
-
-# Before the seeded shuffle the rows are cut, in file order, into one block per this many rows
-# (1 to 64 blocks): the shuffled order then depends on the seed and the rows only, not on how
-# many blocks the reader made.
-ROWS_PER_SHUFFLE_BLOCK, MAX_SHUFFLE_BLOCKS = 20_000, 64
-# Rows each worker shuffles locally per epoch (on top of the one global shuffle): a full
-# permutation of shards up to this size, a windowed one beyond.
-EPOCH_SHUFFLE_ROWS = 8192
-
-
-def read_set(info: SetInfo, shuffle_seed: int | None, read_blocks: int | None = None):
-    """A Ray Dataset of the set: in file order, or shuffled once by a seed (deterministically:
-    the same seed gives the same order on any cluster). `read_blocks` fixes the reader's block
-    count (tests); the result does not depend on it."""
-    import ray.data
-
-    reader = ray.data.read_parquet if info.format == "parquet" else ray.data.read_json
-    ds = reader(info.path, override_num_blocks=read_blocks)
-    # Blocks in order through every later step (the shuffle's input, a task's preparation such
-    # as tokenisation and its materialisation), not in the order their tasks finish: datasets
-    # derived from this one share its context.
-    ds.context.execution_options.preserve_order = True
-    if shuffle_seed is None:
-        return ds
-    blocks = min(MAX_SHUFFLE_BLOCKS, max(1, info.num_rows // ROWS_PER_SHUFFLE_BLOCK))
-    return ds.repartition(blocks).random_shuffle(seed=shuffle_seed)
-
-
-def worker_shards(datasets: dict, world_size: int) -> list[dict]:
-    """Rank r's share of every set: the r-th of world_size equal contiguous slices of the
-    set's (ordered) rows (a monitor sample: all of it). Ray Train's default streaming split
-    hands out blocks as they finish, so a restarted worker group could see other rows; this
-    split is the same on every run."""
-    from ray.data import ExecutionOptions
-
-    from hamu_ray.engine import monitor
-
-    shards = [{} for _ in range(world_size)]
-    for name, ds in datasets.items():
-        if monitor.is_sample(name) or name.startswith("rows_"):  # small, read whole by every rank
-            for shard in shards:
-                shard[name] = ds.iterator()
-            continue
-        ds = ds.copy(ds)
-        ds.context.execution_options = ExecutionOptions(preserve_order=True)
-        for rank, part in enumerate(ds.split(world_size, equal=True)):
-            shards[rank][name] = part.iterator()
-    return shards
-
-
-def ordered_data_config():
-    """The Ray Train DataConfig that shards with `worker_shards`."""
-    from ray.train import DataConfig
-
-    class OrderedSplit(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            return worker_shards(datasets, world_size)
-    return OrderedSplit()
-
-
-def epoch_seed(shuffle_seed: int | None, role: str, epoch: int, rank: int) -> int | None:
-    """The local shuffle seed of one worker's pass over one set: a new order every epoch."""
-    if shuffle_seed is None:
-        return None
-    key = f"{shuffle_seed}/{role}/{epoch}/{rank}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
-
-
-def paired_batches(retain_shard, forget_shard, *, retain_batch_size: int, forget_batch_size: int,
-                   anchor: str, epochs: int, make_batch: Callable[[dict], dict],
-                   shuffle_seed: int | None = None, rank: int = 0) -> Iterator[tuple[dict, dict]]:
-    """(retain_batch, forget_batch) pairs: the anchor set's epochs define the run, the other cycles.
-
-    Shards are Ray Data iterators (`ray.train.get_dataset_shard`); `make_batch` (the task's)
-    turns a numpy batch of rows into a dict of tensors.
-    Without a forget shard (plain training) the pairs are (retain_batch, None). With a
-    shuffle_seed every pass over a shard has its own order, a function of (seed, set, pass, rank)
-    only: a resumed run that skips k pairs sees exactly what an uninterrupted run saw.
-    """
-    def passes(shard, role: str, batch_size: int, count) -> Iterator[dict]:
-        for epoch in count:
-            yield from _batches(shard, batch_size, make_batch, epoch_seed(shuffle_seed, role, epoch, rank))
-
-    if forget_shard is None:
-        yield from ((batch, None) for batch in passes(retain_shard, "retain", retain_batch_size, range(epochs)))
-        return
-    sizes = {"retain": retain_batch_size, "forget": forget_batch_size}
-    shards = {"retain": retain_shard, "forget": forget_shard}
-    cycled_role = "forget" if anchor == "retain" else "retain"
-    cycle = passes(shards[cycled_role], cycled_role, sizes[cycled_role], itertools.count())
-    for batch in passes(shards[anchor], anchor, sizes[anchor], range(epochs)):
-        other = next(cycle)
-        yield (batch, other) if anchor == "retain" else (other, batch)
-
-
-def _batches(shard, batch_size: int, make_batch: Callable[[dict], dict], seed: int | None) -> Iterator[dict]:
-    shuffle = {} if seed is None else {"local_shuffle_buffer_size": max(EPOCH_SHUFFLE_ROWS, batch_size),
-                                       "local_shuffle_seed": seed}
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **shuffle):
-        yield make_batch(batch)
-
-
-def column_sums(ds, columns: list[str]) -> dict[str, int]:
-    """Sums of integer columns of a materialised Dataset: one small task per block, where the
-    block is (Ray Data's `sum` starts hash-aggregation actors: seconds, even for a few rows)."""
-    import ray
-
-    count = ray.remote(num_cpus=0)(_block_sums)
-    totals = ray.get([count.remote(block, columns) for block in ds.to_arrow_refs()])
-    return {c: sum(t[c] for t in totals) for c in columns}
-
-
-def _block_sums(block, columns: list[str]) -> dict[str, int]:
-    import pyarrow.compute as pc
-
-    return {c: int(pc.sum(block.column(c)).as_py() or 0) for c in columns}
 
 
 def to_device(batch: dict | None, device: torch.device) -> dict | None:

@@ -29,7 +29,7 @@ from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import OutputExistsError, UserError
 from hamu_ray.files import file_stats, staging_dir
 from hamu_ray.rules import NonFiniteStatsError
-from hamu_ray.engine.worker import (EXPORT_INFO, EXPORT_LOG, MONITOR_FILE, PREFLIGHT_FILE, PREFLIGHT_ROWS,
+from hamu_ray.engine.worker import (EXPORT_INFO, EXPORT_LOG, MONITOR_FILE, PREFLIGHT_FILE,
                                    evaluate_loop_per_worker, preflight_loop_per_worker,
                                    train_loop_per_worker)
 from hamu_ray.tasks import task_for
@@ -87,13 +87,15 @@ def run_unlearning(cfg: UnlearnConfig, progress: str | None = None, callbacks=()
             result = FinishedRun(ray.train.Checkpoint(str(staging / "ray" / RUN_NAME / interrupted["checkpoint_dir_name"])))
         else:
             with ray_session(cfg.cluster):
-                datasets = prepared_sets(cfg, sets)
                 if progress:  # starting the workers takes a while: say where the stage is
                     print(f"  [{progress}] sets ready ({', '.join(f'{i.name} {i.num_rows} rows' for i in sets.values())}); "
                           f"starting {cfg.cluster.num_workers} worker(s)", flush=True)
-                result = fit(cfg, datasets, staging / "ray", progress, callbacks)
+                result = fit(cfg, staging / "ray", progress, callbacks)
         summary = publish(cfg, sets, result, staging, wall_s=time.perf_counter() - started,
                           key_dir=key_dir or staging)
+    for line in task_for(cfg).prepared_lines(summary.get("prepared", {})):
+        log.info("%s", line)
+        print(f"  {line}", flush=True)
     return UnlearnResult(out, summary["steps"], summary["stop"], summary["resumed_from_step"], sets)
 
 
@@ -193,38 +195,19 @@ def run_evaluation(cfg: UnlearnConfig) -> Evaluated:
         raise UserError("the job has no evaluation: section (the sets to score)")
     task_for(cfg).check_model()
     check_evaluation_sets(cfg)
-    return evaluation_only_job(cfg, dict, lambda reported, metrics: Evaluated(
+    return evaluation_only_job(cfg, lambda reported, metrics: Evaluated(
         evaluation.read_scores(reported / evaluation.SCORES_FILE), metrics["evaluation_s"]))
 
 
-def evaluation_only_job(cfg: UnlearnConfig, datasets, read):
-    """`worker.evaluate_loop_per_worker` on the job's workers (in a temporary Ray Train storage)
-    with the Ray Datasets `datasets()` makes once Ray is up; `read(reported directory, final
-    metrics)` takes what rank 0 reported before it goes."""
+def evaluation_only_job(cfg: UnlearnConfig, read):
+    """`worker.evaluate_loop_per_worker` on the job's workers (in a temporary Ray Train storage);
+    `read(reported directory, final metrics)` takes what rank 0 reported before it goes."""
     with tempfile.TemporaryDirectory() as tmp, ray_session(cfg.cluster):
-        result = fit(cfg, datasets(), Path(tmp) / "ray", loop=evaluate_loop_per_worker)
+        result = fit(cfg, Path(tmp) / "ray", loop=evaluate_loop_per_worker)
         if result.checkpoint is None:
             raise RuntimeError("the evaluation-only job reported nothing")
         with result.checkpoint.as_directory() as reported:
             return read(Path(reported), result.metrics)
-
-
-def prepared_sets(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> dict:
-    """The Ray Datasets the workers read: each set read (shuffled once by the seed), then the
-    task's preparation (the causal LM's tokenisation, on the cluster). A task that can count
-    what its preparation cut or refused does so here, before any worker starts."""
-    task, datasets = task_for(cfg), {}
-    for name in ("retain", "forget", *map(monitor.dataset_name, monitor.ROLES)):
-        if name not in sets:
-            continue
-        if monitor.is_sample(name):  # small, in file order, read once for every rank
-            datasets[name] = task.prepare(data.read_set(sets[name], None), name).materialize()
-        else:
-            datasets[name] = task.prepare(data.read_set(sets[name], cfg.data.shuffle_seed), name)
-        for line in task.check_prepared(datasets[name], sets[name]):
-            log.info("%s", line)
-            print(f"  {line}", flush=True)
-    return datasets
 
 
 def monitor_values(cfg: UnlearnConfig) -> dict:
@@ -235,9 +218,8 @@ def monitor_values(cfg: UnlearnConfig) -> dict:
     if cfg.monitor is None:
         raise ValueError("the job has no monitor: section")
     cfg = cfg.model_copy(update={"evaluation": None})  # the samples only
-    sets = {name: info for name, info in check_inputs(cfg).items() if monitor.is_sample(name)}
-    return evaluation_only_job(cfg, lambda: prepared_sets(cfg, sets),
-                               lambda reported, _: json.loads((reported / MONITOR_FILE).read_text()))
+    check_inputs(cfg)
+    return evaluation_only_job(cfg, lambda reported, _: json.loads((reported / MONITOR_FILE).read_text()))
 
 
 @contextlib.contextmanager
@@ -256,8 +238,8 @@ def ray_session(cluster: ClusterSection):
     if address:
         ray.init(address=address, runtime_env=joining_runtime_env(env_vars), log_to_driver=False)
     else:
-        # Logical CPUs = cores: workers take fractions (cluster.cpus_per_worker) so Ray Data
-        # always has a CPU left; with whole CPUs on 2 cores the job hangs silently (docs/design.md §9).
+        # Logical CPUs = cores: workers take fractions (cluster.cpus_per_worker) so that a
+        # pipeline's one-CPU tasks always find a CPU (docs/design.md §9).
         # Idle workers are kept (up to 4 per core) instead of being killed while a stage's
         # training actors run: the next stage's data tasks then reuse a process that has
         # already imported transformers (seconds per stage on a small machine). The raylet warns
@@ -313,7 +295,7 @@ def joining_runtime_env(env_vars: dict[str, str]) -> dict | None:
     return {"env_vars": missing} if missing else None
 
 
-def fit(cfg: UnlearnConfig, datasets: dict, storage: Path, progress: str | None = None, callbacks=(),
+def fit(cfg: UnlearnConfig, storage: Path, progress: str | None = None, callbacks=(),
         loop=train_loop_per_worker, loop_config: dict | None = None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -329,8 +311,6 @@ def fit(cfg: UnlearnConfig, datasets: dict, storage: Path, progress: str | None 
         train_loop_config=cfg.model_dump() if loop_config is None else loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-        datasets=datasets,
-        dataset_config=data.ordered_data_config(),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(storage.resolve()),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -339,7 +319,7 @@ def fit(cfg: UnlearnConfig, datasets: dict, storage: Path, progress: str | None 
     try:
         return trainer.fit() if queue is None else fit_showing_progress(trainer, queue, progress)
     except ray.train.WorkerGroupError as exc:
-        raise diverged_error(exc) or exc
+        raise worker_user_error(exc) or exc
 
 
 def run_preflight(cfg: UnlearnConfig, rows: int = 64) -> tuple[dict, dict[str, data.SetInfo]]:
@@ -351,13 +331,9 @@ def run_preflight(cfg: UnlearnConfig, rows: int = 64) -> tuple[dict, dict[str, d
     if rows < 0:
         raise ValueError(f"rows must be ≥ 0, got {rows}")
     sets = check_inputs(cfg)
-    task = task_for(cfg)
     with tempfile.TemporaryDirectory() as tmp, ray_session(cfg.cluster):
-        datasets = prepared_sets(cfg, {name: sets[name] for name in ("retain", "forget")})
-        first = data.read_set(sets["forget"], None).limit(rows)  # in file order: row i is row i
-        datasets[PREFLIGHT_ROWS] = task.prepare(first, "forget").materialize()
-        config = {"job": cfg.model_dump(), "set_rows": {name: sets[name].num_rows for name in ("retain", "forget")}}
-        result = fit(cfg, datasets, Path(tmp) / "ray", loop=preflight_loop_per_worker, loop_config=config)
+        config = {"job": cfg.model_dump(), "rows": rows}
+        result = fit(cfg, Path(tmp) / "ray", loop=preflight_loop_per_worker, loop_config=config)
         if result.checkpoint is None:
             raise RuntimeError("the pre-flight reported no result")
         with result.checkpoint.as_directory() as reported:
@@ -365,18 +341,20 @@ def run_preflight(cfg: UnlearnConfig, rows: int = 64) -> tuple[dict, dict[str, d
     return raw, sets
 
 
-def diverged_error(exc) -> NonFiniteStatsError | None:
-    """The worker's NonFiniteStatsError (with the step it names), if that is why the group
-    failed: a diverged run is a user-actionable error (lower the lr, check the data), not an
-    internal one."""
+def worker_user_error(exc) -> UserError | None:
+    """The worker's UserError, if that is why the group failed: a diverged run (a
+    NonFiniteStatsError, with the step it names) or a set's rows the task cannot use (found as
+    the worker reads them). The user's to act on (lower the lr, mend the data), not an internal one."""
     for failure in exc.worker_failures.values():
         found, seen = None, failure
         while seen is not None:  # the innermost is the worker's own (Ray wraps it, message and all)
-            if isinstance(seen, NonFiniteStatsError):
+            if isinstance(seen, UserError):
                 found = seen
             seen = seen.__cause__ or getattr(seen, "cause", None)
-        if found is not None:
+        if isinstance(found, NonFiniteStatsError):
             return NonFiniteStatsError(str(found), getattr(found, "step", None))
+        if found is not None:
+            return UserError(str(found))
     return None
 
 

@@ -33,11 +33,11 @@ def sample_paths(section) -> dict[str, str]:
     return {dataset_name(role): getattr(section, role) for role in ROLES}
 
 
-def sample_batches(shards: dict, task, batch_size: int, device: torch.device | None = None) -> dict[str, list[dict]]:
-    """Both samples as the task's batches, every row kept (no drop_last), in file order."""
+def sample_batches(samples: dict, task, batch_size: int, device: torch.device | None = None) -> dict[str, list[dict]]:
+    """Both samples (engine.shards.Shard, whole) as the task's batches, every row kept, in file order."""
     batches = {}
     for role in ROLES:
-        rows = shards[dataset_name(role)].iter_batches(batch_size=batch_size, batch_format="numpy")
+        rows = samples[dataset_name(role)].batches(batch_size, None, drop_last=False)
         batches[role] = [data.to_device(task.make_batch(b), device) if device else task.make_batch(b)
                          for b in rows]
     return batches

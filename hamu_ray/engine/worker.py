@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from hamu_ray import objectives, receipt
-from hamu_ray.engine import data, evaluation, monitor, preflight, usage
+from hamu_ray.engine import data, evaluation, monitor, preflight, shards, usage
 from hamu_ray.engine import deepspeed_engine as eng
 from hamu_ray.engine.config import UnlearnConfig, measures_steps
 from hamu_ray.engine.grads import DeepSpeedGrads
@@ -29,14 +30,14 @@ STATE_FILE = "loop_state.json"  # step and step log, written by rank 0
 EXPORT_LOG, EXPORT_INFO = "step_log.jsonl", "run_info.json"  # beside the task's model export
 PREFLIGHT_FILE = "preflight.json"  # the pre-flight's raw numbers, reported by rank 0
 MONITOR_FILE = "monitor.json"  # an evaluation-only job's monitor values, reported by rank 0
-PREFLIGHT_ROWS = "rows_forget"  # the pre-flight's forget rows, whole on every rank, in file order
 
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     cfg = UnlearnConfig.model_validate(config)
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     task = ready_task(cfg)
     used = usage.Usage()  # the libraries are in: what comes now is the model's (what plan predicts)
     engine, losses = build(cfg, task)
@@ -45,19 +46,17 @@ def train_loop_per_worker(config: dict) -> None:
     # resume: weights and optimizer state from the latest checkpoint, then skip the steps done
     start_step, step_log = restore(engine, ray.train.get_checkpoint())
     take_step = step_function(cfg, DeepSpeedGrads(engine), *losses, step_log)
-    forget_shard = ray.train.get_dataset_shard("forget") if cfg.data.forget is not None else None
-    pairs = data.paired_batches(
-        ray.train.get_dataset_shard("retain"), forget_shard,
-        retain_batch_size=cfg.data.retain_batch_size, forget_batch_size=cfg.data.forget_batch_size,
-        anchor=cfg.data.anchor, epochs=cfg.train.epochs, make_batch=task.make_batch,
-        shuffle_seed=cfg.data.shuffle_seed, rank=rank)
-    for _ in range(start_step):
-        next(pairs)
+    prepared = Prepared(task)
+    retain, forget = (prepared.rank_shard(cfg, role, rank, world) if path else None
+                      for role, path in (("retain", cfg.data.retain), ("forget", cfg.data.forget)))
+    pairs = shards.paired_batches(
+        retain, forget, retain_batch_size=cfg.data.retain_batch_size,
+        forget_batch_size=cfg.data.forget_batch_size, anchor=cfg.data.anchor, epochs=cfg.train.epochs,
+        make_batch=task.make_batch, shuffle_seed=cfg.data.shuffle_seed, rank=rank, start=start_step)
     watch = None
     if cfg.monitor is not None:
-        samples = {name: ray.train.get_dataset_shard(name) for name in monitor.sample_paths(cfg.monitor)}
         watch = monitor.Monitor(cfg.monitor, task, monitor.sample_batches(
-            samples, task, cfg.monitor.batch_size, device), step_log)
+            prepared.samples(cfg.monitor), task, cfg.monitor.batch_size, device), step_log)
         if start_step == 0:  # the starting point of the run's curve (and maybe already the target)
             step_log.append({"step": 0, "stop": "none", **watch.evaluate(engine, 0)})
 
@@ -96,7 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # export: the task writes the model from rank 0 (a collective under ZeRO-3), then the step log
     summary = {"steps": step, "stop": step_log[-1]["stop"] if step_log else "none",
-               "resumed_from_step": start_step,
+               "resumed_from_step": start_step, "prepared": prepared.counts(),
                "usage": usage.summary(usage.gathered(used.record(device)))}  # before the export's gather
     scores = None
     if cfg.evaluation is not None:  # the final model scored where it is, before it is written out
@@ -126,6 +125,45 @@ def ready_task(cfg: UnlearnConfig):
     task = task_for(cfg)
     task.import_model_code()
     return task
+
+
+class Prepared:
+    """The task's preparation of the sets this worker reads (the causal LM's tokenisation), as
+    it reads them, with the task's checks; and what those counted (rows read, rows cut)."""
+
+    def __init__(self, task):
+        self.task, self.tallies = task, {}
+
+    def preparer(self, role: str, path: str):
+        tally = self.tallies.setdefault(role, {"rows": 0})
+
+        def prepare(rows):
+            table = self.task.prepare(rows, role)
+            for key, count in {"rows": rows.num_rows, **self.task.check_prepared(table, role, path)}.items():
+                tally[key] = tally.get(key, 0) + count
+            return table
+        return prepare
+
+    def rank_shard(self, cfg: UnlearnConfig, role: str, rank: int, world: int) -> shards.Shard:
+        """This rank's slice of the job's retain or forget set."""
+        path = getattr(cfg.data, role)
+        return shards.rank_shard(role, path, self.task.columns(role), rank, world, cfg.data.shuffle_seed,
+                                 self.preparer(role, path))
+
+    def samples(self, section) -> dict[str, shards.Shard]:
+        """The monitor's samples, whole on every rank, in file order."""
+        return {name: shards.whole_set(name, path, self.task.columns(name), self.preparer(name, path))
+                for name, path in monitor.sample_paths(section).items()}
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Every rank's counts summed, per set (a collective: every rank calls it)."""
+        total: dict[str, dict[str, int]] = {}
+        for tallies in usage.gathered(self.tallies):
+            for role, tally in tallies.items():
+                for key, count in tally.items():
+                    total.setdefault(role, {}).setdefault(key, 0)
+                    total[role][key] += count
+        return total
 
 
 def job_ds_config(cfg: UnlearnConfig) -> dict:
@@ -160,17 +198,21 @@ def preflight_loop_per_worker(config: dict) -> None:
     engine, (retain_loss, forget_loss) = build(cfg, task)
     grads, device = DeepSpeedGrads(engine), engine.device
     reduce = SumAcrossRanks(device=device)
+    prepared = Prepared(task)
+    retain, forget = (prepared.rank_shard(cfg, role, rank, world) for role in ("retain", "forget"))
 
-    def batches(name: str, batch_size: int):  # every row of this rank's slice, in order
-        for rows in ray.train.get_dataset_shard(name).iter_batches(batch_size=batch_size, batch_format="numpy"):
+    def batches(shard: shards.Shard, batch_size: int):  # every row of the shard, in order
+        for rows in shard.batches(batch_size, None, drop_last=False):
             yield data.to_device(task.make_batch(rows), device), len(next(iter(rows.values())))
 
-    set_rows = config["set_rows"]  # equal slices: every rank holds num_rows // world of each set
+    # equal slices: every rank holds num_rows // world of each set
     measured = preflight.full_pass(
-        grads, batches("retain", cfg.data.retain_batch_size), batches("forget", cfg.data.forget_batch_size),
-        retain_loss, forget_loss, retain_rows=set_rows["retain"] // world,
-        forget_rows=set_rows["forget"] // world, reduce=reduce)
-    rows = (batch for batch, _ in batches(PREFLIGHT_ROWS, 1))
+        grads, batches(retain, cfg.data.retain_batch_size), batches(forget, cfg.data.forget_batch_size),
+        retain_loss, forget_loss, retain_rows=retain.rows, forget_rows=forget.rows, reduce=reduce)
+    # the first rows of the forget set, in file order, on every rank
+    first = shards.whole_set("forget", cfg.data.forget, task.columns("forget"),
+                             prepared.preparer("forget", cfg.data.forget))
+    rows = itertools.islice((batch for batch, _ in batches(first, 1)), config["rows"])
     table = preflight.row_alignment(grads, measured.retain_pieces, rows, forget_loss, reduce)
     names = [name for name, p in engine.module.named_parameters() if p.requires_grad]
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +239,7 @@ def evaluate_loop_per_worker(config: dict) -> None:
     report = {"final": True}
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.monitor is not None:  # every rank scores every sample row: their forwards line up
-            samples = {name: ray.train.get_dataset_shard(name) for name in monitor.sample_paths(cfg.monitor)}
+            samples = Prepared(task).samples(cfg.monitor)
             values = monitor.measure(model, task, monitor.sample_batches(samples, task, cfg.monitor.batch_size, device))
             if rank == 0:
                 (Path(tmp) / MONITOR_FILE).write_text(json.dumps(values))
@@ -353,6 +395,9 @@ def restore(engine, checkpoint) -> tuple[int, list[dict]]:
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as directory:
+        if not (Path(directory) / DS_TAG).is_dir():  # the run's final export, registered late
+            raise RuntimeError("the interrupted run finished (its final checkpoint was registered after this "
+                               "one started): run the same command again to publish it")
         engine.load_checkpoint(directory, tag=DS_TAG)
         state = json.loads((Path(directory) / STATE_FILE).read_text())
     log.info("resumed from step %d", state["step"])

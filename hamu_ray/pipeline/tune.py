@@ -30,7 +30,6 @@ from hamu_ray.engine.driver import ray_session
 from hamu_ray.pipeline.tracking import Tracker, refuse_local_store_on_cluster, tracking_uri, ui_command
 
 TRIAL_MEMORY = 512 * 2**20  # bytes Ray reserves for each trial's own process
-DATA_CPUS = 1  # a Ray Data read task asks for one whole CPU
 JOURNAL = "journal.jsonl"  # one line per trial start and end: what ran, and how often
 PARENT_FILE = "mlflow_parent_run"  # the search's parent run, reopened on resume
 NO_STEP_CAP_REPORTS = 10_000  # ASHA's max_t when epochs, not max_steps, end a trial: never reached
@@ -256,19 +255,19 @@ def fit_search(tune_cfg: TuneSection, context: TrialContext, directory: Path,
 
 
 def check_fits(tune_cfg: TuneSection, context: TrialContext) -> None:
-    """Concurrent trials that cannot all place their workers, with a CPU left for Ray Data to
-    read, wait for each other forever: refuse such a search up front."""
+    """Concurrent trials that cannot all place their workers wait for each other forever:
+    refuse such a search up front."""
     import ray
 
     cluster = context.pipeline["cluster"]
     per_trial = tune_cfg.cpus_per_trial + cluster["num_workers"] * cluster["cpus_per_worker"]
-    needed = tune_cfg.max_concurrent * per_trial + DATA_CPUS
+    needed = tune_cfg.max_concurrent * per_trial
     available = ray.cluster_resources().get("CPU", 0)
     if needed > available:
         raise ValueError(
             f"tune.max_concurrent {tune_cfg.max_concurrent} trials × {per_trial:g} CPUs "
-            f"(tune.cpus_per_trial + cluster.num_workers × cluster.cpus_per_worker) + {DATA_CPUS} "
-            f"for Ray Data = {needed:g} CPUs, more than the cluster's {available:g}: the trials "
+            f"(tune.cpus_per_trial + cluster.num_workers × cluster.cpus_per_worker) "
+            f"= {needed:g} CPUs, more than the cluster's {available:g}: the trials "
             "would wait on each other forever")
 
 

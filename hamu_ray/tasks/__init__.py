@@ -2,7 +2,7 @@
 reaches a task only through the `Task` interface below, chosen by `model.kind`.
 
 A task builds the original model (already partitioned under ZeRO-3 when the task can), turns
-rows into batches (tokenisation runs in Ray Data, on the cluster), scores a batch as per-example
+rows into batches (tokenisation runs in the workers, as they read), scores a batch as per-example
 log-likelihoods (`objectives.Scores`), provides the frozen reference, and exports the result.
 """
 
@@ -24,12 +24,16 @@ class Task(Protocol):
     def columns(self, role: str | None = None) -> list[str]:
         """The columns every set must have (None), or a set of this role ("forget", …)."""
 
-    def prepare(self, ds: Any, role: str) -> Any:
-        """The Ray Dataset of one set ("retain", "forget") as the workers read it."""
+    def prepare(self, rows: Any, role: str) -> Any:
+        """A window of one set's rows (a pyarrow Table; role "retain", "forget", "monitor_forget", …)
+        as the batches take them, computed by the worker that reads them."""
 
-    def check_prepared(self, ds: Any, info: Any) -> list[str]:
-        """What the preparation of a set (`info`: its engine.data.SetInfo) changed, as lines for
-        the user (counts only, never rows); raises on rows it cannot use."""
+    def check_prepared(self, prepared: Any, role: str, path: str) -> dict[str, int]:
+        """Counts over a prepared window (never rows); raises a UserError naming the set for rows
+        it cannot use."""
+
+    def prepared_lines(self, prepared: dict[str, dict[str, int]]) -> list[str]:
+        """The run's counts (set → check_prepared's counts summed, and "rows" read) as lines for the user."""
 
     def check_model(self) -> None:
         """The model's input files exist (before Ray starts)."""

@@ -1,5 +1,5 @@
 """The causal-LM task: Hugging Face models and tokenizers from a directory (or a hub name), text
-rows tokenised in Ray Data, and a batch's log-likelihood summed over its target tokens.
+rows tokenised by the worker that reads them, and a batch's log-likelihood summed over its target tokens.
 
 Rows are question/answer pairs (the loss on the answer tokens only) or plain text (the loss on
 every token). A row becomes `input_ids` and `labels` (-100 where a token is not a target); the
@@ -87,6 +87,7 @@ class CausalLMTask:
         self.model_cfg: CausalLMModel = cfg.model
         self.text: TextData = cfg.data.text
         self._hf_deepspeed = None  # kept alive: from_pretrained partitions while it exists
+        self._tokenizer = None  # loaded by the first prepare
 
     # ---- data ---------------------------------------------------------------------------------
 
@@ -101,39 +102,44 @@ class CausalLMTask:
         """Whether rows of this role are trained (and monitored) on their fact span only."""
         return self.cfg.data.forget_tokens == "fact" and role in ("forget", "monitor_forget")
 
-    def prepare(self, ds, role: str):
-        """Tokenised rows, computed by Ray Data tasks on the cluster (not on the driver) once,
-        and kept in the object store: every epoch reads the same tokens, none tokenises again."""
+    def prepare(self, rows: pa.Table, role: str) -> pa.Table:
+        """Tokenised rows, in the worker that reads them (the tokenizer loaded once per task)."""
         from hamu_ray import objectives
 
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_cfg.path)
         refusals = role == "forget" and objectives.uses_refusals(self.cfg.method.spec)
         fact_column = self.cfg.data.fact_column if self.forgets_facts(role) else None
-        tokens = ds.map_batches(tokenize_batch, batch_format="pyarrow",
-                                fn_kwargs={"path": self.model_cfg.path, "text": self.text.model_dump(),
-                                           "refusals": refusals, "fact_column": fact_column})
-        return tokens.materialize()
+        return tokenize_batch(rows, path=self.model_cfg.path, text=self.text.model_dump(), refusals=refusals,
+                              fact_column=fact_column, tokenizer=self._tokenizer)
 
     def make_batch(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return pad_batch(rows["input_ids"], rows["labels"])
 
-    def check_prepared(self, ds, info) -> list[str]:
-        """Counts over a prepared set (a pass over the materialised tokens): rows cut at
-        max_length, and rows left without a target token, which cannot be scored and are refused."""
-        from hamu_ray.engine.data import column_sums
+    def check_prepared(self, prepared: pa.Table, role: str, path: str) -> dict[str, int]:
+        """Rows of a prepared window left without a target token cannot be scored: refused,
+        counted (never shown); rows cut at max_length are counted."""
+        import pyarrow.compute as pc
 
-        counts = column_sums(ds, ["truncated", "no_target", "no_fact"])
-        truncated, empty = counts["truncated"], counts["no_target"]
+        def count(column: str) -> int:
+            return int(pc.sum(prepared.column(column)).as_py() or 0)
+
         limit = f"data.text.max_length={self.text.max_length}"
-        if counts["no_fact"]:
-            raise UserError(f"{info.name} set {info.path}: {counts['no_fact']} row(s) have no "
-                            f"{self.cfg.data.fact_column} found in their answer within {limit}, and "
-                            "data.forget_tokens is fact (the loss on that span only); mark every "
-                            "row's fact, or forget whole answers")
-        if empty:
+        if no_fact := count("no_fact"):
+            raise UserError(f"{role} set {path}: {no_fact} row(s) have no {self.cfg.data.fact_column} found "
+                            f"in their answer within {limit}, and data.forget_tokens is fact (the loss on "
+                            "that span only); mark every row's fact, or forget whole answers")
+        if empty := count("no_target"):
             what = "answer" if self.text.format == "qa" else "text"
-            raise UserError(f"{info.name} set {info.path}: {empty} row(s) keep no {what} token within "
-                            f"{limit}; raise it or shorten them")
-        return [f"{info.name} set: {truncated} of {info.num_rows} rows cut at {limit}"] if truncated else []
+            raise UserError(f"{role} set {path}: {empty} row(s) keep no {what} token within {limit}; "
+                            "raise it or shorten them")
+        return {"truncated": count("truncated")}
+
+    def prepared_lines(self, prepared: dict[str, dict[str, int]]) -> list[str]:
+        """Rows cut at max_length, of the rows the run read (a set read twice counts twice)."""
+        return [f"{role} set: {counts['truncated']} of {counts['rows']} rows read were cut at "
+                f"data.text.max_length={self.text.max_length}"
+                for role, counts in prepared.items() if counts.get("truncated")]
 
     # ---- model --------------------------------------------------------------------------------
 
@@ -158,6 +164,7 @@ class CausalLMTask:
             MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lookup imports the architecture's module
         if self.model_cfg.lora is not None:
             import peft  # noqa: F401
+        self._tokenizer = self._tokenizer or load_tokenizer(self.model_cfg.path)  # the data's, not the model's
 
     def build(self, ds_config: dict) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -330,7 +337,7 @@ def sequence_scores(model, batch: dict[str, torch.Tensor]) -> Scores:
     return Scores(logprob, mask.sum(-1).to(logprob.dtype), logits, mask)
 
 
-# ---- tokenisation (runs in Ray Data tasks) ---------------------------------------------------
+# ---- tokenisation (runs in the workers, window by window) ------------------------------------
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str):
@@ -340,10 +347,10 @@ def load_tokenizer(path: str):
 
 
 def tokenize_batch(batch: pa.Table, *, path: str, text: dict, refusals: bool,
-                   fact_column: str | None = None) -> pa.Table:
+                   fact_column: str | None = None, tokenizer=None) -> pa.Table:
     """Token rows of a batch; with `fact_column` the targets are each answer's fact span only
     (a row whose fact is missing, not in its answer or cut is counted in `no_fact`)."""
-    tokenizer, cfg = load_tokenizer(path), TextData(**text)
+    tokenizer, cfg = tokenizer or load_tokenizer(path), TextData(**text)
     no_fact = [0] * batch.num_rows
     if cfg.format == "qa":
         questions = batch.column(cfg.question_column).to_pylist()
@@ -466,4 +473,4 @@ def truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[i
     return ids[:max_length], labels[:max_length], 1
 
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # Ray Data forks its own workers
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # Ray forks its own workers

@@ -155,11 +155,14 @@ class ClassifierTask:
     def columns(self, role: str | None = None) -> list[str]:
         return [self.cfg.data.input_column, self.cfg.data.label_column]
 
-    def prepare(self, ds, role: str):
-        return ds
+    def prepare(self, rows, role: str):
+        return rows  # used as they are
 
-    def check_prepared(self, ds, info) -> list[str]:
-        return []  # rows are used as they are
+    def check_prepared(self, prepared, role: str, path: str) -> dict[str, int]:
+        return {}
+
+    def prepared_lines(self, prepared: dict[str, dict[str, int]]) -> list[str]:
+        return []
 
     def check_model(self) -> None:
         if self.cfg.model.weights is not None:

@@ -84,7 +84,11 @@ def test_a_broken_json_line_is_named_by_its_line_from_1(tmp_path, lines, where):
     assert "row" not in str(err.value) and "zero" not in str(err.value)  # pyarrow's count; no content
 
 
-def test_a_damaged_page_is_found_on_the_driver(sets, tmp_path):
+def test_a_damaged_page_is_found_by_whoever_reads_it(sets, tmp_path):
+    """The driver's inspection reads the footer only; the rows' readers (the disjointness check
+    on the driver, a worker's shard) verify the pages and name the file."""
+    from hamu_ray.engine import shards
+    from hamu_ray.engine.data import row_keys
     from hamu_ray.files import write_rows
 
     rows = [{"x": [float(i)] * 12, "y": i % 3} for i in range(200)]
@@ -95,8 +99,12 @@ def test_a_damaged_page_is_found_on_the_driver(sets, tmp_path):
         blob[i] ^= 0xFF
     path.write_bytes(bytes(blob))
     assert pq.ParquetFile(path).metadata.num_rows == 200  # the metadata still reads
+    info = inspect_set("forget", str(path), ["x", "y"])
     with pytest.raises(DataError, match=r"forget set .*forget.parquet: damaged .*CRC checksum"):
-        inspect_set("forget", str(path), ["x", "y"])
+        list(row_keys(info, ["x", "y"]))
+    shard = shards.rank_shard("forget", str(path), ["x", "y"], 0, 1, None, lambda rows: rows)
+    with pytest.raises(DataError, match=r"forget set .*forget.parquet: damaged .*CRC checksum"):
+        list(shard.batches(10, None))
     path.write_bytes(bytes(blob[: len(blob) // 2]))  # cut short: no footer
     with pytest.raises(DataError, match=r"forget set .*forget.parquet: cannot read it"):
         inspect_set("forget", str(path), ["x", "y"])

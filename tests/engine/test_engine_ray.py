@@ -1,7 +1,7 @@
-"""The whole engine on a real local Ray: Ray Data reads parquet, TorchTrainer workers run DeepSpeed.
+"""The whole engine on a real local Ray: TorchTrainer workers read their parquet slices and run DeepSpeed.
 
-Full-batch steps (batch = each worker's whole shard) make the result independent of how Ray Data
-orders and splits rows, so it must equal the single-process step on all rows exactly.
+Full-batch steps (batch = each worker's whole shard) make the result independent of how the
+rows are ordered and split, so it must equal the single-process step on all rows exactly.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -231,90 +232,21 @@ def xy_batch(rows: dict) -> dict:
             "y": torch.as_tensor(rows["y"], dtype=torch.long)}
 
 
-def worker_streams(path, *, read_blocks, world=2, epochs=2, batch=5, seed=7):
-    """Each rank's label stream per epoch, through the engine's own sharding and pairing."""
-    from hamu_ray.engine import data
-
-    info = data.inspect_set("retain", str(path), ["x", "y"])
-    shards = data.worker_shards({"retain": data.read_set(info, seed, read_blocks=read_blocks)}, world)
-    streams = []
-    for rank, shard in enumerate(shards):
-        pairs = data.paired_batches(shard["retain"], None, retain_batch_size=batch, forget_batch_size=1,
-                                    anchor="retain", epochs=epochs, make_batch=xy_batch,
-                                    shuffle_seed=seed, rank=rank)
-        labels = [batch["y"].tolist() for batch, _ in pairs]
-        per_epoch = len(labels) // epochs
-        streams.append([sum(labels[e * per_epoch:(e + 1) * per_epoch], []) for e in range(epochs)])
-    return streams
-
-
-def test_worker_shards_do_not_depend_on_the_block_layout_and_reshuffle_every_epoch(ray_cluster, tmp_path,
-                                                                                     monkeypatch):
-    from hamu_ray.engine import data
-
-    rows = 60
-    monkeypatch.setattr(data, "ROWS_PER_SHUFFLE_BLOCK", 10)  # a 6-block shuffle, as on a large set
-    pq.write_table(pa.table({"x": [[float(i)] for i in range(rows)], "y": list(range(rows))}),
-                   tmp_path / "ids.parquet")
-    one_block = worker_streams(tmp_path / "ids.parquet", read_blocks=1)
-    five_blocks = worker_streams(tmp_path / "ids.parquet", read_blocks=5)
-    assert one_block == five_blocks  # what a restarted worker group (or another cluster) sees
-    (rank0_epoch0, rank0_epoch1), (rank1_epoch0, rank1_epoch1) = one_block
-    assert set(rank0_epoch0) == set(rank0_epoch1) and rank0_epoch0 != rank0_epoch1  # new order
-    assert not set(rank0_epoch0) & set(rank1_epoch0)  # ranks see disjoint rows
-    assert len(rank0_epoch0) == len(rank1_epoch0) == 30
-    assert rank0_epoch0 != sorted(rank0_epoch0)  # shuffled, not in file order
-
-
-def slow_on_block_with(first_id: int):
-    """A stand-in for a task's preparation (the causal LM's tokenisation): 2 s slower on the
-    block that holds row `first_id`, so that block's task finishes last."""
-    def prepare(batch: pa.Table) -> pa.Table:
-        import time
-
-        if first_id in batch.column("id").to_pylist():
-            time.sleep(2)
-        return batch
-    return prepare
-
-
-def prepared_ids(info, seed, prepare) -> list[int]:
-    """The set read as the engine reads it, prepared by `prepare` and materialised (as
-    CausalLMTask.prepare does): its row ids in the resulting order."""
-    from hamu_ray.engine import data
-
-    ds = data.read_set(info, seed).map_batches(prepare, batch_format="pyarrow").materialize()
-    return [row["id"] for row in ds.iter_rows()]
-
-
-def test_a_set_of_two_files_keeps_its_order_when_the_earlier_block_is_prepared_last(ray_cluster, tmp_path,
-                                                                                   monkeypatch):
-    from hamu_ray.engine import data
-
-    files = tmp_path / "ids.parquet"  # a set of two files, as Spark writes one
-    files.mkdir()
-    for part in range(2):
-        pq.write_table(pa.table({"id": list(range(20 * part, 20 * part + 20))}), files / f"part-{part}.parquet")
-    info = data.inspect_set("retain", str(files), ["id"])
-    assert prepared_ids(info, None, slow_on_block_with(0)) == list(range(40))  # file order
-    monkeypatch.setattr(data, "ROWS_PER_SHUFFLE_BLOCK", 20)  # two blocks after the seeded shuffle
-    shuffled = prepared_ids(info, 3, slow_on_block_with(-1))
-    assert sorted(shuffled) == list(range(40)) and shuffled != list(range(40))
-    assert prepared_ids(info, 3, slow_on_block_with(shuffled[0])) == shuffled  # the same seed, the same order
-
-
 def mini_batch_reference(root, cfg, world=2):
     """The single-process step on exactly the batches the engine's sharding and pairing give each
     rank (rebuilt here on the driver), the ranks' batches of a step joined into one."""
-    from hamu_ray.engine import data
+    from hamu_ray.engine import shards
 
-    infos = {name: data.inspect_set(name, getattr(cfg.data, name), ["x", "y"]) for name in ("retain", "forget")}
-    shards = data.worker_shards({n: data.read_set(i, cfg.data.shuffle_seed) for n, i in infos.items()}, world)
-    streams = [data.paired_batches(shard["retain"], shard["forget"], retain_batch_size=cfg.data.retain_batch_size,
-                                   forget_batch_size=cfg.data.forget_batch_size, anchor="retain",
-                                   epochs=cfg.train.epochs, make_batch=xy_batch,
-                                   shuffle_seed=cfg.data.shuffle_seed, rank=rank)
-               for rank, shard in enumerate(shards)]
+    def shard(role, rank):
+        return shards.rank_shard(role, getattr(cfg.data, role), ["x", "y"], rank, world, cfg.data.shuffle_seed,
+                                 lambda rows: rows)
+
+    streams = [shards.paired_batches(shard("retain", rank), shard("forget", rank),
+                                     retain_batch_size=cfg.data.retain_batch_size,
+                                     forget_batch_size=cfg.data.forget_batch_size, anchor="retain",
+                                     epochs=cfg.train.epochs, make_batch=xy_batch,
+                                     shuffle_seed=cfg.data.shuffle_seed, rank=rank)
+               for rank in range(world)]
     model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5))
     model.load_state_dict(load_file(root / "init.safetensors"))
     take_step, steps = reference_step(model), 0
@@ -340,31 +272,38 @@ def registered_step(storage) -> int:
     return (latest_checkpoint(storage) or {}).get("metrics", {}).get("step", 0)
 
 
-def test_a_worker_killed_with_sigkill_resumes_to_the_uninterrupted_result(ray_cluster, inputs, tmp_path):
-    """One worker process is SIGKILLed (by its pid) once a checkpoint is registered; Ray
-    Train restarts the group from the latest checkpoint and the result equals the single-process
-    run on exactly the batches an uninterrupted run sees."""
+def run_killing_a_worker(cfg, after_step: int = 2):
+    """`run_unlearning(cfg)` with one Ray Train worker SIGKILLed (by its pid) once a checkpoint at
+    `after_step` or later is registered; the result of the restarted run."""
     import signal
     import threading
     import time
 
+    out = Path(cfg.output_dir)
+    outcome, staging = {}, out.parent / f".{out.name}.partial"
+    runner = threading.Thread(target=lambda: outcome.update(result=run_unlearning(cfg)), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 300
+    while registered_step(staging / "ray") < after_step:
+        assert runner.is_alive() and time.monotonic() < deadline, "no checkpoint was registered"
+        time.sleep(0.05)
+    victims = train_worker_pids()
+    assert len(victims) == cfg.cluster.num_workers
+    os.kill(victims[-1], signal.SIGKILL)
+    runner.join(timeout=300)
+    return outcome["result"]
+
+
+def test_a_worker_killed_with_sigkill_resumes_to_the_uninterrupted_result(ray_cluster, inputs, tmp_path):
+    """One worker process is SIGKILLed (by its pid) once a checkpoint is registered; Ray
+    Train restarts the group from the latest checkpoint and the result equals the single-process
+    run on exactly the batches an uninterrupted run sees."""
     root, _ = inputs
     # 6 steps, a checkpoint after each (~2 s apiece here): the run outlasts the kill
     cfg = config(root, tmp_path / "killed", epochs=3, checkpoint_every=1)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
         update={"retain_batch_size": 2, "forget_batch_size": 1, "shuffle_seed": 3})})
-    outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=run_unlearning(cfg)), daemon=True)
-    runner.start()
-    deadline = time.monotonic() + 300
-    while registered_step(tmp_path / ".killed.partial" / "ray") < 2:
-        assert runner.is_alive() and time.monotonic() < deadline, "no checkpoint was registered"
-        time.sleep(0.05)
-    victims = train_worker_pids()
-    assert len(victims) == 2
-    os.kill(victims[-1], signal.SIGKILL)
-    runner.join(timeout=300)
-    resumed = outcome["result"]
+    resumed = run_killing_a_worker(cfg)
     expected, steps = mini_batch_reference(root, cfg)
     assert steps == resumed.steps == 6 and resumed.resumed_from_step >= 2
     assert_same_weights(resumed.output_dir, expected)

@@ -213,11 +213,11 @@ def test_truth_ratio_scores_of_a_collapsed_model_raise_no_numpy_warning():
 
 def test_the_step_survives_pickling_and_rays_wrapping():
     """A worker's error reaches the driver pickled, inside Ray's RayTaskError (a class of both)
-    and Ray Train's WorkerGroupError: diverged_error gives back the worker's message and step."""
+    and Ray Train's WorkerGroupError: worker_user_error gives back the worker's message and step."""
     import ray.exceptions
     import ray.train
 
-    from hamu_ray.engine.driver import diverged_error
+    from hamu_ray.engine.driver import worker_user_error
 
     raised = NonFiniteStatsError("non-finite loss (forget_loss = nan): the run diverged").at_step(7)
     assert (str(raised), raised.step) == ("step 7: non-finite loss (forget_loss = nan): the run diverged", 7)
@@ -225,7 +225,7 @@ def test_the_step_survives_pickling_and_rays_wrapping():
     assert (str(copy), copy.step) == (str(raised), 7)
     sent = pickle.loads(pickle.dumps(ray.exceptions.RayTaskError("train_fn", "Traceback …", raised)))
     group = ray.train.WorkerGroupError("a worker failed", {0: sent.as_instanceof_cause()})
-    found = diverged_error(group)
+    found = worker_user_error(group)
     assert type(found) is NonFiniteStatsError and (str(found), found.step) == (str(raised), 7)
 
 

@@ -52,7 +52,7 @@ def hamu_only(raw):  # GradDiff on a classifier pipeline runs in the own-files t
 
 def checkpointed_hamu(raw):  # a new stage key for HAMU-Q, the same math
     hamu_only(raw)
-    raw["methods"][0]["train"] = {"checkpoint_every": 10}
+    raw["methods"][0]["train"] = {"checkpoint_every": 1}  # a report per step: the kill lands mid-run
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_a_killed_run_reruns_from_the_cache_and_the_interrupted_stages_checkpoin
     assert "[unlearn-hamu-q] resuming the interrupted run" in printed
     summaries = {path: json.loads((path / "summary.json").read_text()) for path in stage_dirs(out, "unlearn-hamu-q")}
     [uninterrupted] = [p for p, s in summaries.items() if s["config"]["train"]["checkpoint_every"] is None]
-    [resumed] = [p for p, s in summaries.items() if s["config"]["train"]["checkpoint_every"] == 10]
+    [resumed] = [p for p, s in summaries.items() if s["config"]["train"]["checkpoint_every"] == 1]
     assert summaries[resumed]["resumed_from_step"] >= 10
     assert summaries[resumed]["steps"] == summaries[uninterrupted]["steps"]
     expected = load_file(uninterrupted / "model.safetensors")

@@ -1,4 +1,4 @@
-"""A causal-LM unlearning job through the whole engine: Ray Data tokenises the QA rows on the
+"""A causal-LM unlearning job through the whole engine: the workers tokenise the QA rows on the
 cluster, two Ray Train workers run HAMU-Q under ZeRO-3, the driver publishes a Hugging Face
 directory. Checked against the single-process step, and for disjoint per-rank rows."""
 
@@ -197,18 +197,21 @@ def test_a_forget_target_stops_at_the_first_evaluation_that_meets_it(tiny_lm, qa
 def test_ranks_get_disjoint_retain_and_forget_rows(ray_cluster, tiny_lm, qa_sets, tmp_path):
     """Every rank's batches come from its own rows (a known toolkit gives every rank the same
     retain rows): through the driver's own preparation and the engine's sharding."""
-    from hamu_ray.engine import data
-    from hamu_ray.engine.driver import check_inputs, prepared_sets
+    from hamu_ray.engine import shards
+    from hamu_ray.engine.driver import check_inputs
+    from hamu_ray.engine.worker import Prepared
 
     root, _ = qa_sets
     cfg = job(tiny_lm, root, tmp_path / "out", retain_batch_size=2, forget_batch_size=1)
+    check_inputs(cfg)
     task = CausalLMTask(cfg)
-    shards = data.worker_shards(prepared_sets(cfg, check_inputs(cfg)), WORKERS)
     seen = []
-    for rank, shard in enumerate(shards):
-        pairs = data.paired_batches(shard["retain"], shard["forget"], retain_batch_size=2,
-                                    forget_batch_size=1, anchor="retain", epochs=1,
-                                    make_batch=task.make_batch, shuffle_seed=0, rank=rank)
+    for rank in range(WORKERS):
+        prepared = Prepared(task)
+        pairs = shards.paired_batches(prepared.rank_shard(cfg, "retain", rank, WORKERS),
+                                      prepared.rank_shard(cfg, "forget", rank, WORKERS), retain_batch_size=2,
+                                      forget_batch_size=1, anchor="retain", epochs=1,
+                                      make_batch=task.make_batch, shuffle_seed=0, rank=rank)
         rows = {"retain": set(), "forget": set()}
         for retain, forget in pairs:
             for role, batch in (("retain", retain), ("forget", forget)):
@@ -220,9 +223,17 @@ def test_ranks_get_disjoint_retain_and_forget_rows(ray_cluster, tiny_lm, qa_sets
         assert len(seen[0][role]) + len(seen[1][role]) == total, role
 
 
-def test_truncated_rows_are_counted_and_rows_without_an_answer_refused_before_training(
-        ray_cluster, tiny_lm, qa_sets, tmp_path, capsys):
-    from hamu_ray.engine.driver import check_inputs, prepared_sets
+def read_whole(cfg, role: str) -> tuple[list[dict], dict]:
+    """A set's prepared rows as a worker (the only rank) reads them, in file order, and the counts."""
+    from hamu_ray.engine.worker import Prepared
+
+    prepared = Prepared(CausalLMTask(cfg))
+    shard = prepared.rank_shard(cfg, role, 0, 1)
+    rows = [row for window in shard.windows(None) for row in window.to_pylist()]
+    return rows, prepared.tallies[role]
+
+
+def test_truncated_rows_are_counted_and_rows_without_an_answer_refused_as_read(tiny_lm, qa_sets, tmp_path):
     from hamu_ray.errors import UserError
 
     root, rows = qa_sets
@@ -230,12 +241,14 @@ def test_truncated_rows_are_counted_and_rows_without_an_answer_refused_before_tr
     task = CausalLMTask(job(tiny_lm, root, tmp_path / "out"))
     lengths = sorted(len(lm_batch(task, [r])["input_ids"][0]) for r in rows["forget"])
     cfg = job(tiny_lm, root, tmp_path / "out", text={"max_length": lengths[-1] - 1})
-    prepared_sets(cfg, check_inputs(cfg))
+    _, counts = read_whole(cfg, "forget")
     cut = sum(n == lengths[-1] for n in lengths)
-    assert f"forget set: {cut} of 8 rows cut at data.text.max_length={lengths[-1] - 1}" in capsys.readouterr().out
+    assert counts == {"rows": 8, "truncated": cut} and cut > 0
+    assert CausalLMTask(cfg).prepared_lines({"forget": counts, "retain": {"rows": 16, "truncated": 0}}) == [
+        f"forget set: {cut} of 8 rows read were cut at data.text.max_length={lengths[-1] - 1}"]
     cfg = job(tiny_lm, root, tmp_path / "out", text={"max_length": 8})  # shorter than any prompt
     with pytest.raises(UserError, match=r"retain set .*retain.parquet: 16 row\(s\) keep no answer token"):
-        prepared_sets(cfg, check_inputs(cfg))
+        read_whole(cfg, "retain")
 
 
 def test_forget_tokens_fact_trains_and_monitors_the_fact_spans_only(ray_cluster, tiny_lm, tmp_path):
@@ -245,7 +258,7 @@ def test_forget_tokens_fact_trains_and_monitors_the_fact_spans_only(ray_cluster,
     from transformers import AutoModelForCausalLM
 
     from hamu_ray.engine.data import DataError
-    from hamu_ray.engine.driver import check_inputs, monitor_values, prepared_sets
+    from hamu_ray.engine.driver import check_inputs, monitor_values, run_unlearning
     from hamu_ray.errors import UserError
     from hamu_ray.tasks.causal_lm import TextData, encode_qa, fact_encoding, load_tokenizer
     from tests.tasks.test_causal_lm import answer_logprob_by_hand
@@ -254,11 +267,11 @@ def test_forget_tokens_fact_trains_and_monitors_the_fact_spans_only(ray_cluster,
     pq.write_table(pa.Table.from_pylist(rows[:8]), tmp_path / "forget.parquet")
     pq.write_table(pa.Table.from_pylist(rows[8:24]), tmp_path / "retain.parquet")
     cfg = job(tiny_lm, tmp_path, tmp_path / "out", monitor={}, forget_tokens="fact")
-    prepared = prepared_sets(cfg, check_inputs(cfg))
+    check_inputs(cfg)
     tokenizer, text = load_tokenizer(str(tiny_lm)), TextData()
     for role, part, encode in (("forget", rows[:8], lambda r: fact_encoding(tokenizer, r["question"], r["answer"], r["fact"], text)),
                                ("retain", rows[8:24], lambda r: encode_qa(tokenizer, r["question"], r["answer"], "auto"))):
-        got = {(tuple(r["input_ids"]), tuple(r["labels"])) for r in prepared[role].take_all()}
+        got = {(tuple(r["input_ids"]), tuple(r["labels"])) for r in read_whole(cfg, role)[0]}
         assert got == {tuple(map(tuple, encode(r))) for r in part}, role
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
@@ -270,7 +283,10 @@ def test_forget_tokens_fact_trains_and_monitors_the_fact_spans_only(ray_cluster,
     pq.write_table(pa.Table.from_pylist([{**r, "fact": None if i == 3 else r["fact"]} for i, r in enumerate(rows[:8])]),
                    tmp_path / "forget.parquet")
     with pytest.raises(UserError, match=r"forget set .*forget.parquet: 1 row\(s\) have no fact found"):
-        prepared_sets(cfg, check_inputs(cfg))
+        read_whole(cfg, "forget")
+    with pytest.raises(UserError, match=r"forget set .*forget.parquet: 1 row\(s\) have no fact found"):
+        run_unlearning(cfg)  # found by the workers as they read: the job's error, no output
+    assert not (tmp_path / "out").exists()
     pq.write_table(pa.Table.from_pylist(qa_rows()[:8]), tmp_path / "forget.parquet")
     with pytest.raises(DataError, match=r"forget set .*forget.parquet: missing column\(s\) fact"):
         check_inputs(cfg)
