@@ -7,8 +7,9 @@ goes through the object store. The order is a function of the files, the seed an
 only (never of which read finished first), so a resumed run starts at the same row it stopped at
 by skipping pieces from their row counts, without reading what came before.
 
-With a shuffle seed the pieces are permuted once (the slices then mix the whole set), and every
-pass ("epoch") of a rank over its slice permutes the slice's pieces and each window's rows anew.
+With a shuffle seed a set is permuted once before it is cut (row by row up to ROW_SHUFFLE_ROWS
+rows, piece by piece beyond), and every pass ("epoch") of a rank over its slice permutes the
+slice's pieces and each window's rows anew.
 The forget set is the sensitive data: nothing here logs rows.
 """
 
@@ -27,6 +28,10 @@ from hamu_ray.engine.data import DataError, file_format, filesystem, open_datase
 # Rows read, prepared (the causal LM's tokenisation) and shuffled together per epoch: a full
 # permutation of a slice up to this size, a windowed one beyond.
 WINDOW_ROWS = 8192
+# A set of at most this many rows is shuffled row by row before it is cut into the ranks' slices
+# (every rank reads it whole once, keeps its rows): files are often sorted (by entity, by
+# source), and a rank's slice should not be one end of them. Larger sets: piece by piece.
+ROW_SHUFFLE_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -87,20 +92,23 @@ def skip_rows(pieces: list[Piece], rows: int) -> list[Piece]:
 class Shard:
     """One rank's slice of one set (`name`: its role, for errors): raw rows read lazily, prepared
     by `prepare` (a pyarrow table in, one out: the task's preparation and checks) window by
-    window. A slice of one window is read and prepared once and kept."""
+    window. A slice of one window, or one taken row by row (`taken`: its rows' positions in
+    the pieces), is read and prepared once and kept."""
 
     def __init__(self, name: str, path: str, columns: list[str], pieces: list[Piece],
-                 prepare: Callable[[pa.Table], pa.Table]):
+                 prepare: Callable[[pa.Table], pa.Table], taken: np.ndarray | None = None):
         self.name, self.path, self.columns, self.pieces, self.prepare = name, path, columns, pieces, prepare
-        self.rows = sum(p.rows for p in pieces)
+        self.taken = taken
+        self.rows = sum(p.rows for p in pieces) if taken is None else len(taken)
         self._whole: pa.Table | None = None
 
     def windows(self, seed: int | None, skip: int = 0) -> Iterator[pa.Table]:
         """One pass: prepared windows, in the pass's order (None: file order, unshuffled),
         starting `skip` rows in."""
-        if self.rows <= WINDOW_ROWS:
+        if self.rows <= WINDOW_ROWS or self.taken is not None:
             if self._whole is None:
-                self._whole = self.prepare(pa.Table.from_batches(list(self._stream(self.pieces))))
+                rows = pa.Table.from_batches(list(self._stream(self.pieces)))
+                self._whole = self.prepare(rows if self.taken is None else rows.take(self.taken))
             yield _permuted(self._whole, seed, 0).slice(skip)
             return
         pieces = self.pieces
@@ -193,8 +201,14 @@ def whole_set(name: str, path: str, columns: list[str], prepare: Callable[[pa.Ta
 
 def rank_shard(name: str, path: str, columns: list[str], rank: int, world: int, seed: int | None,
                prepare: Callable[[pa.Table], pa.Table]) -> Shard:
-    """Rank r's slice of a set (rank_pieces)."""
+    """Rank r's slice of a set: with a seed and at most ROW_SHUFFLE_ROWS rows, the r-th of
+    world equal slices of the seeded permutation of its rows; otherwise rank_pieces's."""
     pieces = set_pieces(path, file_format(name, path))
+    total = sum(p.rows for p in pieces)
+    if seed is not None and total <= ROW_SHUFFLE_ROWS:
+        per_rank = total // world
+        order = np.random.default_rng(seed).permutation(total)
+        return Shard(name, path, columns, pieces, prepare, taken=order[rank * per_rank:(rank + 1) * per_rank])
     return Shard(name, path, columns, rank_pieces(pieces, rank, world, seed), prepare)
 
 

@@ -46,6 +46,7 @@ class Spy:
 @pytest.fixture
 def small_windows(monkeypatch):
     monkeypatch.setattr(shards, "WINDOW_ROWS", 40)  # several windows per slice, as on a large set
+    monkeypatch.setattr(shards, "ROW_SHUFFLE_ROWS", 0)  # pieces permuted, not rows
 
 
 def pass_ids(shard, seed, batch=5, skip=0) -> list[int]:
@@ -132,3 +133,18 @@ def test_a_json_lines_set_reads_like_its_parquet_twin(tmp_path, small_windows):
     assert pass_ids(lines, None, batch=1) == pass_ids(parquet, None, batch=1) == in_order
     whole = sum((ids_of(b) for b in lines.batches(5, 8, drop_last=False)), [])
     assert sorted(whole) == in_order and whole != in_order
+
+
+def test_a_small_set_is_shuffled_row_by_row_before_the_ranks_cut_it(tmp_path):
+    """A sorted file (ids in order) under a seed: each rank's slice is its share of the seeded
+    permutation of all rows (by hand), so both ends of the file reach every rank."""
+    path = write_ids(tmp_path / "ids.parquet")
+    world, seed = 2, 4
+    by_hand = np.random.default_rng(seed).permutation(ROWS)
+    for rank in range(world):
+        shard = shards.rank_shard("retain", path, ["id"], rank, world, seed, lambda rows: rows)
+        mine = pass_ids(shard, None, batch=1)
+        assert mine == by_hand[rank * (ROWS // world):(rank + 1) * (ROWS // world)].tolist()
+        assert min(mine) < ROWS // 4 and max(mine) > 3 * ROWS // 4
+        whole = [ids_of(b) for b in shard.batches(6, 17)]
+        assert [ids_of(b) for b in shard.batches(6, 17, skip_batches=5)] == whole[5:]
