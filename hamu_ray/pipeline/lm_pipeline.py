@@ -129,13 +129,14 @@ def texts(value) -> bool:
 
 def check_given_models(cfg, prepared: dict[str, str]) -> None:
     """The user's models (before Ray starts): Hugging Face directories whose tokenizers fit
-    them and leave every scored answer a token (check_scored_sets)."""
+    them and leave every scored answer a token (check_scored_sets); and the attacks' sets."""
     given = [(f"model.{name}", getattr(cfg.model, name)) for name in ("path", "oracle")]
     given = [(setting, path) for setting, path in given if path is not None]
     for setting, path in given:
         check_model_dir(path, setting)
     if given:
         check_scored_sets(cfg, prepared, [path for _, path in given])
+    check_attacks(cfg, prepared)
 
 
 def check_scored_sets(cfg, prepared: dict[str, str], model_dirs: list) -> None:

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from hamu_ray import digests, files, receipt
 from hamu_ray.engine import data, monitor
-from hamu_ray.pipeline import classifier_attacks
-from hamu_ray.pipeline import datasets
-from hamu_ray.pipeline import evaluate
+from hamu_ray.pipeline import classifier_pipeline
 from hamu_ray.pipeline import lm_pipeline
 from hamu_ray.pipeline import outcomes
 from hamu_ray.pipeline import plots
@@ -268,7 +264,7 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
     """The table's rows (a method's seeds as mean ± sd), its text, and the rows of every run
     (a diverged run's row empty but for its stop cell: outcomes.table_rows)."""
     print("evaluating", ", ".join(stages), flush=True)
-    runs = lm_pipeline.compare(cfg, prepared, stages, report) if cfg.is_lm else compare(cfg, prepared, stages)
+    runs = task_pipeline(cfg).compare(cfg, prepared, stages, report)
     logs = {name: stage.step_log() for name, stage in stages.items() if name not in REFERENCES}
     order = [*REFERENCES, *(name for m in cfg.methods for _, name in cfg.seed_runs(m.key))]
     runs = outcomes.table_rows(runs, logs, diverged, order, table_columns(cfg))
@@ -320,12 +316,14 @@ def prepare(cfg: PipelineConfig, out: Path, tracker: Tracker) -> dict[str, str]:
     return sets.paths
 
 
+def task_pipeline(cfg: PipelineConfig):
+    """The task's half of a pipeline (lm_pipeline or classifier_pipeline): build_sets,
+    check_given_models, yardstick, measure, compare, table_columns, under the same names."""
+    return lm_pipeline if cfg.is_lm else classifier_pipeline
+
+
 def check_given_models(cfg: PipelineConfig, prepared: dict[str, str]) -> None:
-    if cfg.is_lm:
-        lm_pipeline.check_given_models(cfg, prepared)
-        lm_pipeline.check_attacks(cfg, prepared)
-    elif cfg.model.weights is not None:
-        user_data.check_classifier_weights(cfg)
+    task_pipeline(cfg).check_given_models(cfg, prepared)
 
 
 def prepared_directory(cfg: PipelineConfig, out: Path) -> tuple[dict, Path]:
@@ -360,33 +358,7 @@ def log_prepare(tracker: Tracker, sets: PreparedSets) -> None:
 
 
 def build_sets(cfg: PipelineConfig, directory: Path) -> dict:
-    if cfg.is_lm:
-        return lm_pipeline.build_sets(cfg, directory)
-    if cfg.data.source == "files":
-        paths = user_data.write_classifier_sets(cfg, directory)
-    else:
-        paths = builtin_image_sets(cfg, directory)
-    infos = {name: data.inspect_set(name, path, ["x", "y"]) for name, path in paths.items()}
-    return {"sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in infos.items()},
-            "forget_classes": forget_classes(cfg)}
-
-
-def builtin_image_sets(cfg: PipelineConfig, directory: Path) -> dict[str, str]:
-    request = cfg.data.forget
-    train, test = datasets.load_source(cfg.data.source, root=cfg.data.root, seed=cfg.data.seed)
-    train = datasets.subsample(train, cfg.data.max_train_rows, cfg.data.seed)
-    if request.kind == "class":
-        forget_idx, retain_idx = datasets.class_forget_indices(
-            train.y, request.forget_class, request.rho, cfg.data.seed)
-    else:
-        forget_idx, retain_idx = datasets.random_forget_indices(len(train.y), request.fraction, cfg.data.seed)
-    return datasets.write_sets(directory, train, test, forget_idx, retain_idx)
-
-
-def forget_classes(cfg: PipelineConfig) -> list[int]:
-    if cfg.data.source == "files":
-        return list(cfg.data.forget_classes)
-    return [cfg.data.forget.forget_class] if cfg.data.forget.kind == "class" else []
+    return task_pipeline(cfg).build_sets(cfg, directory)
 
 
 def train_references(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
@@ -528,95 +500,22 @@ def run_stage(cfg: PipelineConfig, name: str, job: dict, out: Path, tracker: Tra
 
 # ---- evaluation and report -----------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Yardstick:
-    """What every model is measured against: the sets and the oracle's results on them."""
-    sets: dict[str, tuple]
-    forget_classes: list[int]
-    oracle: dict[str, float] | None  # measured like any model (forget quality 1, gaps 0)
-    oracle_forget: evaluate.Predictions | None  # its losses and correctness on the forget rows
-
-
 def yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle: Path):
     """What a search measures every trial against (a classifier's sets and oracle results;
     a language model's scored sets and the oracle's per-example scores)."""
-    if cfg.is_lm:
-        return lm_pipeline.yardstick(cfg, prepared, oracle)
-    return classifier_yardstick(cfg, prepared, oracle)
-
-
-def classifier_yardstick(cfg: PipelineConfig, prepared: dict[str, str], oracle_weights: Path | None) -> Yardstick:
-    """The sets, and the oracle's results on them (None without an oracle: the comparisons
-    that need one are then absent)."""
-    splits = {name: datasets.read_split(prepared[name]) for name in ("forget", "retain", "test")}
-    sets = {name: (split.x, split.y) for name, split in splits.items()}
-    if oracle_weights is None:
-        return Yardstick(sets, forget_classes(cfg), None, None)
-    metrics, predictions = evaluate.evaluate(load_weights(cfg, oracle_weights), sets,
-                                             forget_classes=forget_classes(cfg))
-    losses = predictions["forget"].losses
-    metrics.update(evaluate.compare_to_oracle(metrics, losses, metrics, losses))  # its own table row
-    return Yardstick(sets, forget_classes(cfg), metrics, predictions["forget"])
+    return task_pipeline(cfg).yardstick(cfg, prepared, oracle)
 
 
 def measure(cfg: PipelineConfig, ruler, model: Path) -> dict[str, float]:
     """A model's metrics against the yardstick: for a classifier accuracies, losses, MIA and
     the comparison to the oracle (forget quality, gaps); for a language model TOFU's and MUSE's
     (scored by its job's workers: lm_pipeline.model_scores)."""
-    if cfg.is_lm:
-        return lm_pipeline.measure(cfg, ruler, model)
-    return classifier_measure(cfg, ruler, model)
-
-
-def classifier_measure(cfg: PipelineConfig, ruler: Yardstick, weights: Path) -> dict[str, float]:
-    return classifier_scores(ruler, load_weights(cfg, weights))[0]
-
-
-def classifier_scores(ruler: Yardstick, model) -> tuple[dict[str, float], evaluate.Predictions]:
-    """A classifier's metrics against the yardstick, and its predictions on the forget rows."""
-    metrics, predictions = evaluate.evaluate(model, ruler.sets, forget_classes=ruler.forget_classes)
-    if ruler.oracle is not None:
-        metrics.update(evaluate.compare_to_oracle(metrics, predictions["forget"].losses,
-                                                  ruler.oracle, ruler.oracle_forget.losses))
-    return metrics, predictions["forget"]
-
-
-def load_weights(cfg: PipelineConfig, weights: Path):
-    from hamu_ray.tasks import classifier as models
-
-    return models.build_model(cfg.model.model_copy(update={"weights": str(weights)}))
-
-
-def compare(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[str, StageOutput]) -> list[dict]:
-    """Every stage's classifier measured against the oracle; with robustness, each attack's
-    forget accuracy and recovered share (classifier_attacks). Each model is loaded and scored once."""
-    ruler = classifier_yardstick(cfg, prepared, stages["oracle"].weights if "oracle" in stages else None)
-    attacks = lm_pipeline.attacks(cfg, prepared)
-    read = functools.cache(datasets.read_split)  # each relearning set once, for every model
-    results, original_correct = {}, None
-    for name, stage in stages.items():  # original, oracle, then the methods
-        model = load_weights(cfg, stage.weights) if attacks or name != "oracle" else None
-        if name == "oracle":  # the yardstick measured it
-            measured, forget = ruler.oracle, ruler.oracle_forget
-        else:
-            measured, forget = classifier_scores(ruler, model)
-        original_correct = forget.correct if name == "original" else original_correct
-        for attack, how in attacks.items():
-            after = classifier_attacks.forget_correct(classifier_attacks.attacked(model, how, read), ruler.sets)
-            measured = {**measured, **classifier_attacks.attack_metrics(attack, forget.correct, original_correct,
-                                                                        after, how.rows)}
-        summary = stage.summary
-        results[name] = {**measured, "steps": summary["steps"],
-                         "stop": summary["stop"], "wall_s": summary["wall_s"]}
-    return evaluate.comparison_rows(results, table_columns(cfg))
+    return task_pipeline(cfg).measure(cfg, ruler, model)
 
 
 def table_columns(cfg: PipelineConfig) -> tuple[str, ...]:
-    """The comparison's columns; a classifier's attacks' before steps, stop and wall_s."""
-    if cfg.is_lm:
-        return lm_pipeline.table_columns(cfg)
-    *metrics, steps, stop, wall = evaluate.TABLE_COLUMNS
-    return (*metrics, *classifier_attacks.attack_columns(lm_pipeline.attack_names(cfg)), steps, stop, wall)
+    """The comparison's columns, the attacks' before steps, stop and wall_s."""
+    return task_pipeline(cfg).table_columns(cfg)
 
 
 def write_report(cfg: PipelineConfig, rows: list[dict], stages: dict[str, StageOutput], report: Path,

@@ -288,7 +288,7 @@ def check_classifier_attacks(result, runs: dict, receipt: dict, out: Path) -> No
     from hamu_ray.attacks.recovery import recovered_share
     from hamu_ray.attacks.relearn import batch_rows
     from hamu_ray.pipeline.lm_pipeline import relearn_split
-    from hamu_ray.pipeline.stages import load_weights
+    from hamu_ray.pipeline.classifier_pipeline import load_weights
 
     cfg = digits_config(out, lambda raw: hamu_only(raw) or raw.update(robustness=ATTACKS))
     forget = pq.read_table(next((out / "stages").glob("prepare-*/forget.parquet")))
