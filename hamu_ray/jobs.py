@@ -212,7 +212,8 @@ def prepare_job(pipeline_path: str | Path, working_dir: Path, *, tune: bool = Fa
 def job_runtime_env(working_dir: Path, runtime_file: dict[str, Any], uri: str) -> dict[str, Any]:
     """The working directory, this checkout's package, the environment the job's processes need
     (the submitting shell's kernel pins; the runtime-env file's variables win) and its pip."""
-    from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS, kernel_env
+    from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS
+    from hamu_ray.kernels import kernel_env
 
     runtime_env: dict[str, Any] = {
         "working_dir": str(working_dir),

@@ -359,7 +359,7 @@ def determinism_record(cfg, device, dtype, workers: int) -> dict:
 
     import torch
 
-    from hamu_ray.engine.driver import kernel_env
+    from hamu_ray.kernels import kernel_env
 
     device = torch.device(device)
     record = {

@@ -5,7 +5,7 @@
 Prints every cell that differs between the two runs' report/comparison.csv (wall-clock columns
 aside) and exits 1 if any does: same config, same machine, same seeds must give the same table,
 bit for bit. The runs go to fresh temporary directories, removed afterwards. --pin-kernels runs
-both with the portable kernel pins (hamu_ray.engine.driver.PORTABLE_KERNELS):
+both with the portable kernel pins (hamu_ray.kernels.PORTABLE_KERNELS):
 the table a machine with AVX2 gives under them is the one to compare across machines.
 """
 
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hamu_ray.engine.driver import PORTABLE_KERNELS
+from hamu_ray.kernels import PORTABLE_KERNELS
 
 TIMES = {"wall_s", "wall_s_sd"}  # how long a stage took is not a result
 

@@ -372,7 +372,7 @@ def record_under(env: dict) -> dict:
     import subprocess
     import sys
 
-    from hamu_ray.engine.driver import PORTABLE_KERNELS as PINS
+    from hamu_ray.kernels import PORTABLE_KERNELS as PINS
 
     clean = {k: v for k, v in os.environ.items() if k not in PINS}
     done = subprocess.run([sys.executable, "-c", RECORD], env={**clean, **env}, capture_output=True, text=True,
@@ -381,10 +381,10 @@ def record_under(env: dict) -> dict:
 
 
 def test_kernel_pins_choose_torchs_kernels_and_are_recorded_passed_to_workers_and_keyed(monkeypatch, tmp_path):
-    """The opt-in for runs that reproduce across machines (driver.KERNEL_ENV): set, a fresh
+    """The opt-in for runs that reproduce across machines (kernels.KERNEL_ENV): set, a fresh
     process computes with AVX2 kernels whatever the machine has, and says so; unset, the
     record names the machine's own."""
-    from hamu_ray.engine.driver import PORTABLE_KERNELS as PINS
+    from hamu_ray.kernels import PORTABLE_KERNELS as PINS
     from hamu_ray.engine.driver import RUNTIME_ENV_DEFAULTS, worker_env_vars
     from hamu_ray.pipeline.stages import stage_key
 

@@ -28,6 +28,7 @@ from hamu_ray.engine import data, evaluation, monitor
 from hamu_ray.engine.config import ClusterSection, UnlearnConfig
 from hamu_ray.errors import OutputExistsError, UserError
 from hamu_ray.files import file_stats, staging_dir
+from hamu_ray.kernels import kernel_env
 from hamu_ray.rules import NonFiniteStatsError
 from hamu_ray.engine.worker import (EXPORT_INFO, EXPORT_LOG, MONITOR_FILE, PREFLIGHT_FILE,
                                    evaluate_loop_per_worker, preflight_loop_per_worker,
@@ -46,13 +47,6 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # a job starts and ends in several such polls, and on a small machine they are most of a short
 # stage's time (docs/design.md §9). A cluster keeps its own setting.
 LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
-# Which CPU kernels torch and MKL run. Unset, each machine takes its widest vector unit (AVX-512
-# here, AVX2 elsewhere) and the numbers differ between machines in the last bits, which training
-# amplifies; set (`ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2`, README "Runs that reproduce") in the
-# shell that starts a run, every process of it computes with the same kernels on any x86-64 with
-# AVX2. They are passed on to the workers, recorded in receipts and part of the stage keys.
-PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
-KERNEL_ENV = tuple(PORTABLE_KERNELS)
 
 
 @dataclass(frozen=True)
@@ -259,11 +253,6 @@ def ray_session(cluster: ClusterSection):
         yield
     finally:
         ray.shutdown()
-
-
-def kernel_env() -> dict[str, str]:
-    """The kernel pins (KERNEL_ENV) this process runs under; empty: each machine's own kernels."""
-    return {key: os.environ[key] for key in KERNEL_ENV if key in os.environ}
 
 
 def worker_env_vars() -> dict[str, str]:

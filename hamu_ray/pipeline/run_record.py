@@ -42,7 +42,7 @@ def code_commit() -> str | None:
 
 def machine() -> dict:
     """The driver's machine: CPU model, logical cores, memory, the CPU kernels torch runs (and
-    the pins that chose them, hamu_ray.engine.driver.KERNEL_ENV); GPUs when torch sees any."""
+    the pins that chose them, hamu_ray.kernels.KERNEL_ENV); GPUs when torch sees any."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -54,7 +54,7 @@ def machine() -> dict:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
-    from hamu_ray.engine.driver import kernel_env
+    from hamu_ray.kernels import kernel_env
 
     record = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1),
               "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "kernel_pins": kernel_env()}

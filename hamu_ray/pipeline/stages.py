@@ -287,8 +287,8 @@ def report_results(cfg: PipelineConfig, prepared: dict[str, str], stages: dict[s
 def stage_key(job: dict, out: Path) -> str:
     """Hash of a stage's job with the output directory factored out (so the folder can move), of
     the receipt format its stages write (a stage cached by an earlier format is not reused) and of
-    the kernel pins it runs under, when any (driver.KERNEL_ENV: they change the numbers)."""
-    from hamu_ray.engine.driver import kernel_env
+    the kernel pins it runs under, when any (kernels.KERNEL_ENV: they change the numbers)."""
+    from hamu_ray.kernels import kernel_env
 
     pins = kernel_env()
     job = {key: value for key, value in job.items() if key != "evaluation"}  # scores, not the model

@@ -4,20 +4,20 @@ reaches a task only through the `Task` interface below, chosen by `model.kind`.
 A task builds the original model (already partitioned under ZeRO-3 when the task can), turns
 rows into batches (tokenisation runs in the workers, as they read), scores a batch as per-example
 log-likelihoods (`objectives.Scores`), provides the frozen reference, and exports the result.
+A task is given the job's config (`engine.config.UnlearnConfig`) and never imports it: the
+config imports the tasks' model schemas.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
 from hamu_ray.objectives import Scores
 
-if TYPE_CHECKING:
-    from hamu_ray.engine.config import UnlearnConfig
 
 
 class Task(Protocol):
@@ -63,7 +63,7 @@ class Task(Protocol):
         under ZeRO-3: every rank calls it."""
 
 
-def task_for(cfg: UnlearnConfig) -> Task:
+def task_for(cfg: Any) -> Task:
     if cfg.model.kind == "causal_lm":
         from hamu_ray.tasks.causal_lm import CausalLMTask
 

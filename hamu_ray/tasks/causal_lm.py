@@ -19,7 +19,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +33,6 @@ from hamu_ray.inputs import is_hub_name
 from hamu_ray.objectives import Scores
 from hamu_ray.schema import Section
 
-if TYPE_CHECKING:
-    from hamu_ray.engine.config import UnlearnConfig
 
 IGNORE = -100  # the label of a token that is not a target
 MODEL_DIR, ADAPTER_DIR = "model", "adapter"  # the export: a Hugging Face directory, or peft's
@@ -82,7 +80,7 @@ class TextData(Section):
 
 
 class CausalLMTask:
-    def __init__(self, cfg: UnlearnConfig):
+    def __init__(self, cfg: Any):
         self.cfg = cfg
         self.model_cfg: CausalLMModel = cfg.model
         self.text: TextData = cfg.data.text

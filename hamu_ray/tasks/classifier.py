@@ -7,7 +7,7 @@ loaded from safetensors; a batch's log-likelihood is each label's log-probabilit
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -19,8 +19,6 @@ from hamu_ray.files import check_safetensors
 from hamu_ray.objectives import Scores
 from hamu_ray.schema import Section
 
-if TYPE_CHECKING:
-    from hamu_ray.engine.config import UnlearnConfig
 
 EXPORT_WEIGHTS = "model.safetensors"  # the classifier's export: every parameter and buffer, fp32
 
@@ -148,7 +146,7 @@ def label_scores(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
 class ClassifierTask:
     """Rows: `data.input_column` (a list of floats) and `data.label_column` (an integer class)."""
 
-    def __init__(self, cfg: UnlearnConfig):
+    def __init__(self, cfg: Any):
         self.cfg = cfg
         self.dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
 

@@ -46,7 +46,7 @@ def test_the_block_is_the_table_as_written_under_its_provenance(tmp_path, capsys
 
 
 def test_a_run_under_kernel_pins_says_so_in_its_line(tmp_path, monkeypatch):
-    from hamu_ray.engine.driver import PORTABLE_KERNELS
+    from hamu_ray.kernels import PORTABLE_KERNELS
 
     for key, value in PORTABLE_KERNELS.items():
         monkeypatch.setenv(key, value)
