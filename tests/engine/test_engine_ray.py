@@ -256,12 +256,14 @@ def mini_batch_reference(root, cfg, world=2):
     return model.state_dict(), steps
 
 
-def train_worker_pids() -> list[int]:
-    """The Ray Train worker processes on this host (their process title names the actor)."""
+def train_worker_pids(since: float = 0.0) -> list[int]:
+    """The Ray Train worker processes on this host (their process title names the actor) started
+    after `since` (a time.time(): an earlier run's workers may still be on their way out)."""
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    return [p.pid for p in psutil.process_iter(["cmdline", "create_time"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+            and p.info["create_time"] >= since]
 
 
 def registered_step(storage) -> int:
@@ -280,14 +282,14 @@ def run_killing_a_worker(cfg, after_step: int = 2):
     import time
 
     out = Path(cfg.output_dir)
-    outcome, staging = {}, out.parent / f".{out.name}.partial"
+    outcome, staging, started = {}, out.parent / f".{out.name}.partial", time.time()
     runner = threading.Thread(target=lambda: outcome.update(result=run_unlearning(cfg)), daemon=True)
     runner.start()
     deadline = time.monotonic() + 300
     while registered_step(staging / "ray") < after_step:
         assert runner.is_alive() and time.monotonic() < deadline, "no checkpoint was registered"
         time.sleep(0.05)
-    victims = train_worker_pids()
+    victims = train_worker_pids(since=started)
     assert len(victims) == cfg.cluster.num_workers
     os.kill(victims[-1], signal.SIGKILL)
     runner.join(timeout=300)
