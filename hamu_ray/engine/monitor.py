@@ -23,11 +23,6 @@ def dataset_name(role: str) -> str:
     return f"monitor_{role}"
 
 
-def is_sample(name: str) -> bool:
-    """A monitor sample: given whole to every rank, never split."""
-    return name.startswith("monitor_")
-
-
 def sample_paths(section) -> dict[str, str]:
     """Dataset name → file of a job's monitor samples."""
     return {dataset_name(role): getattr(section, role) for role in ROLES}
