@@ -184,8 +184,8 @@ def removed_unless_kept(path: str | os.PathLike) -> Iterator[Callable[[], None]]
 
 def write_rows(rows: list[dict], path: str | os.PathLike, schema=None) -> Path:
     """Rows as one parquet file, whole or not at all, owner-only: every set is handled as a
-    user's forget rows are (they are sensitive). Pages carry CRC checksums, which
-    engine.data.inspect_set verifies before a job reads the set."""
+    user's forget rows are (they are sensitive). Pages carry CRC checksums, which every reader
+    of the rows verifies (engine.data.read_piece)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

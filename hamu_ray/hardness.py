@@ -44,7 +44,8 @@ def build_report(cfg, raw: dict, sets: dict, key_dir: Path) -> dict:
     summary["rows"] = scored_rows(sets["forget"], cosines, key_dir)
     summary["job"] = {"method": cfg.method.name, "rule": cfg.method.rule_name, "zero_stage": cfg.train.zero_stage,
                       "workers": cfg.cluster.num_workers, "bf16": cfg.train.bf16,
-                      "sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in sets.items()}}
+                      "sets": {name: {"rows": sets[name].num_rows, "sha256": digest}  # the workers'
+                               for name, digest in raw["set_digests"].items()}}
     return summary
 
 

@@ -31,15 +31,17 @@ from pathlib import Path
 
 from hamu_ray import digests
 from hamu_ray.digests import KEY_ENV, ROW_RULE, DigestKey
+from hamu_ray.engine.data import DIGEST_RULE
 from hamu_ray.errors import UserError
 
 TREE_RULE = ("leaf = sha256(0x00 || row digest), rows in file order; node = sha256(0x01 || left || "
              "right); an odd level promotes its last node unchanged; the root is the last node")
 MODEL_RULE = ("a file: its sha256; a directory: sha256 of the JSON object {relative path: file sha256} "
               "of its model files, keys sorted, separators (',', ':')")
-# v2: keyed row digests, one model digest rule; v3: the determinism record. The version is part of
+# v2: keyed row digests, one model digest rule; v3: the determinism record; v4: the retain set's
+# digest built from its files' blocks (engine.data.DIGEST_RULE, the workers'). The version is part of
 # every pipeline stage's cache key (pipeline.stages.stage_key): a new one reruns cached stages.
-VERSION = "hamu-ray unlearning receipt v3"
+VERSION = "hamu-ray unlearning receipt v4"
 # $HAMU_RECEIPT_KEY (optional): the receipt is then HMAC-SHA256 signed, and the row digests keyed by it
 NOT_MODEL = {"ray", "step_log.jsonl", "summary.json", "receipt.json", digests.KEY_FILE}  # beside the model
 
@@ -285,7 +287,7 @@ def build(cfg, sets: dict, summary: dict, output_dir: Path, step_log: list[dict]
                    "digest_key": key_record(key, Path(output_dir)),
                    "row_rule": ROW_RULE, "tree_rule": TREE_RULE},
         "retain": {"path": sets["retain"].path, "rows": sets["retain"].num_rows,
-                   "sha256_16": sets["retain"].digest},
+                   "sha256_16": staged_retain_digest(summary), "digest_rule": DIGEST_RULE},
         "model_in": input_model(cfg.model),
         "model_out": {"path": str(model.relative_to(output_dir)), "sha256": model_digest(model),
                       "files": model_files(Path(output_dir))},
@@ -347,6 +349,16 @@ def staged_determinism(summary: dict) -> dict:
         raise ValueError("this run was trained by a hamu-ray before receipt format v3 and has no "
                          "determinism record: delete its staging directory and run it again")
     return summary["determinism"]
+
+
+def staged_retain_digest(summary: dict) -> str:
+    """The retain set's content digest the workers computed (engine.data.DIGEST_RULE); a run
+    staged by a version before receipt v4 has none."""
+    digest = summary.get("sets", {}).get("retain", {}).get("sha256")
+    if digest is None:
+        raise ValueError("this run was trained by a hamu-ray before receipt format v4 and has no content "
+                         "digest of its retain set: delete its staging directory and run it again")
+    return digest
 
 
 def determinism_record(cfg, device, dtype, workers: int) -> dict:

@@ -3,10 +3,12 @@ workers hold, and what a resumed stream costs.
 
 Writes a parquet retain set of generated text (`--gb`, uncompressed, 16k-row row groups) and a
 64-row forget set, builds the tests' tiny Llama, then measures
-- the driver's checks (`driver.check_inputs`: footers, digest, the forget/retain disjointness
-  pass): seconds and the driver's RSS growth;
+- the driver's checks (`driver.check_inputs`: footers and counts): seconds and the driver's RSS growth;
+- the sets' content digests and the forget/retain disjointness pass in one process
+  (`data.content_digest`, `data.check_disjoint`: what the driver did before the workers shared it);
 - one HAMU-Q job of `--steps` steps on 2 CPU workers (`driver.run_unlearning`): wall seconds, the
-  driver's peak RSS growth, each worker's peak RSS (the run summary's usage);
+  workers' shared check of the sets (`set_check_s`, before the model is built), the driver's peak
+  RSS growth, each worker's peak RSS (the run summary's usage);
 - the first batch of a worker's stream started at pair 0 and at pairs deep into the set (what a
   resumed run does: `shards.paired_batches(start=k)`), each with the tokenisation it needs.
 Writes OUT/stream_set.json and prints a table.
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         began = time.perf_counter()
         check_inputs(cfg)
     results.update(check_s=round(time.perf_counter() - began, 1), check_rss_growth_mb=round(driver.growth / 2**20))
+    results["one_process_check_s"] = round(one_process_check_seconds(out), 1)
 
     per_rank = rows // 2 // cfg.data.retain_batch_size  # pairs in a pass of rank 0's slice
     results["first_batch_s"] = {str(k): round(first_batch_seconds(cfg, k), 2)
@@ -144,10 +147,23 @@ def main(argv: list[str] | None = None) -> int:
         run_unlearning(cfg)
     summary = json.loads((out / "job" / "summary.json").read_text())
     results.update(job_s=round(time.perf_counter() - began, 1), job_driver_rss_growth_mb=round(driver.growth / 2**20),
-                   worker_peak_rss_gb=summary["usage"].get("peak_rss_gb"), prepared=summary["prepared"])
+                   set_check_s=summary["set_check_s"], worker_peak_rss_gb=summary["usage"].get("peak_rss_gb"),
+                   prepared=summary["prepared"])
     (out / "stream_set.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0
+
+
+def one_process_check_seconds(out: Path) -> float:
+    """Both sets hashed and the retain rows looked up among the forget rows', in this process."""
+    from hamu_ray.engine import data
+
+    began = time.perf_counter()
+    forget, retain = (data.inspect_set(name, str(out / f"{name}.parquet"), ["text"])
+                      for name in ("forget", "retain"))
+    data.content_digest(forget), data.content_digest(retain)
+    data.check_disjoint(forget, retain, ["text"])
+    return time.perf_counter() - began
 
 
 if __name__ == "__main__":

@@ -332,16 +332,21 @@ def test_a_model_has_one_digest_in_receipts_and_the_registry(tmp_path, monkeypat
     (unlearned / "step_log.jsonl").write_text("")
     sets = {name: data.inspect_set(name, str(tmp_path / f"{name}.parquet"), ["x", "y"]) for name in ("forget", "retain")}
     summary = {"steps": 0, "stop": "none",  # as a worker exports it (its determinism record: this process's)
-               "determinism": receipt.determinism_record(cfg, "cpu", torch.float32, 1)}
+               "determinism": receipt.determinism_record(cfg, "cpu", torch.float32, 1),
+               "sets": {"retain": {"sha256": data.content_digest(sets["retain"])}}}
     content = receipt.build(cfg, sets, summary, unlearned, [], digests.output_key(tmp_path))
     (unlearned / "receipt.json").write_text(json.dumps(content))
     assert content["determinism"] == summary["determinism"]  # the worker's record, as it came
     assert " Its numbers come from 1 cpu worker(s) (" in content["verdict"]
     assert content["verdict"].endswith(" in float32 at ZeRO stage 0, torch " + torch.__version__ +
                                        ", seed 0, data shuffle seed 0, deterministic algorithms off.")
-    old_staging = {"steps": 0, "stop": "none"}  # trained before receipt v3: nothing to record
+    assert content["retain"]["sha256_16"] == summary["sets"]["retain"]["sha256"]
+    old_staging = {"steps": 0, "stop": "none", "sets": summary["sets"]}  # trained before receipt v3: nothing to record
     with pytest.raises(ValueError, match="before receipt format v3 and has no determinism record"):
         receipt.build(cfg, sets, old_staging, unlearned, [], digests.output_key(tmp_path))
+    before_v4 = {"steps": 0, "stop": "none", "determinism": summary["determinism"]}  # no retain digest
+    with pytest.raises(ValueError, match="before receipt format v4 and has no content digest of its retain set"):
+        receipt.build(cfg, sets, before_v4, unlearned, [], digests.output_key(tmp_path))
     tags = version_tags(StageOutput("unlearn-hamu-q", unlearned, True, {}), "unlearned", None)
     assert content["model_in"]["sha256"] == tags["original_sha256"] == original_tags["model_sha256"]
     assert content["model_out"]["sha256"] == tags["model_sha256"] == hashlib.sha256(b"weights after unlearning").hexdigest()

@@ -106,12 +106,13 @@ def say(progress: str | None, line: str) -> None:
 
 def job_identity(cfg: UnlearnConfig, sets: dict[str, data.SetInfo]) -> str:
     """What makes an interrupted run this job's: its whole config (not where it writes or which
-    cluster it joins), the sets' content digests and the starting model's files (size, mtime)."""
+    cluster it joins), the sets' fingerprints (sizes, parquet footers: the workers compare the
+    content digests when they resume) and the starting model's files (size, mtime)."""
     job = cfg.model_dump(exclude={"output_dir"})
     job["cluster"].pop("address", None)
     start = getattr(cfg.model, "weights", None) or getattr(cfg.model, "path", None)
     model = file_stats(start) if start is not None and Path(start).exists() else []
-    spec = {"job": job, "sets": {name: info.digest for name, info in sets.items()}, "model": model}
+    spec = {"job": job, "sets": {name: info.fingerprint for name, info in sets.items()}, "model": model}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -141,10 +142,10 @@ def kept_for_retry(staging: Path, error: BaseException) -> bool:
 
 
 def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
-    """Every set readable, with its columns, non-empty, large enough for one batch per worker;
-    no forget row also a retain row."""
+    """Every set readable, with its columns, non-empty, large enough for one batch per worker,
+    from the sets' metadata: their rows are read, hashed and checked for forget rows in the
+    retain set by the job's workers (worker.checked_sets)."""
     task = task_for(cfg)
-    columns = task.columns()
     paths = {"forget": cfg.data.forget, "retain": cfg.data.retain, "eval": cfg.data.eval,
              **(monitor.sample_paths(cfg.monitor) if cfg.monitor else {})}
     sets = {name: data.inspect_set(name, path, task.columns(name)) for name, path in paths.items() if path}
@@ -155,14 +156,12 @@ def check_inputs(cfg: UnlearnConfig) -> dict[str, data.SetInfo]:
             raise data.DataError(
                 f"{name} set {sets[name].path}: {sets[name].num_rows} rows give {per_worker} per worker, "
                 f"fewer than data.{name}_batch_size={batch}")
-    if "forget" in sets:
-        data.check_disjoint(sets["forget"], sets["retain"], columns)
-        # its receipt digests every row: a column it cannot encode fails here, not after training
+    if "forget" in sets:  # its receipt digests every row: a column it cannot encode fails here, not after training
         digests.check_encodable(sets["forget"].path)
     task.check_model()
     check_evaluation_sets(cfg)
-    for info in sets.values():  # counts and digests only: never the rows
-        log.info("%s set: %d rows, sha256 %s", info.name, info.num_rows, info.digest)
+    for info in sets.values():  # counts and fingerprints only: never the rows
+        log.info("%s set: %d rows, fingerprint %s", info.name, info.num_rows, info.fingerprint)
     return sets
 
 
@@ -414,12 +413,14 @@ def publish(cfg: UnlearnConfig, sets: dict[str, data.SetInfo], result, staging: 
             else:
                 shutil.copy2(entry, staging / entry.name)
         info = json.loads((Path(exported) / EXPORT_INFO).read_text())
+    digests_by_set = info.pop("set_digests", {})  # the workers' (data.DIGEST_RULE)
     summary = {
         **info,
         "method": cfg.method.name,
         "rule": cfg.method.rule_name,
         "wall_s": round(wall_s, 1),
-        "sets": {name: asdict(info) for name, info in sets.items()},
+        "sets": {name: {**asdict(info), **({"sha256": digests_by_set[name]} if name in digests_by_set else {})}
+                 for name, info in sets.items()},
         "config": cfg.model_dump(),
     }
     (staging / "summary.json").write_text(json.dumps(summary, indent=2))

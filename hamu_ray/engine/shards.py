@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from hamu_ray.engine.data import DataError, file_format, filesystem, open_dataset
+from hamu_ray.engine.data import Piece, file_format, read_piece, set_pieces
 
 # Rows read, prepared (the causal LM's tokenisation) and shuffled together per epoch: a full
 # permutation of a slice up to this size, a windowed one beyond.
@@ -32,37 +32,6 @@ WINDOW_ROWS = 8192
 # (every rank reads it whole once, keeps its rows): files are often sorted (by entity, by
 # source), and a rank's slice should not be one end of them. Larger sets: piece by piece.
 ROW_SHUFFLE_ROWS = 65_536
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Rows [start, stop) of one parquet row group (row_group None: of a JSON-lines file)."""
-    file: str
-    row_group: int | None
-    start: int
-    stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-
-def set_pieces(path: str, fmt: str) -> list[Piece]:
-    """The set's pieces in file order, from the parquet footers (a JSON-lines file is counted by
-    reading it: such sets are meant to be small; stream large ones as parquet)."""
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    fs, dataset = open_dataset(path, fmt)
-    pieces = []
-    for f in sorted(dataset.files):
-        if fmt == "parquet":
-            with fs.open_input_file(f) as handle:
-                meta = pq.ParquetFile(handle).metadata
-            pieces += [Piece(f, g, 0, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-        else:
-            pieces.append(Piece(f, None, 0, pads.dataset(f, format="json", filesystem=fs).count_rows()))
-    return [p for p in pieces if p.rows]
 
 
 def rank_pieces(pieces: list[Piece], rank: int, world: int, seed: int | None) -> list[Piece]:
@@ -137,10 +106,7 @@ class Shard:
 
     def _stream(self, pieces: list[Piece]) -> Iterator[pa.RecordBatch]:
         for piece in pieces:
-            try:
-                yield from read_piece(self.path, piece, self.columns)
-            except (OSError, pa.ArrowException) as exc:  # a page's checksum, a truncated file
-                raise DataError(f"{self.name} set {self.path}: damaged ({piece.file}): {exc}") from exc
+            yield from read_piece(self.name, self.path, piece, self.columns, WINDOW_ROWS)
 
 
 def rechunked(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
@@ -162,30 +128,6 @@ def _permuted(table: pa.Table, seed: int | None, index: int) -> pa.Table:
     if seed is None:
         return table
     return table.take(np.random.default_rng([seed, index]).permutation(table.num_rows))
-
-
-def read_piece(path: str, piece: Piece, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """A piece's rows in batches: a parquet row group decoded up to the piece's end (rows before
-    its start are decoded and dropped), its pages' checksums verified where the file has them
-    (every set this tool writes does), or a JSON-lines file's rows sliced."""
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    fs, _ = filesystem(path)
-    if piece.row_group is None:
-        table = pads.dataset(piece.file, format="json", filesystem=fs).to_table(columns=columns)
-        yield from table.slice(piece.start, piece.rows).to_batches()
-        return
-    seen = 0
-    with fs.open_input_file(piece.file) as handle:
-        reader = pq.ParquetFile(handle, page_checksum_verification=True)
-        for batch in reader.iter_batches(batch_size=WINDOW_ROWS, row_groups=[piece.row_group], columns=columns):
-            low, high = max(piece.start - seen, 0), min(piece.stop - seen, batch.num_rows)
-            if low < high:
-                yield batch.slice(low, high - low)
-            seen += batch.num_rows
-            if seen >= piece.stop:
-                return
 
 
 def numpy_columns(table: pa.Table) -> dict[str, np.ndarray]:

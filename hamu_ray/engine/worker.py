@@ -39,12 +39,15 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     task = ready_task(cfg)
+    began = time.perf_counter()
+    set_digests = checked_sets(cfg, task, rank, world)  # before the model: a bad set fails fast
+    set_check_s = round(time.perf_counter() - began, 2)
     used = usage.Usage()  # the libraries are in: what comes now is the model's (what plan predicts)
     engine, losses = build(cfg, task)
     device = engine.device  # the one place the device is decided: batches and reference follow it
 
     # resume: weights and optimizer state from the latest checkpoint, then skip the steps done
-    start_step, step_log = restore(engine, ray.train.get_checkpoint())
+    start_step, step_log = restore(engine, ray.train.get_checkpoint(), set_digests, cfg.data)
     take_step = step_function(cfg, DeepSpeedGrads(engine), *losses, step_log)
     prepared = Prepared(task)
     retain, forget = (prepared.rank_shard(cfg, role, rank, world) if path else None
@@ -83,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
         stop = record["stop"] != "none"
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not stop:
             with tempfile.TemporaryDirectory() as tmp:
-                save(engine, tmp, step, step_log, rank)
+                save(engine, tmp, step, step_log, rank, set_digests)
                 ray.train.report(monitor.scalars(record), checkpoint=ray.train.Checkpoint.from_directory(tmp))
         elif stop or step % cfg.train.progress_every == 0:
             ray.train.report(monitor.scalars(record))
@@ -96,6 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
     # export: the task writes the model from rank 0 (a collective under ZeRO-3), then the step log
     summary = {"steps": step, "stop": step_log[-1]["stop"] if step_log else "none",
                "resumed_from_step": start_step, "prepared": prepared.counts(),
+               "set_digests": set_digests, "set_check_s": set_check_s,
                "usage": usage.summary(usage.gathered(used.record(device)))}  # before the export's gather
     scores = None
     if cfg.evaluation is not None:  # the final model scored where it is, before it is written out
@@ -125,6 +129,19 @@ def ready_task(cfg: UnlearnConfig):
     task = task_for(cfg)
     task.import_model_code()
     return task
+
+
+def checked_sets(cfg: UnlearnConfig, task, rank: int, world: int) -> dict[str, str]:
+    """The job's forget and retain sets checked where they are read, before the model is built:
+    rank r hashes every world-th block of their files and looks for forget rows among every
+    world-th retain piece (data.share_check). Gathered, every rank holds the sets' content
+    digests (the receipt's), or raises the same DataError (a forget row in the retain set, a
+    damaged file)."""
+    sets = {role: data.inspect_set(role, path, task.columns(role))
+            for role, path in (("forget", cfg.data.forget), ("retain", cfg.data.retain)) if path}
+    columns = task.columns()
+    shares = usage.gathered(data.share_check(sets, columns, rank, world))
+    return data.merged_checks(sets, columns, shares)
 
 
 class Prepared:
@@ -195,6 +212,7 @@ def preflight_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     task = ready_task(cfg)
+    set_digests = checked_sets(cfg, task, rank, world)
     engine, (retain_loss, forget_loss) = build(cfg, task)
     grads, device = DeepSpeedGrads(engine), engine.device
     reduce = SumAcrossRanks(device=device)
@@ -219,7 +237,8 @@ def preflight_loop_per_worker(config: dict) -> None:
         if rank == 0:
             (Path(tmp) / PREFLIGHT_FILE).write_text(json.dumps(
                 {"stats": measured.stats.to_tensor().tolist(), "batch_rr": measured.batch_rr.tolist(),
-                 "batch_ff": measured.batch_ff.tolist(), "names": names, "rows": table.tolist()}))
+                 "batch_ff": measured.batch_ff.tolist(), "names": names, "rows": table.tolist(),
+                 "set_digests": set_digests}))
         ray.train.report({"final": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
@@ -385,21 +404,30 @@ def step_record(step: int, out: StepOutput, rule: Rule) -> dict:
     return record
 
 
-def save(engine, directory: str, step: int, step_log: list[dict], rank: int) -> None:
+def save(engine, directory: str, step: int, step_log: list[dict], rank: int, set_digests: dict[str, str]) -> None:
     engine.save_checkpoint(directory, tag=DS_TAG)  # collective: each rank writes its shard
     if rank == 0:
-        (Path(directory) / STATE_FILE).write_text(json.dumps({"step": step, "log": step_log}))
+        (Path(directory) / STATE_FILE).write_text(json.dumps({"step": step, "log": step_log, "sets": set_digests}))
 
 
-def restore(engine, checkpoint) -> tuple[int, list[dict]]:
+def restore(engine, checkpoint, set_digests: dict[str, str], data_section) -> tuple[int, list[dict]]:
+    """(step, step log) of the checkpoint the run resumes from, its weights and optimizer state
+    loaded; refused when a set's content is not the one it was trained on (the driver matched
+    the run by the sets' fingerprints; the content digests decide)."""
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as directory:
         if not (Path(directory) / DS_TAG).is_dir():  # the run's final export, registered late
             raise RuntimeError("the interrupted run finished (its final checkpoint was registered after this "
                                "one started): run the same command again to publish it")
-        engine.load_checkpoint(directory, tag=DS_TAG)
         state = json.loads((Path(directory) / STATE_FILE).read_text())
+        for name, digest in state.get("sets", {}).items():
+            if set_digests.get(name) != digest:
+                raise data.DataError(
+                    f"{name} set {getattr(data_section, name)}: its content changed since the checkpoint at step {state['step']} "
+                    f"(sha256 {digest} then, {set_digests.get(name)} now); put the set back, or remove "
+                    "the kept run directory to start over")
+        engine.load_checkpoint(directory, tag=DS_TAG)
     log.info("resumed from step %d", state["step"])
     return state["step"], state["log"]
 

@@ -21,7 +21,7 @@ def build_sets(cfg, directory: Path) -> dict:
     else:
         paths = builtin_image_sets(cfg, directory)
     infos = {name: data.inspect_set(name, path, ["x", "y"]) for name, path in paths.items()}
-    return {"sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in infos.items()},
+    return {"sets": {name: {"rows": info.num_rows, "sha256": data.content_digest(info)} for name, info in infos.items()},
             "forget_classes": forget_classes(cfg)}
 
 

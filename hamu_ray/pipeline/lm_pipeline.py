@@ -61,7 +61,7 @@ def build_sets(cfg, directory: Path) -> dict:
         paths[PRETRAIN] = files.write_rows([{"text": line} for line in pretraining], directory / f"{PRETRAIN}.parquet")
         columns[PRETRAIN] = ["text"]
     infos = {name: data.inspect_set(name, str(path), columns[name]) for name, path in paths.items()}
-    return {"sets": {name: {"rows": info.num_rows, "sha256": info.digest} for name, info in infos.items()}}
+    return {"sets": {name: {"rows": info.num_rows, "sha256": data.content_digest(info)} for name, info in infos.items()}}
 
 
 def check_fact_columns(cfg, sets: dict[str, list[dict]]) -> None:

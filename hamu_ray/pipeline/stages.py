@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from hamu_ray import digests, files, receipt
-from hamu_ray.engine import data, monitor
+from hamu_ray.engine import monitor
 from hamu_ray.pipeline import classifier_pipeline
 from hamu_ray.pipeline import lm_pipeline
 from hamu_ray.pipeline import outcomes

@@ -23,7 +23,7 @@ def set_columns(cfg) -> list[str]:
 
 
 def user_sets(cfg) -> dict[str, data.SetInfo]:
-    """Every file of the data section, opened (format, columns, rows, content digest)."""
+    """Every file of the data section, opened (format, columns, rows, fingerprint)."""
     d = cfg.data
     names = ("forget", "retain", "holdout") if cfg.is_lm else ("forget", "retain", "test")
     return {name: data.inspect_set(name, getattr(d, name), set_columns(cfg))
@@ -32,7 +32,7 @@ def user_sets(cfg) -> dict[str, data.SetInfo]:
 
 def content_digests(cfg) -> dict[str, str]:
     """Part of the prepared sets' cache key: an edited file at the same path must not reuse them."""
-    return {name: info.digest for name, info in user_sets(cfg).items()}
+    return {name: data.content_digest(info) for name, info in user_sets(cfg).items()}
 
 
 def read_table(info: data.SetInfo) -> pa.Table:

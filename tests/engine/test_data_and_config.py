@@ -1,7 +1,10 @@
-"""Driver-side checks: each bad input is one clear error naming the set or field, before Ray starts."""
+"""Checks of a job's inputs: each bad input is one clear error naming the set or field (the driver's
+before Ray starts; the sets' rows checked by the workers that read them)."""
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +16,7 @@ from hamu_ray.engine.config import TrainSection, TrainSettings, load_config, par
 from hamu_ray.schema import ConfigError
 from hamu_ray.pipeline.config import PipelineConfig, load_pipeline
 from hamu_ray.schema import apply_overrides
+from hamu_ray.engine import data
 from hamu_ray.engine.data import DataError, inspect_set
 from hamu_ray.engine.driver import check_inputs
 from hamu_ray.errors import UserError
@@ -35,12 +39,68 @@ def raw(tmp_path, **data):
             "output_dir": str(tmp_path / "out")}
 
 
-def test_parquet_and_jsonl_are_counted_and_digested(sets):
+def test_parquet_and_jsonl_are_counted_and_fingerprinted(sets):
     parquet = inspect_set("forget", str(sets / "forget.parquet"), ["x", "y"])
     jsonl = inspect_set("forget", str(sets / "forget.jsonl"), ["x", "y"])
     assert (parquet.num_rows, jsonl.num_rows) == (4, 4)
-    assert len(parquet.digest) == 16 and parquet.digest != jsonl.digest
+    assert len(parquet.fingerprint) == 16 and parquet.fingerprint != jsonl.fingerprint
     assert inspect_set("forget", f"file://{sets}/forget.parquet", ["x"]).num_rows == 4  # a URI
+
+
+def test_a_parquet_fingerprint_is_its_size_and_footer_and_the_content_digest_its_blocks(sets, monkeypatch):
+    """The driver's fingerprint reads a parquet file's footer only (the row pages may be
+    anything); the content digest hashes every byte, block by block, and the ranks' shares of
+    the blocks combine to the one-process digest at any world size."""
+    path = sets / "plain.parquet"
+    pq.write_table(pa.table({"x": [[0.1, 0.2]] * 6, "y": [0, 1, 0, 1, 0, 1]}), path, compression="NONE",
+                   use_dictionary=False, write_statistics=False)  # a value's bytes stand in its page only
+    info = inspect_set("forget", str(path), ["x", "y"])
+    blob = path.read_bytes()
+    footer = int.from_bytes(blob[-8:-4], "little")
+    by_hand = hashlib.sha256(f"{len(blob)}\n".encode() + blob[-8 - footer:-8]).hexdigest()[:16]
+    assert info.fingerprint == by_hand
+    monkeypatch.setattr(data, "DIGEST_BLOCK_BYTES", 100)  # several blocks in a small file
+    blocks = [blob[i:i + 100] for i in range(0, len(blob), 100)]
+    whole = hashlib.sha256("".join(hashlib.sha256(b).hexdigest() for b in blocks).encode()).hexdigest()[:16]
+    assert len(blocks) > 3 and data.content_digest(info) == whole
+    sets_ = {"forget": info}
+    for world in (1, 2, 3):
+        shares = [data.share_check(sets_, ["x", "y"], rank, world) for rank in range(world)]
+        assert data.merged_checks(sets_, ["x", "y"], shares) == {"forget": whole}
+    value = struct.pack("<d", 0.1)
+    assert blob.count(value) == 6 and blob.rindex(value) < len(blob) - 8 - footer  # every one in the page
+    path.write_bytes(blob.replace(value, struct.pack("<d", 0.3), 1))  # a value edited in place
+    again = inspect_set("forget", str(path), ["x", "y"])
+    assert again.fingerprint == info.fingerprint and data.content_digest(again) != whole
+
+
+def test_the_ranks_share_the_disjointness_check_and_find_every_shared_row(tmp_path):
+    """Forget rows equal to retain rows, found whatever rank reads the retain piece they are in,
+    named by the first equal retain row; a damaged retain file is the same error on every rank."""
+    retain_rows = [{"x": [float(i), 1.0], "y": i % 3} for i in range(50)]
+    retain, forget = tmp_path / "retain.parquet", tmp_path / "forget.parquet"
+    pq.write_table(pa.Table.from_pylist(retain_rows), retain, row_group_size=7, write_page_checksum=True)
+    pq.write_table(pa.Table.from_pylist([retain_rows[40], {"x": [0.5, 0.5], "y": 0}, retain_rows[3]]), forget)
+    infos = {"forget": inspect_set("forget", str(forget), ["x", "y"]),
+             "retain": inspect_set("retain", str(retain), ["x", "y"])}
+    expected = (f"forget set {forget}: 2 row(s) also in the retain set {retain} (the same x and y): "
+                "forget row 0 = retain row 40, forget row 2 = retain row 3; remove them from one")
+    with pytest.raises(DataError) as whole:
+        data.check_disjoint(infos["forget"], infos["retain"], ["x", "y"])
+    assert str(whole.value) == expected
+    for world in (1, 2, 3):
+        shares = [data.share_check(infos, ["x", "y"], rank, world) for rank in range(world)]
+        with pytest.raises(DataError) as shared:
+            data.merged_checks(infos, ["x", "y"], shares)
+        assert str(shared.value) == expected
+    blob = bytearray(retain.read_bytes())
+    for i in range(len(blob) // 3, len(blob) // 3 + 16):
+        blob[i] ^= 0xFF
+    retain.write_bytes(bytes(blob))
+    shares = [data.share_check(infos, ["x", "y"], rank, 2) for rank in range(2)]
+    assert sum(share["error"] is not None for share in shares) >= 1
+    with pytest.raises(DataError, match=r"retain set .*retain.parquet: damaged \(.*retain.parquet\)"):
+        data.merged_checks(infos, ["x", "y"], shares)
 
 
 def test_missing_column_names_the_set_file_and_column(sets):
@@ -85,10 +145,9 @@ def test_a_broken_json_line_is_named_by_its_line_from_1(tmp_path, lines, where):
 
 
 def test_a_damaged_page_is_found_by_whoever_reads_it(sets, tmp_path):
-    """The driver's inspection reads the footer only; the rows' readers (the disjointness check
-    on the driver, a worker's shard) verify the pages and name the file."""
+    """The driver's inspection reads the footer only; the rows' readers (the disjointness check,
+    a worker's shard: both through data.read_piece) verify the pages and name the file."""
     from hamu_ray.engine import shards
-    from hamu_ray.engine.data import row_keys
     from hamu_ray.files import write_rows
 
     rows = [{"x": [float(i)] * 12, "y": i % 3} for i in range(200)]
@@ -101,7 +160,7 @@ def test_a_damaged_page_is_found_by_whoever_reads_it(sets, tmp_path):
     assert pq.ParquetFile(path).metadata.num_rows == 200  # the metadata still reads
     info = inspect_set("forget", str(path), ["x", "y"])
     with pytest.raises(DataError, match=r"forget set .*forget.parquet: damaged .*CRC checksum"):
-        list(row_keys(info, ["x", "y"]))
+        data.forget_keys(info, ["x", "y"])
     shard = shards.rank_shard("forget", str(path), ["x", "y"], 0, 1, None, lambda rows: rows)
     with pytest.raises(DataError, match=r"forget set .*forget.parquet: damaged .*CRC checksum"):
         list(shard.batches(10, None))

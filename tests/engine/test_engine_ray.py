@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from hamu_ray.engine import data
 from hamu_ray.engine.config import parse_config
 from hamu_ray.engine.driver import run_unlearning
 from hamu_ray.engine.grads import TorchGrads
@@ -131,7 +133,10 @@ def test_two_zero3_workers_match_the_single_process_step(two_worker_run, inputs)
     for name in ("realised/forget_gain", "realised/retain_change"):
         assert [row[name] for row in log] == pytest.approx([r[name] for r in measured], abs=1e-6)
     summary = json.loads((two_worker_run.output_dir / "summary.json").read_text())
-    assert summary["sets"]["forget"]["num_rows"] == 4 and len(summary["sets"]["forget"]["digest"]) == 16
+    for name, rows in (("forget", 4), ("retain", 8)):  # digests by the workers, the rule by hand (one block)
+        content = hashlib.sha256((root / f"{name}.parquet").read_bytes()).hexdigest()
+        assert summary["sets"][name]["num_rows"] == rows
+        assert summary["sets"][name]["sha256"] == hashlib.sha256(content.encode()).hexdigest()[:16]
     used = summary["usage"]  # each worker's memory and the steps' time: 12 rows a step (8 + 4, all ranks)
     assert len(used["peak_rss_gb"]) == len(used["rss_before_model_gb"]) == 2
     assert all(0 < before <= peak for before, peak in zip(used["rss_before_model_gb"], used["peak_rss_gb"]))
@@ -155,6 +160,9 @@ def test_the_job_writes_a_receipt_that_verifies_and_catches_a_changed_model(two_
     pairs = [hashlib.sha256(b"\x01" + leaves[i] + leaves[i + 1]).digest() for i in (0, 2)]
     assert content["forget"]["merkle_root"] == hashlib.sha256(b"\x01" + pairs[0] + pairs[1]).hexdigest()
     assert content["forget"]["rows"] == 4 and content["retain"]["rows"] == 8
+    retain_bytes = hashlib.sha256((root / "retain.parquet").read_bytes()).hexdigest()
+    assert content["retain"]["sha256_16"] == hashlib.sha256(retain_bytes.encode()).hexdigest()[:16]
+    assert content["retain"]["digest_rule"] == data.DIGEST_RULE
     assert content["model_in"]["sha256"] == hashlib.sha256((root / "init.safetensors").read_bytes()).hexdigest()
     assert list(content["model_out"]["files"]) == ["model.safetensors"]
     guarantee = content["guarantee"]
@@ -294,6 +302,23 @@ def run_killing_a_worker(cfg, after_step: int = 2):
     os.kill(victims[-1], signal.SIGKILL)
     runner.join(timeout=300)
     return outcome["result"]
+
+
+def test_a_run_does_not_resume_on_a_set_whose_content_changed(tmp_path):
+    """The driver matches an interrupted run by the sets' fingerprints (sizes, footers); a set
+    edited in place under the same footer is caught by the content digests the workers compare
+    with the checkpoint's, before any weight is loaded."""
+    from ray.train import Checkpoint
+
+    from hamu_ray.engine import worker
+
+    (tmp_path / worker.DS_TAG).mkdir()
+    (tmp_path / worker.STATE_FILE).write_text(json.dumps(
+        {"step": 4, "log": [], "sets": {"forget": "a" * 16, "retain": "b" * 16}}))
+    section = types.SimpleNamespace(forget="f.parquet", retain="r.parquet")
+    with pytest.raises(data.DataError, match=r"^retain set r.parquet: its content changed since the checkpoint "
+                                             r"at step 4 \(sha256 b{16} then, c{16} now\)"):
+        worker.restore(None, Checkpoint.from_directory(str(tmp_path)), {"forget": "a" * 16, "retain": "c" * 16}, section)
 
 
 def test_a_worker_killed_with_sigkill_resumes_to_the_uninterrupted_result(ray_cluster, inputs, tmp_path):

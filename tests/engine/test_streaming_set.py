@@ -5,6 +5,7 @@ the uninterrupted result."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def test_a_set_larger_than_the_object_store_streams_and_resumes_exactly(small_st
                                                                         tmp_path):
     from safetensors.torch import load_file
 
+    from hamu_ray.engine import data
     from hamu_ray.engine.driver import run_unlearning
     from hamu_ray.tasks.causal_lm import MODEL_DIR
     from tests.engine.test_engine_ray import run_killing_a_worker
@@ -61,6 +63,8 @@ def test_a_set_larger_than_the_object_store_streams_and_resumes_exactly(small_st
     assert straight.steps == 6 and straight.sets["retain"].num_rows == ROWS
     print(f"driver RSS growth during the run: {driver.growth / 2**20:.0f} MB")
     assert driver.growth < DRIVER_GROWTH, f"the driver grew by {driver.growth / 2**20:.0f} MB"
+    summary = json.loads((straight.output_dir / "summary.json").read_text())  # 7 blocks, hashed by 2 ranks
+    assert summary["sets"]["retain"]["sha256"] == data.content_digest(straight.sets["retain"])
 
     resumed = run_killing_a_worker(job(tiny_lm, big_sets, tmp_path / "killed", checkpoint_every=1))
     assert resumed.steps == 6 and 2 <= resumed.resumed_from_step < 6
