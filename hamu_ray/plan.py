@@ -9,7 +9,10 @@ frozen reference copy that KL/NPO/SCRUB need without LoRA, and the gradient copi
 two-backward step holds (`gradient_copies`), the activations a backward keeps at the job's
 batch and max_length (`activation_bytes`: the model run on the meta device, its saved tensors
 counted), and at ZeRO-3 its working memory: the parameters it keeps gathered
-(`zero3_gathered_bytes`) and the gradient reduction's buffers (`zero3_reduction_bytes`).
+(`zero3_gathered_bytes`) and the gradient reduction's buffers (`zero3_reduction_bytes`). A job
+with `evaluation:` scores its final model on the workers after the last step: that phase keeps
+the engine's states and, under ZeRO-3 on 2+ ranks, may add a whole copy of the model on every
+rank (`evaluation_phase`); the job's peak is the larger of the two phases'.
 
 `device="cpu"` plans a job on CPU workers (ZeRO-3): every term lands in the worker's memory, and
 the model states are counted as DeepSpeed 0.19 allocates them for the job's optimizer
@@ -60,7 +63,12 @@ class MemoryPlan:
     hamu_cpu_gb: float  # ... in CPU memory per node (ZeRO-1/2 with offload)
     activations_gb: float  # saved for backward at the job's batch and max_length (the larger set's batch)
     working_gb: float  # ZeRO-3's working memory: the parameters held gathered, the gradient reduction's buffers
-    total_gpu_gb: float  # per GPU; with device cpu, per CPU worker (the name kept for --json readers)
+    training_gb: float  # the step's peak: every term above
+    evaluation: str  # none (no evaluation: section), partitioned, whole or auto (EvaluationPhase)
+    evaluation_why: str
+    evaluation_copy_gb: float  # the whole copy per rank (whole and auto; else 0)
+    evaluation_gb: float  # the evaluation's peak as counted in the total (auto: without the copy)
+    total_gpu_gb: float  # max(training, evaluation) per GPU; with device cpu, per CPU worker (the name kept for --json readers)
     gpu_memory_gb: float
     fits: bool
 
@@ -201,6 +209,37 @@ def activation_bytes(config_path: str | Path, *, rows: int, seq_len: int, bf16: 
     return float(saved)
 
 
+def whole_copy_bytes(size: ModelSize, *, bf16: bool, lora: bool) -> float:
+    """The unpartitioned copy a ZeRO-3 evaluation fills on each rank (the task's `unpartitioned`):
+    every parameter at the model's dtype, except LoRA adapters, which peft keeps in fp32 under a
+    bf16 base (get_peft_model's autocast_adapter_dtype)."""
+    adapters = size.trainable if lora else 0
+    return (2 if bf16 else 4) * (size.total - adapters) + 4 * adapters
+
+
+@dataclass(frozen=True)
+class EvaluationPhase:
+    mode: str  # none, partitioned (no copy), whole (a copy on every rank), auto (a copy where it fits)
+    why: str
+
+
+def evaluation_phase(cfg) -> EvaluationPhase:
+    """How the job's evaluation holds the model, as worker.evaluate decides it: a whole copy per
+    rank only under ZeRO-3 on 2+ ranks (elsewhere each rank scores with the model it holds, or the
+    ranks score partitioned in lockstep, gathering as a training step does)."""
+    if cfg.evaluation is None:
+        return EvaluationPhase("none", "no evaluation: section")
+    if cfg.train.zero_stage != 3 or cfg.cluster.num_workers < 2:
+        return EvaluationPhase("partitioned", "not ZeRO-3 on 2+ workers: each rank scores with the model it holds")
+    choice = cfg.evaluation.whole_model
+    if choice == "auto":
+        return EvaluationPhase("auto", "whole_model auto: the copy is made only where twice it fits in the "
+                                       "rank's free memory, so the total counts the peak without it")
+    if choice:
+        return EvaluationPhase("whole", "whole_model true: every rank fills a whole copy of the model")
+    return EvaluationPhase("partitioned", "whole_model false: the ranks score partitioned, in lockstep")
+
+
 def plan(cfg, *, device: str = "gpu", gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
          model_config: str | None = None, batch_rows: int | None = None,
          seq_len: int | None = None) -> MemoryPlan:
@@ -259,7 +298,18 @@ def plan(cfg, *, device: str = "gpu", gpus_per_node: int = 8, gpu_memory_gb: flo
     if stage == 3:
         working = (zero3_reduction_bytes(trainable=size.trainable, bf16=cfg.train.bf16, gloo=device == "cpu")
                    + zero3_gathered_bytes(params=size.total, bf16=cfg.model.dtype == "bf16"))
-    total = (gpu + frozen + reference + hamu_gpu + activations + working) / GB
+    training = gpu + frozen + reference + hamu_gpu + activations + working
+    # after the last step the step's gradient copies and activations are freed; the engine's
+    # states stay (the working memory counted as in training: an upper bound once the step's
+    # gathered parameters are released). The evaluation's own activations (no autograd) are not counted.
+    phase = evaluation_phase(cfg)
+    copy = 0.0
+    if phase.mode in ("whole", "auto"):
+        copy = whole_copy_bytes(size, bf16=cfg.model.dtype == "bf16", lora=lora is not None)
+    evaluating = 0.0
+    if phase.mode != "none":
+        evaluating = gpu + frozen + reference + working + (copy if phase.mode == "whole" else 0.0)
+    total = max(training, evaluating) / GB
     return MemoryPlan(
         device=device, model=str(path), gpus=gpus, gpus_per_node=per_node, zero_stage=stage,
         offload=offload, lora=lora is not None, params=size.total, trainable_params=size.trainable,
@@ -267,6 +317,8 @@ def plan(cfg, *, device: str = "gpu", gpus_per_node: int = 8, gpu_memory_gb: flo
         frozen_gpu_gb=round(frozen / GB, 3), reference_gpu_gb=round(reference / GB, 3),
         hamu_gpu_gb=round(hamu_gpu / GB, 3), hamu_cpu_gb=round(hamu_cpu / GB, 2),
         activations_gb=round(activations / GB, 3), working_gb=round(working / GB, 3),
+        training_gb=round(training / GB, 3), evaluation=phase.mode, evaluation_why=phase.why,
+        evaluation_copy_gb=round(copy / GB, 3), evaluation_gb=round(evaluating / GB, 3),
         total_gpu_gb=round(total, 3), gpu_memory_gb=gpu_memory_gb, fits=total <= gpu_memory_gb)
 
 
@@ -289,10 +341,26 @@ def describe(p: MemoryPlan) -> str:
         + (f", {p.hamu_cpu_gb} GB CPU per node (offloaded)" if p.hamu_cpu_gb else ""),
         f"  activations kept for a backward (the job's batch × max_length): {p.activations_gb} GB {where}",
         f"  ZeRO-3 working memory (parameters held gathered, the reduction's buffers): {p.working_gb} GB {where}",
+        *evaluation_lines(p, where),
         f"  total {p.total_gpu_gb} GB {where}: " + ("fits" if p.fits else "does NOT fit")
         + f" in {p.gpu_memory_gb} GB",
     ]
     return "\n".join(lines)
+
+
+def evaluation_lines(p: MemoryPlan, where: str) -> list[str]:
+    """The training and evaluation phases' peaks, where the job evaluates after its last step."""
+    if p.evaluation == "none":
+        return []
+    peak = f"{p.evaluation_gb} GB {where}"
+    if p.evaluation == "whole":
+        peak += f" with the whole copy ({p.evaluation_copy_gb} GB)"
+    elif p.evaluation == "auto":
+        peak += (f" without the whole copy, {round(p.evaluation_gb + p.evaluation_copy_gb, 3)} GB "
+                 f"with it ({p.evaluation_copy_gb} GB)")
+    return [f"  training peak (every term above): {p.training_gb} GB {where}",
+            f"  evaluation peak (model states, frozen base, reference, working memory): {peak}",
+            f"    ({p.evaluation_why}; the evaluation's own activations not counted)"]
 
 
 def as_dict(p: MemoryPlan) -> dict:

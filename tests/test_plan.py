@@ -215,3 +215,63 @@ def test_the_command_plans_cpu_workers_at_zero3_and_refuses_other_stages(tiny_lm
     assert cli.main(["plan", str(job), "--device", "cpu", "train.zero_stage=2"]) == 2
     assert "--device cpu sizes ZeRO-3 jobs (the stage measured on CPU workers); train.zero_stage is 2" in \
         capsys.readouterr().err
+
+
+# ---- the evaluation after the last step (worker.evaluate) ------------------------------------
+P8 = 8_030_261_248  # Llama-3.1-8B's parameters
+
+
+def evaluating_job(name="llama-8b-full", *, workers=2, stage=3, whole_model=True):
+    raw = load_config(REPO / "cluster" / "jobs" / f"{name}.yaml").model_dump()
+    raw["cluster"]["num_workers"] = workers
+    raw["train"]["zero_stage"] = stage
+    raw["evaluation"] = {"sets": {"forget": "/mnt/cluster_storage/data/forget.parquet"}, "whole_model": whole_model}
+    return plan.plan(parse_config(raw), model_config=str(LLAMA_8B))
+
+
+def test_a_zero3_evaluation_with_whole_copies_adds_every_parameter_at_the_models_dtype():
+    whole, partitioned = evaluating_job(whole_model=True), evaluating_job(whole_model=False)
+    assert (whole.evaluation, partitioned.evaluation) == ("whole", "partitioned")
+    assert whole.evaluation_copy_gb == pytest.approx(2 * P8 / GB, abs=0.001)  # bf16: 2 bytes each
+    assert whole.evaluation_gb - partitioned.evaluation_gb == pytest.approx(2 * P8 / GB, abs=0.002)
+    # the step's gradient copies and activations are freed; the engine's states stay
+    assert partitioned.evaluation_gb == pytest.approx(
+        whole.model_states_gpu_gb + whole.frozen_gpu_gb + whole.reference_gpu_gb + whole.working_gb, abs=0.002)
+    # on 2 GPUs the step's g_r and g_f (8·P/2) outweigh the copy (2·P): the step decides
+    assert whole.total_gpu_gb == whole.training_gb == partitioned.total_gpu_gb
+    # on 8 (the cluster job) they are 8·P/8 and the copy decides
+    on8 = evaluating_job(workers=8)
+    assert on8.total_gpu_gb == on8.evaluation_gb == pytest.approx(
+        on8.training_gb - on8.hamu_gpu_gb - on8.activations_gb + 2 * P8 / GB, abs=0.003)
+    assert "with the whole copy (16.061 GB)\n    (whole_model true: every rank" in plan.describe(on8)
+    assert plan.as_dict(on8)["evaluation_why"] == "whole_model true: every rank fills a whole copy of the model"
+
+
+def test_lora_adapters_are_copied_in_fp32():
+    lora = evaluating_job("llama-8b-lora")
+    T = lora.trainable_params  # peft keeps the adapters fp32 under a bf16 base (autocast_adapter_dtype)
+    assert lora.evaluation_copy_gb == pytest.approx((2 * (lora.params - T) + 4 * T) / GB, abs=0.001)
+
+
+@pytest.mark.parametrize("workers, stage", [(2, 0), (1, 3)], ids=["zero0", "one-worker"])
+def test_no_copy_where_the_model_is_not_zero3_partitioned_over_ranks(workers, stage):
+    p = evaluating_job(workers=workers, stage=stage, whole_model=True)
+    assert p.evaluation == "partitioned" and p.evaluation_copy_gb == 0
+    assert p.evaluation_gb == pytest.approx(p.training_gb - p.hamu_gpu_gb - p.activations_gb, abs=0.002)
+    assert p.total_gpu_gb == p.training_gb
+
+
+def test_auto_shows_the_peak_with_and_without_the_copy():
+    auto, partitioned = evaluating_job(workers=8, whole_model="auto"), evaluating_job(workers=8, whole_model=False)
+    # the copy is made only where twice it fits in free memory: the total counts the peak without it
+    assert auto.evaluation == "auto" and auto.evaluation_gb == partitioned.evaluation_gb
+    assert auto.evaluation_copy_gb == pytest.approx(2 * P8 / GB, abs=0.001)
+    assert auto.total_gpu_gb == partitioned.total_gpu_gb
+    with_copy = round(auto.evaluation_gb + auto.evaluation_copy_gb, 3)
+    assert f"{auto.evaluation_gb} GB per GPU without the whole copy, {with_copy} GB with it" in plan.describe(auto)
+
+
+def test_a_job_without_evaluation_plans_only_its_step():
+    p = plan.plan(load_config(REPO / "cluster" / "jobs" / "llama-8b-full.yaml"), model_config=str(LLAMA_8B))
+    assert (p.evaluation, p.evaluation_gb, p.total_gpu_gb) == ("none", 0, p.training_gb)
+    assert "evaluation" not in plan.describe(p)
