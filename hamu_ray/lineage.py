@@ -278,26 +278,25 @@ def evaluate_request(cfg, parent: Parent, model: Path, spec: dict, robustness, i
 
 def lm_scores(cfg, parent: Parent, model: Path, sets: dict[str, str], attacks: dict) -> tuple[dict, dict]:
     """A language model's metrics (parent, model), each scored by an evaluation-only job on the
-    request job's workers (driver.run_evaluation, as the pipelines score a given model), and its
-    attacks (lm_evaluate.score_all, a Ray task per attack)."""
+    request job's workers (driver.run_evaluation, as the pipelines score a given model), the
+    model's also under each attack (the same job: evaluation.attacks)."""
     from hamu_ray.engine.config import UnlearnConfig
     from hamu_ray.engine.driver import ray_session, run_evaluation
+    from hamu_ray.engine.evaluation import attacked_set
     from hamu_ray.pipeline import lm_evaluate
 
-    def evaluation_job(path: Path) -> UnlearnConfig:  # the model directory as it is (no new adapters)
+    def evaluation_job(path: Path, attacked: dict) -> UnlearnConfig:  # the model directory as it is (no new adapters)
         raw = cfg.model_dump()
+        section = {"sets": sets, "attacks": {name: attack.section() for name, attack in attacked.items()}}
         return UnlearnConfig.model_validate({**raw, "model": {**raw["model"], "path": str(path), "lora": None},
-                                             "evaluation": {"sets": sets}})
+                                             "evaluation": section})
 
-    scorings = {name: lm_evaluate.Scoring("model", str(model), {"forget": sets["forget"]}, attack=name,
-                                          **attack.fields) for name, attack in attacks.items()}
     with ray_session(cfg.cluster):
-        scores = {name: run_evaluation(evaluation_job(path)).scores
-                  for name, path in (("parent", parent.model), ("model", model))}
-        scores.update(lm_evaluate.score_all(scorings, cfg.data.text.model_dump(), bf16=cfg.train.bf16))
-    measured = {name: lm_evaluate.model_metrics(scores[name], None) for name in ("parent", "model")}
+        scores = {name: run_evaluation(evaluation_job(path, attacked)).scores
+                  for name, path, attacked in (("parent", parent.model, {}), ("model", model, attacks))}
+    measured = {name: lm_evaluate.model_metrics({s: scores[name][s] for s in sets}, None) for name in ("parent", "model")}
     found = {name: lm_evaluate.attack_metrics(name, scores["model"]["forget"], scores["parent"]["forget"],
-                                              scores[name]["forget"], attack.rows)
+                                              scores["model"][attacked_set("forget", name)], attack.rows)
              for name, attack in attacks.items()}
     return measured, found
 

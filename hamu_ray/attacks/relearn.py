@@ -11,9 +11,23 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Relearning:
+    """The relearning attack's fine-tuning before a scoring: `steps` AdamW steps at `lr` on
+    batches of `batch_size` of the given `rows` (row numbers) of the parquet file `path`, in a
+    seeded order (batch_rows)."""
+    path: str
+    rows: tuple[int, ...]
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
 
 
 def relearn(model: nn.Module, batches: Iterable, lr: float,

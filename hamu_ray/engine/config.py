@@ -151,6 +151,30 @@ class MonitorSection(Section):
     batch_size: int = Field(32, gt=0)  # rows per forward pass
 
 
+class RelearnAttack(Section):
+    """Relearning before a scoring (attacks.relearn.Relearning): `steps` AdamW steps at `lr` on
+    batches of `batch_size` of the rows numbered `rows` (file order) of the parquet file `path`."""
+    path: str
+    rows: list[int] = Field(min_length=1)
+    steps: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    seed: int = 0
+
+
+class AttackSection(Section):
+    """One attack on the final model before its `forget` evaluation set is scored again: the
+    linear layers fake-quantized to `quantize_bits`, or the model fine-tuned by `relearning`."""
+    quantize_bits: Literal[8, 4] | None = None
+    relearning: RelearnAttack | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "AttackSection":
+        if (self.quantize_bits is None) == (self.relearning is None):
+            raise ValueError("an attack is quantize_bits or relearning, one of them")
+        return self
+
+
 class EvaluationSection(Section):
     """Evaluation of the job's final model on its own workers (the model never leaves them):
     every row of each set scored, each rank its share (tasks.lm_scores), the per-example
@@ -163,12 +187,21 @@ class EvaluationSection(Section):
     # longer step in lockstep. auto: when the copy takes at most half of every rank's free
     # memory (GPU: its free memory; CPU: the node's available memory over its workers)
     whole_model: bool | Literal["auto"] = "auto"
+    # name → attack: after the sets, each attack's copy of the model scores the forget set again
+    # (`forget@<name>` in the scores); attacks need the model whole on every rank (under ZeRO-3
+    # the whole copy, whatever auto would choose)
+    attacks: dict[str, AttackSection] = {}
 
     @model_validator(mode="after")
     def _names(self) -> "EvaluationSection":
-        bad = [name for name in self.sets if not name.isidentifier()]
+        bad = [name for name in (*self.sets, *self.attacks) if not name.isidentifier()]
         if bad:
-            raise ValueError(f"evaluation.sets: names must be identifiers (letters, digits, _), got {bad}")
+            raise ValueError(f"evaluation.sets and attacks: names must be identifiers (letters, digits, _), got {bad}")
+        if self.attacks and "forget" not in self.sets:
+            raise ValueError("evaluation.attacks score the set named forget: add it to evaluation.sets")
+        if self.attacks and self.whole_model is False:
+            raise ValueError("evaluation.attacks need the model whole on every rank: whole_model false refuses "
+                             "that (leave it auto or true)")
         return self
 
 

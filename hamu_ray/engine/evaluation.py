@@ -62,6 +62,11 @@ class Ranks:
 ALONE = Ranks()
 
 
+def attacked_set(name: str, attack: str) -> str:
+    """The scores' name of set `name` scored again under an attack (evaluation.attacks)."""
+    return f"{name}@{attack}"
+
+
 def set_label(name: str) -> str:
     return f"evaluation {name}"  # "evaluation forget set x.parquet: ..." in data's errors
 

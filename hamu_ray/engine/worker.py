@@ -278,14 +278,42 @@ def evaluate(task, module: torch.nn.Module, cfg: UnlearnConfig, device: torch.de
     share: (set → score → per-example values, whether each rank scored with a whole copy).
     Under ZeRO-3 on 2+ ranks a whole copy per rank (evaluation.whole_model; auto: when it fits
     in half the free memory, `local_workers` sharing a node's) spares a gather of every layer at
-    every forward and greedy token; otherwise the partitioned model, the ranks in lockstep."""
+    every forward and greedy token; otherwise the partitioned model, the ranks in lockstep.
+    Then each attack's copy of the whole model scores the forget set again (`forget@<attack>`)."""
+    section = cfg.evaluation
     ranks = evaluation.Ranks.of_job(device, cfg.train.zero_stage)
-    whole = ranks.lockstep and whole_copy_fits(module, cfg.evaluation.whole_model, ranks, local_workers)
+    partitioned = cfg.train.zero_stage == 3  # (on one rank too: its parameters live in ZeRO-3's store)
+    whole = partitioned and (bool(section.attacks)
+                             or ranks.lockstep and whole_copy_fits(module, section.whole_model, ranks, local_workers))
     if whole:
-        copy = task.unpartitioned(device)
-        eng.copy_whole_into(module, copy)
-        module, ranks = copy, dataclasses.replace(ranks, lockstep=False)
-    return task.evaluate(module, evaluation.read_sets(cfg.evaluation), cfg.evaluation, ranks), whole
+        module, ranks = whole_copy(task, module, device), dataclasses.replace(ranks, lockstep=False)
+    sets = evaluation.read_sets(section)
+    scores = task.evaluate(module, sets, section, ranks)
+    base = module if whole or not section.attacks else whole_copy(task, module, device)  # never the engine's own
+    for name, attack in section.attacks.items():
+        attacked = same_on_every_rank(task.attacked(base, attack), ranks)
+        scores[evaluation.attacked_set("forget", name)] = task.evaluate(
+            attacked, {"forget": sets["forget"]}, section, ranks)["forget"]
+    return scores, whole
+
+
+def whole_copy(task, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """An unpartitioned copy of the job's model on every rank (a collective under ZeRO-3)."""
+    copy = task.unpartitioned(device)
+    eng.copy_whole_into(module, copy)
+    return copy
+
+
+def same_on_every_rank(model: torch.nn.Module, ranks: evaluation.Ranks) -> torch.nn.Module:
+    """Rank 0's weights on every rank: the ranks score shares of one model, and a relearned copy
+    need not come out bit-identical everywhere (a GPU's reductions need not be deterministic)."""
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for tensor in (*model.parameters(), *model.buffers()):
+                dist.broadcast(tensor.data, src=0)
+    return model
 
 
 def whole_copy_fits(module: torch.nn.Module, choice, ranks: evaluation.Ranks, local_workers: int) -> bool:

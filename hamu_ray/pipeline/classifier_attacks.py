@@ -28,7 +28,7 @@ def attack_columns(names: list[str]) -> tuple[str, ...]:
 
 def attacked(model: nn.Module, attack: Attack, read=datasets.read_split) -> nn.Module:
     """A copy of `model` after one attack of lm_pipeline.attacks (quantized, or relearned on the
-    rows its Relearning names, from that set's file as `read` gives it: a caller attacking many
+    rows its Relearning (attacks.relearn) names, from that set's file as `read` gives it: a caller attacking many
     models passes a cached reader); `model` is left as it was."""
     if "quantize_bits" in attack.fields:
         return fake_quantize(model, attack.fields["quantize_bits"])

@@ -1,5 +1,7 @@
-"""Evaluating language models after unlearning: per-example scores (tasks.lm_scores) computed by Ray tasks on the
-cluster (one model loaded once per task, every set batched), metrics from them on the driver.
+"""Evaluating language models after unlearning: the metrics of per-example scores (tasks.lm_scores,
+computed where each model lives: engine.evaluation), on the driver; and `score_model`, one
+process scoring a model directory, the reference the workers' scores are tested against
+(`score_all` runs it as Ray tasks for scripts).
 
 Only numbers leave a task: the forget rows' text and the model's answers to them stay there
 (ROUGE is computed where the answers are generated). The metric definitions are in lm_metrics.
@@ -16,11 +18,11 @@ import pyarrow.parquet as pq
 import torch
 
 from hamu_ray.attacks.quantize import fake_quantize
-from hamu_ray.attacks.relearn import batch_rows, relearn
+from hamu_ray.attacks.relearn import Relearning
 from hamu_ray.attacks.recovery import recovered_share
 from hamu_ray.pipeline import lm_metrics
-from hamu_ray.tasks.causal_lm import TextData, fact_encoding, has_target, load_tokenizer, pad_batch, sequence_scores
-from hamu_ray.tasks.lm_scores import FACT, PARAPHRASED, PERTURBED, encode_pair, score_rows
+from hamu_ray.tasks.causal_lm import TextData, fact_encoding, has_target, load_tokenizer
+from hamu_ray.tasks.lm_scores import FACT, PARAPHRASED, PERTURBED, encode_pair, relearned, score_rows
 
 EVAL_SETS = ("forget", "retain", "holdout")  # retain: a fixed sample of the retain set
 TABLE_COLUMNS = ("model", "forget_prob", "forget_rouge", "forget_truth", "forget_fact", "forget_fact_em",
@@ -28,19 +30,6 @@ TABLE_COLUMNS = ("model", "forget_prob", "forget_rouge", "forget_truth", "forget
                  "utility_prob", "model_utility", "forget_quality", "mia_auc", "priv_leak",
                  "steps", "stop", "wall_s")
 ATTACKED = ("forget_prob", "forget_rouge", "forget_fact")  # scored again under each attack (robustness)
-
-
-@dataclass(frozen=True)
-class Relearning:
-    """The relearning attack's fine-tuning before a scoring: `steps` AdamW steps at `lr` on
-    batches of `batch_size` of the given `rows` (row numbers) of the parquet file `path`, in a
-    seeded order (attacks.relearn)."""
-    path: str
-    rows: tuple[int, ...]
-    steps: int
-    lr: float
-    batch_size: int
-    seed: int
 
 
 # ---- per-example scores (in a Ray task) -------------------------------------------------------
@@ -68,21 +57,6 @@ def score_model(model_dir: str, sets: dict[str, str], text: dict, *, bf16: bool 
     return {name: score_rows(model, tokenizer, pq.read_table(path).to_pylist(), cfg, batch_size=batch_size,
                              max_new_tokens=max_new_tokens)
             for name, path in sets.items()}
-
-
-def relearned(model, tokenizer, spec: Relearning, cfg: TextData):
-    """A copy of `model` fine-tuned on spec's rows: the mean answer-token cross-entropy (the
-    loss the original learned them with), one AdamW step per batch."""
-    rows = pq.read_table(spec.path, columns=[cfg.question_column, cfg.answer_column]).take(list(spec.rows))
-    encoded = {i: encode_pair(tokenizer, row[cfg.question_column], row[cfg.answer_column], cfg)
-               for i, row in zip(spec.rows, rows.to_pylist())}
-    batches = (pad_batch([encoded[i][0] for i in rows], [encoded[i][1] for i in rows])
-               for rows in batch_rows(spec.rows, spec.steps, spec.batch_size, spec.seed))
-
-    def mean_token_loss(tuned, batch) -> torch.Tensor:
-        scores = sequence_scores(tuned, batch)
-        return -scores.logprob.sum() / scores.count.sum()
-    return relearn(model, batches, spec.lr, mean_token_loss)
 
 
 def rows_without_answer_tokens(tokenizer, rows: list[dict], cfg: TextData) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hamu_ray import digests, files
+from hamu_ray.attacks.relearn import Relearning
 from hamu_ray.engine import data
 from hamu_ray.errors import MissingInputError
 from hamu_ray.pipeline import lm_evaluate, lm_metrics, qa_sets, user_data
@@ -251,26 +253,48 @@ def oracle_training_set(prepared: dict[str, str]) -> str:
     return "oracle_train" if "oracle_train" in prepared else "retain"
 
 
-def evaluation_section(prepared: dict[str, str]) -> dict:
+def evaluation_section(prepared: dict[str, str], attacked: dict[str, "Attack"] | None = None) -> dict:
     """The engine's evaluation section of every job whose model a pipeline compares: the scored
-    sets (EVAL_FILES), scored by the job's workers after its last step (engine.evaluation)."""
-    return {"sets": {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared},
-            "batch_size": EVAL_BATCH, "max_new_tokens": EVAL_NEW_TOKENS}
+    sets (EVAL_FILES), scored by the job's workers after its last step (engine.evaluation), and
+    the forget set again under each of the `attacked` attacks (attacks(cfg, prepared))."""
+    section = {"sets": {name: prepared[file] for name, file in EVAL_FILES.items() if file in prepared},
+               "batch_size": EVAL_BATCH, "max_new_tokens": EVAL_NEW_TOKENS}
+    if attacked:
+        section["attacks"] = {name: attack.section() for name, attack in attacked.items()}
+    return section
 
 
-def model_scores(cfg, prepared: dict[str, str], model_dir: Path, label: str) -> dict:
-    """A model's per-example scores on the scored sets (set → score → values): those its own
-    stage's job computed on its workers (a training or unlearning stage of this pipeline, or a
-    search trial), else an evaluation-only job's on the pipeline's workers (the user's own model,
-    a stage cached before stages evaluated), cached under output_dir/stages/evaluate-<key>."""
-    from hamu_ray.engine import evaluation
+def compared_evaluation(cfg, prepared: dict[str, str]) -> dict:
+    """The evaluation section of a model the comparison table holds: with the pipeline's attacks."""
+    return evaluation_section(prepared, attacks(cfg, prepared))
+
+
+def covers(ran: dict | None, wanted: dict) -> bool:
+    """Whether a job's evaluation section (as it ran, defaults filled) scored what `wanted` asks:
+    the same sets and settings, and among its attacks every wanted one."""
     from hamu_ray.engine.config import EvaluationSection
 
-    out, wanted = Path(cfg.output_dir).resolve(), evaluation_section(prepared)
+    if ran is None:
+        return False
+    want = EvaluationSection.model_validate(wanted).model_dump()
+    ran_attacks, want_attacks = ran.get("attacks", {}), want.pop("attacks")
+    return ({k: v for k, v in ran.items() if k != "attacks"} == want
+            and all(ran_attacks.get(name) == attack for name, attack in want_attacks.items()))
+
+
+def model_scores(cfg, prepared: dict[str, str], model_dir: Path, label: str, wanted: dict | None = None) -> dict:
+    """A model's per-example scores on the scored sets (set → score → values; `wanted`: the
+    evaluation section asked for, by default evaluation_section's, no attack): those its own
+    stage's job computed on its workers (a training or unlearning stage of this pipeline, or a
+    search trial), else an evaluation-only job's on the pipeline's workers (the user's own model,
+    a stage cached before stages evaluated or before its attacks were asked for), cached under
+    output_dir/stages/evaluate-<key>."""
+    from hamu_ray.engine import evaluation
+
+    out, wanted = Path(cfg.output_dir).resolve(), wanted or evaluation_section(prepared)
     stage = Path(model_dir).parent
     if stage.parent == out / "stages" and (stage / evaluation.SCORES_FILE).exists():
-        ran = json.loads((stage / "summary.json").read_text())["config"].get("evaluation")
-        if ran == EvaluationSection.model_validate(wanted).model_dump():  # with its defaults
+        if covers(json.loads((stage / "summary.json").read_text())["config"].get("evaluation"), wanted):
             return evaluation.read_scores(stage / evaluation.SCORES_FILE)
     return evaluated_elsewhere(cfg, prepared, Path(model_dir), wanted, label)
 
@@ -333,10 +357,18 @@ def table_columns(cfg) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Attack:
-    """How one attack scores a model's forget set: the Scoring fields that make it, and the
-    forget rows its metrics are computed on (None: all; relearning leaves out its own)."""
+    """How one attack scores a model's forget set: the Scoring fields that make it (quantize_bits,
+    or relearning), and the forget rows its metrics are computed on (None: all; relearning
+    leaves out its own)."""
     fields: dict
     rows: np.ndarray | None = None
+
+    def section(self) -> dict:
+        """The attack as an evaluation section's (engine.config.AttackSection), for the workers."""
+        if "quantize_bits" in self.fields:
+            return {"quantize_bits": self.fields["quantize_bits"]}
+        return {"relearning": {**dataclasses.asdict(self.fields["relearning"]),
+                               "rows": list(self.fields["relearning"].rows)}}
 
 
 def attacks(cfg, prepared: dict[str, str]) -> dict[str, Attack]:
@@ -359,13 +391,13 @@ def planned_attacks(r, forget: str, retain: str, relearn_lr: float | None, seed:
         steps = dict(steps=relearn.steps, lr=relearn_lr, batch_size=relearn.batch_size, seed=seed)
         try:
             trained, scored = relearn_split(forget, relearn.share, seed)
-            found["relearn"] = Attack({"relearning": lm_evaluate.Relearning(forget, tuple(trained), **steps)}, scored)
+            found["relearn"] = Attack({"relearning": Relearning(forget, tuple(trained), **steps)}, scored)
         except data.DataError:
             if not unsplit_ok:
                 raise
         if relearn.benign:
             rows = benign_rows(retain, relearn.steps * relearn.batch_size, seed)
-            found["benign"] = Attack({"relearning": lm_evaluate.Relearning(retain, rows, **steps)})
+            found["benign"] = Attack({"relearning": Relearning(retain, rows, **steps)})
     return found
 
 
@@ -404,18 +436,18 @@ def seeded_rows(total: int, count: int, seed: int) -> tuple[int, ...]:
 
 
 def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[dict]:
-    """Every stage's model scored on forget, retain (sample), holdout and utility (model_scores:
-    by its own job's workers); TOFU's and MUSE's metrics against the oracle; with robustness,
-    the forget set scored again per attack (Ray tasks, one CPU each); per-row scores written to
+    """Every stage's model scored on forget, retain (sample), holdout and utility and, with
+    robustness, on the forget set again under each attack (model_scores: by its own job's
+    workers); TOFU's and MUSE's metrics against the oracle; per-row scores written to
     report/per_example.parquet (and report/per_example_attacked.parquet)."""
-    sets = evaluation_section(prepared)["sets"]
-    scores = {name: model_scores(cfg, prepared, stage.model_dir, name) for name, stage in stages.items()}
-    found = attacks(cfg, prepared)
-    attacked_scorings = {(name, attack): lm_evaluate.Scoring(name, str(stage.model_dir), {"forget": sets["forget"]},
-                                                             attack=attack, **how.fields)
-                         for name, stage in stages.items() for attack, how in found.items()}
-    scored = lm_evaluate.score_all(attacked_scorings, cfg.data.text.model_dump(), bf16=cfg.model.dtype == "bf16")
-    attacked = {key: scored[key]["forget"] for key in attacked_scorings}  # (model, attack) → forget scores
+    from hamu_ray.engine.evaluation import attacked_set
+
+    wanted, found = compared_evaluation(cfg, prepared), attacks(cfg, prepared)
+    sets = wanted["sets"]
+    scored = {name: model_scores(cfg, prepared, stage.model_dir, name, wanted) for name, stage in stages.items()}
+    scores = {name: {s: per_set[s] for s in sets} for name, per_set in scored.items()}
+    attacked = {(name, attack): scored[name][attacked_set("forget", attack)]  # (model, attack) → forget scores
+                for name in stages for attack in found}
     write_per_example(scores, sets, digests.output_key(Path(cfg.output_dir).resolve()),
                       report / "per_example.parquet", attacked, found)
     oracle = scores.get("oracle")

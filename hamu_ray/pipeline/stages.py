@@ -379,10 +379,15 @@ def train_references(cfg: PipelineConfig, prepared: dict[str, str], out: Path,
             for name, split in (("original", "train"), ("oracle", oracle_set))}
 
 
-def evaluated(cfg: PipelineConfig, job: dict, prepared: dict[str, str]) -> dict:
+def evaluated(cfg: PipelineConfig, job: dict, prepared: dict[str, str], attacked: bool = True) -> dict:
     """A language model's job whose model is compared: its workers score it after the last
-    step (lm_pipeline.evaluation_section; not part of the stage's key)."""
-    return {**job, "evaluation": lm_pipeline.evaluation_section(prepared)} if cfg.is_lm else job
+    step, and (`attacked`) under the pipeline's attacks (lm_pipeline.compared_evaluation; not
+    part of the stage's key)."""
+    if not cfg.is_lm:
+        return job
+    section = (lm_pipeline.compared_evaluation(cfg, prepared) if attacked
+               else lm_pipeline.evaluation_section(prepared))
+    return {**job, "evaluation": section}
 
 
 def pretraining_job(cfg: PipelineConfig, prepared: dict[str, str], start: Path) -> dict:

@@ -347,7 +347,8 @@ def trial_stage(cfg: PipelineConfig, context: TrialContext, sample: dict) -> pip
     method, train = cfg.trial_settings(entry, sample)
     job = pipeline.evaluated(cfg, pipeline.job_dict(
         cfg, train, method=method.model_dump(), start=Path(context.original),
-        data={"forget": context.prepared["forget"], "retain": context.prepared["retain"]}), context.prepared)
+        data={"forget": context.prepared["forget"], "retain": context.prepared["retain"]}), context.prepared,
+        attacked=False)  # a trial is ranked, not attacked
     if context.monitor is not None:
         job["monitor"] = context.monitor
     return pipeline.cached_stage(f"trial-{entry.key}", job, Path(context.output_dir),

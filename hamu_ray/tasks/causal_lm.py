@@ -209,6 +209,12 @@ class CausalLMTask:
                                  max_new_tokens=section.max_new_tokens, ranks=ranks)
                 for name, rows in sets.items()}
 
+    def attacked(self, model, attack) -> torch.nn.Module:
+        """A copy of the whole `model` after one evaluation attack (engine.config.AttackSection)."""
+        from hamu_ray.tasks.lm_scores import attacked
+
+        return attacked(model, load_tokenizer(self.model_cfg.path), attack, self.text)
+
     def unpartitioned(self, device: torch.device) -> torch.nn.Module:
         """The model's architecture whole on `device` in its dtype, weights not loaded (from its
         config; with LoRA the same adapters), outside ZeRO-3's partitioned construction even while

@@ -155,5 +155,42 @@ def encode_pair(tokenizer, question: str, answer: str, cfg: TextData) -> tuple[l
     return truncate(*encode_qa(tokenizer, question, answer, cfg.prompt), cfg.max_length)[:2]
 
 
+# ---- attacks (README, "Does the forgetting survive attacks?") ----------------------------------
+
+def attacked(model, tokenizer, attack, cfg: TextData) -> torch.nn.Module:
+    """A copy of `model` (whole: not ZeRO-3 partitioned) after one attack of an evaluation
+    section (engine.config.AttackSection): its linear layers fake-quantized, or relearned."""
+    from hamu_ray.attacks.quantize import fake_quantize
+    from hamu_ray.attacks.relearn import Relearning
+
+    if attack.quantize_bits is not None:
+        return fake_quantize(model, attack.quantize_bits)
+    spec = attack.relearning
+    return relearned(model, tokenizer, Relearning(spec.path, tuple(spec.rows), spec.steps, spec.lr,
+                                                  spec.batch_size, spec.seed), cfg)
+
+
+def relearned(model, tokenizer, spec, cfg: TextData) -> torch.nn.Module:
+    """A copy of `model` fine-tuned on the rows of `spec` (attacks.relearn.Relearning): the mean
+    answer-token cross-entropy (the loss the original learned them with), one AdamW step per
+    batch, on the model's device."""
+    import pyarrow.parquet as pq
+
+    from hamu_ray.attacks.relearn import batch_rows, relearn
+
+    device = next(model.parameters()).device
+    rows = pq.read_table(spec.path, columns=[cfg.question_column, cfg.answer_column]).take(list(spec.rows))
+    encoded = {i: encode_pair(tokenizer, row[cfg.question_column], row[cfg.answer_column], cfg)
+               for i, row in zip(spec.rows, rows.to_pylist())}
+    batches = ({name: t.to(device) for name, t in pad_batch([encoded[i][0] for i in rows],
+                                                             [encoded[i][1] for i in rows]).items()}
+               for rows in batch_rows(spec.rows, spec.steps, spec.batch_size, spec.seed))
+
+    def mean_token_loss(tuned, batch) -> torch.Tensor:
+        scores = sequence_scores(tuned, batch)
+        return -scores.logprob.sum() / scores.count.sum()
+    return relearn(model, batches, spec.lr, mean_token_loss)
+
+
 def on_device(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tensor]:
     return {name: value.to(ranks.device) for name, value in batch.items()}

@@ -363,11 +363,34 @@ def test_an_evaluation_section_needs_a_qa_language_model_and_sets_named_by_ident
     with pytest.raises(ConfigError, match="evaluation scores answers to questions: it needs model.kind causal_lm"):
         parse_config({**raw(sets), "evaluation": evaluation})
     lm = {**raw(sets), "model": {"kind": "causal_lm", "path": str(sets)}}
-    with pytest.raises(ConfigError, match=r"evaluation.sets: names must be identifiers .*\['a b'\]"):
+    with pytest.raises(ConfigError, match=r"evaluation.sets and attacks: names must be identifiers .*\['a b'\]"):
         parse_config({**lm, "evaluation": {"sets": {"a b": "x.parquet"}}})
     with pytest.raises(ConfigError, match="evaluation.sets"):
         parse_config({**lm, "evaluation": {"sets": {}}})
     assert parse_config({**lm, "evaluation": evaluation}).evaluation.batch_size == 64
+
+
+def test_evaluation_attacks_are_one_kind_each_and_score_the_forget_set_on_whole_models(sets):
+    lm = {**raw(sets), "model": {"kind": "causal_lm", "path": str(sets)}}
+    forget = {"forget": str(sets / "forget.parquet")}
+    relearning = {"path": str(sets / "forget.parquet"), "rows": [0, 1], "steps": 2, "lr": 0.01, "batch_size": 1}
+
+    def refused(evaluation: dict) -> str:
+        with pytest.raises(ConfigError) as err:
+            parse_config({**lm, "evaluation": evaluation})
+        return str(err.value)
+    assert "an attack is quantize_bits or relearning, one of them" in refused(
+        {"sets": forget, "attacks": {"both": {"quantize_bits": 8, "relearning": relearning}}})
+    assert "an attack is quantize_bits or relearning, one of them" in refused({"sets": forget, "attacks": {"none": {}}})
+    assert "evaluation.attacks.int2.quantize_bits" in refused({"sets": forget, "attacks": {"int2": {"quantize_bits": 2}}})
+    assert "evaluation.attacks score the set named forget: add it to evaluation.sets" in refused(
+        {"sets": {"qa": forget["forget"]}, "attacks": {"int8": {"quantize_bits": 8}}})
+    assert "evaluation.attacks need the model whole on every rank: whole_model false" in refused(
+        {"sets": forget, "whole_model": False, "attacks": {"int8": {"quantize_bits": 8}}})
+    assert "names must be identifiers" in refused({"sets": forget, "attacks": {"int-8": {"quantize_bits": 8}}})
+    section = parse_config({**lm, "evaluation": {"sets": forget, "attacks": {
+        "int8": {"quantize_bits": 8}, "relearn": {"relearning": relearning}}}}).evaluation
+    assert section.attacks["relearn"].relearning.seed == 0 and section.attacks["int8"].relearning is None
 
 
 def test_evaluation_sets_are_checked_before_any_worker_starts(tiny_lm, tmp_path):

@@ -75,22 +75,30 @@ def test_every_model_is_scored_and_the_oracle_is_its_own_yardstick(qa_run):
 
 @pytest.mark.integration
 def test_each_stage_scores_its_own_model_on_its_workers_and_the_table_reads_those_scores(qa_run):
-    """original, oracle and every method: the job scored its final model before exiting
-    (evaluation.npz beside it); the report's per-example rows are those numbers, and no
-    evaluation-only job ran (no model scored twice)."""
+    """original, oracle and every method: the job scored its final model before exiting, and
+    its forget set again under each attack (evaluation.npz beside it); the report's per-example
+    rows are those numbers, and no evaluation-only job ran (no model scored twice)."""
     from hamu_ray.engine import evaluation
     from hamu_ray.pipeline import lm_metrics
 
     out, _, result = qa_run
     stages = out / "stages"
     per_example = pq.read_table(result.report_dir / "per_example.parquet").to_pylist()
+    attacked_rows = pq.read_table(result.report_dir / "per_example_attacked.parquet").to_pylist()
     for name, pattern in (("original", "original-*"), ("oracle", "oracle-*"), ("hamu-q", "unlearn-hamu-q-*")):
         stage = next(stages.glob(pattern))
         scores = evaluation.read_scores(stage / evaluation.SCORES_FILE)
-        assert set(scores) == {r["set"] for r in per_example if r["model"] == name} >= {"forget", "retain", "holdout"}
+        plain = {s for s in scores if "@" not in s}
+        assert plain == {r["set"] for r in per_example if r["model"] == name} >= {"forget", "retain", "holdout"}
+        assert set(scores) - plain == {"forget@int4", "forget@relearn"}
         assert json.loads((stage / "summary.json").read_text())["evaluation_s"] > 0
-        for set_name, s in scores.items():
+        for set_name in plain:
             reported = [r["probability"] for r in per_example if r["model"] == name and r["set"] == set_name]
+            s = scores[set_name]
+            assert reported == pytest.approx(lm_metrics.probability(s["logprob"], s["count"]).tolist(), rel=1e-12)
+        for attack in ("int4", "relearn"):
+            reported = [r["probability"] for r in attacked_rows if r["model"] == name and r["attack"] == attack]
+            s = scores[f"forget@{attack}"]
             assert reported == pytest.approx(lm_metrics.probability(s["logprob"], s["count"]).tolist(), rel=1e-12)
     assert not list(stages.glob("evaluate-*"))
 
@@ -100,7 +108,7 @@ def test_a_stages_key_leaves_out_its_evaluation_section(tmp_path):
     stages cached before they evaluated are reused (scored by an evaluation-only job)."""
     from hamu_ray.pipeline.stages import stage_key, unlearning_job
 
-    cfg = qa_config(tmp_path / "out")
+    cfg = qa_config(tmp_path / "out", lambda raw: raw.pop("robustness"))
     prepared = {name: f"/sets/{name}.parquet" for name in ("forget", "retain", "retain_eval", "holdout")}
     job = unlearning_job(cfg, cfg.methods[0], prepared, Path("/m"))
     assert job["evaluation"]["sets"] == {"forget": "/sets/forget.parquet", "retain": "/sets/retain_eval.parquet",
@@ -119,8 +127,8 @@ def forget_means(rows: list[dict]) -> dict[str, float | None]:
 
 @pytest.mark.integration
 def test_the_attacks_rescore_every_models_forget_set_and_its_recovered_share(qa_run):
-    """robustness: int4 and relearning. Each model's forget rows scored again by the evaluation's
-    Ray tasks after each attack (per_example_attacked.parquet); the table's columns are their
+    """robustness: int4 and relearning. Each model's forget rows scored again by its stage's
+    workers after each attack (per_example_attacked.parquet); the table's columns are their
     means and the recovered share against the original, which has none, on the rows the attack
     did not train on: relearning trains on whole entities of the forget set, never scores them."""
     from hamu_ray.attacks.recovery import recovered_share
@@ -547,7 +555,7 @@ def test_robustness_adds_its_columns_before_steps_and_leaves_the_stage_keys(tmp_
     """Per attack (each quantization width, relearning, benign relearning), each forget metric
     attacked and its recovered share; without the section the table and every stage's job are
     those of a pipeline written before it existed."""
-    from hamu_ray.pipeline.stages import table_columns, training_job, unlearning_job
+    from hamu_ray.pipeline.stages import stage_key, table_columns, training_job, unlearning_job
 
     plain = qa_config(tmp_path / "out", lambda raw: raw.pop("robustness"))
     attacked = qa_config(tmp_path / "out", lambda raw: raw.update(robustness={"quantize": [8, 4], "relearn": {}}))
@@ -556,9 +564,16 @@ def test_robustness_adds_its_columns_before_steps_and_leaves_the_stage_keys(tmp_
                   for column in ("forget_prob", "recovered_prob", "forget_rouge", "recovered_rouge",
                                  "forget_fact", "recovered_fact"))
     assert table_columns(attacked) == (*TABLE_COLUMNS[:-3], *added, "steps", "stop", "wall_s")
-    prepared = {name: f"/sets/{name}.parquet" for name in ("forget", "retain", "train")}
-    for entry in plain.methods:
-        assert unlearning_job(plain, entry, prepared, Path("/m")) == unlearning_job(attacked, entry, prepared, Path("/m"))
+    prepared = {name: f"/sets/{name}.parquet" for name in ("retain_eval", "train")}
+    prepared["forget"] = write_forget(tmp_path / "forget.parquet", [0, 0, 1, 1, 2, 3])
+    prepared["retain"] = write_forget(tmp_path / "retain.parquet", [None] * 12)
+    for entry in plain.methods:  # the attacks ride in the job's evaluation section, outside its key
+        jobs = [unlearning_job(cfg, entry, prepared, Path("/m")) for cfg in (plain, attacked)]
+        assert "attacks" not in jobs[0]["evaluation"]
+        assert list(jobs[1]["evaluation"]["attacks"]) == ["int8", "int4", "relearn", "benign"]
+        assert ({k: v for k, v in jobs[0].items() if k != "evaluation"}
+                == {k: v for k, v in jobs[1].items() if k != "evaluation"})
+        assert stage_key(jobs[0], tmp_path) == stage_key(jobs[1], tmp_path)
     assert training_job(plain, prepared["train"], Path("/m")) == training_job(attacked, prepared["train"], Path("/m"))
 
 

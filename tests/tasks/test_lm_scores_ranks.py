@@ -31,7 +31,16 @@ CASES = {  # whole: whether each rank scores with a whole copy (evaluation.whole
     "zero3-whole": {"stage": 3, "whole_model": "auto", "whole": True},
     "lora-zero3": {"stage": 3, "lora": LORA, "whole_model": False, "whole": False},
     "lora-zero3-whole": {"stage": 3, "lora": LORA, "whole_model": True, "whole": True},
+    # the forget set scored again under two attacks, each rank scoring its share of one attacked
+    # copy; under ZeRO-3 the whole copy is made whatever auto would choose
+    "zero0-attacked": {"stage": 0, "attacked": True, "whole": False},
+    "zero3-attacked": {"stage": 3, "attacked": True, "whole": True},
 }
+RELEARN = {"rows": [0, 2, 3], "steps": 4, "lr": 3e-3, "batch_size": 2, "seed": 5}
+
+
+def attacks(sets: dict[str, str]) -> dict:
+    return {"int4": {"quantize_bits": 4}, "relearn": {"relearning": {"path": sets["qa"], **RELEARN}}}
 
 
 def eval_rows() -> list[dict]:
@@ -47,12 +56,14 @@ def eval_rows() -> list[dict]:
 
 def job(model_dir: str, sets: dict[str, str], case: str) -> dict:
     spec = CASES[case]
+    evaluation = {"sets": sets, "batch_size": BATCH, "max_new_tokens": NEW_TOKENS,
+                  "whole_model": spec.get("whole_model", "auto")}
+    if spec.get("attacked"):
+        evaluation.update(sets={"forget": sets["qa"]}, attacks=attacks(sets))
     return {"data": {"forget": "f.parquet", "retain": "r.parquet", "retain_batch_size": 2, "forget_batch_size": 2},
             "model": {"kind": "causal_lm", "path": model_dir, "lora": spec.get("lora")},
             "method": {"name": "gdiff"}, "train": {"lr": 0.1, "zero_stage": spec["stage"]},
-            "evaluation": {"sets": sets, "batch_size": BATCH, "max_new_tokens": NEW_TOKENS,
-                           "whole_model": spec.get("whole_model", "auto")},
-            "output_dir": "unused"}
+            "evaluation": evaluation, "output_dir": "unused"}
 
 
 def _rank(rank: int, port: int, model_dir: str, sets: dict[str, str], out: str) -> None:
@@ -76,7 +87,7 @@ def _rank(rank: int, port: int, model_dir: str, sets: dict[str, str], out: str) 
         engine, _ = worker.build(cfg, task)
         scores, whole = worker.evaluate(task, engine.module, cfg, engine.device)
         results[case] = {"whole": whole, "scores": scores}
-        if not whole:  # the greedy texts themselves, from the model the job holds
+        if not whole and not CASES[case].get("attacked"):  # the greedy texts themselves, from the model the job holds
             ranks = Ranks.of_job(engine.device, cfg.train.zero_stage)
             per_set = evaluation.read_sets(cfg.evaluation)
             questions = [r["question"] for r in per_set["qa"]][ranks.share(len(per_set["qa"]))]
@@ -124,6 +135,20 @@ def alone(tiny_lm, sets):
     return scores, answers
 
 
+@pytest.fixture(scope="module")
+def attacked_alone(tiny_lm, sets):
+    """One process: the forget rows scored under each attack (lm_evaluate.score_model's)."""
+    from hamu_ray.attacks.relearn import Relearning
+    from hamu_ray.pipeline import lm_evaluate
+    from hamu_ray.tasks.causal_lm import TextData
+
+    relearning = Relearning(sets["qa"], tuple(RELEARN["rows"]), RELEARN["steps"], RELEARN["lr"],
+                            RELEARN["batch_size"], RELEARN["seed"])
+    return {f"forget@{name}": lm_evaluate.score_model(str(tiny_lm), {"forget": sets["qa"]}, TextData().model_dump(),
+                                                      max_new_tokens=NEW_TOKENS, **how)["forget"]
+            for name, how in (("int4", {"quantize_bits": 4}), ("relearn", {"relearning": relearning}))}
+
+
 def test_shares_are_contiguous_cover_every_row_once_and_differ_by_at_most_one():
     assert [Ranks(r, 2).share(7) for r in range(2)] == [slice(0, 4), slice(4, 7)]
     assert [Ranks(r, 3).share(1) for r in range(3)] == [slice(0, 1), slice(1, 1), slice(1, 1)]
@@ -133,8 +158,12 @@ def test_shares_are_contiguous_cover_every_row_once_and_differ_by_at_most_one():
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_rank_gets_every_rows_scores_equal_to_one_process(ranked, alone, case):
+def test_every_rank_gets_every_rows_scores_equal_to_one_process(ranked, alone, attacked_alone, case):
     expected, _ = alone
+    if CASES[case].get("attacked"):  # the forget set as it is and under each attack
+        expected = {"forget": expected["qa"], **attacked_alone}
+        unattacked = expected["forget"]["logprob"]
+        assert all(np.abs(expected[name]["logprob"] - unattacked).max() > 1e-3 for name in attacked_alone)
     assert [ranked[rank][case]["whole"] for rank in range(WORLD)] == [CASES[case]["whole"]] * WORLD
     for rank in range(WORLD):
         got = ranked[rank][case]["scores"]
@@ -150,7 +179,7 @@ def test_every_rank_gets_every_rows_scores_equal_to_one_process(ranked, alone, c
                                                equal_nan=True, err_msg=f"{name} {score}")
 
 
-@pytest.mark.parametrize("case", [case for case, spec in CASES.items() if not spec["whole"]])
+@pytest.mark.parametrize("case", [case for case, spec in CASES.items() if not spec["whole"] and not spec.get("attacked")])
 def test_greedy_answers_are_the_same_texts(ranked, alone, case):
     _, answers = alone
     assert any(answers)  # the tiny model says something: the comparison is not of empty strings
