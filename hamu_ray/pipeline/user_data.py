@@ -4,8 +4,6 @@ named by number in every message, never by content (forget rows are sensitive)."
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
