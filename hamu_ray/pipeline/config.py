@@ -211,6 +211,10 @@ class TuneSection(Section):
     cpus_per_trial: float = Field(0.0, ge=0)  # the trial's own process (it mostly waits); its
     # workers ask for theirs (cluster section)
     seed: int = 0
+    # how trials are ranked: forget_quality (the best KS p-value among those within the utility
+    # floor), or matched (the most utility among those that reached the monitor's forget target,
+    # monitor.stop_at: methods compared at matched forgetting; the floor is not used)
+    rank: Literal["forget_quality", "matched"] = "forget_quality"
 
 
 class PipelineMonitor(Section):
@@ -429,6 +433,9 @@ class PipelineConfig(Section):
         return self.given_original is None or self.model.oracle is not None
 
     def _check_search(self, tune: TuneSection) -> None:
+        if tune.rank == "matched" and (self.monitor is None or self.monitor.stop_at is None):
+            raise ValueError("tune.rank: matched ranks the trials that reached the monitor's forget "
+                             "target; set monitor.stop_at (oracle, or a forget probability)")
         entry = self.method_entry(tune.method)
         if entry is None:
             raise ValueError(f"tune.method: {tune.method!r} is not a label in methods "

@@ -105,7 +105,7 @@ def run_search(cfg: PipelineConfig) -> SearchResult:
             space = searched_space(cfg, prepared, references["original"].export(cfg), directory)
             results, complete = fit_search(space, context, directory, view)
             original = pipeline.measure(cfg, ruler, references["original"].export(cfg))[view.utility]
-        trials, chosen = choose(results, original, cfg.tune.utility_floor, view)
+        trials, chosen = choose(results, original, cfg.tune.utility_floor, view, cfg.tune.rank)
         log_trials(tracker, parent, trials, out)
         write_search_report(trials, chosen, original, cfg.tune, report, view)
         for name in ("trials.csv", "trials.md", "pareto.png", "best.json", "config.yaml"):
@@ -125,7 +125,10 @@ def run_search(cfg: PipelineConfig) -> SearchResult:
 def search_key(cfg: PipelineConfig) -> str:
     """The search's identity: its tune section and the job of the method it starts from."""
     entry = cfg.method_entry(cfg.tune.method)
-    spec = {"tune": cfg.tune.model_dump(), "entry": entry.model_dump(), "unlearn": cfg.unlearn.model_dump(),
+    tune = cfg.tune.model_dump()
+    if tune["rank"] == "forget_quality":  # the default: earlier searches keep their key
+        del tune["rank"]
+    spec = {"tune": tune, "entry": entry.model_dump(), "unlearn": cfg.unlearn.model_dump(),
             "data": cfg.data.model_dump(by_alias=True), "model": cfg.model.model_dump(),
             "train": cfg.train and cfg.train.model_dump()}  # None: the user's own original
     if cfg.monitor is not None:  # added only when set: earlier searches keep their key
@@ -372,22 +375,18 @@ def journal(context: TrialContext, event: dict) -> None:
 # ---- choosing, reporting -------------------------------------------------------------------
 
 def choose(results: list[dict], original_utility: float, floor_points: float,
-           view: SearchView = CLASSIFIER_VIEW) -> tuple[list[dict], dict | None]:
+           view: SearchView = CLASSIFIER_VIEW, rank: str = "forget_quality") -> tuple[list[dict], dict | None]:
     """Best forget quality among finished trials whose utility is within the floor (points:
     hundredths of the utility): the KS p-value, then (where it underflows to 0) the smaller KS
-    statistic where the task reports it, then more utility. Returns the table rows and the
-    chosen one (None: no trial qualifies)."""
+    statistic where the task reports it, then more utility. With rank `matched`: the most
+    utility among finished trials that reached the monitor's forget target (then fewer steps).
+    Returns the table rows and the chosen one (None: no trial qualifies)."""
+    if rank == "matched":
+        return choose_matched(results, view)
     threshold = original_utility - floor_points / 100
-    shown = [c for c in view.columns if c not in ("trial", "status", "params", "feasible", "chosen")]
-    rows = []
-    for r in results:
-        m = r["metrics"]
-        finished = r["status"] == "finished"
-        rows.append({"trial": r["trial"], "status": r["status"], "params": r["params"],
-                     **{k: m.get(k) for k in shown}, "forget_ks_stat": m.get("forget_ks_stat"),
-                     "stage": m.get("stage"),
-                     "feasible": finished and m[view.utility] >= threshold - 1e-12,
-                     "chosen": False})
+    rows = table_rows(results, view)
+    for row in rows:
+        row["feasible"] = row["status"] == "finished" and row[view.utility] >= threshold - 1e-12
     feasible = [row for row in rows if row["feasible"]]
     unranked = [str(row["trial"]) for row in feasible if row["forget_quality"] is None]
     if unranked:  # ranking them by the tie-breakers alone would hide it
@@ -400,8 +399,36 @@ def choose(results: list[dict], original_utility: float, floor_points: float,
     return rows, chosen
 
 
+def table_rows(results: list[dict], view: SearchView) -> list[dict]:
+    """One row per trial: its status, parameters and the view's columns (not yet ranked)."""
+    shown = [c for c in view.columns if c not in ("trial", "status", "params", "feasible", "chosen")]
+    return [{"trial": r["trial"], "status": r["status"], "params": r["params"],
+             **{k: r["metrics"].get(k) for k in shown}, "forget_ks_stat": r["metrics"].get("forget_ks_stat"),
+             "stage": r["metrics"].get("stage"), "feasible": False, "chosen": False}
+            for r in results]
+
+
+def choose_matched(results: list[dict], view: SearchView) -> tuple[list[dict], dict | None]:
+    """Matched forgetting: feasible = finished at the forget target (stop forget_target); the
+    most utility among them, then the fewest steps."""
+    rows = table_rows(results, view)
+    for row in rows:
+        row["feasible"] = row["status"] == "finished" and row["stop"] == "forget_target"
+    chosen = max((row for row in rows if row["feasible"]), default=None,
+                 key=lambda row: (row[view.utility], -row["steps"]))
+    if chosen is not None:
+        chosen["chosen"] = True
+    return rows, chosen
+
+
 def describe_choice(chosen: dict | None, tune: TuneSection, original_utility: float,
                     view: SearchView = CLASSIFIER_VIEW) -> str:
+    if tune.rank == "matched":
+        if chosen is None:
+            return "no finished trial reached the monitor's forget target (monitor.stop_at)"
+        return (f"chosen: trial {chosen['trial']} ({format_params(chosen['params'])}): {view.utility_label} "
+                f"{view.show(chosen[view.utility])} at the forget target, step {chosen['steps']} "
+                f"(original {view.show(original_utility)})")
     floor = view.show(original_utility - tune.utility_floor / 100)
     if chosen is None:
         return (f"no finished trial kept {view.utility_label} ≥ {floor} "
@@ -430,7 +457,7 @@ def write_search_report(rows: list[dict], chosen: dict | None, original_utility:
     markdown = evaluate.to_markdown(rows, view.columns, trial_cell, TRIAL_TEXT_COLUMNS)
     files.write_atomic(report / "trials.md", markdown + "\n")
     best = {"chosen": chosen, f"original_{view.utility}": original_utility,
-            "utility_floor_points": tune.utility_floor, "method": tune.method}
+            "utility_floor_points": tune.utility_floor, "method": tune.method, "rank": tune.rank}
     files.write_atomic(report / "best.json", json.dumps(best, indent=2, default=str))
     axis = plots.Axis(view.utility, view.utility_label + (" (%)" if view.percent else ""),
                       100 if view.percent else 1)

@@ -53,6 +53,9 @@ def config(raw: dict) -> PipelineConfig:
     ({"space": {"constraint_ratio": {"low": 0.1, "high": 1}, "lr": {"preflight": True}}},
      "tune.space.lr: preflight: true is for constraint_ratio only"),
     ({"utility_floor": -1}, "tune.utility_floor"),
+    ({"rank": "matched"}, "tune.rank: matched ranks the trials that reached the monitor's forget target; "
+                          "set monitor.stop_at"),
+    ({"rank": "best"}, "tune.rank"),
 ])
 def test_search_config_errors_name_the_field(tune, expected):
     with pytest.raises(ConfigError) as err:
@@ -161,6 +164,50 @@ def test_finished_trials_without_a_forget_quality_are_not_ranked_by_utility_alon
                for name, utility in (("a", 0.57), ("b", 0.58))]
     with pytest.raises(ValueError, match=r"trial\(s\) a, b finished without a forget quality"):
         choose(results, original_utility=0.58, floor_points=2.0, view=LM_VIEW)
+
+
+def test_at_matched_forgetting_the_most_utility_among_trials_that_reached_the_target_wins():
+    """rank matched: only finished trials stopped at the forget target qualify, whatever their
+    forget quality; the most utility wins, then the fewest steps; the floor plays no part."""
+    from hamu_ray.pipeline.config import TuneSection
+    from hamu_ray.pipeline.tune import LM_VIEW, describe_choice
+
+    def lm_trial(name, status, stop, utility, steps, quality=0.5):
+        return {"trial": name, "status": status, "params": {"lr": 0.1},
+                "metrics": {"forget_quality": quality, "model_utility": utility, "steps": steps,
+                            "stop": stop, "forget_prob": 0.03}}
+    results = [lm_trial("short", "finished", "none", 0.70, 100, quality=0.9),  # never reached it
+               lm_trial("slow", "finished", "forget_target", 0.40, 60),
+               lm_trial("fast", "finished", "forget_target", 0.40, 20),  # ties slow, fewer steps
+               lm_trial("cut", "stopped early", "forget_target", 0.65, 10),  # never evaluated
+               lm_trial("low", "finished", "forget_target", 0.10, 5, quality=1.0)]
+    rows, chosen = choose(results, original_utility=0.58, floor_points=2.0, view=LM_VIEW, rank="matched")
+    assert chosen["trial"] == "fast"
+    assert [row["feasible"] for row in rows] == [False, True, True, False, True]
+    assert [row["chosen"] for row in rows] == [False, False, True, False, False]
+    tune = TuneSection(method="npo", space={"lr": {"values": [0.1]}}, rank="matched")
+    assert describe_choice(chosen, tune, 0.58, LM_VIEW) == (
+        "chosen: trial fast (lr 0.1): model utility 0.400 at the forget target, step 20 (original 0.580)")
+    _, none = choose(results[:1], original_utility=0.58, floor_points=2.0, view=LM_VIEW, rank="matched")
+    assert none is None and describe_choice(none, tune, 0.58, LM_VIEW).startswith("no finished trial reached")
+
+
+def test_the_rank_joins_a_searchs_key_only_when_it_is_not_the_default():
+    import hashlib
+
+    from hamu_ray.pipeline.tune import search_key
+
+    raw = digits_raw()
+    raw["monitor"] = {"every": 5, "stop_at": 0.1}
+    default, matched = config(raw), config(digits_raw(rank="matched") | {"monitor": raw["monitor"]})
+    entry = default.method_entry(default.tune.method)
+    tune = default.tune.model_dump()
+    del tune["rank"]
+    spec = {"tune": tune, "entry": entry.model_dump(), "unlearn": default.unlearn.model_dump(),
+            "data": default.data.model_dump(by_alias=True), "model": default.model.model_dump(),
+            "train": default.train.model_dump(), "monitor": default.monitor.model_dump()}
+    assert search_key(default) == hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    assert search_key(matched) != search_key(default)
 
 
 def test_pareto_front_keeps_only_undominated_points():
