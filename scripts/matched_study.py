@@ -12,8 +12,9 @@ seeds: the comparison `hamu-ray report OUTPUT_DIR/tuned` prints with each differ
 seeds' spread. A method whose search reached the target in no trial is left out, and said so.
 KEY=VALUE overrides apply to the pipeline (e.g. data.source=fictitious-qa output_dir=...).
 Every search and run is cached in the pipeline's output directory: running the study again
-resumes it. Writes OUTPUT_DIR/study/*.yaml (the searches' and the comparison's pipelines) and
-OUTPUT_DIR/study/chosen.json.
+resumes it. Writes OUTPUT_DIR/tune/study/*.yaml (the searches' and the comparison's pipelines) and
+OUTPUT_DIR/tune/study/chosen.json (beside the searches: a pipeline's output directory holds
+nothing else).
 """
 
 from __future__ import annotations
@@ -94,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     trials, seeds = args.trials or study.get("trials", 6), args.seeds or study.get("seeds", 3)
     raw = apply_overrides(yaml.safe_load(Path(study["pipeline"]).read_text()), args.overrides, study["pipeline"])
     out = Path(raw["output_dir"]).resolve()
-    (out / "study").mkdir(parents=True, exist_ok=True)
+    written = out / "tune" / "study"
+    written.mkdir(parents=True, exist_ok=True)
     entries, chosen = [], {}
     for label, space in study["spaces"].items():
         searched = search_pipeline(raw, label, space, trials)
-        path = out / "study" / f"search-{label}.yaml"
+        path = written / f"search-{label}.yaml"
         path.write_text(yaml.safe_dump(searched, sort_keys=False))
         print(f"[study] {label}: {trials} trials at matched forgetting", flush=True)
         hamu_ray("tune", str(path))
@@ -108,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[study] {label}: no trial reached the forget target; left out of the comparison", flush=True)
         else:
             entries.append(tuned_entry(cfg, label, chosen[label]))
-    (out / "study" / "chosen.json").write_text(json.dumps({"trials": trials, "chosen": chosen}, indent=2))
+    (written / "chosen.json").write_text(json.dumps({"trials": trials, "chosen": chosen}, indent=2))
     if not entries:
         print("[study] no method reached the forget target: nothing to compare", flush=True)
         return 1
-    path = out / "study" / "tuned.yaml"
+    path = written / "tuned.yaml"
     path.write_text(yaml.safe_dump(comparison_pipeline(raw, entries), sort_keys=False))
     hamu_ray("run", str(path), f"seeds={seeds}")
     print(f"[study] the comparison: hamu-ray report {out}", flush=True)
