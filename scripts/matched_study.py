@@ -4,13 +4,15 @@
 
 STUDY.yaml names a pipeline whose monitor stops each run at a forget target (`monitor.stop_at`:
 the oracle's forget probability, or a number), the trials every method gets, the seeds, and per
-method label the space `hamu-ray tune` searches (its `tune.space`). For each method the study
+method label the space `hamu-ray tune` searches (its `tune.space`), and optionally `overrides`
+(KEY=VALUE settings of the pipeline that the study changes, e.g. a larger step cap). For each method the study
 runs one search ranked at matched forgetting (`tune.rank: matched`: the most model utility
 among the trials that reached the target; no ASHA, every trial runs to its stop), then the
 pipeline again with each method at its chosen settings (label `<label>-tuned`) at `seeds` data
 seeds: the comparison `hamu-ray report OUTPUT_DIR/tuned` prints with each difference against the
 seeds' spread. A method whose search reached the target in no trial is left out, and said so.
-KEY=VALUE overrides apply to the pipeline (e.g. data.source=fictitious-qa output_dir=...).
+KEY=VALUE overrides on the command line apply after the study's own (e.g. data.source=fictitious-qa
+output_dir=...).
 Every search and run is cached in the pipeline's output directory: running the study again
 resumes it. Writes OUTPUT_DIR/tune/study/*.yaml (the searches' and the comparison's pipelines) and
 OUTPUT_DIR/tune/study/chosen.json (beside the searches: a pipeline's output directory holds
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-STUDY_KEYS = {"pipeline", "trials", "seeds", "spaces"}
+STUDY_KEYS = {"pipeline", "trials", "seeds", "spaces", "overrides"}
 
 
 def load_study(path: Path) -> dict:
@@ -36,10 +38,22 @@ def load_study(path: Path) -> dict:
     study = yaml.safe_load(path.read_text())
     if not isinstance(study, dict) or set(study) - STUDY_KEYS or not {"pipeline", "spaces"} <= set(study):
         raise SystemExit(f"{path}: a study is a mapping of pipeline, spaces (method label → tune.space), "
-                         f"and optionally trials and seeds; got {sorted(study) if isinstance(study, dict) else study!r}")
+                         f"and optionally trials, seeds and overrides; got {sorted(study) if isinstance(study, dict) else study!r}")
     if not isinstance(study["spaces"], dict) or not study["spaces"]:
         raise SystemExit(f"{path}: spaces: give at least one method label and its tune.space")
+    overrides = study.get("overrides", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+        raise SystemExit(f"{path}: overrides: a list of KEY=VALUE strings (e.g. unlearn.max_steps=200); "
+                         f"got {overrides!r}")
     return study
+
+
+def study_pipeline(study: dict, overrides: list[str]) -> dict:
+    """The study's pipeline with its own overrides, then `overrides` (the command line's)."""
+    from hamu_ray.schema import apply_overrides
+
+    raw = yaml.safe_load(Path(study["pipeline"]).read_text())
+    return apply_overrides(raw, [*study.get("overrides", []), *overrides], study["pipeline"])
 
 
 def search_pipeline(raw: dict, label: str, space: dict, trials: int) -> dict:
@@ -89,11 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from hamu_ray.engine.config import parse_config
     from hamu_ray.pipeline.config import PipelineConfig
-    from hamu_ray.schema import apply_overrides
 
     study = load_study(args.study)
     trials, seeds = args.trials or study.get("trials", 6), args.seeds or study.get("seeds", 3)
-    raw = apply_overrides(yaml.safe_load(Path(study["pipeline"]).read_text()), args.overrides, study["pipeline"])
+    raw = study_pipeline(study, args.overrides)
     out = Path(raw["output_dir"]).resolve()
     written = out / "tune" / "study"
     written.mkdir(parents=True, exist_ok=True)

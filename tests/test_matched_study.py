@@ -18,13 +18,16 @@ STUDY = ROOT / "pipelines" / "studies" / "country_qa_facts_tuned.yaml"
 
 def test_the_studys_searches_are_valid_pipelines_ranked_at_matched_forgetting():
     study = matched_study.load_study(STUDY)
-    raw = yaml.safe_load((ROOT / study["pipeline"]).read_text())
+    raw = matched_study.study_pipeline(study, ["output_dir=elsewhere"])
     for label, space in study["spaces"].items():
         cfg = parse_config(matched_study.search_pipeline(raw, label, space, study["trials"]),
                            source=label, schema=PipelineConfig)
         assert (cfg.tune.method, cfg.tune.rank, cfg.tune.scheduler, cfg.tune.num_samples) == (label, "matched", None, 4)
         assert cfg.monitor.stop_at == "oracle" and cfg.data.forget_tokens == "fact"
+        # the study's own overrides, then the command line's
+        assert cfg.unlearn.max_steps == 200 and cfg.robustness.quantize == [8, 4] and cfg.output_dir == "elsewhere"
     assert "tune" not in raw  # the pipeline itself is left as it was
+    assert yaml.safe_load((ROOT / study["pipeline"]).read_text())["unlearn"]["max_steps"] == 100
 
 
 def test_a_chosen_trial_becomes_a_methods_entry_that_runs_what_the_trial_ran():
@@ -49,7 +52,9 @@ def test_a_chosen_trial_becomes_a_methods_entry_that_runs_what_the_trial_ran():
 
 @pytest.mark.parametrize("text, problem", [("pipeline: x.yaml\n", "a study is a mapping of pipeline, spaces"),
                                            ("pipeline: x.yaml\nspaces: {}\n", "spaces: give at least one"),
-                                           ("pipeline: x.yaml\nspaces: {a: {}}\nbudget: 3\n", "a study is a mapping")])
+                                           ("pipeline: x.yaml\nspaces: {a: {}}\nbudget: 3\n", "a study is a mapping"),
+                                           ("pipeline: x.yaml\nspaces: {a: {}}\noverrides: a=1\n", "overrides: a list of KEY=VALUE"),
+                                           ("pipeline: x.yaml\nspaces: {a: {}}\noverrides: [seeds]\n", "overrides: a list")])
 def test_a_bad_study_file_is_named_with_what_it_lacks(tmp_path, text, problem):
     path = tmp_path / "study.yaml"
     path.write_text(text)
