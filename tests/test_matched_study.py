@@ -33,13 +33,13 @@ def test_the_studys_searches_are_valid_pipelines_ranked_at_matched_forgetting():
 def test_a_chosen_trial_becomes_a_methods_entry_that_runs_what_the_trial_ran():
     raw = yaml.safe_load((ROOT / "pipelines" / "country_qa_facts.yaml").read_text())
     label = "simnpo-hamu-q-df0.5-R0.5-tr0.02"
-    cfg = parse_config(matched_study.search_pipeline(raw, label, {"lr": {"low": 0.02, "high": 0.2}}, 4),
+    cfg = parse_config(matched_study.search_pipeline(raw, label, {"radius": {"low": 0.2, "high": 2.0}}, 4),
                        source="study", schema=PipelineConfig)
-    entry = matched_study.tuned_entry(cfg, label, {"lr": 0.07, "radius": 0.3})
+    entry = matched_study.tuned_entry(cfg, label, {"radius": 0.3})
     assert entry["label"] == f"{label}-tuned" and (entry["name"], entry["rule"]) == ("simnpo", "hamu-q")
     assert entry["hparams"] == {"constraint": 0.5, "constraint_unit": "damage_free", "constraint_split": "optimal",
                                 "radius": 0.3, "trust_tolerance": 0.02}
-    assert entry["train"] == {"lr": 0.07}
+    assert entry["train"] == {"lr": 0.05}  # the pipeline's unlearn.lr
     plain = matched_study.tuned_entry(cfg, "gdiff-lr0.1", {"lr": 0.03})
     assert plain["train"] == {"lr": 0.03} and plain["label"] == "gdiff-lr0.1-tuned"
     compared = parse_config(matched_study.comparison_pipeline(raw, [entry, plain]), source="compared",
@@ -47,7 +47,7 @@ def test_a_chosen_trial_becomes_a_methods_entry_that_runs_what_the_trial_ran():
     assert [m.key for m in compared.methods] == [f"{label}-tuned", "gdiff-lr0.1-tuned"]
     assert compared.name == "country-qa-facts-tuned" and compared.output_dir == raw["output_dir"]
     method, train = compared.trial_settings(compared.methods[0], {})  # as the search's trial ran
-    assert method.hparams["radius"] == 0.3 and train.lr == 0.07
+    assert method.hparams["radius"] == 0.3 and train.lr == 0.05
 
 
 @pytest.mark.parametrize("text, problem", [("pipeline: x.yaml\n", "a study is a mapping of pipeline, spaces"),

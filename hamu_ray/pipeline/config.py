@@ -451,6 +451,11 @@ class PipelineConfig(Section):
         if preflight and {"lr", "radius"} & set(tune.space):
             raise ValueError("tune.space.constraint_ratio: a pre-flight range holds at the method's own lr "
                              "and radius; do not search lr or radius with it")
+        if self._lr_cancels(tune, entry):
+            raise ValueError(
+                f"tune.space.lr: every trial of {entry.key} would take the same steps: with a fixed "
+                "radius and B not tied to lr, a HAMU step under plain SGD is Δ = α·g_f + β·g_r, "
+                "whatever lr is; search radius (or constraint_ratio, B = ratio·lr) instead")
         for name, domain in tune.space.items():  # every candidate must make a valid method
             for value in domain.candidates():
                 try:
@@ -458,6 +463,15 @@ class PipelineConfig(Section):
                 except (ValidationError, ValueError, TypeError) as exc:
                     raise ValueError(f"tune.space.{name}: {value!r} is not valid: {exc}") from None
         self._check_grace_period(tune, entry)
+
+    def _lr_cancels(self, tune: TuneSection, entry: MethodEntry) -> bool:
+        """A searched lr that no HAMU step depends on: the rule divides its coefficients by lr
+        and plain SGD multiplies them back, so lr acts only through an "lr" radius or a B of
+        ratio·lr (an optimizer with its own state, AdamW, does depend on it)."""
+        if entry.rule_name not in ("hamu-q", "hamu-u") or "lr" not in tune.space or "constraint_ratio" in tune.space:
+            return False
+        radii = tune.space["radius"].candidates() if "radius" in tune.space else [entry.hparams.get("radius", "lr")]
+        return "lr" not in radii and self.unlearn_settings(entry).optimizer == "SGD"
 
     def _check_grace_period(self, tune: TuneSection, entry: MethodEntry) -> None:
         """ASHA needs grace_period ≤ max_t (else Ray's bare AssertionError at search start)."""

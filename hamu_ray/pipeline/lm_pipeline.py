@@ -442,7 +442,8 @@ def compare(cfg, prepared: dict[str, str], stages: dict, report: Path) -> list[d
     report/per_example.parquet (and report/per_example_attacked.parquet)."""
     from hamu_ray.engine.evaluation import attacked_set
 
-    wanted, found = compared_evaluation(cfg, prepared), attacks(cfg, prepared)
+    found = attacks(cfg, prepared)
+    wanted = evaluation_section(prepared, found)
     sets = wanted["sets"]
     scored = {name: model_scores(cfg, prepared, stage.model_dir, name, wanted) for name, stage in stages.items()}
     scores = {name: {s: per_set[s] for s in sets} for name, per_set in scored.items()}

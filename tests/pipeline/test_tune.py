@@ -52,6 +52,8 @@ def config(raw: dict) -> PipelineConfig:
     ({"space": {"constraint_ratio": {"preflight": True, "low": 0.1}}}, "give no low, high or values"),
     ({"space": {"constraint_ratio": {"low": 0.1, "high": 1}, "lr": {"preflight": True}}},
      "tune.space.lr: preflight: true is for constraint_ratio only"),
+    ({"space": {"lr": {"low": 0.01, "high": 0.1}}}, "tune.space.lr: every trial of hamu-q would take the same steps"),
+    ({"space": {"lr": {"low": 0.01, "high": 0.1}, "radius": {"values": [0.1, 0.3]}}}, "search radius"),
     ({"utility_floor": -1}, "tune.utility_floor"),
     ({"rank": "matched"}, "tune.rank: matched ranks the trials that reached the monitor's forget target; "
                           "set monitor.stop_at"),
@@ -61,6 +63,33 @@ def test_search_config_errors_name_the_field(tune, expected):
     with pytest.raises(ConfigError) as err:
         config(digits_raw(**tune))
     assert "digits.yaml" in str(err.value) and expected in str(err.value)
+
+
+@pytest.mark.parametrize("space, hparams, optimizer", [
+    ({"lr": {"low": 0.01, "high": 0.1}, "radius": {"values": ["lr", 0.1]}}, {}, "SGD"),  # an lr radius
+    ({"lr": {"low": 0.01, "high": 0.1}}, {"radius": "lr"}, "SGD"),
+    ({"lr": {"low": 0.01, "high": 0.1}, "constraint_ratio": {"low": 0.2, "high": 0.8}}, {}, "SGD"),  # B = ratio·lr
+    ({"lr": {"low": 0.01, "high": 0.1}}, {}, "AdamW"),  # its state makes lr matter
+])
+def test_a_searched_lr_that_hamus_step_depends_on_is_accepted(space, hparams, optimizer):
+    raw = digits_raw(space=space)
+    raw["methods"][0]["hparams"].update(hparams)
+    raw["unlearn"]["optimizer"] = optimizer
+    assert set(config(raw).tune.space) == set(space)
+
+
+def test_a_hamu_step_at_a_fixed_radius_is_the_same_whatever_the_lr():
+    """Why a searched lr is refused there: the rule's coefficients times lr (plain SGD's Δ) agree."""
+    import torch
+    from hamu_ray.rules.hamu import HamuParams, hamu_q
+    from hamu_ray.rules.stats import BlockStats
+
+    stats = BlockStats(rr=torch.tensor([4.0, 1.0]), ff=torch.tensor([2.0, 3.0]), rf=torch.tensor([1.0, -0.5]))
+    for params in (HamuParams(constraint=0.3, radius=0.5), HamuParams(constraint=0.5, radius=0.5,
+                                                                      constraint_unit="damage_free")):
+        steps = [(lr * hamu_q(stats, lr, params).retain_coef, lr * hamu_q(stats, lr, params).forget_coef)
+                 for lr in (0.01, 0.3)]
+        torch.testing.assert_close(steps[0], steps[1])
 
 
 def test_a_trial_sets_hamus_constraint_as_a_ratio_of_its_lr():
