@@ -13,17 +13,19 @@ from hamu_ray.pipeline.config import PipelineConfig
 from scripts import matched_study
 
 ROOT = Path(__file__).parents[1]
-STUDY = ROOT / "pipelines" / "studies" / "country_qa_facts_tuned.yaml"
+STUDIES = ROOT / "pipelines" / "studies"
 
 
-def test_the_studys_searches_are_valid_pipelines_ranked_at_matched_forgetting():
-    study = matched_study.load_study(STUDY)
+@pytest.mark.parametrize("name, source", [("country_qa_facts_tuned", "country-qa"),
+                                          ("fictitious_qa_facts_tuned", "fictitious-qa")])
+def test_the_studys_searches_are_valid_pipelines_ranked_at_matched_forgetting(name, source):
+    study = matched_study.load_study(STUDIES / f"{name}.yaml")
     raw = matched_study.study_pipeline(study, ["output_dir=elsewhere"])
     for label, space in study["spaces"].items():
         cfg = parse_config(matched_study.search_pipeline(raw, label, space, study["trials"]),
                            source=label, schema=PipelineConfig)
         assert (cfg.tune.method, cfg.tune.rank, cfg.tune.scheduler, cfg.tune.num_samples) == (label, "matched", None, 4)
-        assert cfg.monitor.stop_at == "oracle" and cfg.data.forget_tokens == "fact"
+        assert cfg.monitor.stop_at == "oracle" and cfg.data.forget_tokens == "fact" and cfg.data.source == source
         # the study's own overrides, then the command line's
         assert cfg.unlearn.max_steps == 200 and cfg.robustness.quantize == [8, 4] and cfg.output_dir == "elsewhere"
     assert "tune" not in raw  # the pipeline itself is left as it was
