@@ -301,17 +301,13 @@ def model_scores(cfg, prepared: dict[str, str], model_dir: Path, label: str, wan
 
 def evaluated_elsewhere(cfg, prepared: dict[str, str], model_dir: Path, wanted: dict, label: str) -> dict:
     """An evaluation-only job's scores of `model_dir` (driver.run_evaluation: the unlearning
-    stages' workers, ZeRO stage and dtype), kept by the model's files and the sets."""
+    stages' workers, ZeRO stage and dtype), kept by the model's files and what it scored."""
     from hamu_ray.engine import evaluation
     from hamu_ray.engine.config import UnlearnConfig
     from hamu_ray.engine.driver import run_evaluation
-    from hamu_ray.pipeline import stages
 
-    out = Path(cfg.output_dir).resolve()
-    job = stages.job_dict(cfg, cfg.unlearn, method={"name": "ft"}, start=model_dir,
-                          data={"forget": None, "retain": prepared["retain"]})
-    spec = {"job": {key: job[key] for key in ("model", "train")}, "files": files.file_stats(model_dir), "evaluation": wanted}
-    directory = out / "stages" / f"evaluate-{stages.stage_key(spec, out)}"
+    job = evaluation_job(cfg, prepared, model_dir)
+    directory = evaluation_dir(cfg, job, model_dir, wanted)
     if not (directory / evaluation.SCORES_FILE).exists():
         print(f"[evaluate] {label}: an evaluation-only job on {cfg.cluster.num_workers} worker(s)", flush=True)
         scores = run_evaluation(UnlearnConfig.model_validate(
@@ -319,6 +315,26 @@ def evaluated_elsewhere(cfg, prepared: dict[str, str], model_dir: Path, wanted: 
         with files.staging_dir(directory) as staging:
             evaluation.write_scores(staging / evaluation.SCORES_FILE, scores)
     return evaluation.read_scores(directory / evaluation.SCORES_FILE)
+
+
+def evaluation_job(cfg, prepared: dict[str, str], model_dir: Path) -> dict:
+    """The job that scores a given model: the unlearning stages' workers, ZeRO stage and dtype."""
+    from hamu_ray.pipeline import stages
+
+    return stages.job_dict(cfg, cfg.unlearn, method={"name": "ft"}, start=model_dir,
+                           data={"forget": None, "retain": prepared["retain"]})
+
+
+def evaluation_dir(cfg, job: dict, model_dir: Path, wanted: dict) -> Path:
+    """Where an evaluation-only job's scores are kept: by the model's files, the job's model
+    and train sections, and what it scores (`wanted`: sets and attacks; stage_key leaves a job's
+    own evaluation section out, so it rides under another name)."""
+    from hamu_ray.pipeline import stages
+
+    out = Path(cfg.output_dir).resolve()
+    spec = {"job": {key: job[key] for key in ("model", "train")}, "files": files.file_stats(model_dir),
+            "scored": wanted}
+    return out / "stages" / f"evaluate-{stages.stage_key(spec, out)}"
 
 
 @dataclass(frozen=True)

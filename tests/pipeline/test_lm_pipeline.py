@@ -134,6 +134,26 @@ def test_a_stages_key_leaves_out_its_evaluation_section(tmp_path):
     assert stage_key(job, tmp_path) == stage_key(plain, tmp_path)
 
 
+def test_an_evaluation_only_job_is_kept_by_what_it_scored(tmp_path):
+    """A cached model scored once without attacks is scored again when they are asked for (and
+    for other sets, or changed model files): the pipeline then reads every attack's scores."""
+    from hamu_ray.pipeline.lm_pipeline import Attack, evaluation_dir, evaluation_job, evaluation_section
+
+    cfg = qa_config(tmp_path / "out")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    prepared = {name: f"/sets/{name}.parquet" for name in ("forget", "retain", "retain_eval", "holdout")}
+    job = evaluation_job(cfg, prepared, model)
+    plain = evaluation_section(prepared)
+    attacked = evaluation_section(prepared, {"int8": Attack({"quantize_bits": 8})})
+    other_sets = evaluation_section({**prepared, "holdout": "/sets/other.parquet"})
+    dirs = [evaluation_dir(cfg, job, model, wanted) for wanted in (plain, attacked, other_sets)]
+    assert len(set(dirs)) == 3 and dirs[0] == evaluation_dir(cfg, job, model, plain)
+    (model / "model.safetensors").write_bytes(b"other weights")
+    assert evaluation_dir(cfg, job, model, plain) != dirs[0]
+
+
 def forget_means(rows: list[dict]) -> dict[str, float | None]:
     """The table's forget metrics of some per-example rows, by hand."""
     facts = [r["fact_probability"] for r in rows if r["fact_probability"] is not None]
