@@ -44,7 +44,7 @@ def small(raw: dict) -> None:
     raw["pretrain"].update(epochs=1, max_steps=10, progress_every=5)
     raw["train"].update(epochs=1, progress_every=20)
     raw["unlearn"].update(max_steps=4, progress_every=2)
-    raw["methods"] = [m for m in raw["methods"] if m["name"] == "hamu-q"]
+    raw["methods"] = [{"name": "hamu-q", "hparams": {"constraint": 0.1, "radius": 0.2}}]
     raw["cluster"] = {"num_workers": 1}
     raw["monitor"] = {"every": 2, "forget_rows": 8, "retain_rows": 8, "stop_at": "oracle"}
 
