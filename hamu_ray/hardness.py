@@ -26,10 +26,11 @@ def rule_figures(cfg) -> dict:
     own; any other rule is read as HAMU-Q at the lr radius, per block, with no B to judge)."""
     name, hparams = cfg.method.rule_name, cfg.method.hparams
     figures = {"radius": "lr", "reciprocal": False, "full_grad": False, "constraint": None,
-               "clip_norm": cfg.train.clip_norm}
+               "constraint_unit": "absolute", "clip_norm": cfg.train.clip_norm}
     if name in ("hamu-q", "hamu-u") and not cfg.method.spec.implicit:
         figures.update(radius=hparams.get("radius", "lr"), reciprocal=name == "hamu-u",
-                       full_grad=bool(hparams.get("full_grad", False)), constraint=float(hparams["constraint"]))
+                       full_grad=bool(hparams.get("full_grad", False)), constraint=float(hparams["constraint"]),
+                       constraint_unit=hparams.get("constraint_unit", "absolute"))
     return figures
 
 
@@ -103,7 +104,8 @@ def log_to_mlflow(uri: str, summary: dict, out: Path) -> None:
     tracker = Tracker(uri, "hamu-ray-hardness", artifact_root=out / "mlflow-artifacts",
                       buffer_dir=out / "mlflow-unsent", check=False)  # checked before the workers
     params = {"method": summary["job"]["method"], "rule": summary["job"]["rule"], "lr": summary["lr"],
-              "radius": summary["radius"], "constraint": summary["constraint"]}
+              "radius": summary["radius"], "constraint": summary["constraint"],
+              "constraint_unit": summary.get("constraint_unit", "absolute")}
     with tracker.run("hardness", params=params):
         tracker.log_metrics(metrics)
         for name in ("hardness.json", "hardness.md", "hardness.png"):

@@ -387,10 +387,9 @@ def retain_sample(path: str, rows: int, seed: int, into: Path) -> tuple[str, int
 
 def absolute_constraint(hparams: dict, summary: dict) -> float:
     """B in loss units, from the policy's constraint and unit and the pre-flight's reaches."""
-    c, unit = float(hparams["constraint"]), hparams.get("constraint_unit", "absolute")
-    scale = {"absolute": 1.0, "reach": summary["max_feasible_constraint"],
-             "damage_free": summary["max_constraint_without_damage"]}[unit]
-    return c * scale
+    from hamu_ray.rules.hardness import loss_units
+
+    return loss_units(float(hparams["constraint"]), hparams.get("constraint_unit", "absolute"), summary)
 
 
 def fitted_batch(policy: dict, rows: int) -> tuple[dict, dict | None]:

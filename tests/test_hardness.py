@@ -163,6 +163,12 @@ def test_the_passes_on_known_gradients(case):
     expected = "costs raising the retain loss" if case == "colinear" else "inside the damage-free range"
     assert expected in summary["verdict"]
     assert "out of reach" in hardness.summarize(stats, lr=0.1, radius=R, constraint=0.2)["verdict"]
+    # a B in scale-free units is judged in loss units: a fraction of the reach is never out of it
+    for unit, loss_units in (("reach", 0.9 * REACH), ("damage_free", 0.9 * FREE[case])):
+        scaled = hardness.summarize(stats, lr=0.1, radius=R, constraint=0.9, constraint_unit=unit)
+        assert hardness.loss_units(0.9, unit, scaled) == pytest.approx(loss_units, abs=1e-9)
+        assert "out of reach" not in scaled["verdict"] and "The configured B = 0.9 of the" in scaled["verdict"]
+        assert (unit == "reach" and case == "colinear") == ("costs raising the retain loss" in scaled["verdict"])
 
     rows = [as_batch([row]) for row in forget_rows]
     table = preflight.row_alignment(grads, g_r, rows, loss, reduce=None)

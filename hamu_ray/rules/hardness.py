@@ -24,14 +24,15 @@ from hamu_ray.rules.stats import TINY, BlockStats
 
 def summarize(stats: BlockStats, *, lr: float, radius: float | str = "lr", reciprocal: bool = False,
               full_grad: bool = False, clip_norm: float | None = None,
-              constraint: float | None = None, names: list[str] | None = None,
+              constraint: float | None = None, constraint_unit: str = "absolute", names: list[str] | None = None,
               batch_rr: torch.Tensor | None = None, batch_ff: torch.Tensor | None = None) -> dict:
     """The pre-flight's numbers as plain Python values (JSON-ready). With the batches' mean
     squared norms per block (batch_rr, batch_ff) also the reach of one step on a typical pair of
     batches (root-mean-square norms): a step's gradients carry the batches' noise on top of the
     whole-set gradient, so a step reaches further than the whole-set figures say.
     `blocks` lists the gradient's blocks as measured; the totals use the rule's view (full_grad,
-    clip_norm), so the largest feasible B equals the rule's max_gain and D* its stop_rhs."""
+    clip_norm), so the largest feasible B equals the rule's max_gain and D* its stop_rhs. A
+    constraint in a unit other than "absolute" is judged in loss units (loss_units)."""
     names = names or [f"block {i}" for i in range(stats.num_blocks)]
     if len(names) != stats.num_blocks:
         raise ValueError(f"{len(names)} block names for {stats.num_blocks} blocks")
@@ -46,7 +47,7 @@ def summarize(stats: BlockStats, *, lr: float, radius: float | str = "lr", recip
                                                           radii, reach, free)]
     summary = {
         "lr": lr, "radius": radius, "reciprocal": reciprocal, "full_grad": full_grad, "clip_norm": clip_norm,
-        "constraint": constraint,
+        "constraint": constraint, "constraint_unit": constraint_unit,
         "cosine_whole_model": float(total.cosine()[0]) if total.num_blocks else math.nan,
         "conflicting_blocks": int(((eff.rf > 0) & (eff.rr > TINY)).sum()),
         "max_feasible_constraint": float(forget_reach(solved, solved_radii).sum()),
@@ -63,10 +64,18 @@ def summarize(stats: BlockStats, *, lr: float, radius: float | str = "lr", recip
     return summary
 
 
+def loss_units(constraint: float, unit: str, summary: dict) -> float:
+    """A first step's B in loss units: the constraint itself, or its fraction of the reach or of
+    the damage-free reach D* (hamu.step_constraint, on the pre-flight's whole-set figures)."""
+    scale = {"absolute": 1.0, "reach": summary["max_feasible_constraint"],
+             "damage_free": summary["max_constraint_without_damage"]}[unit]
+    return constraint * scale
+
+
 def verdict(summary: dict) -> str:
     """One paragraph a person can act on."""
-    free, feasible, B = (summary["max_constraint_without_damage"], summary["max_feasible_constraint"],
-                         summary["constraint"])
+    free, feasible, given = (summary["max_constraint_without_damage"], summary["max_feasible_constraint"],
+                             summary["constraint"])
     gain = "retain-loss drop" if summary["reciprocal"] else "forget gain"
     damage = "forgetting less" if summary["reciprocal"] else "raising the retain loss"
     per_batch = summary.get("max_feasible_constraint_per_batch")
@@ -78,18 +87,24 @@ def verdict(summary: dict) -> str:
     if per_batch is not None:
         text += (f" One step on a typical pair of batches reaches up to {per_batch:.4g}: the rest of that is "
                  "the batches' noise, which averages out over steps.")
-    if B is None:
+    if given is None:
         return text
+    unit = summary.get("constraint_unit", "absolute")
+    B = loss_units(given, unit, summary)
+    configured = (f"The configured B = {B:.4g}" if unit == "absolute" else
+                  f"The configured B = {given:g} of the {'damage-free reach' if unit == 'damage_free' else 'reach'} "
+                  f"(first step: {B:.4g})")
     if B <= free:
+        return text + f" {configured} is inside the damage-free range."
         return text + f" The configured B = {B:.4g} is inside the damage-free range."
     if B <= feasible:
-        return text + (f" The configured B = {B:.4g} is feasible but costs {damage}: the stopping "
+        return text + (f" {configured} is feasible but costs {damage}: the stopping "
                        "criterion stops such steps unless stop_on_criterion is off.")
     if per_batch is not None and B <= per_batch:
-        return text + (f" The configured B = {B:.4g} is beyond the whole-set reach but within a batch's: "
+        return text + (f" {configured} is beyond the whole-set reach but within a batch's: "
                        "steps can meet it only by following batch noise (a larger radius or a smaller B "
                        "is the systematic choice).")
-    return text + f" The configured B = {B:.4g} is out of reach: steps would be infeasible."
+    return text + f" {configured} is out of reach: steps would be infeasible."
 
 
 def _as_the_rule_sees(stats: BlockStats, clip_norm: float | None) -> BlockStats:
