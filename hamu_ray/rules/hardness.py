@@ -96,7 +96,6 @@ def verdict(summary: dict) -> str:
                   f"(first step: {B:.4g})")
     if B <= free:
         return text + f" {configured} is inside the damage-free range."
-        return text + f" The configured B = {B:.4g} is inside the damage-free range."
     if B <= feasible:
         return text + (f" {configured} is feasible but costs {damage}: the stopping "
                        "criterion stops such steps unless stop_on_criterion is off.")
