@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from hamu_ray.rules.hamu import _paper_per_block, damage_free_reach, forget_reach
+from hamu_ray.rules.hamu import HamuParams, _paper_per_block, damage_free_reach, forget_reach, step_constraint
 from hamu_ray.rules.stats import TINY, BlockStats
 
 
@@ -65,11 +65,10 @@ def summarize(stats: BlockStats, *, lr: float, radius: float | str = "lr", recip
 
 
 def loss_units(constraint: float, unit: str, summary: dict) -> float:
-    """A first step's B in loss units: the constraint itself, or its fraction of the reach or of
-    the damage-free reach D* (hamu.step_constraint, on the pre-flight's whole-set figures)."""
-    scale = {"absolute": 1.0, "reach": summary["max_feasible_constraint"],
-             "damage_free": summary["max_constraint_without_damage"]}[unit]
-    return constraint * scale
+    """A first step's B in loss units (the rule's step_constraint on the pre-flight's whole-set
+    reach and D*): the constraint itself, or its fraction of either."""
+    params = HamuParams(constraint=constraint, constraint_unit=unit)
+    return step_constraint(params, summary["max_feasible_constraint"], summary["max_constraint_without_damage"])
 
 
 def verdict(summary: dict) -> str:
